@@ -1,0 +1,67 @@
+"""intervene_compiler: nnsight's API, with interventions recorded as a graph, optimized and compiled.
+
+``import intervene_compiler as nnsight`` runs nnsight code. Importing this package patches nothing.
+"""
+
+from .backends.eager import CacheEntry
+from .errors import (
+    BarrierError,
+    GradientError,
+    InterventionError,
+    InvokeError,
+    MissedSiteError,
+    ProxyControlFlowError,
+    SetShapeError,
+    TracingError,
+    UnknownModuleError,
+    ValueNotReadyError,
+)
+from .tracing import Envoy, NNsight, Proxy, Tracer
+from .tracing.builtins import (
+    apply,
+    bool,
+    bytearray,
+    bytes,
+    complex,
+    dict,
+    float,
+    int,
+    list,
+    save,
+    set,
+    str,
+    tuple,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BarrierError",
+    "CacheEntry",
+    "Envoy",
+    "GradientError",
+    "InterventionError",
+    "InvokeError",
+    "MissedSiteError",
+    "NNsight",
+    "Proxy",
+    "ProxyControlFlowError",
+    "SetShapeError",
+    "Tracer",
+    "TracingError",
+    "UnknownModuleError",
+    "ValueNotReadyError",
+    "apply",
+    "bool",
+    "bytearray",
+    "bytes",
+    "complex",
+    "dict",
+    "float",
+    "int",
+    "list",
+    "save",
+    "set",
+    "str",
+    "tuple",
+]

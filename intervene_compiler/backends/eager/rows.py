@@ -1,0 +1,62 @@
+"""An invoke's rows of a batched value: narrowing to them, and replacing them.
+
+Tensors whose first dimension is the batch size are narrowed (as views, so in-place edits reach the batch);
+tuples, lists and dicts (transformers' ModelOutput too) are walked; anything else is shared by all invokes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def narrow(value: Any, start: int, stop: int, batch: int) -> Any:
+    if start == 0 and stop == batch:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[start:stop] if value.dim() > 0 and value.shape[0] == batch else value
+    t = type(value)
+    if t is tuple or t is list:
+        return t(narrow(v, start, stop, batch) for v in value)
+    if isinstance(value, dict):
+        items = {k: narrow(v, start, stop, batch) for k, v in value.items()}
+        return items if t is dict else _rebuild(value, items)
+    return value
+
+
+def replace(old: Any, new: Any, start: int, stop: int, batch: int, check: Callable[[Any, Any], None]) -> Any:
+    """``old`` with rows [start, stop) replaced by ``new`` (all of it when the rows cover the batch)."""
+    full = start == 0 and stop == batch
+    if isinstance(old, torch.Tensor):
+        part = old if full or old.dim() == 0 or old.shape[0] != batch else old[start:stop]
+        new = _as_tensor_like(part, new)
+        check(part, new)
+        if full or part is old:
+            return new
+        return torch.cat([old[:start], new.to(old.dtype), old[stop:]])
+    if full:
+        return new
+    t = type(old)
+    if (t is tuple or t is list) and isinstance(new, (tuple, list)) and len(new) == len(old):
+        return t(replace(o, n, start, stop, batch, check) for o, n in zip(old, new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        items = {k: replace(v, new[k], start, stop, batch, check) if k in new else v for k, v in old.items()}
+        return items if t is dict else _rebuild(old, items)
+    return new
+
+
+def _as_tensor_like(part: torch.Tensor, new: Any) -> Any:
+    if isinstance(new, (int, float, bool)):
+        return torch.full_like(part, new)
+    if isinstance(new, torch.Tensor) and new.dim() == 0 and part.dim() > 0:
+        return new.to(part.dtype).expand_as(part).clone()
+    return new
+
+
+def _rebuild(original: dict, items: dict) -> Any:
+    try:
+        return type(original)(**items)
+    except TypeError:
+        return items

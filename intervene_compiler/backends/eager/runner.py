@@ -1,0 +1,398 @@
+"""The eager backend: runs an intervention graph alongside the model's forward pass through hooks.
+
+Scheduling is by data dependency, in program order. Before the forward, and each time a hooked module reaches a
+site (its input before it runs, its output after), the runner makes one pass over the pending nodes in creation
+order and runs every node whose dependencies are done; SITE/SET/UPDATE nodes run only while their site is active,
+GRAD/SET_GRAD only inside the tensor hook of their value during backward. Because nodes only depend on earlier
+nodes, one pass per event suffices. Hooks live only for the run and are removed afterwards, also on errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...errors import GradientError, InterventionError, SourceLoc, execution_error
+from ...ir import Graph, Node, Op, Site, SiteKind, format_node
+from .interpreter import VALUE_OPS, resolve
+from .rows import narrow, replace
+
+_DONE, _SKIPPED, _ARMED, _RUNNING = 1, 2, 3, 4
+_SITE_OPS = frozenset({Op.SITE, Op.SET, Op.UPDATE})
+_GRAD_OPS = frozenset({Op.GRAD, Op.SET_GRAD})
+
+
+class _EarlyStop(Exception):
+    def __init__(self, node: Node):
+        self.node = node
+
+
+@dataclass
+class CacheEntry:
+    """One module's values in ``tracer.cache()``: ``output`` and, when asked for, ``inputs`` (args, kwargs)."""
+
+    output: Any = None
+    inputs: Any = None
+
+    @property
+    def input(self) -> Any:
+        if self.inputs is None:
+            return None
+        args, kwargs = self.inputs
+        return args[0] if args else next(iter(kwargs.values()), None)
+
+
+@dataclass
+class RunResult:
+    values: dict[int, Any]  # saved node id -> value
+    output: Any  # the model's output (None when the forward was stopped)
+    stop_loc: SourceLoc | None  # where a user stop ended the forward, if one did
+
+
+def run_graph(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
+    """Run ``model`` (an NNsight wrapper) on ``args``/``kwargs`` with ``graph``'s interventions."""
+    run = _Run(model, graph)
+    return run.execute(args, kwargs)
+
+
+class _Run:
+    def __init__(self, model, graph: Graph):
+        self.model = model
+        self.module: torch.nn.Module = model._module
+        self.graph = graph
+        self.params = graph.params
+        self.batch = graph.invokes[-1].stop if graph.invokes else 0
+        self.nodes = {n.id: n for n in graph.nodes}
+        self.pending: list[int] = [n.id for n in graph.nodes]
+        self.state: dict[int, int] = {}
+        self.env: dict[int, Any] = {}
+        self.active: set = set()
+        self.current: dict = {}
+        self.adhoc = 0
+        self.calls_in: dict[str, int] = {}
+        self.calls_out: dict[str, int] = {}
+        self.grad_hooks: dict[int, Any] = {}
+        self.site_nodes: dict[tuple, list[int]] = {}
+        self.stopped: Node | None = None
+        self.in_forward = False
+        for n in graph.nodes:
+            if n.op in _SITE_OPS:
+                self.site_nodes.setdefault(n.target.key, []).append(n.id)
+
+    # -- the run -------------------------------------------------------------------------------------------------
+    def execute(self, args: tuple, kwargs: dict) -> RunResult:
+        handles = []
+        output = None
+        try:
+            handles = self._install_hooks()
+            self._drain()
+            if self.graph.needs_output or not self._all_resolved():
+                self.in_forward = True
+                try:
+                    output = self.model._forward(*args, **kwargs)
+                except _EarlyStop as stop:
+                    self.stopped = stop.node
+                finally:
+                    self.in_forward = False
+                if self.stopped is None:
+                    self._drain()
+            self._check_finished()
+        finally:
+            for h in handles:
+                h.remove()
+            for h in self.grad_hooks.values():
+                h.remove()
+        saved = {
+            n.args[0].id for n in self.graph.nodes if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"
+        }
+        values = {nid: self.env[nid] for nid in saved if self.state.get(nid) == _DONE}
+        stop_loc = self.stopped.loc if self.stopped is not None and self.stopped.target == "user" else None
+        return RunResult(values, output, stop_loc)
+
+    def _install_hooks(self) -> list:
+        handles = []
+        paths_in = {key[0] for key in self.site_nodes if key[1] is SiteKind.INPUTS}
+        paths_out = {key[0] for key in self.site_nodes if key[1] is SiteKind.OUTPUT}
+        for node in self.graph.nodes:
+            if node.op is Op.CACHE:
+                self._start_cache(node, handles)
+        for path in sorted(paths_in | paths_out):
+            mod = self.module.get_submodule(path)
+            if path in paths_in:
+                handles.append(mod.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
+            if path in paths_out:
+                handles.append(mod.register_forward_hook(self._post_hook(path), with_kwargs=True))
+        return handles
+
+    def _pre_hook(self, path: str):
+        def hook(mod, args, kwargs):
+            if self.adhoc:
+                return None
+            call = self.calls_in.get(path, 0)
+            self.calls_in[path] = call + 1
+            key = (path, SiteKind.INPUTS, call)
+            if key not in self.site_nodes:
+                return None
+            before = (args, kwargs)
+            new = self._visit(key, before)
+            if new is before:
+                return None
+            new_args, new_kwargs = new
+            return tuple(new_args), dict(new_kwargs)
+
+        return hook
+
+    def _post_hook(self, path: str):
+        def hook(mod, args, kwargs, output):
+            if self.adhoc:
+                return None
+            call = self.calls_out.get(path, 0)
+            self.calls_out[path] = call + 1
+            key = (path, SiteKind.OUTPUT, call)
+            if key not in self.site_nodes:
+                return None
+            new = self._visit(key, output)
+            return None if new is output else new
+
+        return hook
+
+    def _visit(self, key: tuple, value: Any) -> Any:
+        """Make ``key``'s site active with ``value``, run what is ready, and return the (possibly new) value."""
+        self.current[key] = value
+        self.active.add(key)
+        try:
+            self._drain()
+            for nid in self.site_nodes[key]:
+                if nid in self.nodes and self.state.get(nid) is None:
+                    self._site_not_ready(self.nodes[nid])
+        finally:
+            self.active.discard(key)
+        return self.current.pop(key)
+
+    def _site_not_ready(self, node: Node) -> None:
+        waiting = [d for d in node.deps if self.state.get(d) not in (_DONE, _SKIPPED)]
+        culprit = self.nodes.get(waiting[0]) if waiting else None
+        detail = f" (it waits for {format_node(culprit)})" if culprit is not None else ""
+        raise InterventionError(
+            f"{node.target} runs before the value used here is computed{detail}",
+            node.loc,
+            "a module's input or output can only be set from values computed earlier in the forward pass",
+        )
+
+    # -- scheduling ----------------------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        state = self.state
+        for nid in list(self.pending):
+            s = state.get(nid)
+            if s is None or s == _ARMED:
+                self._try(self.nodes[nid])
+        self.pending = [n for n in self.pending if state.get(n) not in (_DONE, _SKIPPED)]
+
+    def _try(self, node: Node) -> None:
+        state = self.state
+        for d in node.refs:
+            s = state.get(d)
+            if s == _SKIPPED:
+                state[node.id] = _SKIPPED
+                return
+            if s != _DONE:
+                return
+        for d in node.after:
+            if state.get(d) not in (_DONE, _SKIPPED):
+                return
+        for g, want in node.guards:
+            s = state.get(g)
+            if s == _SKIPPED or s == _DONE and self.env[g] != want:
+                state[node.id] = _SKIPPED
+                return
+            if s != _DONE:
+                return
+        op = node.op
+        if op in _SITE_OPS:
+            if node.target.key not in self.active:
+                return
+        elif op in _GRAD_OPS:
+            key = ("grad", node.args[0].id)
+            if key not in self.active:
+                if op is Op.GRAD and state.get(node.id) is None:
+                    self._arm_grad(node)
+                return
+        self._run_node(node)
+
+    def _run_node(self, node: Node) -> None:
+        self.state[node.id] = _RUNNING  # nested drains (grad hooks inside backward) must not rerun it
+        try:
+            value = self._exec(node)
+        except _EarlyStop:
+            self.state[node.id] = _DONE
+            raise
+        except Exception as e:
+            raise execution_error(e, node.loc, format_node(node)) from e
+        self.env[node.id] = value
+        self.state[node.id] = _DONE
+
+    def _exec(self, node: Node) -> Any:
+        op = node.op
+        env = self.env
+        a = resolve(node.args, env.__getitem__, self.params.__getitem__)
+        kw = (
+            {k: resolve(v, env.__getitem__, self.params.__getitem__) for k, v in node.kwargs}
+            if node.kwargs
+            else {}
+        )
+        if op is Op.SITE:
+            return self._read_site(node.target)
+        if op is Op.SET:
+            self._write_site(node, a[0])
+            return None
+        if op is Op.UPDATE:
+            return VALUE_OPS[op](node, a, kw)  # in place on the site's value, which nothing else reads
+        if op is Op.GRAD:
+            return self.current[("grad", node.args[0].id)]
+        if op is Op.SET_GRAD:
+            key = ("grad", node.args[0].id)
+            from ...tracing.tracer import check_set_shape
+
+            check_set_shape(self.current[key], a[1], node.loc, "the gradient")
+            self.current[key] = a[1]
+            return None
+        if op is Op.STOP:
+            if self.in_forward:
+                raise _EarlyStop(node)
+            return None
+        if op is Op.MODULE:
+            self.adhoc += 1
+            try:
+                return self.module.get_submodule(node.target)(*a, **kw)
+            finally:
+                self.adhoc -= 1
+        if op is Op.CACHE:
+            return self.env[node.id]
+        return VALUE_OPS[op](node, a, kw)
+
+    # -- sites ---------------------------------------------------------------------------------------------------
+    def _rows(self, site: Site) -> tuple[int, int]:
+        if site.invoke is None:
+            return 0, self.batch
+        r = self.graph.invokes[site.invoke]
+        return r.start, r.stop
+
+    def _read_site(self, site: Site) -> Any:
+        value = self.current[site.key]
+        if site.kind is SiteKind.INPUT:
+            args, kwargs = value
+            value = args[0] if args else next(iter(kwargs.values()), None)
+        start, stop = self._rows(site)
+        return narrow(value, start, stop, self.batch)
+
+    def _write_site(self, node: Node, new: Any) -> None:
+        from ...tracing.tracer import check_set_shape
+
+        site: Site = node.target
+        key = site.key
+        start, stop = self._rows(site)
+
+        def check(old, value):
+            check_set_shape(old, value, node.loc, str(site))
+
+        old = self.current[key]
+        if site.kind is SiteKind.OUTPUT:
+            self.current[key] = replace(old, new, start, stop, self.batch, check)
+        elif site.kind is SiteKind.INPUTS:
+            args, kwargs = old
+            new_args, new_kwargs = new
+            args = replace(tuple(args), tuple(new_args), start, stop, self.batch, check)
+            kwargs = replace(dict(kwargs), dict(new_kwargs), start, stop, self.batch, check)
+            self.current[key] = (args, kwargs)
+        else:
+            args, kwargs = old
+            if args:
+                args = (replace(args[0], new, start, stop, self.batch, check), *args[1:])
+            else:
+                first = next(iter(kwargs))
+                kwargs = {**kwargs, first: replace(kwargs[first], new, start, stop, self.batch, check)}
+            self.current[key] = (args, kwargs)
+
+    # -- gradients -----------------------------------------------------------------------------------------------
+    def _arm_grad(self, node: Node) -> None:
+        target = node.args[0].id
+        self.state[node.id] = _ARMED
+        if target in self.grad_hooks:
+            return
+        tensor = self.env[target]
+        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+            raise GradientError(
+                "`.grad` was read of a value that does not require grad, so no gradient will reach it",
+                node.loc,
+                "set `value.requires_grad = True` on it (or on an earlier value) before the loss is computed",
+            )
+
+        def hook(grad):
+            key = ("grad", target)
+            self.current[key] = grad
+            self.active.add(key)
+            try:
+                self._drain()
+            finally:
+                self.active.discard(key)
+            return self.current.pop(key)
+
+        self.grad_hooks[target] = tensor.register_hook(hook)
+
+    # -- tracer.cache() ------------------------------------------------------------------------------------------
+    def _start_cache(self, node: Node, handles: list) -> None:
+        options = dict(node.kwargs)
+        cache: dict[str, CacheEntry] = {}
+        self.env[node.id] = cache
+        start, stop = (
+            (0, self.batch) if node.invoke is None else self._rows(Site("", SiteKind.OUTPUT, 0, node.invoke))
+        )
+        paths = node.target
+        for path, mod in self.module.named_modules():
+            if paths is not None and path not in paths:
+                continue
+            name = "model" + ("." + path if path else "")
+
+            def post(mod, args, kwargs, output, name=name):
+                if self.adhoc or name in cache:
+                    return
+                entry = CacheEntry()
+                if options.get("include_output", True):
+                    entry.output = narrow(output, start, stop, self.batch)
+                if options.get("include_inputs", False):
+                    entry.inputs = narrow((args, kwargs), start, stop, self.batch)
+                cache[name] = entry
+
+            handles.append(mod.register_forward_hook(post, with_kwargs=True))
+
+    # -- the end -------------------------------------------------------------------------------------------------
+    def _all_resolved(self) -> bool:
+        return all(self.state.get(n) in (_DONE, _SKIPPED) for n in self.pending)
+
+    def _check_finished(self) -> None:
+        pending = [self.nodes[n] for n in self.pending if self.state.get(n) not in (_DONE, _SKIPPED)]
+        if not pending or self.stopped is not None:
+            return
+        from ...tracing.tracer import missed_site_error
+
+        for node in pending:
+            if node.op is Op.GRAD:
+                raise GradientError(
+                    "`.grad` was read, but no backward pass reached this value",
+                    node.loc,
+                    "call `loss.backward()` in the block after this line (or read the gradient inside "
+                    "`with loss.backward():`), with a loss that depends on this value",
+                )
+            if node.op in _SITE_OPS:
+                ran = (self.calls_out if node.target.kind is SiteKind.OUTPUT else self.calls_in).get(
+                    node.target.path, 0
+                )
+                detail = (
+                    f"the module ran {ran} time(s) in this forward pass" if ran else "the module never ran"
+                )
+                raise missed_site_error(node, detail)
+        raise InterventionError(
+            f"{format_node(pending[0])} was never computed: a value it needs was not produced", pending[0].loc
+        )

@@ -1,0 +1,163 @@
+"""One exception hierarchy for every user mistake, each carrying the user's source line.
+
+Every error raised for something the user wrote inside a tracing block derives from :class:`InterventionError`
+and names the line (captured when the operation was recorded), says what went wrong and what to do instead.
+Errors that wrap a failure of the user's own operation (an ``IndexError`` from indexing an activation, a
+``RuntimeError`` from a shape mismatch) keep the original exception type as a base class, so
+``except IndexError`` still works.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+from dataclasses import dataclass
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PASSES_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "passes")
+
+
+def _module_dir(name: str) -> str | None:
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    return os.path.dirname(os.path.abspath(path)) if path else None
+
+
+_skip_prefixes: tuple[str, ...] | None = None
+
+
+def _skipped() -> tuple[str, ...]:
+    """Directories whose frames are never the user's line: ours, torch's python wrappers, einops."""
+    global _skip_prefixes
+    if _skip_prefixes is None:
+        dirs = [_PACKAGE_DIR, _PASSES_DIR, os.path.dirname(os.__file__) + os.sep + "contextlib.py"]
+        dirs += [d for d in (_module_dir("torch"), _module_dir("einops")) if d]
+        _skip_prefixes = tuple(dirs)
+    return _skip_prefixes
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLoc:
+    """Where the user wrote an operation: file, line number and enclosing function."""
+
+    filename: str
+    lineno: int
+    function: str
+
+    @property
+    def text(self) -> str:
+        return linecache.getline(self.filename, self.lineno).strip()
+
+    def __str__(self) -> str:
+        text = self.text
+        where = f'File "{self.filename}", line {self.lineno}, in {self.function}'
+        return f"{where}\n      {text}" if text else where
+
+
+def user_location() -> SourceLoc | None:
+    """The innermost frame on the stack that belongs to the user (not this package, torch or einops)."""
+    skip = _skipped()
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(skip) and not filename.startswith("<frozen"):
+            return SourceLoc(filename, frame.f_lineno, frame.f_code.co_name)
+        frame = frame.f_back
+    return None
+
+
+class InterventionError(Exception):
+    """Base class of every error this package raises for a user mistake.
+
+    Attributes:
+        loc: the user's source line the error is about (None when there is no single line).
+        hint: what to do instead.
+    """
+
+    def __init__(self, message: str, loc: SourceLoc | None = None, hint: str | None = None):
+        self.message = message
+        self.loc = loc
+        self.hint = hint
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        parts = [self.message]
+        if self.loc is not None:
+            parts.append(f"  at your line:\n    {self.loc}")
+        if self.hint:
+            parts.append(f"  fix: {self.hint}")
+        return "\n".join(parts)
+
+    def __reduce__(self):  # keep pickling (e.g. by pytest-xdist) working with the extra arguments
+        return (type(self), (self.message, self.loc, self.hint))
+
+
+class TracingError(InterventionError):
+    """A mistake in how the tracing API was used (detected while recording)."""
+
+
+class ProxyControlFlowError(TracingError, TypeError):
+    """Python control flow (``if``, ``for``, ``int()``) on a value that only exists when the model runs."""
+
+
+class UnknownModuleError(TracingError, AttributeError):
+    """An attribute or path that names no submodule of the model."""
+
+
+class ValueNotReadyError(InterventionError, ValueError):
+    """``.value`` read before the trace ran, of a value that was not saved, or that was never computed."""
+
+
+class SetShapeError(InterventionError, ValueError):
+    """A value set into a module's input or output does not have the shape of what it replaces."""
+
+
+class GradientError(InterventionError, RuntimeError):
+    """``.grad`` read or set where no backward pass produces it."""
+
+
+class InvokeError(TracingError, ValueError):
+    """An invoke without input, or invokes mixed with an input given to ``trace()``."""
+
+
+class BarrierError(TracingError, RuntimeError):
+    """A barrier that not enough invokes reach to release it."""
+
+
+class MissedSiteError(InterventionError, RuntimeError):
+    """A module input or output that the forward pass never produced (wrong call index, module never ran)."""
+
+
+class IRVerificationError(InterventionError, AssertionError):
+    """The intervention graph broke one of its invariants (a bug in a pass or a hand-built graph)."""
+
+
+class SerializationError(InterventionError, TypeError):
+    """A value or callable in the graph that has no plain-data form."""
+
+
+_wrapped_types: dict[type, type] = {}
+
+
+def execution_error(original: BaseException, loc: SourceLoc | None, what: str) -> BaseException:
+    """Wrap an exception raised by a user's operation so it names the line, keeping its type as a base.
+
+    ``except IndexError`` still catches the wrapped error; the original is chained as ``__cause__``.
+    """
+    base = type(original)
+    if isinstance(original, InterventionError):
+        return original
+    cls = _wrapped_types.get(base)
+    if cls is None:
+        try:
+            cls = type(base.__name__, (InterventionError, base), {"__module__": base.__module__})
+        except TypeError:  # layout conflict with some C exception types
+            cls = InterventionError
+        _wrapped_types[base] = cls
+    message = f"{base.__name__}: {original} (while running {what})"
+    try:
+        err = cls(message, loc)
+    except TypeError:
+        err = InterventionError(message, loc)
+    return err

@@ -1,0 +1,46 @@
+"""The intervention graph (IR): nodes, sites, printer, verifier, serialization. Imports only torch and errors."""
+
+from .nodes import (
+    MUTATING_METHODS,
+    Graph,
+    InvokeRows,
+    Node,
+    Op,
+    ParamRef,
+    Ref,
+    Site,
+    SiteKind,
+    is_mutation,
+    map_args,
+    prepend,
+)
+from .printer import format_graph, format_node
+from .serialize import dumps, from_data, loads, structure_key, to_data
+from .targets import display_name, resolve_target, target_name
+from .verifier import verify
+
+__all__ = [
+    "MUTATING_METHODS",
+    "Graph",
+    "InvokeRows",
+    "Node",
+    "Op",
+    "ParamRef",
+    "Ref",
+    "Site",
+    "SiteKind",
+    "display_name",
+    "dumps",
+    "format_graph",
+    "format_node",
+    "from_data",
+    "is_mutation",
+    "loads",
+    "map_args",
+    "prepend",
+    "resolve_target",
+    "structure_key",
+    "target_name",
+    "to_data",
+    "verify",
+]

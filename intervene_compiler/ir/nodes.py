@@ -1,0 +1,290 @@
+"""The intervention graph: frozen nodes with a closed op set, structured sites, runtime params.
+
+A :class:`Graph` is what a tracing block records. Nodes appear in creation (program) order and only refer to
+earlier nodes, so a graph is topologically sorted by construction. Values flow through ``Ref`` (another node's
+value) and ``ParamRef`` (a runtime value held in ``Graph.params``: tensors and other non-literal objects), so
+the structure can be hashed and serialized apart from the data. Nested graphs (``Node.body``) hold the traces of
+a session or the body of a loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SourceLoc
+
+
+class Op(enum.Enum):
+    """The closed op set. ``args``/``kwargs``/``target`` meaning per op is given in the comment."""
+
+    SITE = "site"  # value of a module's input/output at target: Site (the current value, after earlier SETs)
+    SET = "set"  # replace the value at target: Site with args[0]
+    CALL = "call"  # target(*args, **kwargs): torch functions, operators, builtins, user callables
+    METHOD = "method"  # args[0].<target>(*args[1:], **kwargs)
+    GETATTR = "getattr"  # getattr(args[0], target)
+    SETATTR = "setattr"  # setattr(args[0], target, args[1])
+    GETITEM = "getitem"  # args[0][args[1]]
+    SETITEM = "setitem"  # args[0][args[1]] = args[2], in place
+    UPDATE = (
+        "update"  # args[0] with args[0][i] = v applied for (i, v) in args[1]; args[0] has no other reader
+    )
+    MODULE = "module"  # call the submodule at path target ad hoc (no interventions run inside it)
+    SAVE = "save"  # keep args[0] past the run; a root for dead-value elimination
+    LOG = "log"  # print(*args) when the values are computed
+    STOP = (
+        "stop"  # end the forward pass here; target "user" or "truncate" (inserted by early-stop truncation)
+    )
+    COND = "cond"  # bool(args[0]); nodes guarded by this id run only when it equals their guard
+    GRAD = (
+        "grad"  # the gradient flowing into args[0] during backward (current value, after earlier SET_GRADs)
+    )
+    SET_GRAD = "set_grad"  # replace the gradient flowing into args[0] with args[1]
+    BACKWARD = "backward"  # args[0].backward(**kwargs)
+    CACHE = (
+        "cache"  # dict of every (or target's listed) module's output, and inputs if kwargs ask, as they run
+    )
+
+
+class SiteKind(enum.Enum):
+    OUTPUT = "output"  # the module's return value
+    INPUT = "input"  # the first positional argument (or first keyword argument when there are none)
+    INPUTS = "inputs"  # ((args...), {kwargs...})
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """One place in the forward pass: a module path ('' is the root), input or output, which call, which rows.
+
+    ``invoke`` is None for the whole batch, else the index of the invoke whose rows are meant
+    (``Graph.invokes[invoke]`` gives the row range).
+    """
+
+    path: str
+    kind: SiteKind
+    call: int = 0
+    invoke: int | None = None
+
+    @property
+    def key(self) -> tuple[str, SiteKind, int]:
+        """The hook event this site belongs to (rows aside)."""
+        return (self.path, self.kind if self.kind is SiteKind.OUTPUT else SiteKind.INPUTS, self.call)
+
+    def __str__(self) -> str:
+        name = "model" + ("." + self.path if self.path else "")
+        call = f".call{self.call}" if self.call else ""
+        rows = f"[i{self.invoke}]" if self.invoke is not None else ""
+        return f"{name}{call}.{self.kind.value}{rows}"
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """The value of node ``id``."""
+
+    id: int
+
+    def __repr__(self) -> str:
+        return f"%{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRef:
+    """The runtime value ``Graph.params[index]``: a tensor or any object that is not a plain literal."""
+
+    index: int
+
+    def __repr__(self) -> str:
+        return f"$p{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: int
+    op: Op
+    target: Any = None
+    args: tuple = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    guards: tuple[tuple[int, bool], ...] = ()  # (COND node id, branch) pairs that must all hold
+    after: tuple[int, ...] = ()  # ordering-only dependencies (earlier mutations of an argument)
+    invoke: int | None = None  # the invoke this node was recorded in
+    body: tuple[Graph, ...] = ()  # nested graphs (session traces, loop bodies)
+    loc: SourceLoc | None = field(default=None, compare=False)
+
+    @property
+    def refs(self) -> tuple[int, ...]:
+        """Ids of the nodes whose values this node reads (data dependencies, in argument order)."""
+        out: list[int] = []
+        _collect_refs(self.args, out)
+        _collect_refs(self.kwargs, out)
+        return tuple(out)
+
+    @property
+    def deps(self) -> tuple[int, ...]:
+        """Everything that must be done before this node runs: data, ordering and guard dependencies."""
+        return self.refs + self.after + tuple(g for g, _ in self.guards)
+
+
+@dataclass(frozen=True, slots=True)
+class InvokeRows:
+    """The batch rows [start, stop) that one invoke's input occupies."""
+
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A recorded block: nodes in program order plus the runtime values and invokes they refer to.
+
+    ``needs_output``: the caller wants the model's own output (so the forward may not be truncated).
+    """
+
+    nodes: tuple[Node, ...]
+    params: tuple[Any, ...] = ()
+    invokes: tuple[InvokeRows, ...] = ()
+    kind: str = "trace"
+    needs_output: bool = False
+
+    def node(self, node_id: int) -> Node:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def users(self) -> dict[int, list[int]]:
+        """node id -> ids of the nodes that depend on it (data, ordering or guard)."""
+        out: dict[int, list[int]] = {n.id: [] for n in self.nodes}
+        for n in self.nodes:
+            for d in n.deps:
+                if d in out:
+                    out[d].append(n.id)
+        return out
+
+    def replace(self, **changes: Any) -> Graph:
+        fields = dict(
+            nodes=self.nodes,
+            params=self.params,
+            invokes=self.invokes,
+            kind=self.kind,
+            needs_output=self.needs_output,
+        )
+        fields.update(changes)
+        return Graph(**fields)
+
+
+def _collect_refs(value: Any, out: list[int]) -> None:
+    t = type(value)
+    if t is Ref:
+        out.append(value.id)
+    elif t is tuple or t is list:
+        for v in value:
+            _collect_refs(v, out)
+    elif t is dict:
+        for v in value.values():
+            _collect_refs(v, out)
+    elif t is slice:
+        _collect_refs((value.start, value.stop, value.step), out)
+
+
+def map_args(value: Any, fn) -> Any:
+    """Rebuild an argument structure with ``fn`` applied to every Ref and ParamRef leaf."""
+    t = type(value)
+    if t is Ref or t is ParamRef:
+        return fn(value)
+    if t is tuple:
+        return tuple(map_args(v, fn) for v in value)
+    if t is list:
+        return [map_args(v, fn) for v in value]
+    if t is dict:
+        return {k: map_args(v, fn) for k, v in value.items()}
+    if t is slice:
+        return slice(map_args(value.start, fn), map_args(value.stop, fn), map_args(value.step, fn))
+    return value
+
+
+MUTATING_METHODS = frozenset(
+    {
+        "append",
+        "extend",
+        "insert",
+        "pop",
+        "remove",
+        "clear",
+        "update",
+        "add",
+        "discard",
+        "setdefault",
+        "popitem",
+        "sort",
+        "reverse",
+        "retain_grad",
+        "__setitem__",
+        "__delitem__",
+    }
+)
+
+
+def is_mutation(node: Node) -> bool:
+    """Does running this node change the object in args[0] (rather than only producing a new value)?"""
+    op = node.op
+    if op in (Op.SETITEM, Op.SETATTR):
+        return True
+    if op is Op.METHOD:
+        name = node.target
+        return name in MUTATING_METHODS or (name.endswith("_") and not name.endswith("__"))
+    if op is Op.CALL:
+        name = getattr(node.target, "__name__", "")
+        return name.startswith("__i") and name.endswith("__") or name.startswith("i") and name in _INPLACE_OPS
+    return False
+
+
+_INPLACE_OPS = frozenset(
+    {
+        "iadd",
+        "isub",
+        "imul",
+        "itruediv",
+        "ifloordiv",
+        "imod",
+        "ipow",
+        "imatmul",
+        "iand",
+        "ior",
+        "ixor",
+        "ilshift",
+        "irshift",
+    }
+)
+
+
+def prepend(prefix: Graph, graph: Graph) -> Graph:
+    """``prefix``'s nodes (renumbered below ``graph``'s ids, params appended) followed by ``graph``'s nodes.
+
+    Used to apply a model's persistent edits before every trace. The prefix addresses whole-batch sites.
+    """
+    if not prefix.nodes:
+        return graph
+    first = graph.nodes[0].id if graph.nodes else 0
+    offset = first - 1 - prefix.nodes[-1].id
+    shift = len(graph.params)
+
+    def remap(leaf):
+        return Ref(leaf.id + offset) if type(leaf) is Ref else ParamRef(leaf.index + shift)
+
+    nodes = tuple(
+        Node(
+            n.id + offset,
+            n.op,
+            n.target,
+            map_args(n.args, remap),
+            tuple((k, map_args(v, remap)) for k, v in n.kwargs),
+            tuple((g + offset, b) for g, b in n.guards),
+            tuple(a + offset for a in n.after),
+            None,
+            n.body,
+            n.loc,
+        )
+        for n in prefix.nodes
+    )
+    return graph.replace(nodes=nodes + graph.nodes, params=graph.params + prefix.params)

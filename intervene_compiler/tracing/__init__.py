@@ -1,0 +1,21 @@
+"""The front-end: envoys, proxies and tracing contexts that record an intervention graph."""
+
+from .contexts import BackwardContext, Barrier, Cond, Invoker
+from .envoy import Envoy
+from .model import Editor, NNsight
+from .proxy import Proxy
+from .tracer import Shape, Tracer, current_tracer
+
+__all__ = [
+    "BackwardContext",
+    "Barrier",
+    "Cond",
+    "Editor",
+    "Envoy",
+    "Invoker",
+    "NNsight",
+    "Proxy",
+    "Shape",
+    "Tracer",
+    "current_tracer",
+]

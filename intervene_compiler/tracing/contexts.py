@@ -1,0 +1,133 @@
+"""The small context objects a tracer hands out: invokes, conditions, barriers, backward blocks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BarrierError, InvokeError, SourceLoc, TracingError, user_location
+from ..ir import Op
+
+if TYPE_CHECKING:
+    from .tracer import Tracer
+
+
+class Invoker:
+    """``with tracer.invoke(input):`` adds ``input`` to the batch; interventions inside see only its rows."""
+
+    def __init__(self, tracer: Tracer, args: tuple, kwargs: dict, loc: SourceLoc | None):
+        self.tracer = tracer
+        self.args = args
+        self.kwargs = kwargs
+        self.loc = loc
+        self.index: int | None = None
+        self.inputs: tuple[tuple, dict] | None = None  # prepared (args, kwargs)
+        self.batch_size = 0
+        self.start = 0
+
+    def __enter__(self) -> Invoker:
+        self.tracer._enter_invoke(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer._exit_invoke(self)
+        return False
+
+
+class Cond:
+    """``with tracer.cond(x):`` runs the interventions inside only when ``bool(x)`` holds at run time.
+
+    ``with c.else_():`` (or ``c.else_(other)`` for an elif) opens the other branch of condition ``c``.
+    """
+
+    def __init__(self, tracer: Tracer, guards: tuple[tuple[int, bool], ...], cond_ids: tuple[int, ...]):
+        self.tracer = tracer
+        self.guards = guards  # what nodes inside this block are guarded by
+        self._cond_ids = cond_ids  # the conditions of this branch and the branches before it
+        self._saved: tuple | None = None
+
+    def else_(self, condition: Any = None) -> Cond:
+        base = self._outer_guards()
+        negated = tuple((c, False) for c in self._cond_ids)
+        if condition is None:
+            return Cond(self.tracer, base + negated, self._cond_ids)
+        saved, self.tracer._guards = self.tracer._guards, base + negated
+        try:
+            proxy = self.tracer._record(Op.COND, None, (condition,))
+        finally:
+            self.tracer._guards = saved
+        return Cond(self.tracer, base + negated + ((proxy._id, True),), self._cond_ids + (proxy._id,))
+
+    def _outer_guards(self) -> tuple[tuple[int, bool], ...]:
+        own = set(self._cond_ids)
+        return tuple(g for g in self.guards if g[0] not in own)
+
+    def __enter__(self) -> Cond:
+        self._saved = self.tracer._guards
+        self.tracer._guards = self.guards
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer._guards = self._saved
+        return False
+
+
+class Barrier:
+    """``b = tracer.barrier(n)``; each of ``n`` invokes calls ``b()`` before using another invoke's values.
+
+    Values flow between invokes by data dependency, so a barrier never changes results here; it is checked:
+    one that fewer than ``n`` invokes reach could never be released and is an error.
+    """
+
+    def __init__(self, tracer: Tracer, n: int, loc: SourceLoc | None):
+        if not isinstance(n, int) or n < 1:
+            raise TracingError(f"tracer.barrier(n) needs a positive int, got {n!r}", loc)
+        self.tracer = tracer
+        self.n = n
+        self.loc = loc
+        self.participants: set[Any] = set()
+
+    def __call__(self) -> None:
+        self.participants.add(self.tracer._invoke if self.tracer._invoke is not None else "trace")
+
+    def check(self) -> None:
+        if len(self.participants) < self.n:
+            raise BarrierError(
+                f"tracer.barrier({self.n}) was reached by {len(self.participants)} invoke(s), so it could never "
+                "be released",
+                self.loc,
+                f"call the barrier in {self.n} different invokes, or create it with tracer.barrier("
+                f"{max(len(self.participants), 1)})",
+            )
+
+
+class BackwardContext:
+    """What ``loss.backward()`` returns: usable as a plain call or as ``with loss.backward(): g = h.grad``.
+
+    As a block, the backward runs after the gradients read inside it are hooked, so the BACKWARD node moves to
+    the end of the block.
+    """
+
+    def __init__(self, tracer: Tracer, node_id: int):
+        self.tracer = tracer
+        self.node_id = node_id
+
+    def __enter__(self) -> BackwardContext:
+        self.tracer._defer_node(self.node_id)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.tracer._undefer_node(self.node_id)
+        return False
+
+
+def no_input_error(loc: SourceLoc | None) -> InvokeError:
+    return InvokeError(
+        "tracer.invoke() was called without an input",
+        loc,
+        "pass the input this invoke adds to the batch, e.g. `with tracer.invoke(x):`",
+    )
+
+
+def here() -> SourceLoc | None:
+    return user_location()

@@ -1,0 +1,200 @@
+"""Envoys mirror a model's module tree; ``.output``/``.input``/``.inputs`` on them record site accesses.
+
+``model.transformer.h[3].mlp`` walks the envoy tree (with ``rename`` aliases); attributes that are not
+submodules (``.weight``, ``.config``) come from the module itself. Inside a tracing block, reading
+``envoy.output`` records a SITE node and returns its proxy; assigning records a SET node. Calling an envoy inside a
+block runs the module ad hoc on traced values (logit lens: ``model.lm_head(model.transformer.ln_f(h))``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import TracingError, UnknownModuleError, user_location
+from ..ir import Op, SiteKind
+
+if TYPE_CHECKING:
+    from .tracer import Tracer
+
+
+class ModelState:
+    """State shared by a model's envoy tree and every edited copy of it: the stack of open tracers."""
+
+    def __init__(self, rename: dict[str, str] | None):
+        self.rename = dict(rename or {})
+        self.tracers: list[Tracer] = []
+
+    def push(self, tracer: Tracer) -> None:
+        self.tracers.append(tracer)
+
+    def pop(self, tracer: Tracer) -> None:
+        if self.tracers and self.tracers[-1] is tracer:
+            self.tracers.pop()
+        elif tracer in self.tracers:
+            self.tracers.remove(tracer)
+
+    def current(self, what: str) -> Tracer:
+        if not self.tracers:
+            raise TracingError(
+                f"`{what}` is only available inside a tracing block",
+                user_location(),
+                f"use it inside `with model.trace(input):` (e.g. `{what.split('.')[-1]} = ...{what}.save()`)",
+            )
+        return self.tracers[-1]
+
+
+class Envoy:
+    """A proxy for one module of the wrapped model."""
+
+    def __init__(self, module: torch.nn.Module, path: str, state: ModelState):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_children", None)
+        object.__setattr__(self, "_aliases", None)
+
+    @property
+    def _envoy_module(self) -> torch.nn.Module:
+        return self._module
+
+    # -- the tree ------------------------------------------------------------------------------------------------
+    def _child_envoys(self) -> dict[str, Envoy]:
+        children = self._children
+        if children is None:
+            prefix = self._path + "." if self._path else ""
+            children = {
+                name: Envoy(child, prefix + name, self._state)
+                for name, child in self._module.named_children()
+            }
+            object.__setattr__(self, "_children", children)
+        return children
+
+    def _alias_map(self) -> dict[str, str]:
+        aliases = self._aliases
+        if aliases is None:
+            aliases = {}
+            for key, alias in self._state.rename.items():
+                if "." in key:
+                    if not self._path:
+                        aliases[alias] = key
+                elif key in self._child_envoys():
+                    aliases[alias] = key
+            object.__setattr__(self, "_aliases", aliases)
+        return aliases
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        children = self._child_envoys()
+        if name in children:
+            return children[name]
+        alias = self._alias_map().get(name)
+        if alias is not None:
+            return self._resolve(alias)
+        module = self._module
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            pass
+        options = list(children) + list(self._alias_map())
+        close = difflib.get_close_matches(name, options, n=3)
+        where = "model" + ("." + self._path if self._path else "")
+        hint = (
+            f"did you mean {', '.join(repr(c) for c in close)}?"
+            if close
+            else f"print({where}) shows its submodules"
+        )
+        raise UnknownModuleError(
+            f"{where} ({type(module).__name__}) has no submodule or attribute {name!r}", user_location(), hint
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs") or name in type(self).__dict__ or name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._module, name, value)
+
+    def _resolve(self, dotted: str) -> Envoy:
+        envoy: Envoy = self
+        for part in dotted.split("."):
+            envoy = getattr(envoy, part)
+        return envoy
+
+    def get(self, path: str) -> Envoy:
+        """The envoy at a dotted path, e.g. ``model.get("transformer.h.0.mlp")`` (a ``model.`` prefix is fine)."""
+        if path in ("", "model"):
+            return self
+        return self._resolve(path.removeprefix("model."))
+
+    def __getitem__(self, index: int | slice | str) -> Envoy | list[Envoy]:
+        if isinstance(index, str):  # ModuleDict
+            return getattr(self, index)
+        children = list(self._child_envoys().values())
+        if isinstance(index, slice):
+            return children[index]
+        try:
+            return children[index]
+        except (IndexError, TypeError):
+            raise UnknownModuleError(
+                f"model.{self._path}[{index!r}] does not exist: it has {len(children)} submodules",
+                user_location(),
+                f"use an index in range({len(children)}) (negative indices count from the end)",
+            ) from None
+
+    def __iter__(self):
+        return iter(list(self._child_envoys().values()))
+
+    def __len__(self) -> int:
+        return len(self._child_envoys())
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    # -- sites ---------------------------------------------------------------------------------------------------
+    def _tracer(self, what: str) -> Tracer:
+        return self._state.current(f"{self._name()}.{what}")
+
+    def _name(self) -> str:
+        return "model" + ("." + self._path if self._path else "")
+
+    @property
+    def output(self):
+        """This module's output in the current call (a proxy inside a tracing block)."""
+        return self._tracer("output")._site(self._path, SiteKind.OUTPUT)
+
+    @output.setter
+    def output(self, value) -> None:
+        self._tracer("output")._set_site(self._path, SiteKind.OUTPUT, value)
+
+    @property
+    def input(self):
+        """This module's first positional argument in the current call."""
+        return self._tracer("input")._site(self._path, SiteKind.INPUT)
+
+    @input.setter
+    def input(self, value) -> None:
+        self._tracer("input")._set_site(self._path, SiteKind.INPUT, value)
+
+    @property
+    def inputs(self):
+        """This module's ``(args, kwargs)`` in the current call."""
+        return self._tracer("inputs")._site(self._path, SiteKind.INPUTS)
+
+    @inputs.setter
+    def inputs(self, value) -> None:
+        self._tracer("inputs")._set_site(self._path, SiteKind.INPUTS, value)
+
+    def next(self, step: int = 1) -> Envoy:
+        """Address this module's next call (e.g. the next generated token) from here on in the block."""
+        tracer = self._tracer("next()")
+        tracer._call_idx[self._path] = tracer._call_idx.get(self._path, 0) + step
+        return self
+
+    def __call__(self, *args, **kwargs):
+        tracers = self._state.tracers
+        if tracers:
+            return tracers[-1]._record(Op.MODULE, self._path, args, kwargs)
+        return self._module(*args, **kwargs)

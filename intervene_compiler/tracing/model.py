@@ -1,0 +1,180 @@
+"""NNsight: wrap any torch.nn.Module to trace interventions on it.
+
+The wrapper is the root envoy. It owns how inputs are prepared and batched across invokes (``_prepare_inputs``,
+``_batch_inputs``: the base class concatenates tensors along dim 0; subclasses such as LanguageModel tokenize and
+pad), how the model is called (``_forward``) and which backend runs a graph (``_execute_graph``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ..errors import InvokeError, TracingError, user_location
+from ..ir import Graph, prepend
+from .envoy import Envoy, ModelState
+from .tracer import Tracer
+
+
+class NNsight(Envoy):
+    """Wrap ``module`` so ``with model.trace(x):`` can read and edit its internals.
+
+    Args:
+        module: any ``torch.nn.Module``.
+        rename: aliases, e.g. ``{"transformer.h": "layers", "mlp": "ff"}``: a dotted path becomes an attribute of
+            the root (``model.layers``), a plain name an alias at every level that has that child.
+
+    Example:
+        >>> model = NNsight(net)
+        >>> with model.trace(x):
+        ...     h = model.layer1.output.save()
+    """
+
+    def __init__(self, module: torch.nn.Module, rename: dict[str, str] | None = None):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
+        super().__init__(module, "", ModelState(rename))
+        object.__setattr__(self, "_edits", None)
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        return self._module
+
+    # -- contexts ------------------------------------------------------------------------------------------------
+    def trace(
+        self,
+        *inputs: Any,
+        trace: bool = True,
+        scan: bool = False,
+        validate: bool = False,
+        invoker_args: dict | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Open a tracing block on ``inputs`` (the model runs when it exits).
+
+        With ``trace=False`` the model runs at once (with any edits) and its output is returned.
+        ``scan``/``validate`` run the interventions on fake tensors while recording, so mistakes surface at
+        their line before the real run.
+        """
+        if not trace:
+            tracer = Tracer(self, inputs, kwargs, needs_output=True, invoker_args=invoker_args)
+            with tracer:
+                pass
+            return tracer.output
+        return Tracer(self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args)
+
+    def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """Like ``trace``, but nothing really runs: shapes and dtypes come from fake tensors."""
+        return Tracer(self, inputs, kwargs, mode="scan")
+
+    def edit(self, inplace: bool = False) -> Editor:
+        """``with model.edit() as edited:`` records interventions applied to every later trace of ``edited``.
+
+        By default ``edited`` is a copy sharing the weights and the original is untouched; ``inplace=True``
+        edits the model itself.
+        """
+        return Editor(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every edit from this model."""
+        object.__setattr__(self, "_edits", None)
+
+    # -- hooks for subclasses ------------------------------------------------------------------------------------
+    def _prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
+        """Turn one invoke's input into model ``(args, kwargs)`` and its batch size."""
+        batch = None
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                batch = v.shape[0]
+                break
+        return args, kwargs, batch if batch is not None else 1
+
+    def _batch_inputs(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+        """Combine every invoke's prepared input into one batch (tensors concatenated along dim 0)."""
+        if len(prepared) == 1:
+            return prepared[0]
+        arg_lists = [p[0] for p in prepared]
+        if len({len(a) for a in arg_lists}) != 1:
+            raise InvokeError("invokes must give the same number of positional inputs to be batched together")
+        args = tuple(
+            _concat([a[i] for a in arg_lists], f"positional input {i}") for i in range(len(arg_lists[0]))
+        )
+        keys = list(prepared[0][1])
+        if any(list(p[1]) != keys for p in prepared):
+            raise InvokeError("invokes must give the same keyword inputs to be batched together")
+        kwargs = {k: _concat([p[1][k] for p in prepared], f"keyword input {k!r}") for k in keys}
+        return args, kwargs
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model (the forward pass interventions run alongside)."""
+        return self._module(*args, **kwargs)
+
+    def _execute_graph(self, graph: Graph, args: tuple, kwargs: dict, fake: bool = False):
+        from ..backends.eager import run_graph
+
+        if not fake:
+            return run_graph(self, graph, args, kwargs)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from .fakes import _to_fake
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode, torch.no_grad():
+            return run_graph(self, graph, _to_fake(args, mode), _to_fake(kwargs, mode))
+
+    # -- edits ---------------------------------------------------------------------------------------------------
+    def _add_edit(self, graph: Graph) -> None:
+        edits = self._edits
+        object.__setattr__(self, "_edits", graph if edits is None else prepend(edits, graph))
+
+    def _with_edits(self, graph: Graph) -> Graph:
+        return graph if self._edits is None else prepend(self._edits, graph)
+
+    # -- paths ---------------------------------------------------------------------------------------------------
+    def _path_of(self, module: Any) -> str:
+        if isinstance(module, Envoy):
+            return module._path
+        if isinstance(module, str):
+            path = module.removeprefix("model").removeprefix(".")
+            self.get(path)  # raises for unknown paths
+            return path
+        for name, m in self._module.named_modules():
+            if m is module:
+                return name
+        raise TracingError(f"{type(module).__name__} is not a submodule of this model", user_location())
+
+    def _all_paths(self) -> list[str]:
+        return [name for name, _ in self._module.named_modules()]
+
+
+class Editor:
+    """The context ``model.edit()`` returns; it yields the edited model."""
+
+    def __init__(self, model: NNsight, inplace: bool):
+        self.model = model
+        self.inplace = inplace
+        self.tracer: Tracer | None = None
+
+    def __enter__(self) -> NNsight:
+        target = self.model if self.inplace else copy.copy(self.model)
+        self.tracer = Tracer(target, mode="edit")
+        self.tracer.__enter__()
+        return target
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return self.tracer.__exit__(exc_type, exc, tb)
+
+
+def _concat(values: list, what: str) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise InvokeError(f"{what} is a tensor in some invokes and not in others")
+        if first.dim() == 0:
+            return first
+        return torch.cat(values, dim=0)
+    if all(v == first for v in values[1:]):
+        return first
+    raise InvokeError(f"{what} differs between invokes and is not a tensor, so it cannot be batched")

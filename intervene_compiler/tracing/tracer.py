@@ -1,0 +1,482 @@
+"""The tracing context: records a block's operations into an intervention graph, then runs it on exit.
+
+``with model.trace(x) as tracer:`` opens a Tracer. Inside, envoy and proxy operations call
+:meth:`Tracer._record`, which appends one frozen :class:`~intervene_compiler.ir.Node`. On exit the graph is
+verified, optimized by the pass pipeline and handed to a backend together with the batched inputs; saved values
+come back to the proxies. Nothing is written into the caller's frames and no global state is patched: the only
+process-level state is a context variable naming the innermost open tracer (for ``ic.list()`` and friends).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import (
+    InvokeError,
+    MissedSiteError,
+    SetShapeError,
+    TracingError,
+    ValueNotReadyError,
+    execution_error,
+    user_location,
+)
+from ..ir import (
+    Graph,
+    InvokeRows,
+    Node,
+    Op,
+    ParamRef,
+    Ref,
+    Site,
+    SiteKind,
+    format_graph,
+    format_node,
+    is_mutation,
+)
+from .contexts import Barrier, Cond, Invoker, no_input_error
+from .proxy import Proxy
+
+if TYPE_CHECKING:
+    from .model import NNsight
+
+_current: ContextVar[Tracer | None] = ContextVar("intervene_compiler_tracer", default=None)
+_LITERALS = frozenset({int, float, str, bool, type(None), complex, bytes})
+
+
+def current_tracer() -> Tracer | None:
+    """The innermost open tracing block in this context, if any."""
+    return _current.get()
+
+
+class Shape(tuple):
+    """A shape read inside a block: a tuple that prints and compares like ``torch.Size``.
+
+    ``.save()`` returns it, so era-two code (``x.shape.save()``) runs.
+    """
+
+    def save(self) -> Shape:
+        return self
+
+    def numel(self) -> int:
+        return torch.Size(self).numel()
+
+    def __getitem__(self, index):
+        item = tuple.__getitem__(self, index)
+        return Shape(item) if isinstance(index, slice) else item
+
+    def __repr__(self) -> str:
+        return repr(torch.Size(self))
+
+
+class Tracer:
+    """Records one tracing block. See the module docstring; users get it from ``model.trace()``."""
+
+    def __init__(
+        self,
+        model: NNsight,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        mode: str = "trace",
+        needs_output: bool = False,
+        scan: bool = False,
+        validate: bool = False,
+        invoker_args: dict | None = None,
+    ):
+        self.model = model
+        self._state = model._state
+        self._mode = mode
+        self._nodes: list[Node] = []
+        self._params: list[Any] = []
+        self._param_index: dict[int, int] = {}
+        self._ids = itertools.count()
+        self._guards: tuple[tuple[int, bool], ...] = ()
+        self._invoke: int | None = None
+        self._invokers: list[Invoker] = []
+        self._batch_size = 0
+        self._site_cache: dict[tuple, Proxy] = {}
+        self._call_idx: dict[str, int] = {}
+        self._last_mut: dict[int, int] = {}
+        self._saved_ids: set[int] = set()
+        self._results: dict[int, Any] | None = None
+        self._finished = False
+        self._error: BaseException | None = None
+        self._stop_loc = None
+        self._barriers: list[Barrier] = []
+        self._deferred: dict[int, Node] = {}
+        self._needs_output = needs_output
+        self._validate = validate or scan or mode == "scan"
+        self._fakes = None
+        self._token = None
+        self._kwargs = dict(kwargs or {})
+        self._invoker_args = dict(invoker_args or {})
+        self._implicit_args = args
+        self._implicit: Invoker | None = None
+        self.graph: Graph | None = None
+        self.output: Any = None
+
+    # -- context protocol ---------------------------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        self._token = _current.set(self)
+        self._state.push(self)
+        try:
+            if self._implicit_args or self._kwargs:
+                self._implicit = Invoker(
+                    self, self._implicit_args, {**self._kwargs, **self._invoker_args}, None
+                )
+                self._implicit.__enter__()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if self._implicit is not None and self._invoke is not None:
+                self._implicit.__exit__(None, None, None)
+        finally:
+            self._close()
+        if exc_type is not None:
+            self._finished = True
+            self._error = exc
+            return False
+        try:
+            self._run()
+        except BaseException as e:
+            self._error = e
+            raise
+        finally:
+            self._finished = True
+        return False
+
+    def _close(self) -> None:
+        self._state.pop(self)
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+
+    # -- public API inside the block -----------------------------------------------------------------------------
+    @property
+    def invoker(self) -> Invoker | None:
+        """The current invoke (or the implicit one created for ``model.trace(input)``)."""
+        if self._invoke is not None:
+            return self._invokers[self._invoke]
+        return self._implicit
+
+    def invoke(self, *args, **kwargs) -> Invoker:
+        """Add an input to the batch; interventions inside the returned block see only its rows."""
+        loc = user_location()
+        if self._mode == "edit":
+            raise InvokeError("model.edit() takes no inputs, so it has no invokes", loc)
+        if self._implicit is not None:
+            raise InvokeError(
+                "this trace was given its input directly (`model.trace(x)`), so it cannot take invokes too",
+                loc,
+                "open `with model.trace() as tracer:` without input and give each input its own `tracer.invoke(x)`",
+            )
+        if not args and not kwargs:
+            raise no_input_error(loc)
+        return Invoker(self, args, kwargs, loc)
+
+    def cond(self, condition: Any) -> Cond:
+        """``with tracer.cond(x):`` runs the block's interventions only when ``bool(x)`` holds at run time."""
+        proxy = self._record(Op.COND, None, (condition,))
+        return Cond(self, self._guards + ((proxy._id, True),), (proxy._id,))
+
+    def stop(self) -> None:
+        """End the forward pass once everything recorded before this line has run."""
+        after = tuple(n.id for n in self._nodes)
+        self._record(Op.STOP, "user", (), after=after)
+
+    def log(self, *values: Any) -> None:
+        """Print ``values`` when they are computed during the run."""
+        self._record(Op.LOG, None, values)
+
+    def apply(self, fn, *args, **kwargs) -> Proxy:
+        """Record a call of any callable on traced values."""
+        return self._record(Op.CALL, fn, args, kwargs)
+
+    def barrier(self, n: int) -> Barrier:
+        """A barrier ``n`` invokes call before exchanging values (see :class:`Barrier`)."""
+        b = Barrier(self, n, user_location())
+        self._barriers.append(b)
+        return b
+
+    def cache(self, modules: Any = None, include_output: bool = True, include_inputs: bool = False) -> Proxy:
+        """A saved mapping ``"model.path" -> CacheEntry(output, inputs)`` for every module (or ``modules``)."""
+        paths = None
+        if modules is not None:
+            paths = tuple(self.model._path_of(m) for m in modules)
+        proxy = self._record(
+            Op.CACHE, paths, (), {"include_output": include_output, "include_inputs": include_inputs}
+        )
+        return proxy.save()
+
+    def next(self, step: int = 1) -> Tracer:
+        """Move every module to its next call (e.g. the next generated token)."""
+        for path in self.model._all_paths():
+            self._call_idx[path] = self._call_idx.get(path, 0) + step
+        return self
+
+    # -- recording -----------------------------------------------------------------------------------------------
+    def _record(
+        self, op: Op, target: Any, args: tuple = (), kwargs: dict | None = None, *, after=()
+    ) -> Proxy:
+        if self._finished:
+            raise TracingError(
+                "this tracing block has already exited; its values can no longer record operations",
+                user_location(),
+                "do the work inside the `with` block, or on saved values after it",
+            )
+        refs: list[int] = []
+        enc_args = self._encode(args, refs)
+        enc_kwargs = tuple((k, self._encode(v, refs)) for k, v in kwargs.items()) if kwargs else ()
+        last_mut = self._last_mut
+        deps = {last_mut[r] for r in refs if r in last_mut}
+        if after:
+            deps.update(after)
+        nid = next(self._ids)
+        node = Node(
+            nid,
+            op,
+            target,
+            enc_args,
+            enc_kwargs,
+            self._guards,
+            tuple(sorted(deps)),
+            self._invoke,
+            (),
+            user_location(),
+        )
+        self._nodes.append(node)
+        if refs and is_mutation(node) and type(enc_args[0]) is Ref:
+            last_mut[enc_args[0].id] = nid
+        if self._fakes is not None:
+            self._fakes.execute(node, strict=self._validate)
+        return Proxy(self, nid)
+
+    def _encode(self, v: Any, refs: list[int]) -> Any:
+        t = type(v)
+        if t in _LITERALS:
+            return v
+        if t is Proxy:
+            tracer = v._tracer
+            if tracer is self:
+                nid = v._node_id()
+                refs.append(nid)
+                return Ref(nid)
+            if tracer._finished:
+                return self._param(v.value)
+            raise TracingError(
+                "a value from another open tracing block was used here",
+                user_location(),
+                "save it in its own block and use it after that block exits",
+            )
+        if t is tuple:
+            return tuple(self._encode(x, refs) for x in v)
+        if t is list:
+            return [self._encode(x, refs) for x in v]
+        if t is dict:
+            return {k: self._encode(x, refs) for k, x in v.items()}
+        if t is slice:
+            return slice(self._encode(v.start, refs), self._encode(v.stop, refs), self._encode(v.step, refs))
+        if v is Ellipsis or t is torch.Size or t is Shape or isinstance(v, (torch.dtype, torch.device)):
+            return torch.Size(v) if t is Shape else v
+        module = getattr(v, "_envoy_module", None)
+        if module is not None:  # an envoy passed as a value stands for its module
+            return self._param(module)
+        return self._param(v)
+
+    def _param(self, obj: Any) -> ParamRef:
+        index = self._param_index.get(id(obj))
+        if index is None:
+            index = len(self._params)
+            self._params.append(obj)
+            self._param_index[id(obj)] = index
+        return ParamRef(index)
+
+    def _save(self, proxy: Proxy) -> None:
+        nid = proxy._node_id()
+        if nid not in self._saved_ids:
+            self._saved_ids.add(nid)
+            self._record(Op.SAVE, None, (proxy,))
+
+    def _site(self, path: str, kind: SiteKind) -> Proxy:
+        call = self._call_idx.get(path, 0)
+        key = (path, kind, call, self._invoke, self._guards)
+        proxy = self._site_cache.get(key)
+        if proxy is None:
+            proxy = self._record(Op.SITE, Site(path, kind, call, self._invoke))
+            self._site_cache[key] = proxy
+        return proxy
+
+    def _set_site(self, path: str, kind: SiteKind, value: Any) -> None:
+        call = self._call_idx.get(path, 0)
+        self._record(Op.SET, Site(path, kind, call, self._invoke), (value,))
+        for key in [k for k in self._site_cache if k[0] == path and k[2] == call]:
+            del self._site_cache[key]
+
+    def _defer_node(self, node_id: int) -> None:
+        """Take a just-recorded node out of program order until :meth:`_undefer_node` (backward blocks)."""
+        if not self._nodes or self._nodes[-1].id != node_id:
+            raise TracingError(
+                "`with loss.backward():` must directly follow the backward call", user_location()
+            )
+        self._deferred[node_id] = self._nodes.pop()
+
+    def _undefer_node(self, node_id: int) -> None:
+        n = self._deferred.pop(node_id)
+        nid = next(self._ids)
+        self._nodes.append(
+            Node(nid, n.op, n.target, n.args, n.kwargs, n.guards, n.after, n.invoke, n.body, n.loc)
+        )
+
+    # -- invokes -------------------------------------------------------------------------------------------------
+    def _enter_invoke(self, invoker: Invoker) -> None:
+        if self._invoke is not None:
+            raise InvokeError(
+                "invokes cannot be nested", invoker.loc, "close one invoke before opening the next"
+            )
+        args, kwargs, batch_size = self.model._prepare_inputs(*invoker.args, **invoker.kwargs)
+        invoker.inputs = (args, kwargs)
+        invoker.batch_size = batch_size
+        invoker.index = len(self._invokers)
+        invoker.start = self._batch_size
+        self._batch_size += batch_size
+        self._invokers.append(invoker)
+        self._invoke = invoker.index
+        if self._validate and self._fakes is None:
+            self._enable_fakes()
+
+    def _exit_invoke(self, invoker: Invoker) -> None:
+        self._invoke = None
+
+    # -- shapes from fake tensors ----------------------------------------------------------------------------
+    def _enable_fakes(self) -> None:
+        from .fakes import FakeTracker
+
+        self._fakes = FakeTracker(self)
+        for node in self._nodes:
+            self._fakes.execute(node, strict=self._validate)
+
+    def _meta(self, proxy: Proxy, attr: str) -> Any:
+        if self._finished:
+            return getattr(proxy.value, attr)
+        if self._fakes is None:
+            self._enable_fakes()
+        nid = proxy._node_id()
+        fake = self._fakes.value(nid)
+        value = getattr(fake, attr)
+        return Shape(value) if attr == "shape" else value
+
+    def _describe(self, proxy: Proxy) -> str:
+        nid = proxy._node_id()
+        node = next((n for n in reversed(self._nodes) if n.id == nid), None)
+        text = format_node(node) if node is not None else f"%{nid}"
+        return f"<Proxy {text}>"
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def _build_graph(self) -> Graph:
+        rows = tuple(InvokeRows(inv.start, inv.start + inv.batch_size) for inv in self._invokers)
+        graph = Graph(
+            nodes=tuple(self._nodes),
+            params=tuple(self._params),
+            invokes=rows,
+            kind=self._mode,
+            needs_output=self._needs_output,
+        )
+        return graph
+
+    def _run(self) -> None:
+        for barrier in self._barriers:
+            barrier.check()
+        graph = self._build_graph()
+        if self._mode == "edit":
+            self.graph = graph
+            self.model._add_edit(graph)
+            return
+        if not self._invokers:
+            raise InvokeError(
+                "the trace has no input",
+                None,
+                "pass the input to `model.trace(x)`, or add `with tracer.invoke(x):` blocks",
+            )
+        graph = self.model._with_edits(graph)
+        from ..pipeline import optimize
+
+        graph = optimize(graph)
+        self.graph = graph
+        if os.environ.get("IC_DEBUG"):
+            print(format_graph(graph))
+        args, kwargs = self.model._batch_inputs([inv.inputs for inv in self._invokers])
+        result = self.model._execute_graph(graph, args, kwargs, fake=self._mode == "scan")
+        self._results = result.values
+        self._stop_loc = result.stop_loc
+        self.output = result.output
+
+    def _value_of(self, proxy: Proxy) -> Any:
+        nid = proxy._node_id() if not self._finished else proxy._id
+        if not self._finished:
+            raise ValueNotReadyError(
+                "`.value` was read inside the tracing block, before the model ran",
+                user_location(),
+                "read it after the `with` block ends; inside the block, use the proxy itself",
+            )
+        results = self._results or {}
+        if nid is not None and nid in results:
+            return results[nid]
+        made = self._loc_of(nid)
+        made_text = f" (the value recorded at {made.filename}:{made.lineno})" if made else ""
+        if self._error is not None:
+            raise ValueNotReadyError(
+                f"this value{made_text} was never computed: the trace raised {type(self._error).__name__}",
+                user_location(),
+            )
+        if nid in self._saved_ids:
+            where = f" at {self._stop_loc.filename}:{self._stop_loc.lineno}" if self._stop_loc else ""
+            raise ValueNotReadyError(
+                f"this value{made_text} was never computed: the forward pass was stopped{where} before it",
+                user_location(),
+                "stop after the module it needs, or drop the stop",
+            )
+        raise ValueNotReadyError(
+            f"this value{made_text} was not saved, so it is gone after the tracing block",
+            user_location(),
+            "call `.save()` on it inside the block",
+        )
+
+    def _loc_of(self, nid: int | None):
+        for n in self._nodes:
+            if n.id == nid:
+                return n.loc
+        return None
+
+
+def check_set_shape(old: Any, new: Any, loc, what: str) -> None:
+    """Raise SetShapeError when a tensor replaces a tensor of another shape (0-d values broadcast)."""
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and new.dim() > 0:
+        if tuple(new.shape) != tuple(old.shape):
+            raise SetShapeError(
+                f"the value set into {what} has shape {tuple(new.shape)}, but the value it replaces has shape "
+                f"{tuple(old.shape)}",
+                loc,
+                "set a value of the same shape, or set part of it with indexing (e.g. `out[:, -1] = v`)",
+            )
+
+
+def missed_site_error(node: Node, detail: str) -> MissedSiteError:
+    site = node.target if isinstance(node.target, Site) else None
+    what = str(site) if site is not None else format_node(node)
+    return MissedSiteError(
+        f"{what} was never produced: {detail}",
+        node.loc,
+        "check the module runs for this input (and how often: `.next()` moves to a later call)",
+    )
+
+
+__all__ = ["Shape", "Tracer", "check_set_shape", "current_tracer", "execution_error", "missed_site_error"]

@@ -1,0 +1,11 @@
+"""IR passes: small pure functions ``graph -> PassResult``. Imports only intervene_compiler.ir and .errors.
+
+Only ``intervene_compiler.pipeline`` imports this package; it lists the passes in order.
+"""
+
+from ._base import PassResult
+from .dead_values import eliminate_dead_values
+from .early_stop import truncate_after_last_use
+from .setitem_fusion import fuse_setitems
+
+__all__ = ["PassResult", "eliminate_dead_values", "fuse_setitems", "truncate_after_last_use"]
