@@ -44,7 +44,7 @@ def verify(graph: Graph, outer: frozenset[int] = frozenset(), where: str = "trac
         for guard, _ in node.guards:
             if guard in seen and seen[guard].op is not Op.COND:
                 fail(f"is guarded by %{guard}, which is not a cond")
-        map_args((node.args, node.kwargs), lambda leaf: _check_param(leaf, graph, fail))
+        map_args((node.args, node.kwargs), lambda leaf, fail=fail: _check_param(leaf, graph, fail))
         _check_op(node, graph, fail)
         seen[node.id] = node
         if node.body:

@@ -1,0 +1,58 @@
+"""Shared fixtures: the walkthrough's tiny network and tiny GPT-2 / Llama models built from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from intervene_compiler import NNsight
+from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama, tiny_mlp
+
+
+@pytest.fixture
+def net():
+    return tiny_mlp()
+
+
+@pytest.fixture
+def tiny(net):
+    """NNsight wrapping the walkthrough's two-layer network; checked clean of hooks after the test."""
+    model = NNsight(net)
+    yield model
+    assert_clean(net)
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.rand((1, 5))
+
+
+@pytest.fixture(scope="module")
+def gpt2_module():
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="module")
+def llama_module():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2(gpt2_module):
+    model = NNsight(gpt2_module)
+    yield model
+    assert_clean(gpt2_module)
+
+
+@pytest.fixture
+def llama(llama_module):
+    model = NNsight(llama_module)
+    yield model
+    assert_clean(llama_module)
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(2)
+    return torch.randint(0, 128, (2, 7))
