@@ -151,13 +151,25 @@ def execution_error(original: BaseException, loc: SourceLoc | None, what: str) -
     cls = _wrapped_types.get(base)
     if cls is None:
         try:
-            cls = type(base.__name__, (InterventionError, base), {"__module__": base.__module__})
+            # BaseException.__str__: types like KeyError would otherwise print the repr of the whole message
+            attrs = {"__module__": base.__module__, "__str__": BaseException.__str__}
+            cls = type(base.__name__, (InterventionError, base), attrs)
         except TypeError:  # layout conflict with some C exception types
             cls = InterventionError
         _wrapped_types[base] = cls
     message = f"{base.__name__}: {original} (while running {what})"
+    hint = (
+        "index within the value's shape (`.shape` inside the block shows it)"
+        if isinstance(original, IndexError)
+        else "fix the operation on this line (the original exception is chained as `__cause__`)"
+    )
     try:
-        err = cls(message, loc)
-    except TypeError:
-        err = InterventionError(message, loc)
+        err = cls(message, loc, hint)
+    except TypeError:  # the original's __init__ wants other arguments: build it without calling that __init__
+        try:
+            err = cls.__new__(cls)
+            err.message, err.loc, err.hint = message, loc, hint
+            BaseException.__init__(err, err._format())
+        except TypeError:
+            err = InterventionError(message, loc, hint)
     return err

@@ -7,10 +7,11 @@ Every graph is verified after tracing and after each pass; a failing pass is nam
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 from passes import eliminate_dead_values, fuse_setitems, truncate_after_last_use
 
-from .ir import Graph, format_graph, verify
+from .ir import Graph, Node, format_graph, verify
 
 PIPELINE = (
     ("dead_values", eliminate_dead_values),
@@ -19,17 +20,74 @@ PIPELINE = (
 )
 
 
-def optimize(graph: Graph, trace: list[tuple[str, Graph]] | None = None) -> Graph:
-    """Run every pass in order. ``trace``, if given, receives ``(step name, graph)`` after each step."""
+_memo: OrderedDict[tuple, tuple[tuple[str, tuple[Node, ...]], ...]] = OrderedDict()
+_MEMO_SIZE = 512
+
+
+def optimize(graph: Graph) -> tuple[Graph, tuple[tuple[str, tuple[Node, ...]], ...]]:
+    """Run every pass in order; return the optimized graph and ``(step name, nodes)`` after each step.
+
+    Passes read only a graph's structure (ops, targets, literals, which param a node uses), never param values,
+    so results are memoized by structure: a loop that traces the same code with new tensors (a sweep, a
+    training loop) verifies and optimizes once. Source locations are part of the key, so errors keep naming
+    the right line.
+    """
+    key = (
+        tuple(_node_key(n) for n in graph.nodes),
+        tuple(n.loc for n in graph.nodes),
+        graph.invokes,
+        graph.kind,
+        graph.needs_output,
+    )
+    steps = _memo.get(key)
+    if steps is None:
+        steps = _optimize(graph)
+        _memo[key] = steps
+        if len(_memo) > _MEMO_SIZE:
+            _memo.popitem(last=False)
+    else:
+        _memo.move_to_end(key)
+    return graph.replace(nodes=steps[-1][1]), steps
+
+
+def _node_key(node: Node) -> tuple:
+    if node.body:
+        return (node, tuple(_freeze(g.nodes) for g in node.body))
+    return (
+        node.id,
+        node.op,
+        node.target,
+        _freeze(node.args),
+        _freeze(node.kwargs),
+        node.guards,
+        node.after,
+        node.invoke,
+    )
+
+
+def _freeze(value):
+    """A hashable form of an argument structure (slices, lists and dicts are unhashable)."""
+    t = type(value)
+    if t is tuple:
+        return tuple(_freeze(v) for v in value)
+    if t is list:
+        return ("[", *(_freeze(v) for v in value))
+    if t is dict:
+        return ("{", *((k, _freeze(v)) for k, v in value.items()))
+    if t is slice:
+        return (":", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    return value
+
+
+def _optimize(graph: Graph) -> tuple[tuple[str, tuple[Node, ...]], ...]:
     debug = os.environ.get("IC_DEBUG", "") >= "2"
+    steps = []
     graph = verify(graph, where="tracing")
-    if trace is not None:
-        trace.append(("traced", graph))
+    steps.append(("traced", graph.nodes))
     for name, run_pass in PIPELINE:
         result = run_pass(graph)
         graph = verify(result.graph, where=f"pass {name!r}")
-        if trace is not None:
-            trace.append((name, graph))
+        steps.append((name, graph.nodes))
         if debug and result.modified:
             print(f"-- after {name}:\n{format_graph(graph)}")
-    return graph
+    return tuple(steps)

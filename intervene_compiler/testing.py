@@ -14,11 +14,15 @@ import torch
 def tiny_mlp(seed: int = 0, input_size: int = 5, hidden: int = 10, output: int = 2) -> torch.nn.Sequential:
     """The walkthrough's network: ``layer1`` (Linear) then ``layer2`` (Linear), grads off."""
     torch.manual_seed(seed)
-    layers = OrderedDict([("layer1", torch.nn.Linear(input_size, hidden)), ("layer2", torch.nn.Linear(hidden, output))])
+    layers = OrderedDict(
+        [("layer1", torch.nn.Linear(input_size, hidden)), ("layer2", torch.nn.Linear(hidden, output))]
+    )
     return torch.nn.Sequential(layers).requires_grad_(False)
 
 
-def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 32, vocab_size: int = 128):
+def tiny_gpt2(
+    seed: int = 0, n_layer: int = 2, n_embd: int = 32, vocab_size: int = 128, init_range: float = 0.02
+):
     """A GPT2LMHeadModel with random seeded weights, eval mode, eager attention."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -31,6 +35,7 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 32, vocab_size: int
         n_positions=128,
         bos_token_id=0,
         eos_token_id=0,
+        initializer_range=init_range,
         attn_implementation="eager",
     )
     return GPT2LMHeadModel(config).eval()

@@ -110,19 +110,17 @@ class Node:
     invoke: int | None = None  # the invoke this node was recorded in
     body: tuple[Graph, ...] = ()  # nested graphs (session traces, loop bodies)
     loc: SourceLoc | None = field(default=None, compare=False)
+    # derived once at construction (nodes are immutable): data dependencies, and all dependencies
+    refs: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    deps: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
-    @property
-    def refs(self) -> tuple[int, ...]:
-        """Ids of the nodes whose values this node reads (data dependencies, in argument order)."""
+    def __post_init__(self) -> None:
         out: list[int] = []
         _collect_refs(self.args, out)
         _collect_refs(self.kwargs, out)
-        return tuple(out)
-
-    @property
-    def deps(self) -> tuple[int, ...]:
-        """Everything that must be done before this node runs: data, ordering and guard dependencies."""
-        return self.refs + self.after + tuple(g for g, _ in self.guards)
+        refs = tuple(out)
+        object.__setattr__(self, "refs", refs)
+        object.__setattr__(self, "deps", refs + self.after + tuple(g for g, _ in self.guards))
 
 
 @dataclass(frozen=True, slots=True)

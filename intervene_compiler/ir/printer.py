@@ -37,7 +37,7 @@ def format_node(node: Node, graph: Graph | None = None) -> str:
     elif op is Op.METHOD:
         recv, _, rest = args.partition(", ")
         body = f"method {recv}.{node.target}({rest})"
-    elif op in (Op.SITE, Op.SET, Op.MODULE, Op.CACHE, Op.STOP, Op.GETATTR, Op.SETATTR):
+    elif op in (Op.SITE, Op.SET, Op.UPDATE, Op.MODULE, Op.CACHE, Op.STOP, Op.GETATTR, Op.SETATTR):
         target = f" {node.target}" if node.target is not None else ""
         body = f"{op.value}{target}" + (f"({args})" if args else "")
     else:

@@ -32,10 +32,10 @@ def verify(graph: Graph, outer: frozenset[int] = frozenset(), where: str = "trac
     each op has its arity and target type; an UPDATE's base value has no other reader.
     """
     seen: dict[int, Node] = {}
-    last = -1
+    last = None  # ids may be negative: edits are prepended below a trace's ids
     for node in graph.nodes:
         fail = _failer(node, where)
-        if node.id <= last:
+        if last is not None and node.id <= last:
             fail(f"id {node.id} is not greater than the previous id {last}")
         last = node.id
         for dep in node.deps:

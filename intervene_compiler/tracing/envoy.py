@@ -127,7 +127,12 @@ class Envoy:
         """The envoy at a dotted path, e.g. ``model.get("transformer.h.0.mlp")`` (a ``model.`` prefix is fine)."""
         if path in ("", "model"):
             return self
-        return self._resolve(path.removeprefix("model."))
+        if path.startswith("model."):
+            try:
+                return self._resolve(path[len("model.") :])
+            except UnknownModuleError:
+                pass  # a real submodule named "model" (Llama's ``model.layers``): resolve the path as given
+        return self._resolve(path)
 
     def __getitem__(self, index: int | slice | str) -> Envoy | list[Envoy]:
         if isinstance(index, str):  # ModuleDict

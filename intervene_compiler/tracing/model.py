@@ -137,9 +137,10 @@ class NNsight(Envoy):
         if isinstance(module, Envoy):
             return module._path
         if isinstance(module, str):
-            path = module.removeprefix("model").removeprefix(".")
-            self.get(path)  # raises for unknown paths
-            return path
+            found = self.get(module)  # raises for unknown paths; knows Llama's real ``model`` submodule
+            if isinstance(found, Envoy):
+                return found._path
+            raise TracingError(f"{module!r} is not a submodule of this model", user_location())
         for name, m in self._module.named_modules():
             if m is module:
                 return name

@@ -409,7 +409,9 @@ class Tracer:
         graph = self.model._with_edits(graph)
         from ..pipeline import optimize
 
-        graph = optimize(graph)
+        traced = graph
+        graph, self._steps = optimize(graph)
+        self._traced = traced
         self.graph = graph
         if os.environ.get("IC_DEBUG"):
             print(format_graph(graph))
@@ -418,6 +420,11 @@ class Tracer:
         self._results = result.values
         self._stop_loc = result.stop_loc
         self.output = result.output
+
+    @property
+    def steps(self) -> list[tuple[str, Graph]]:
+        """The graph as traced and after each pass: ``[("traced", g), ("dead_values", g), ...]``."""
+        return [(name, self._traced.replace(nodes=nodes)) for name, nodes in self._steps]
 
     def _value_of(self, proxy: Proxy) -> Any:
         nid = proxy._node_id() if not self._finished else proxy._id
@@ -436,6 +443,7 @@ class Tracer:
             raise ValueNotReadyError(
                 f"this value{made_text} was never computed: the trace raised {type(self._error).__name__}",
                 user_location(),
+                "fix the error the tracing block raised, then run it again",
             )
         if nid in self._saved_ids:
             where = f" at {self._stop_loc.filename}:{self._stop_loc.lineno}" if self._stop_loc else ""

@@ -74,6 +74,10 @@ class _Run:
         self.calls_in: dict[str, int] = {}
         self.calls_out: dict[str, int] = {}
         self.grad_hooks: dict[int, Any] = {}
+        # id(an invoke's rows of a site tensor) -> (those rows, the batch tensor, start, stop): a gradient of
+        # the rows is hooked on the batch tensor, the one the model's backward actually reaches
+        self.row_views: dict[int, tuple] = {}
+        self.has_grads = any(n.op in _GRAD_OPS for n in graph.nodes)
         self.site_nodes: dict[tuple, list[int]] = {}
         self.stopped: Node | None = None
         self.in_forward = False
@@ -88,7 +92,8 @@ class _Run:
         try:
             handles = self._install_hooks()
             self._drain()
-            if self.graph.needs_output or not self._all_resolved():
+            caches = any(n.op is Op.CACHE for n in self.graph.nodes)  # filled by the forward's hooks
+            if self.graph.needs_output or caches or not self._all_resolved():
                 self.in_forward = True
                 try:
                     output = self.model._forward(*args, **kwargs)
@@ -285,7 +290,21 @@ class _Run:
             args, kwargs = value
             value = args[0] if args else next(iter(kwargs.values()), None)
         start, stop = self._rows(site)
-        return narrow(value, start, stop, self.batch)
+        rows = narrow(value, start, stop, self.batch)
+        if self.has_grads and rows is not value:
+            self._note_row_views(value, rows, start, stop)
+        return rows
+
+    def _note_row_views(self, full: Any, rows: Any, start: int, stop: int) -> None:
+        if isinstance(full, torch.Tensor):
+            if rows is not full:
+                self.row_views[id(rows)] = (rows, full, start, stop)
+        elif isinstance(full, (tuple, list)) and isinstance(rows, (tuple, list)):
+            for f, r in zip(full, rows):
+                self._note_row_views(f, r, start, stop)
+        elif isinstance(full, dict) and isinstance(rows, dict):
+            for k, r in rows.items():
+                self._note_row_views(full.get(k), r, start, stop)
 
     def _write_site(self, node: Node, new: Any) -> None:
         from ...tracing.tracer import check_set_shape
@@ -322,6 +341,8 @@ class _Run:
         if target in self.grad_hooks:
             return
         tensor = self.env[target]
+        if not any(n.op is Op.BACKWARD for n in self.graph.nodes):  # the first mistake to report
+            raise _no_backward_error(node)
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             raise GradientError(
                 "`.grad` was read of a value that does not require grad, so no gradient will reach it",
@@ -329,15 +350,24 @@ class _Run:
                 "set `value.requires_grad = True` on it (or on an earlier value) before the loss is computed",
             )
 
+        start = stop = None
+        view = self.row_views.get(id(tensor))
+        if view is not None and view[0] is tensor:  # an invoke's rows: hook the batch tensor, narrow its grad
+            _, tensor, start, stop = view
+
         def hook(grad):
             key = ("grad", target)
-            self.current[key] = grad
+            part = grad if start is None else grad[start:stop]
+            self.current[key] = part
             self.active.add(key)
             try:
                 self._drain()
             finally:
                 self.active.discard(key)
-            return self.current.pop(key)
+            new = self.current.pop(key)
+            if start is None or new is part:
+                return new if start is None else grad
+            return torch.cat([grad[:start], new.to(grad.dtype), grad[stop:]])
 
         self.grad_hooks[target] = tensor.register_hook(hook)
 
@@ -379,12 +409,7 @@ class _Run:
 
         for node in pending:
             if node.op is Op.GRAD:
-                raise GradientError(
-                    "`.grad` was read, but no backward pass reached this value",
-                    node.loc,
-                    "call `loss.backward()` in the block after this line (or read the gradient inside "
-                    "`with loss.backward():`), with a loss that depends on this value",
-                )
+                raise _no_backward_error(node)
             if node.op in _SITE_OPS:
                 ran = (self.calls_out if node.target.kind is SiteKind.OUTPUT else self.calls_in).get(
                     node.target.path, 0
@@ -396,3 +421,12 @@ class _Run:
         raise InterventionError(
             f"{format_node(pending[0])} was never computed: a value it needs was not produced", pending[0].loc
         )
+
+
+def _no_backward_error(node: Node) -> GradientError:
+    return GradientError(
+        "`.grad` was read, but no backward pass reached this value",
+        node.loc,
+        "call `loss.backward()` in the block after this line (or read the gradient inside "
+        "`with loss.backward():`), with a loss that depends on this value",
+    )
