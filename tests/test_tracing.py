@@ -1747,3 +1747,30 @@ def test_import_patches_nothing():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK"
+
+
+def test_value_saved_under_a_false_cond_says_so(tiny, x):
+    with tiny.trace(x) as tracer:
+        with tracer.cond(tiny.layer1.output.sum() > 1e9):
+            skipped = tiny.layer2.output.save()
+        kept = tiny.layer2.output.save()
+    with pytest.raises(ic.ValueNotReadyError, match="condition guarding it .* was false"):
+        skipped.value
+    torch.testing.assert_close(kept.value, tiny._model(x))
+
+
+def test_requires_grad_on_one_invokes_rows_reaches_other_invokes(tiny, net):
+    torch.manual_seed(3)
+    x3 = torch.rand(3, 5)
+    with tiny.trace() as tracer:
+        with tracer.invoke(x3[:1]):
+            tiny.layer1.output.requires_grad = True
+            ga = tiny.layer1.output.grad.save()
+        with tracer.invoke(x3[1:]):
+            gb = tiny.layer1.output.grad.save()
+            tiny.output.sum().backward()  # this invoke's rows only
+    h = net.layer1(x3).detach().requires_grad_(True)
+    net.layer2(h)[1:].sum().backward()
+    torch.testing.assert_close(ga.value, h.grad[:1])  # zeros: the loss does not read invoke 0's rows
+    torch.testing.assert_close(gb.value, h.grad[1:])
+    assert gb.value.abs().sum() > 0

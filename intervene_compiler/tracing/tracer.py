@@ -107,6 +107,7 @@ class Tracer:
         self._finished = False
         self._error: BaseException | None = None
         self._stop_loc = None
+        self._skipped: dict = {}
         self._barriers: list[Barrier] = []
         self._deferred: dict[int, Node] = {}
         self._needs_output = needs_output
@@ -419,6 +420,7 @@ class Tracer:
         result = self.model._execute_graph(graph, args, kwargs, fake=self._mode == "scan")
         self._results = result.values
         self._stop_loc = result.stop_loc
+        self._skipped = result.skipped
         self.output = result.output
 
     @property
@@ -444,6 +446,14 @@ class Tracer:
                 f"this value{made_text} was never computed: the trace raised {type(self._error).__name__}",
                 user_location(),
                 "fix the error the tracing block raised, then run it again",
+            )
+        if nid in self._skipped:
+            cond = self._skipped[nid]
+            where = f" (at {cond.filename}:{cond.lineno})" if cond else ""
+            raise ValueNotReadyError(
+                f"this value{made_text} was never computed: the `tracer.cond` condition guarding it{where} was false",
+                user_location(),
+                "read it only when the condition holds, or save a value computed outside the condition",
             )
         if nid in self._saved_ids:
             where = f" at {self._stop_loc.filename}:{self._stop_loc.lineno}" if self._stop_loc else ""

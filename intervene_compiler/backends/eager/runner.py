@@ -9,7 +9,7 @@ nodes, one pass per event suffices. Hooks live only for the run and are removed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ class RunResult:
     values: dict[int, Any]  # saved node id -> value
     output: Any  # the model's output (None when the forward was stopped)
     stop_loc: SourceLoc | None  # where a user stop ended the forward, if one did
+    skipped: dict[int, SourceLoc | None] = field(default_factory=dict)  # saved id -> line of the false cond
 
 
 def run_graph(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
@@ -77,7 +78,9 @@ class _Run:
         # id(an invoke's rows of a site tensor) -> (those rows, the batch tensor, start, stop): a gradient of
         # the rows is hooked on the batch tensor, the one the model's backward actually reaches
         self.row_views: dict[int, tuple] = {}
-        self.has_grads = any(n.op in _GRAD_OPS for n in graph.nodes)
+        self.has_grads = any(
+            n.op in _GRAD_OPS or n.op is Op.SETATTR and n.target == "requires_grad" for n in graph.nodes
+        )
         self.site_nodes: dict[tuple, list[int]] = {}
         self.stopped: Node | None = None
         self.in_forward = False
@@ -114,7 +117,18 @@ class _Run:
         }
         values = {nid: self.env[nid] for nid in saved if self.state.get(nid) == _DONE}
         stop_loc = self.stopped.loc if self.stopped is not None and self.stopped.target == "user" else None
-        return RunResult(values, output, stop_loc)
+        skipped = {nid: self._false_cond_loc(nid) for nid in saved if self.state.get(nid) == _SKIPPED}
+        return RunResult(values, output, stop_loc, skipped)
+
+    def _false_cond_loc(self, nid: int) -> SourceLoc | None:
+        """The line of the condition that made node ``nid`` skip (directly, or through what it reads)."""
+        node = self.nodes.get(nid)
+        while node is not None:
+            for g, want in node.guards:
+                if self.state.get(g) == _DONE and self.env[g] != want:
+                    return self.nodes[g].loc
+            node = next((self.nodes[d] for d in node.deps if self.state.get(d) == _SKIPPED), None)
+        return None
 
     def _install_hooks(self) -> list:
         handles = []
@@ -263,6 +277,13 @@ class _Run:
             check_set_shape(self.current[key], a[1], node.loc, "the gradient")
             self.current[key] = a[1]
             return None
+        if op is Op.SETATTR and node.target == "requires_grad":
+            view = self.row_views.get(id(a[0]))
+            if (
+                view is not None and view[0] is a[0]
+            ):  # an invoke's rows: the model computes on the batch tensor
+                view[1].requires_grad = a[1]
+                return None
         if op is Op.STOP:
             if self.in_forward:
                 raise _EarlyStop(node)
@@ -343,17 +364,16 @@ class _Run:
         tensor = self.env[target]
         if not any(n.op is Op.BACKWARD for n in self.graph.nodes):  # the first mistake to report
             raise _no_backward_error(node)
+        start = stop = None
+        view = self.row_views.get(id(tensor))
+        if view is not None and view[0] is tensor:  # an invoke's rows: hook the batch tensor, narrow its grad
+            _, tensor, start, stop = view
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             raise GradientError(
                 "`.grad` was read of a value that does not require grad, so no gradient will reach it",
                 node.loc,
                 "set `value.requires_grad = True` on it (or on an earlier value) before the loss is computed",
             )
-
-        start = stop = None
-        view = self.row_views.get(id(tensor))
-        if view is not None and view[0] is tensor:  # an invoke's rows: hook the batch tensor, narrow its grad
-            _, tensor, start, stop = view
 
         def hook(grad):
             key = ("grad", target)
