@@ -3,6 +3,7 @@
 ``import intervene_compiler as nnsight`` runs nnsight code. Importing this package patches nothing.
 """
 
+from .backends.compiled import compile_stats, reset_compile_stats
 from .backends.eager import CacheEntry
 from .errors import (
     BarrierError,
@@ -55,11 +56,13 @@ __all__ = [
     "bool",
     "bytearray",
     "bytes",
+    "compile_stats",
     "complex",
     "dict",
     "float",
     "int",
     "list",
+    "reset_compile_stats",
     "save",
     "set",
     "str",

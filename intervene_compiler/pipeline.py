@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 from passes import eliminate_dead_values, fuse_setitems, truncate_after_last_use
 
-from .ir import Graph, Node, format_graph, verify
+from .ir import Graph, Node, format_graph, structure_tuple, verify
 
 PIPELINE = (
     ("dead_values", eliminate_dead_values),
@@ -32,13 +32,7 @@ def optimize(graph: Graph) -> tuple[Graph, tuple[tuple[str, tuple[Node, ...]], .
     training loop) verifies and optimizes once. Source locations are part of the key, so errors keep naming
     the right line.
     """
-    key = (
-        tuple(_node_key(n) for n in graph.nodes),
-        tuple(n.loc for n in graph.nodes),
-        graph.invokes,
-        graph.kind,
-        graph.needs_output,
-    )
+    key = (structure_tuple(graph), tuple(n.loc for n in graph.nodes))
     steps = _memo.get(key)
     if steps is None:
         steps = _optimize(graph)
@@ -48,35 +42,6 @@ def optimize(graph: Graph) -> tuple[Graph, tuple[tuple[str, tuple[Node, ...]], .
     else:
         _memo.move_to_end(key)
     return graph.replace(nodes=steps[-1][1]), steps
-
-
-def _node_key(node: Node) -> tuple:
-    if node.body:
-        return (node, tuple(_freeze(g.nodes) for g in node.body))
-    return (
-        node.id,
-        node.op,
-        node.target,
-        _freeze(node.args),
-        _freeze(node.kwargs),
-        node.guards,
-        node.after,
-        node.invoke,
-    )
-
-
-def _freeze(value):
-    """A hashable form of an argument structure (slices, lists and dicts are unhashable)."""
-    t = type(value)
-    if t is tuple:
-        return tuple(_freeze(v) for v in value)
-    if t is list:
-        return ("[", *(_freeze(v) for v in value))
-    if t is dict:
-        return ("{", *((k, _freeze(v)) for k, v in value.items()))
-    if t is slice:
-        return (":", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
-    return value
 
 
 def _optimize(graph: Graph) -> tuple[tuple[str, tuple[Node, ...]], ...]:

@@ -13,6 +13,7 @@ from .nodes import (
     is_mutation,
     map_args,
     prepend,
+    structure_tuple,
 )
 from .printer import format_graph, format_node
 from .serialize import dumps, from_data, loads, structure_key, to_data
@@ -40,6 +41,7 @@ __all__ = [
     "prepend",
     "resolve_target",
     "structure_key",
+    "structure_tuple",
     "target_name",
     "to_data",
     "verify",

@@ -286,3 +286,41 @@ def prepend(prefix: Graph, graph: Graph) -> Graph:
         for n in prefix.nodes
     )
     return graph.replace(nodes=nodes + graph.nodes, params=graph.params + prefix.params)
+
+
+def structure_tuple(graph: Graph) -> tuple:
+    """A hashable, cheap form of ``graph``'s structure: everything but param values and source locations.
+
+    Two graphs with equal tuples differ only in the runtime values their params hold (what the pass memo and
+    the compile cache rely on). ``serialize.structure_key`` is the stable, printable digest of the same idea.
+    """
+    return (tuple(_node_tuple(n) for n in graph.nodes), graph.invokes, graph.kind, graph.needs_output)
+
+
+def _node_tuple(node: Node) -> tuple:
+    body = tuple(structure_tuple(g) for g in node.body)
+    return (
+        node.id,
+        node.op,
+        node.target,
+        _freeze(node.args),
+        _freeze(node.kwargs),
+        node.guards,
+        node.after,
+        node.invoke,
+        body,
+    )
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable form of an argument structure (slices, lists and dicts are unhashable)."""
+    t = type(value)
+    if t is tuple:
+        return tuple(_freeze(v) for v in value)
+    if t is list:
+        return ("[", *(_freeze(v) for v in value))
+    if t is dict:
+        return ("{", *((k, _freeze(v)) for k, v in value.items()))
+    if t is slice:
+        return (":", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    return value

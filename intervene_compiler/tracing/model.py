@@ -32,11 +32,15 @@ class NNsight(Envoy):
         ...     h = model.layer1.output.save()
     """
 
-    def __init__(self, module: torch.nn.Module, rename: dict[str, str] | None = None):
+    def __init__(self, module: torch.nn.Module, rename: dict[str, str] | None = None, compile: bool = False):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
         super().__init__(module, "", ModelState(rename))
         object.__setattr__(self, "_edits", None)
+        object.__setattr__(self, "_compile", bool(compile))
+        from ..backends.compiled import CompileCache
+
+        self._state.compiled = CompileCache()
 
     @property
     def _model(self) -> torch.nn.Module:
@@ -50,20 +54,24 @@ class NNsight(Envoy):
         scan: bool = False,
         validate: bool = False,
         invoker_args: dict | None = None,
+        compile: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """Open a tracing block on ``inputs`` (the model runs when it exits).
 
         With ``trace=False`` the model runs at once (with any edits) and its output is returned.
         ``scan``/``validate`` run the interventions on fake tensors while recording, so mistakes surface at
-        their line before the real run.
+        their line before the real run. ``compile=True`` runs the block through the compiled backend (model and
+        interventions as one graph compiled by Inductor, cached by structure); the default is the model's
+        (``NNsight(module, compile=...)``).
         """
+        compile = self._compile if compile is None else compile
         if not trace:
-            tracer = Tracer(self, inputs, kwargs, needs_output=True, invoker_args=invoker_args)
+            tracer = Tracer(self, inputs, kwargs, needs_output=True, invoker_args=invoker_args, compile=compile)
             with tracer:
                 pass
             return tracer.output
-        return Tracer(self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args)
+        return Tracer(self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args, compile=compile)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like ``trace``, but nothing really runs: shapes and dtypes come from fake tensors."""
@@ -76,6 +84,10 @@ class NNsight(Envoy):
         edits the model itself.
         """
         return Editor(self, inplace)
+
+    def clear_compiled(self) -> None:
+        """Drop this model's compiled programs and remove the compiled backend's dispatcher hooks."""
+        self._state.compiled.clear()
 
     def clear_edits(self) -> None:
         """Remove every edit from this model."""
@@ -111,9 +123,13 @@ class NNsight(Envoy):
         """Call the wrapped model (the forward pass interventions run alongside)."""
         return self._module(*args, **kwargs)
 
-    def _execute_graph(self, graph: Graph, args: tuple, kwargs: dict, fake: bool = False):
+    def _execute_graph(self, graph: Graph, args: tuple, kwargs: dict, fake: bool = False, compile: bool = False):
         from ..backends.eager import run_graph
 
+        if compile and not fake:
+            from ..backends.compiled import run_compiled
+
+            return run_compiled(self, graph, args, kwargs)
         if not fake:
             return run_graph(self, graph, args, kwargs)
         from torch._subclasses.fake_tensor import FakeTensorMode

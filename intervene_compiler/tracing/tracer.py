@@ -87,6 +87,7 @@ class Tracer:
         scan: bool = False,
         validate: bool = False,
         invoker_args: dict | None = None,
+        compile: bool = False,
     ):
         self.model = model
         self._state = model._state
@@ -111,6 +112,8 @@ class Tracer:
         self._barriers: list[Barrier] = []
         self._deferred: dict[int, Node] = {}
         self._needs_output = needs_output
+        self._compile = compile
+        self._entry = None
         self._validate = validate or scan or mode == "scan"
         self._fakes = None
         self._token = None
@@ -417,11 +420,39 @@ class Tracer:
         if os.environ.get("IC_DEBUG"):
             print(format_graph(graph))
         args, kwargs = self.model._batch_inputs([inv.inputs for inv in self._invokers])
-        result = self.model._execute_graph(graph, args, kwargs, fake=self._mode == "scan")
+        result = self.model._execute_graph(graph, args, kwargs, fake=self._mode == "scan", compile=self._compile)
+        if self._compile:
+            self._entry = self.model._state.compiled.last
         self._results = result.values
         self._stop_loc = result.stop_loc
         self._skipped = result.skipped
         self.output = result.output
+
+    def explain(self, file=None) -> str:
+        """Print (and return) the graph as traced and after each pass, and how the run was executed.
+
+        For ``compile=True`` it says whether the program was compiled, reused from the cache or fell back to the
+        eager backend (and why), and shows the spliced FX graph (model and interventions) Inductor compiled.
+        """
+        if self.graph is None:
+            raise TracingError("explain() needs a trace that has run", user_location(), "call it after the block")
+        parts = [f"-- {name}:\n{format_graph(graph)}" for name, graph in self.steps]
+        entry = self._entry
+        if not self._compile:
+            parts.append("-- backend: eager (hooks)")
+        elif entry is None or entry.fallback is not None:
+            reason = entry.fallback if entry is not None else "unknown"
+            parts.append(f"-- backend: compiled, fell back to eager: {reason}")
+        else:
+            parts.append(
+                f"-- backend: compiled; {len(entry.graphs)} graph(s) compiled for this structure, "
+                f"{entry.calls} call(s) so far"
+            )
+            if entry.graphs:
+                parts.append("-- spliced FX graph:\n" + entry.graphs[-1].code.strip())
+        text = "\n".join(parts)
+        print(text, file=file)
+        return text
 
     @property
     def steps(self) -> list[tuple[str, Graph]]:

@@ -69,7 +69,7 @@ class _Run:
         self.pending: list[int] = [n.id for n in graph.nodes]
         self.state: dict[int, int] = {}
         self.env: dict[int, Any] = {}
-        self.active: set = set()
+        self.active: dict = {}  # active event keys, innermost last (a grad hook runs inside a site event)
         self.current: dict = {}
         self.adhoc = 0
         self.calls_in: dict[str, int] = {}
@@ -180,14 +180,14 @@ class _Run:
     def _visit(self, key: tuple, value: Any) -> Any:
         """Make ``key``'s site active with ``value``, run what is ready, and return the (possibly new) value."""
         self.current[key] = value
-        self.active.add(key)
+        self.active[key] = True
         try:
             self._drain()
             for nid in self.site_nodes[key]:
                 if nid in self.nodes and self.state.get(nid) is None:
                     self._site_not_ready(self.nodes[nid])
         finally:
-            self.active.discard(key)
+            self.active.pop(key, None)
         return self.current.pop(key)
 
     def _site_not_ready(self, node: Node) -> None:
@@ -379,11 +379,11 @@ class _Run:
             key = ("grad", target)
             part = grad if start is None else grad[start:stop]
             self.current[key] = part
-            self.active.add(key)
+            self.active[key] = True
             try:
                 self._drain()
             finally:
-                self.active.discard(key)
+                self.active.pop(key, None)
             new = self.current.pop(key)
             if start is None or new is part:
                 return new if start is None else grad

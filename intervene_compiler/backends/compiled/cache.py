@@ -1,0 +1,198 @@
+"""Compiled programs cached by structure, one entry function (a fresh code object) per structure key.
+
+The key is the lowered graph's structure (params abstracted to dtype/shape), the model inputs' shapes and dtypes,
+and grad mode. Each key gets its own copy of the entry function's code object, so keys never share a Dynamo
+cache or its recompile limit. A structure that cannot compile as one graph falls back to the eager backend; the
+reason is recorded in :func:`compile_stats` and shown by ``tracer.explain()``, never silent.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...ir import Graph, Op, structure_tuple
+from ..eager.runner import RunResult, run_graph
+from .lowering import lift_values
+from .program import Dispatcher, Program, record_schedule
+
+_STATS: dict[str, Any] = {}
+
+
+def reset_compile_stats() -> None:
+    """Zero the counters :func:`compile_stats` reports."""
+    _STATS.clear()
+    _STATS.update(compiles=0, cache_hits=0, recompiles=0, fallbacks=0, fallback_reasons=[], compiled_calls=0)
+
+
+def compile_stats() -> dict[str, Any]:
+    """Counters of the compiled backend since the last reset.
+
+    ``compiles``: graphs compiled by Inductor; ``recompiles``: compiles of a key that already had a graph (a
+    guard failed); ``cache_hits``: compiled calls that reused a program; ``fallbacks``/``fallback_reasons``:
+    structures that run eagerly, and why; ``compiled_calls``: calls that ran compiled.
+    """
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in _STATS.items()}
+
+
+reset_compile_stats()
+
+_UNSUPPORTED = {
+    Op.GRAD: "gradients of activations (`.grad`) are not compiled yet",
+    Op.SET_GRAD: "setting gradients (`.grad = ...`) is not compiled yet",
+    Op.BACKWARD: "`backward()` inside a compiled trace is not compiled yet",
+    Op.LOG: "`tracer.log` prints while the model runs, which a compiled graph cannot do",
+    Op.CACHE: "`tracer.cache()` is not compiled yet",
+    Op.COND: "`tracer.cond` is data-dependent control flow",
+}
+
+
+@dataclass
+class Entry:
+    """One structure's compiled program (or its fallback reason)."""
+
+    key: Any
+    program: Program | None = None
+    fn: Any = None
+    fallback: str | None = None
+    graphs: list = field(default_factory=list)  # FX graphs our backend received (the spliced program)
+    calls: int = 0
+
+
+class CompileCache:
+    """Per-model cache of compiled entries, with the model's dispatcher hooks."""
+
+    def __init__(self, size: int = 64):
+        self.entries: OrderedDict[Any, Entry] = OrderedDict()
+        self.size = size
+        self.dispatcher: Dispatcher | None = None
+        self.last: Entry | None = None
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.last = None
+        if self.dispatcher is not None:
+            self.dispatcher.remove()
+            self.dispatcher = None
+
+
+def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
+    """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
+    cache: CompileCache = model._state.compiled
+    lowered = lift_values(graph)
+    key = (
+        structure_tuple(lowered),
+        _param_signature(lowered.params),
+        _signature(args),
+        _signature(kwargs),
+        torch.is_grad_enabled(),
+    )
+    entry = cache.entries.get(key)
+    if entry is None:
+        entry = _build(model, cache, lowered, key, args, kwargs)
+        cache.entries[key] = entry
+        if len(cache.entries) > cache.size:
+            cache.entries.popitem(last=False)
+    else:
+        cache.entries.move_to_end(key)
+    cache.last = entry
+    if entry.fallback is not None:
+        return run_graph(model, graph, args, kwargs)
+    compiled_before = len(entry.graphs)
+    try:
+        saved, output = _call(cache, entry, lowered.params, args, kwargs)
+    except (
+        Exception
+    ) as e:  # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
+        entry.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _STATS["fallbacks"] += 1
+        _STATS["fallback_reasons"].append(entry.fallback)
+        return run_graph(model, graph, args, kwargs)
+    entry.calls += 1
+    _STATS["compiled_calls"] += 1
+    if len(entry.graphs) == compiled_before:
+        _STATS["cache_hits"] += 1
+    values = dict(zip(entry.program.saved_ids, saved))
+    return RunResult(values, output, None)
+
+
+def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict) -> Entry:
+    entry = Entry(key)
+    reason = next((why for n in graph.nodes if (why := _UNSUPPORTED.get(n.op)) is not None), None)
+    if reason is None and any(n.body for n in graph.nodes):
+        reason = "nested graphs are not compiled yet"
+    if reason is None:
+        try:
+            order = record_schedule(model, graph, args, kwargs)
+        except Exception as e:  # the eager run will raise the user's error, or run what fakes cannot
+            reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})".splitlines()[
+                0
+            ]
+    if reason is not None:
+        entry.fallback = reason
+        _STATS["fallbacks"] += 1
+        _STATS["fallback_reasons"].append(reason)
+        return entry
+    if cache.dispatcher is None:
+        cache.dispatcher = Dispatcher(model._module)
+    entry.program = Program(model, graph, order)
+    entry.fn = torch.compile(_fresh_entry(), fullgraph=True, backend=_backend_for(entry))
+    return entry
+
+
+def _call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: dict):
+    dispatcher = cache.dispatcher
+    dispatcher.program = entry.program
+    try:
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            return entry.fn(entry.program, params, args, kwargs)
+    finally:
+        dispatcher.program = None
+
+
+def _entry(program, params, args, kwargs):
+    return program.run(params, args, kwargs)
+
+
+def _fresh_entry():
+    """A copy of ``_entry`` with its own code object: its own Dynamo cache and recompile budget."""
+    code = _entry.__code__.replace()
+    return types.FunctionType(code, _entry.__globals__, "_entry", None, None)
+
+
+def _backend_for(entry: Entry):
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        if entry.graphs:
+            _STATS["recompiles"] += 1
+        _STATS["compiles"] += 1
+        entry.graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    t = type(value)
+    if t is tuple or t is list:
+        return (t.__name__, *(_signature(v) for v in value))
+    if t is dict:
+        return ("{", *((k, _signature(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return (t.__qualname__, id(value))
+    return value
+
+
+def _param_signature(params: tuple) -> tuple:
+    return tuple(
+        _signature(p) if isinstance(p, torch.Tensor) else (type(p).__qualname__, id(p)) for p in params
+    )

@@ -1,0 +1,142 @@
+"""Lift runtime values out of a graph's structure so one compiled program serves a whole sweep.
+
+A Python int used as an index (``out[:, pos]``) or a float operand (``out * alpha``) would be a constant in the
+traced program, so each new value would recompile. This pass replaces them with params: an index int becomes a
+1-element int64 tensor consumed by :func:`take` / :func:`put` (which normalize negative positions and keep the
+dimension bookkeeping), a float operand becomes a 0-d tensor. Tensor params are program inputs, so sweeping
+positions, values or scales reuses the program.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from ...ir import Graph, Node, Op, ParamRef, Ref
+
+_ARITHMETIC = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+    }
+)
+
+
+def take(x: torch.Tensor, index: tuple, lifted: tuple[int, ...]) -> torch.Tensor:
+    """``x[index]`` where the positions in ``lifted`` hold 1-element int64 tensors standing for Python ints."""
+    for pos in reversed(lifted):
+        x = x.index_select(pos, index[pos] % x.shape[pos])
+    rest = tuple(slice(None) if i in lifted else v for i, v in enumerate(index))
+    x = x[rest]
+    for pos in reversed(lifted):
+        x = x.squeeze(pos)
+    return x
+
+
+def put(x: torch.Tensor, index: tuple, lifted: tuple[int, ...], value: Any) -> None:
+    """``x[index] = value`` in place, with one lifted int position (see :func:`take`)."""
+    (pos,) = lifted
+    full = tuple(v % x.shape[pos] if i == pos else v for i, v in enumerate(index))
+    if isinstance(value, torch.Tensor) and value.dim() >= x.dim() - pos - 1 and value.dim() > 0:
+        value = value.unsqueeze(pos - x.dim())
+    x[full] = value
+
+
+def apply_writes(x: torch.Tensor, writes: tuple) -> torch.Tensor:
+    """A fused UPDATE: ``x[index] = value`` for each ``(index, lifted, value)``, in place; returns ``x``."""
+    for index, lifted, value in writes:
+        if lifted:
+            put(x, index, lifted, value)
+        else:
+            x[index] = value
+    return x
+
+
+def lift_values(graph: Graph) -> Graph:
+    """Return ``graph`` with index ints and arithmetic float operands turned into tensor params."""
+    params = list(graph.params)
+
+    def new_param(value: torch.Tensor) -> ParamRef:
+        params.append(value)
+        return ParamRef(len(params) - 1)
+
+    nodes = []
+    changed = False
+    for node in graph.nodes:
+        new = _lift_node(node, new_param)
+        changed |= new is not node
+        nodes.append(new)
+    if not changed:
+        return graph
+    return graph.replace(nodes=tuple(nodes), params=tuple(params))
+
+
+def _lift_node(node: Node, new_param) -> Node:
+    op = node.op
+    if op is Op.GETITEM:
+        lifted = _liftable(node.args[1], max_ints=4)
+        if lifted:
+            index, positions = _lift_index(node.args[1], lifted, new_param)
+            return _as_call(node, take, (node.args[0], index, positions))
+    elif op is Op.SETITEM:
+        lifted = _liftable(node.args[1], max_ints=1)
+        if lifted:
+            index, positions = _lift_index(node.args[1], lifted, new_param)
+            return _as_call(node, put, (node.args[0], index, positions, _lift_float(node.args[2], new_param)))
+    elif op is Op.UPDATE:
+        writes = []
+        for index, value in node.args[1]:
+            lifted = _liftable(index, max_ints=1)
+            if lifted:
+                index, lifted = _lift_index(index, lifted, new_param)
+            writes.append((index, lifted, _lift_float(value, new_param)))
+        return _as_call(node, apply_writes, (node.args[0], tuple(writes)))
+    elif op is Op.CALL and node.target in _ARITHMETIC:
+        args = tuple(_lift_float(a, new_param) for a in node.args)
+        if args != node.args:
+            return _as_call(node, node.target, args)
+    return node
+
+
+def _liftable(index: Any, max_ints: int) -> tuple[int, ...]:
+    """Positions of Python ints in an index made only of ints and plain slices (else nothing is lifted)."""
+    items = index if type(index) is tuple else (index,)
+    ints = tuple(i for i, v in enumerate(items) if type(v) is int)
+    plain = all(type(v) is int or type(v) is slice and _literal_slice(v) for v in items)
+    return ints if plain and 0 < len(ints) <= max_ints else ()
+
+
+def _literal_slice(s: slice) -> bool:
+    return all(v is None or type(v) is int for v in (s.start, s.stop, s.step))
+
+
+def _lift_index(index: Any, positions: tuple[int, ...], new_param) -> tuple[tuple, tuple[int, ...]]:
+    items = index if type(index) is tuple else (index,)
+    lifted = tuple(
+        new_param(torch.tensor([v], dtype=torch.long)) if i in positions else v for i, v in enumerate(items)
+    )
+    return lifted, positions
+
+
+def _lift_float(value: Any, new_param) -> Any:
+    if type(value) is float:
+        return new_param(torch.tensor(value))
+    return value
+
+
+def _as_call(node: Node, fn, args: tuple) -> Node:
+    return Node(
+        node.id, Op.CALL, fn, args, node.kwargs, node.guards, node.after, node.invoke, node.body, node.loc
+    )
+
+
+def _is_ref(v: Any) -> bool:
+    return type(v) is Ref

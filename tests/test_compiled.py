@@ -1,0 +1,180 @@
+"""The compiled backend: parity with the eager backend, compile-once sweeps, fallbacks, an inert model.
+
+Every compiled result is compared with the same trace run by the eager backend (which the other test files check
+against plain PyTorch hooks). Inductor compiles are slow on this CPU, so the tier uses the tiny models and one
+structure per program; sweeps assert exactly one compile.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import intervene_compiler as ic
+from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_mlp
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = ic.NNsight(tiny_mlp())
+    yield model
+    model.clear_compiled()
+    assert_clean(model._model)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    model = ic.NNsight(tiny_gpt2(n_layer=2))
+    yield model
+    model.clear_compiled()
+    assert_clean(model._model)
+
+
+@pytest.fixture(autouse=True)
+def _stats():
+    ic.reset_compile_stats()
+    yield
+
+
+def _both(model, program, *inputs):
+    """Run ``program(model)`` inside an eager and a compiled trace; return both lists of saved values."""
+    results = []
+    for compile in (False, True):
+        with model.trace(*inputs, compile=compile) as tracer:
+            saved = program(model, tracer)
+        results.append([s.value for s in saved])
+    return results
+
+
+def _programs():
+    def save_outputs(m, t):
+        return [m.layer1.output.save(), m.layer2.input.save(), m.output.save()]
+
+    def set_output(m, t):
+        m.layer1.output = m.layer1.output * 0.5 + 1
+        return [m.output.save()]
+
+    def setitems(m, t):
+        m.layer1.output[:, 0] = 0
+        m.layer1.output[:, -1] = 3
+        return [m.layer1.output.save(), m.output.save()]
+
+    def stop_early(m, t):
+        h = m.layer1.output.save()
+        m.layer1.output.stop()
+        return [h]
+
+    def adhoc_module_call(m, t):
+        return [m.layer2(m.layer1.output * 2).save()]
+
+    def inputs_and_builtins(m, t):
+        items = ic.list().save()
+        items.append(m.layer2.input.sum())
+        m.layer2.inputs = ((m.layer2.input + 1,), {})
+        return [m.output.save(), items]
+
+    return [save_outputs, set_output, setitems, stop_early, adhoc_module_call, inputs_and_builtins]
+
+
+@pytest.mark.parametrize("program", _programs(), ids=lambda p: p.__name__)
+def test_parity_tiny_mlp(mlp, program):
+    x = torch.rand(2, 5)
+    eager, compiled = _both(mlp, program, x)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 0, stats["fallback_reasons"]
+    assert stats["compiled_calls"] == 1
+
+
+def test_parity_with_invokes_and_cross_invoke_patch(mlp):
+    a, b = torch.rand(1, 5), torch.rand(2, 5)
+
+    def program(m, compile):
+        with m.trace(compile=compile) as tracer:
+            with tracer.invoke(a):
+                h = m.layer1.output
+            with tracer.invoke(b):
+                m.layer1.output[:, 0] = h[0, 0]
+                out = m.output.save()
+        return out.value
+
+    torch.testing.assert_close(program(mlp, True), program(mlp, False))
+    assert ic.compile_stats()["fallbacks"] == 0
+
+
+def test_position_sweep_compiles_once(gpt):
+    ids = torch.randint(0, 128, (1, 8))
+    v = torch.randn(32)
+    for pos in range(8):
+        outs = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile):
+                gpt.transformer.h[0].output[:, pos] = v
+                outs.append(gpt.lm_head.output[:, -1].save())
+        torch.testing.assert_close(outs[0].value, outs[1].value)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["fallbacks"] == 0
+    assert stats["cache_hits"] == 7
+
+
+def test_value_and_scale_sweep_compiles_once(gpt):
+    ids = torch.randint(0, 128, (2, 6))
+    for step in range(5):
+        steer = torch.randn(32)
+        scale = 0.5 * step
+        outs = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile):
+                gpt.transformer.h[1].output[:, -1] += steer * scale
+                outs.append(gpt.output.logits.save())
+        torch.testing.assert_close(outs[0].value, outs[1].value)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 4 and stats["fallbacks"] == 0
+
+
+def test_truncation_cuts_the_compiled_program(gpt):
+    ids = torch.randint(0, 128, (1, 8))
+    with gpt.trace(ids, compile=True) as tracer:
+        h = gpt.transformer.h[0].output.save()
+    with gpt.trace(ids):
+        expected = gpt.transformer.h[0].output.save()
+    torch.testing.assert_close(h.value, expected.value)
+    code = tracer._entry.graphs[-1].code
+    assert "lm_head" not in code and "h_1" not in code  # nothing after block 0 was traced
+    assert "spliced FX graph" in tracer.explain(file=io.StringIO())
+
+
+def test_unsupported_structure_falls_back_with_a_reason(mlp):
+    x = torch.rand(1, 5)
+    with mlp.trace(x, compile=True) as tracer:
+        with tracer.cond(mlp.layer1.output.sum() > 0):
+            mlp.layer2.output[:] = 0
+        out = mlp.output.save()
+    with mlp.trace(x) as tracer_eager:
+        with tracer_eager.cond(mlp.layer1.output.sum() > 0):
+            mlp.layer2.output[:] = 0
+        expected = mlp.output.save()
+    torch.testing.assert_close(out.value, expected.value)
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 1 and "tracer.cond" in stats["fallback_reasons"][0]
+    assert "fell back to eager" in tracer.explain(file=io.StringIO())
+
+
+def test_model_default_and_inert_dispatcher():
+    net = tiny_mlp()
+    model = ic.NNsight(net, compile=True)
+    x = torch.rand(3, 5)
+    plain = net(x)
+    with model.trace(x):
+        model.layer1.output[:] = 0
+        out = model.output.save()
+    torch.testing.assert_close(out.value, net.layer2(torch.zeros(3, 10)))
+    assert ic.compile_stats()["compiled_calls"] == 1
+    torch.testing.assert_close(
+        net(x), plain
+    )  # dispatcher hooks stay installed but do nothing outside a trace
+    model.clear_compiled()
+    assert_clean(net)
