@@ -132,7 +132,7 @@ def test_value_and_scale_sweep_compiles_once(gpt):
                 outs.append(gpt.output.logits.save())
         torch.testing.assert_close(outs[0].value, outs[1].value)
     stats = ic.compile_stats()
-    assert stats["compiles"] == 1 and stats["cache_hits"] == 4 and stats["fallbacks"] == 0
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 4 and stats["fallbacks"] == 0, stats
 
 
 def test_truncation_cuts_the_compiled_program(gpt):
@@ -178,3 +178,116 @@ def test_model_default_and_inert_dispatcher():
     )  # dispatcher hooks stay installed but do nothing outside a trace
     model.clear_compiled()
     assert_clean(net)
+
+
+def test_activation_gradients_compile_with_probes(mlp):
+    x = torch.rand(2, 5)
+    results = []
+    for compile in (False, True):
+        with mlp.trace(x, compile=compile):
+            mlp.layer1.output.requires_grad = True
+            g1 = mlp.layer1.output.grad.save()
+            g2 = (mlp.layer2.output.grad * 2).save()
+            mlp.output.sum().backward()
+        results.append((g1.value, g2.value))
+    torch.testing.assert_close(results[1], results[0])
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 0 and stats["compiled_calls"] == 1, stats["fallback_reasons"]
+    torch.testing.assert_close(results[1][1], torch.full((2, 2), 2.0))
+
+
+def test_backward_block_compiles(gpt):
+    ids = torch.randint(0, 128, (2, 6))
+    results = []
+    for compile in (False, True):
+        with gpt.trace(ids, compile=compile):
+            hidden = gpt.transformer.h[0].output
+            logits = gpt.lm_head.output
+            with logits.sum().backward():
+                grad = hidden.grad.save()
+        results.append(grad.value)
+        gpt._model.zero_grad()
+    torch.testing.assert_close(results[1], results[0])
+    assert ic.compile_stats()["fallbacks"] == 0
+
+
+def test_setting_gradients_falls_back(mlp):
+    x = torch.rand(1, 5)
+    with mlp.trace(x, compile=True):
+        mlp.layer1.output.requires_grad = True
+        mlp.layer2.output.grad = mlp.layer2.output.grad * 2
+        g = mlp.layer1.output.grad.save()
+        mlp.output.sum().backward()
+    assert "setting gradients" in ic.compile_stats()["fallback_reasons"][0]
+    torch.testing.assert_close(g.value, 2 * mlp._model.layer2.weight.sum(0, keepdim=True))
+
+
+def _train_steering(gpt, ids, steps, compile):
+    torch.manual_seed(0)
+    steer = torch.zeros(32, requires_grad=True)
+    opt = torch.optim.Adam([steer], lr=0.05)
+    for _ in range(steps):
+        with gpt.trace(ids, compile=compile):
+            gpt.transformer.h[0].output[:, -1] += steer
+            loss = -gpt.lm_head.output[:, -1, 5].mean()
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return steer.detach()
+
+
+def _train_steering_with_hooks(module, ids, steps):
+    torch.manual_seed(0)
+    steer = torch.zeros(32, requires_grad=True)
+    opt = torch.optim.Adam([steer], lr=0.05)
+
+    def add(mod, args, out):
+        out = out.clone()
+        out[:, -1] += steer
+        return out
+
+    handle = module.transformer.h[0].register_forward_hook(add)
+    try:
+        for _ in range(steps):
+            loss = -module(ids).logits[:, -1, 5].mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        handle.remove()
+    return steer.detach()
+
+
+def test_steering_vector_training_loop_compiles_once(gpt):
+    ids = torch.randint(0, 128, (4, 6))
+    expected = _train_steering_with_hooks(gpt._model, ids, 5)
+    eager = _train_steering(gpt, ids, 5, compile=False)
+    ic.reset_compile_stats()
+    compiled = _train_steering(gpt, ids, 5, compile=True)
+    gpt._model.zero_grad()
+    torch.testing.assert_close(eager, expected)
+    torch.testing.assert_close(compiled, expected)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 4 and stats["fallbacks"] == 0, stats
+
+
+def test_lora_on_an_mlp_trains_compiled(mlp):
+    x = torch.rand(8, 5)
+    target = torch.rand(8, 2)
+    trained = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        a = torch.nn.Parameter(torch.randn(5, 2) * 0.1)
+        b = torch.nn.Parameter(torch.zeros(2, 10))
+        opt = torch.optim.SGD([a, b], lr=0.5)
+        for _ in range(4):
+            with mlp.trace(x, compile=compile):
+                mlp.layer1.output = mlp.layer1.output + mlp.layer1.input @ a @ b
+                loss = ((mlp.output - target) ** 2).mean()
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+        trained.append((a.detach(), b.detach()))
+    torch.testing.assert_close(trained[1], trained[0])
+    assert trained[1][1].abs().sum() > 0
+    assert ic.compile_stats()["fallbacks"] == 0

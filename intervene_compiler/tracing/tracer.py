@@ -506,8 +506,11 @@ class Tracer:
         return None
 
 
-def check_set_shape(old: Any, new: Any, loc, what: str) -> None:
-    """Raise SetShapeError when a tensor replaces a tensor of another shape (0-d values broadcast)."""
+def check_set_shape(old: Any, new: Any, loc, what: Any) -> None:
+    """Raise SetShapeError when a tensor replaces a tensor of another shape (0-d values broadcast).
+
+    ``what`` (a Site or a string) is only formatted when raising: this also runs inside compiled programs.
+    """
     if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and new.dim() > 0:
         if tuple(new.shape) != tuple(old.shape):
             raise SetShapeError(

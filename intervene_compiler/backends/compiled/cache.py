@@ -18,7 +18,7 @@ import torch
 from ...ir import Graph, Op, structure_tuple
 from ..eager.runner import RunResult, run_graph
 from .lowering import lift_values
-from .program import Dispatcher, Program, record_schedule
+from .program import BackwardSplit, Dispatcher, Program, record_schedule, split_backward
 
 _STATS: dict[str, Any] = {}
 
@@ -42,9 +42,6 @@ def compile_stats() -> dict[str, Any]:
 reset_compile_stats()
 
 _UNSUPPORTED = {
-    Op.GRAD: "gradients of activations (`.grad`) are not compiled yet",
-    Op.SET_GRAD: "setting gradients (`.grad = ...`) is not compiled yet",
-    Op.BACKWARD: "`backward()` inside a compiled trace is not compiled yet",
     Op.LOG: "`tracer.log` prints while the model runs, which a compiled graph cannot do",
     Op.CACHE: "`tracer.cache()` is not compiled yet",
     Op.COND: "`tracer.cond` is data-dependent control flow",
@@ -61,6 +58,8 @@ class Entry:
     fallback: str | None = None
     graphs: list = field(default_factory=list)  # FX graphs our backend received (the spliced program)
     calls: int = 0
+    split: BackwardSplit | None = None
+    probe_specs: tuple = ()  # (shape, dtype) of each activation-gradient probe
 
 
 class CompileCache:
@@ -103,8 +102,9 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     if entry.fallback is not None:
         return run_graph(model, graph, args, kwargs)
     compiled_before = len(entry.graphs)
+    probes = tuple(torch.zeros(shape, dtype=dtype, requires_grad=True) for shape, dtype in entry.probe_specs)
     try:
-        saved, output = _call(cache, entry, lowered.params, args, kwargs)
+        saved, output = _call(cache, entry, lowered.params + probes, args, kwargs)
     except (
         Exception
     ) as e:  # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
@@ -116,8 +116,43 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     _STATS["compiled_calls"] += 1
     if len(entry.graphs) == compiled_before:
         _STATS["cache_hits"] += 1
-    values = dict(zip(entry.program.saved_ids, saved))
-    return RunResult(values, output, None)
+    program = entry.program
+    env = dict(zip(program.saved_ids + program.needed, saved))
+    if entry.split.post:
+        _run_after_backward(entry.split, program, env, probes, lowered.params)
+    saved_ids = [n.args[0].id for n in graph.nodes if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"]
+    return RunResult({i: env[i] for i in saved_ids if i in env}, output, None)
+
+
+def _run_after_backward(
+    split: BackwardSplit, program: Program, env: dict, probes: tuple, params: tuple
+) -> None:
+    """Run the backward calls, then the nodes that read gradients, on the compiled forward's results."""
+    from ...errors import GradientError, execution_error
+    from ...ir import format_node
+    from ..eager.interpreter import VALUE_OPS, resolve
+
+    backward = [n for n in split.post if n.op is Op.BACKWARD]
+    rest = [n for n in split.post if n.op is not Op.BACKWARD]
+    for node in backward + rest:
+        try:
+            if node.op is Op.GRAD:
+                grad = probes[split.probes[node.args[0].id]].grad
+                if grad is None:
+                    raise GradientError(
+                        "`.grad` was read, but no backward pass reached this value",
+                        node.loc,
+                        "call `loss.backward()` in the block with a loss that depends on this value",
+                    )
+                env[node.id] = grad
+                continue
+            a = resolve(node.args, env.__getitem__, params.__getitem__)
+            kw = {k: resolve(v, env.__getitem__, params.__getitem__) for k, v in node.kwargs}
+            env[node.id] = VALUE_OPS[node.op](node, a, kw)
+        except GradientError:
+            raise
+        except Exception as e:
+            raise execution_error(e, node.loc, format_node(node)) from e
 
 
 def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict) -> Entry:
@@ -125,13 +160,15 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
     reason = next((why for n in graph.nodes if (why := _UNSUPPORTED.get(n.op)) is not None), None)
     if reason is None and any(n.body for n in graph.nodes):
         reason = "nested graphs are not compiled yet"
+    split = None
+    if reason is None:
+        split, reason = split_backward(graph)
     if reason is None:
         try:
-            order = record_schedule(model, graph, args, kwargs)
+            recorder = record_schedule(model, split.forward, args, kwargs)
         except Exception as e:  # the eager run will raise the user's error, or run what fakes cannot
-            reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})".splitlines()[
-                0
-            ]
+            reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})"
+            reason = reason.splitlines()[0]
     if reason is not None:
         entry.fallback = reason
         _STATS["fallbacks"] += 1
@@ -139,7 +176,12 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
         return entry
     if cache.dispatcher is None:
         cache.dispatcher = Dispatcher(model._module)
-    entry.program = Program(model, graph, order)
+    entry.split = split
+    entry.probe_specs = tuple(
+        (tuple(recorder.env[site].shape), recorder.env[site].dtype)
+        for site in sorted(split.probes, key=split.probes.get)
+    )
+    entry.program = Program(model, split.forward, recorder.order, split)
     entry.fn = torch.compile(_fresh_entry(), fullgraph=True, backend=_backend_for(entry))
     return entry
 

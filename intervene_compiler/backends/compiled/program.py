@@ -10,6 +10,7 @@ the entry, so nothing after the last needed module is traced or compiled.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,8 +45,8 @@ class _Recorder(_Run):
         return super()._exec(node)
 
 
-def record_schedule(model, graph: Graph, args: tuple, kwargs: dict) -> list[tuple[Any, int]]:
-    """The (event, node id) order in which the eager backend runs ``graph``, found on fake tensors."""
+def record_schedule(model, graph: Graph, args: tuple, kwargs: dict) -> _Recorder:
+    """Run ``graph`` eagerly on fake tensors; the recorder holds the (event, node id) order and fake values."""
     from ...tracing.fakes import _to_fake
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -53,14 +54,83 @@ def record_schedule(model, graph: Graph, args: tuple, kwargs: dict) -> list[tupl
         fake_graph = graph.replace(params=tuple(_to_fake(p, mode) for p in graph.params))
         recorder = _Recorder(model, fake_graph)
         recorder.execute(_to_fake(args, mode), _to_fake(kwargs, mode))
-    return recorder.order
+    return recorder
+
+
+@dataclass
+class BackwardSplit:
+    """A graph with gradients split into what compiles (the forward) and what runs after ``backward()``.
+
+    ``probes`` maps a SITE node whose ``.grad`` is read to a zero tensor input added to that activation
+    (``out + probe``): the probe's gradient is the activation's gradient, inside one graph (no ``retain_grad``).
+    """
+
+    forward: Graph
+    post: tuple[Node, ...] = ()
+    probes: dict[int, int] = field(
+        default_factory=dict
+    )  # SITE node id -> index of its probe among the probes
+    needed: tuple[int, ...] = ()  # forward node ids whose values the post nodes read
+
+
+def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
+    """Split off GRAD/BACKWARD and what depends on them; (None, reason) when that cannot be compiled."""
+    ops = {n.op for n in graph.nodes}
+    if Op.GRAD not in ops and Op.BACKWARD not in ops:
+        return BackwardSplit(graph), None
+    if Op.SET_GRAD in ops:
+        return None, "setting gradients during backward (`.grad = ...`) is not compiled yet"
+    by_id = {n.id: n for n in graph.nodes}
+    post: set[int] = set()
+    for n in graph.nodes:
+        if n.op in (Op.GRAD, Op.BACKWARD) or any(d in post for d in n.refs):
+            post.add(n.id)
+    probes: dict[int, int] = {}
+    for n in graph.nodes:
+        if n.id in post and n.op in (Op.SITE, Op.SET, Op.UPDATE, Op.STOP, Op.MODULE):
+            return None, "the model is read or changed after a backward pass"
+        if n.op is Op.GRAD:
+            target = by_id.get(n.args[0].id)
+            if target is None or target.op is not Op.SITE:
+                return None, "only `.grad` of module inputs and outputs is compiled"
+            probes.setdefault(target.id, len(probes))
+    needed = sorted({d for n in graph.nodes if n.id in post for d in n.refs if d not in post})
+    forward = []
+    for n in graph.nodes:
+        if n.id in post or n.op is Op.SETATTR and n.target == "requires_grad":
+            continue  # probes make the read activations require grad
+        if any(a in post for a in n.after):  # waiting for a post node means waiting for what it reads
+            after = tuple(sorted({a for a in n.after if a not in post} | {d for d in needed if d < n.id}))
+            n = _with_after(n, after)
+        forward.append(n)
+    ordered_post = tuple(n for n in graph.nodes if n.id in post)
+    return BackwardSplit(graph.replace(nodes=tuple(forward)), ordered_post, probes, tuple(needed)), None
+
+
+def _with_after(node: Node, after: tuple[int, ...]) -> Node:
+    return Node(
+        node.id,
+        node.op,
+        node.target,
+        node.args,
+        node.kwargs,
+        node.guards,
+        after,
+        node.invoke,
+        node.body,
+        node.loc,
+    )
 
 
 class Program(_Run):
     """Runs a graph by its recorded schedule; called by the dispatcher hooks during a compiled forward."""
 
-    def __init__(self, model, graph: Graph, order: list[tuple[Any, int]]):
+    def __init__(self, model, graph: Graph, order: list[tuple[Any, int]], split: BackwardSplit | None = None):
         super().__init__(model, graph)
+        split = split or BackwardSplit(graph)
+        self.n_params = len(graph.params)
+        self.probes = {site: self.n_params + i for site, i in split.probes.items()}
+        self.needed = split.needed
         by_id = {n.id: n for n in graph.nodes}
         self.before: list[Node] = []
         self.after: list[Node] = []
@@ -77,7 +147,11 @@ class Program(_Run):
             n.args[0].id for n in graph.nodes if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"
         )
         # events whose value is replaced (a SET): only these hooks return a new value; known statically
-        self.replaces = {key for key, nodes in self.events.items() if any(n.op is Op.SET for n in nodes)}
+        self.replaces = {
+            key
+            for key, nodes in self.events.items()
+            if any(n.op is Op.SET or n.id in self.probes for n in nodes)
+        }
         ran = {nid for _, nid in order}
         self.saved_ids = tuple(i for i in self.saved_ids if i in ran)
 
@@ -100,9 +174,17 @@ class Program(_Run):
         self.in_forward = False
         for node in self.after:
             self.env[node.id] = self._exec(node)
-        saved = tuple(self.env[i] for i in self.saved_ids)
+        saved = tuple(self.env[i] for i in self.saved_ids + self.needed)
         self.env = None
         return saved, output if self.graph.needs_output else None
+
+    def _exec(self, node: Node) -> Any:
+        probe = self.probes.get(node.id)
+        if probe is None:
+            return super()._exec(node)
+        value = self._read_site(node.target) + self.params[probe]  # d loss / d probe = the activation's grad
+        self._write_site(node, value)
+        return value
 
     def on_event(self, key: tuple, value: Any) -> Any:
         nodes = self.events.get(key)

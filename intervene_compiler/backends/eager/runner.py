@@ -335,7 +335,7 @@ class _Run:
         start, stop = self._rows(site)
 
         def check(old, value):
-            check_set_shape(old, value, node.loc, str(site))
+            check_set_shape(old, value, node.loc, site)
 
         old = self.current[key]
         if site.kind is SiteKind.OUTPUT:
