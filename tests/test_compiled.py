@@ -138,12 +138,17 @@ def test_value_and_scale_sweep_compiles_once(gpt):
 def test_truncation_cuts_the_compiled_program(gpt):
     ids = torch.randint(0, 128, (1, 8))
     with gpt.trace(ids, compile=True) as tracer:
-        h = gpt.transformer.h[0].output.save()
+        emb = gpt.transformer.wte.output.save()
     with gpt.trace(ids):
-        expected = gpt.transformer.h[0].output.save()
-    torch.testing.assert_close(h.value, expected.value)
+        expected = gpt.transformer.wte.output.save()
+    torch.testing.assert_close(emb.value, expected.value)
     code = tracer._entry.graphs[-1].code
-    assert "lm_head" not in code and "h_1" not in code  # nothing after block 0 was traced
+    assert "h_0" not in code and "lm_head" not in code  # nothing after the embedding was traced
+    # a block of a ModuleList is a site family (all blocks run, gated), cut after the last block
+    with gpt.trace(ids, compile=True) as tracer:
+        gpt.transformer.h[0].output.save()
+    code = tracer._entry.graphs[-1].code
+    assert "h_1" in code and "ln_f" not in code and "lm_head" not in code
     assert "spliced FX graph" in tracer.explain(file=io.StringIO())
 
 
@@ -291,3 +296,32 @@ def test_lora_on_an_mlp_trains_compiled(mlp):
     torch.testing.assert_close(trained[1], trained[0])
     assert trained[1][1].abs().sum() > 0
     assert ic.compile_stats()["fallbacks"] == 0
+
+
+def test_layer_sweep_compiles_once(gpt):
+    """`h[L]` for L in a Python loop: the ModuleList index is a runtime input gating every block."""
+    ids = torch.randint(0, 128, (2, 6))
+    v = torch.randn(32)
+    for layer in [1, 0, 1, 0]:
+        outs = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile):
+                gpt.transformer.h[layer].output[:, 2] = v
+                mlp = gpt.transformer.h[layer].mlp.output.save()
+                logits = gpt.lm_head.output[:, -1].save()
+            outs.append((mlp.value, logits.value))
+        torch.testing.assert_close(outs[0], outs[1])
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
+
+
+def test_layer_sweep_of_reads_with_truncation(gpt):
+    ids = torch.randint(0, 128, (1, 5))
+    for layer in range(2):
+        outs = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile):
+                outs.append(gpt.transformer.h[layer].output.save())
+        torch.testing.assert_close(outs[0].value, outs[1].value)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 1, stats

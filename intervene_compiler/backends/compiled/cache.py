@@ -17,7 +17,7 @@ import torch
 
 from ...ir import Graph, Op, structure_tuple
 from ..eager.runner import RunResult, run_graph
-from .lowering import lift_values
+from .lowering import lift_family, lift_values
 from .program import BackwardSplit, Dispatcher, Program, record_schedule, split_backward
 
 _STATS: dict[str, Any] = {}
@@ -83,16 +83,17 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
     cache: CompileCache = model._state.compiled
     lowered = lift_values(graph)
+    keyed, family = lift_family(lowered, model._module)  # a ModuleList member index becomes an input
     key = (
-        structure_tuple(lowered),
-        _param_signature(lowered.params),
+        structure_tuple(keyed),
+        _param_signature(keyed.params),
         _signature(args),
         _signature(kwargs),
         torch.is_grad_enabled(),
     )
     entry = cache.entries.get(key)
     if entry is None:
-        entry = _build(model, cache, lowered, key, args, kwargs)
+        entry = _build(model, cache, lowered, key, args, kwargs, family)
         cache.entries[key] = entry
         if len(cache.entries) > cache.size:
             cache.entries.popitem(last=False)
@@ -104,7 +105,7 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     compiled_before = len(entry.graphs)
     probes = tuple(torch.zeros(shape, dtype=dtype, requires_grad=True) for shape, dtype in entry.probe_specs)
     try:
-        saved, output = _call(cache, entry, lowered.params + probes, args, kwargs)
+        saved, output = _call(cache, entry, keyed.params + probes, args, kwargs)
     except (
         Exception
     ) as e:  # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
@@ -155,7 +156,7 @@ def _run_after_backward(
             raise execution_error(e, node.loc, format_node(node)) from e
 
 
-def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict) -> Entry:
+def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, family=None) -> Entry:
     entry = Entry(key)
     reason = next((why for n in graph.nodes if (why := _UNSUPPORTED.get(n.op)) is not None), None)
     if reason is None and any(n.body for n in graph.nodes):
@@ -182,6 +183,8 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
         for site in sorted(split.probes, key=split.probes.get)
     )
     entry.program = Program(model, split.forward, recorder.order, split)
+    if family is not None:
+        entry.program.set_family(family, int(family.member))
     entry.fn = torch.compile(_fresh_entry(), fullgraph=True, backend=_backend_for(entry))
     return entry
 

@@ -10,11 +10,12 @@ positions, values or scales reuses the program.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ...ir import Graph, Node, Op, ParamRef, Ref
+from ...ir import Graph, Node, Op, ParamRef, Ref, Site
 
 _ARITHMETIC = frozenset(
     {
@@ -107,8 +108,14 @@ def _lift_node(node: Node, new_param) -> Node:
 
 
 def _liftable(index: Any, max_ints: int) -> tuple[int, ...]:
-    """Positions of Python ints in an index made only of ints and plain slices (else nothing is lifted)."""
-    items = index if type(index) is tuple else (index,)
+    """Positions of Python ints in an index made only of ints and plain slices (else nothing is lifted).
+
+    Only tuple indices (``[:, p]``) are lifted: a bare int indexes tuples, lists and model outputs as often as
+    tensors (``attn.output[0]``), and :func:`take` / :func:`put` work on tensors only.
+    """
+    if type(index) is not tuple:
+        return ()
+    items = index
     ints = tuple(i for i, v in enumerate(items) if type(v) is int)
     plain = all(type(v) is int or type(v) is slice and _literal_slice(v) for v in items)
     return ints if plain and 0 < len(ints) <= max_ints else ()
@@ -140,3 +147,64 @@ def _as_call(node: Node, fn, args: tuple) -> Node:
 
 def _is_ref(v: Any) -> bool:
     return type(v) is Ref
+
+
+@dataclass(frozen=True)
+class Family:
+    """Sites on one member of a ModuleList, lifted so the member index is a runtime input.
+
+    ``prefix`` is the ModuleList's path (``transformer.h``), ``size`` its length, ``param`` the index of the
+    1-element int64 param holding the member. In the lowered graph's structure the member's path component is
+    ``*``, so every member shares one structure key (and one compiled program).
+    """
+
+    prefix: str
+    size: int
+    param: int
+    member: int  # the member the graph that built the program named (its schedule was recorded there)
+
+
+def lift_family(graph: Graph, module: torch.nn.Module) -> tuple[Graph, Family | None]:
+    """Give a graph whose sites sit on one member of one ModuleList a runtime member index (see Family).
+
+    Returns the graph unchanged (and None) when the sites touch no ModuleList member, several members, or
+    when the graph reads gradients (probes are per site).
+    """
+    members: set[tuple[str, int]] = set()
+    for node in graph.nodes:
+        if node.op in (Op.GRAD, Op.SET_GRAD, Op.BACKWARD) or node.body:
+            return graph, None
+        if isinstance(node.target, Site):
+            member = _member(node.target.path, module)
+            if member is not None:
+                members.add(member)
+    if len(members) != 1:
+        return graph, None
+    ((prefix, index),) = members
+    size = len(module.get_submodule(prefix))
+    params = graph.params + (torch.tensor([index], dtype=torch.long),)
+    concrete = f"{prefix}.{index}"
+
+    def wild(site: Site) -> Site:
+        if site.path == concrete or site.path.startswith(concrete + "."):
+            return Site(prefix + ".*" + site.path[len(concrete) :], site.kind, site.call, site.invoke)
+        return site
+
+    nodes = tuple(
+        Node(n.id, n.op, wild(n.target), n.args, n.kwargs, n.guards, n.after, n.invoke, n.body, n.loc)
+        if isinstance(n.target, Site)
+        else n
+        for n in graph.nodes
+    )
+    return graph.replace(nodes=nodes, params=params), Family(prefix, size, len(params) - 1, index)
+
+
+def _member(path: str, module: torch.nn.Module) -> tuple[str, int] | None:
+    """(ModuleList path, index) if ``path`` is inside a member of a ModuleList, else None."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].isdigit():
+            parent = ".".join(parts[:i])
+            if isinstance(module.get_submodule(parent), torch.nn.ModuleList):
+                return parent, int(parts[i])
+    return None

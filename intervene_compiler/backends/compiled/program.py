@@ -154,6 +154,37 @@ class Program(_Run):
         }
         ran = {nid for _, nid in order}
         self.saved_ids = tuple(i for i in self.saved_ids if i in ran)
+        self.family = None
+        self.family_events: dict[tuple, tuple[tuple, int]] = {}  # member event -> (recorded event, member)
+        self.region: dict[tuple, list[Node]] = {}
+
+    def set_family(self, family, member: int) -> None:
+        """Serve the events recorded on ModuleList member ``member`` at every member, gated by the index param.
+
+        At member ``i`` the region's nodes run on a copy of that member's activation; values that leave the
+        region (read later, saved) and the activation written back are selected with ``torch.where(index == i)``,
+        so after the family every value is the chosen member's, for any index, with one compiled program.
+        """
+        concrete = f"{family.prefix}.{member}"
+        for key in [k for k in self.events if k[0] == concrete or k[0].startswith(concrete + ".")]:
+            self.region[key] = self.events.pop(key)
+            suffix = key[0][len(concrete) :]
+            for i in range(family.size):
+                self.family_events[(f"{family.prefix}.{i}{suffix}", key[1], key[2])] = (key, i)
+        self.family = family
+        self.region_writes = {
+            key: any(n.op in (Op.SET, Op.SETITEM, Op.UPDATE) or is_mutation_node(n) for n in nodes)
+            for key, nodes in self.region.items()
+        }
+
+    def handles(self, key: tuple) -> bool:
+        return key in self.events or key in self.family_events
+
+    def writes(self, key: tuple) -> bool:
+        fam = self.family_events.get(key)
+        if fam is None:
+            return key in self.replaces
+        return self.region_writes[fam[0]]
 
     def run(self, params: tuple, args: tuple, kwargs: dict) -> tuple[tuple, Any]:
         """One call: the body of the compiled entry function."""
@@ -163,6 +194,7 @@ class Program(_Run):
         self.calls_in = {}
         self.calls_out = {}
         self.adhoc = 0
+        self.committed = {}
         for node in self.before:
             self.env[node.id] = self._exec(node)
         output = None
@@ -187,6 +219,9 @@ class Program(_Run):
         return value
 
     def on_event(self, key: tuple, value: Any) -> Any:
+        fam = self.family_events.get(key)
+        if fam is not None:
+            return self._on_member(key, fam[0], fam[1], value)
         nodes = self.events.get(key)
         if nodes is None:
             return value
@@ -194,6 +229,56 @@ class Program(_Run):
         for node in nodes:
             self.env[node.id] = self._exec(node)
         return self.current.pop(key)
+
+    def _on_member(self, key: tuple, recorded: tuple, member: int, value: Any) -> Any:
+        gate = self.params[self.family.param] == member
+        writes = self.writes(key)
+        working = _tree_map(torch.clone, value) if writes else value
+        self.current[recorded] = working
+        last = member == self.family.size - 1
+        nodes = [n for n in self.region[recorded] if n.op is not Op.STOP]
+        stops = [n for n in self.region[recorded] if n.op is Op.STOP] if last else []
+        for node in nodes:
+            self.env[node.id] = self._exec(node)
+        new = self.current.pop(recorded)
+        committed = self.committed
+        for node in nodes:
+            v = self.env[node.id]
+            if isinstance(v, torch.Tensor):
+                old = committed.get(node.id)
+                committed[node.id] = v if old is None else torch.where(gate, v, old)
+                self.env[node.id] = committed[node.id]
+        for node in stops:  # after committing: the stop ends the forward here
+            self._exec(node)
+        if not writes:
+            return value
+        return _tree_zip(lambda a, b: torch.where(gate, a, b), new, value)
+
+
+def is_mutation_node(node: Node) -> bool:
+    from ...ir import is_mutation
+
+    return (
+        is_mutation(node)
+        or node.op is Op.CALL
+        and getattr(node.target, "__name__", "") in ("put", "apply_writes")
+    )
+
+
+def _tree_map(fn, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if type(value) in (tuple, list):
+        return type(value)(_tree_map(fn, v) for v in value)
+    return value
+
+
+def _tree_zip(fn, a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return fn(a, b)
+    if type(a) in (tuple, list) and type(b) in (tuple, list):
+        return type(a)(_tree_zip(fn, x, y) for x, y in zip(a, b))
+    return a
 
 
 class Dispatcher:
@@ -223,10 +308,10 @@ class Dispatcher:
             call = program.calls_in.get(path, 0)
             program.calls_in[path] = call + 1
             key = (path, SiteKind.INPUTS, call)
-            if key not in program.events:
+            if not program.handles(key):
                 return None
             new = program.on_event(key, (args, kwargs))
-            if key not in program.replaces:
+            if not program.writes(key):
                 return None
             return tuple(new[0]), dict(new[1])
 
@@ -240,9 +325,9 @@ class Dispatcher:
             call = program.calls_out.get(path, 0)
             program.calls_out[path] = call + 1
             key = (path, SiteKind.OUTPUT, call)
-            if key not in program.events:
+            if not program.handles(key):
                 return None
             new = program.on_event(key, output)
-            return new if key in program.replaces else None
+            return new if program.writes(key) else None
 
         return hook
