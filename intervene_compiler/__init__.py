@@ -17,6 +17,7 @@ from .errors import (
     UnknownModuleError,
     ValueNotReadyError,
 )
+from .models import LanguageModel
 from .tracing import Envoy, NNsight, Proxy, Tracer
 from .tracing.builtins import (
     apply,
@@ -43,6 +44,7 @@ __all__ = [
     "GradientError",
     "InterventionError",
     "InvokeError",
+    "LanguageModel",
     "MissedSiteError",
     "NNsight",
     "Proxy",

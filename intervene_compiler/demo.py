@@ -1,9 +1,11 @@
 """Demo: activation patching and a logit lens on a tiny local GPT-2 (random seeded weights, no download).
 
-Run ``python -m intervene_compiler.demo --out demo_out``. For every (layer, position) the clean run's block
-output is patched into the corrupted run; the effect on the last position's logit difference is drawn as a
-heatmap (``patching.png``) and printed. One patch is checked against the same edit done with a plain PyTorch
-hook, so the demo fails loudly if the two ever disagree.
+Run ``python -m intervene_compiler.demo --out demo_out``. The tiny GPT-2 and its byte-level BPE tokenizer are
+built from a config (``intervene_compiler.testing.save_tiny_lm``), saved to ``demo_out/tiny-gpt2`` and loaded
+back with ``LanguageModel(folder)``, the same ``from_pretrained`` path a Hugging Face checkpoint takes. For every
+(layer, position) the clean prompt's block output is patched into the corrupted prompt's run; the effect on the
+last position's logit difference is drawn as a heatmap (``patching.png``) and printed. One patch is checked
+against the same edit done with a plain PyTorch hook, so the demo fails loudly if the two ever disagree.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import time
 
 import torch
 
-from . import NNsight
-from .testing import tiny_gpt2
+from . import LanguageModel
+from .testing import save_tiny_lm
+
+CLEAN = "When Alice and Bob met at the park, Bob handed the book to"
+CORRUPTED = "When Alice and Bob met at the park, Alice handed the book to"
 
 
-def activation_patching(model: NNsight, clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+def activation_patching(model: LanguageModel, clean: str, corrupted: str) -> torch.Tensor:
     """(layers, positions) logit differences after patching each clean block output into the corrupted run."""
     layers = len(model.transformer.h)
+    positions = len(model.tokenizer(clean)["input_ids"])
     with model.trace(clean):
         clean_hidden = [model.transformer.h[i].output.save() for i in range(layers)]
         clean_logits = model.lm_head.output[:, -1].save()
@@ -30,11 +36,11 @@ def activation_patching(model: NNsight, clean: torch.Tensor, corrupted: torch.Te
     wrong = (
         int(corrupted_logits.value.argmax())
         if int(corrupted_logits.value.argmax()) != answer
-        else (answer + 1) % 128
+        else (answer + 1) % model.config.vocab_size
     )
-    results = torch.zeros(layers, clean.shape[1])
+    results = torch.zeros(layers, positions)
     for layer in range(layers):
-        for pos in range(clean.shape[1]):
+        for pos in range(positions):
             with model.trace(corrupted):
                 model.transformer.h[layer].output[:, pos] = clean_hidden[layer][:, pos]
                 logits = model.lm_head.output[:, -1].save()
@@ -42,14 +48,12 @@ def activation_patching(model: NNsight, clean: torch.Tensor, corrupted: torch.Te
     return results
 
 
-def _check_against_hooks(
-    model: NNsight, clean: torch.Tensor, corrupted: torch.Tensor, layer: int, pos: int
-) -> None:
-    module = model._model
+def _check_against_hooks(model: LanguageModel, clean: str, corrupted: str, layer: int, pos: int) -> None:
+    module = model._model  # the plain transformers model, loaded by the first trace
     stash = {}
     handle = module.transformer.h[layer].register_forward_hook(lambda m, a, out: stash.setdefault("h", out))
     with torch.no_grad():
-        module(clean)
+        module(**model.tokenizer(clean, return_tensors="pt"))
     handle.remove()
 
     def patch(m, a, out):
@@ -59,7 +63,7 @@ def _check_against_hooks(
 
     handle = module.transformer.h[layer].register_forward_hook(patch)
     with torch.no_grad():
-        expected = module(corrupted).logits[:, -1]
+        expected = module(**model.tokenizer(corrupted, return_tensors="pt")).logits[:, -1]
     handle.remove()
     with model.trace(corrupted):
         model.transformer.h[layer].output[:, pos] = (
@@ -69,35 +73,39 @@ def _check_against_hooks(
     torch.testing.assert_close(got.value, expected)
 
 
-def logit_lens(model: NNsight, ids: torch.Tensor) -> list[int]:
+def logit_lens(model: LanguageModel, prompt: str) -> list[str]:
     """The top token at the last position read off each block through the final norm and unembedding."""
-    with model.trace(ids):
+    with model.trace(prompt):
         tops = [
             model.lm_head(model.transformer.ln_f(block.output))[:, -1].argmax(dim=-1).save()
             for block in model.transformer.h
         ]
-    return [int(t) for t in tops]
+    return [model.tokenizer.decode(t.value) for t in tops]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="folder for patching.png")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--clean", default=CLEAN, help="the prompt whose activations are patched in")
+    parser.add_argument("--corrupted", default=CORRUPTED, help="same number of tokens as --clean")
     args = parser.parse_args(argv)
 
     torch.set_grad_enabled(False)
-    model = NNsight(tiny_gpt2(n_layer=args.layers, n_embd=64, init_range=0.15))
-    torch.manual_seed(0)
-    clean = torch.randint(0, 128, (1, args.tokens))
-    corrupted = clean.clone()
-    corrupted[0, 1] = (corrupted[0, 1] + 17) % 128
+    folder = save_tiny_lm(os.path.join(args.out, "tiny-gpt2"), arch="gpt2", n_layer=args.layers, hidden=64)
+    model = LanguageModel(folder)  # meta device until the first trace loads the saved weights
+    clean, corrupted = args.clean, args.corrupted
+    n_clean, n_corrupted = (len(model.tokenizer(p)["input_ids"]) for p in (clean, corrupted))
+    if n_clean != n_corrupted:
+        parser.error(
+            f"--clean has {n_clean} tokens and --corrupted {n_corrupted}: patching needs equal lengths"
+        )
     print(model)
 
     start = time.perf_counter()
     results = activation_patching(model, clean, corrupted)
     elapsed = time.perf_counter() - start
-    _check_against_hooks(model, clean, corrupted, layer=1, pos=1)
+    _check_against_hooks(model, clean, corrupted, layer=1, pos=n_clean - 4)
     print(f"\nactivation patching: {results.numel()} patched traces in {elapsed:.2f}s (eager backend)")
     print("logit difference after patching (rows: layer, columns: position)")
     for layer, row in enumerate(results):
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         print("matplotlib is not installed: skipped the heatmap (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * args.tokens, 1 + 0.5 * args.layers))
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * n_clean, 1 + 0.5 * args.layers))
     im = ax.imshow(results, cmap="RdBu", aspect="auto")
     ax.set_xlabel("position")
     ax.set_ylabel("layer")

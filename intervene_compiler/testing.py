@@ -68,3 +68,108 @@ def assert_clean(module: torch.nn.Module) -> None:
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             hooks = getattr(m, attr)
             assert not hooks, f"{attr} left on module {name or '<root>'}: {hooks}"
+
+
+# -- tiny language models saved to a folder, loaded through the real ``from_pretrained`` path ----------------------
+
+_CORPUS = (
+    "The Eiffel Tower is in the city of Paris. Madison Square Garden is located in the city of New York. "
+    "The Colosseum is in the city of Rome, and the Brandenburg Gate is in Berlin. "
+    "After John and Mary went to the store, John gave a drink to Mary. "
+    "When Alice and Bob met at the park, Bob handed the book to Alice. "
+    "The quick brown fox jumps over the lazy dog. Once upon a time there was a small model. "
+    "Hello, world! The answer is 42; the question is unknown. Vatican is located in the city of Rome. "
+    "_ _ _ _ _ _ _ _ _ _"
+)
+EOS = "<|endoftext|>"
+BOS = "<s>"
+
+
+def tiny_tokenizer(vocab_size: int = 384, bos: bool = False):
+    """A byte-level BPE tokenizer trained offline on a fixed corpus (deterministic), as a transformers tokenizer.
+
+    It has no pad token, like GPT-2's and Llama's. ``bos=True`` prepends ``<s>`` to every encoding, like Llama's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [EOS, BOS] if bos else [EOS]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=BOS if bos else EOS,
+        unk_token=EOS,
+    )
+
+
+def save_tiny_lm(
+    folder: str,
+    arch: str = "gpt2",
+    seed: int = 0,
+    n_layer: int = 2,
+    hidden: int = 64,
+    init_range: float = 0.15,
+) -> str:
+    """Build a tiny GPT-2 or Llama causal LM and its tokenizer, ``save_pretrained`` both into ``folder``.
+
+    Load it back the way a user would: ``LanguageModel(folder)`` or
+    ``AutoModelForCausalLM.from_pretrained(folder)``. Weights are seeded; ``init_range`` is larger than the
+    usual 0.02 so greedy predictions are decisive. No network is needed.
+
+    Args:
+        folder: where to write ``config.json``, the weights and the tokenizer files.
+        arch: ``"gpt2"`` or ``"llama"``.
+    Returns:
+        ``folder``.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(bos=arch == "llama")
+    vocab = len(tokenizer)
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(
+            n_layer=n_layer,
+            n_embd=hidden,
+            n_head=4,
+            vocab_size=vocab,
+            n_positions=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            initializer_range=init_range,
+        )
+        model = GPT2LMHeadModel(config)
+    elif arch == "llama":
+        config = LlamaConfig(
+            num_hidden_layers=n_layer,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+            eos_token_id=eos,
+            initializer_range=init_range,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}: use 'gpt2' or 'llama'")
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -11,7 +11,7 @@ from intervene_compiler.ir import Graph, Node, Op, Ref, is_mutation
 
 from ._base import PassResult
 
-_ROOTS = frozenset({Op.SAVE, Op.SET, Op.SET_GRAD, Op.LOG, Op.STOP, Op.BACKWARD, Op.CACHE, Op.UPDATE})
+_ROOTS = frozenset({Op.SAVE, Op.SET, Op.SET_GRAD, Op.LOG, Op.STOP, Op.BACKWARD, Op.CACHE, Op.UPDATE, Op.ITER})
 _FRESH_METHODS = frozenset(
     {"clone", "detach_clone", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 )
@@ -61,11 +61,25 @@ def eliminate_dead_values(graph: Graph) -> PassResult:
             continue
         live.add(nid)
         stack.extend(by_id[nid].deps)
+        if by_id[nid].body:  # a nested graph keeps alive every enclosing value it reads
+            stack.extend(_outer_reads(by_id[nid]))
         stack.extend(mutations_of.get(nid, ()))
     kept = tuple(n for n in graph.nodes if n.id in live)
     if len(kept) == len(graph.nodes):
         return PassResult(graph, False)
     return PassResult(graph.replace(nodes=kept), True)
+
+
+def _outer_reads(node: Node) -> list[int]:
+    """Ids that ``node``'s nested graphs depend on without defining them (values of the enclosing graph)."""
+    out: list[int] = []
+    for body in node.body:
+        inner = {n.id for n in body.nodes}
+        for n in body.nodes:
+            out.extend(d for d in n.deps if d not in inner)
+            if n.body:
+                out.extend(_outer_reads(n))
+    return out
 
 
 def _alias_root(node: Node, by_id: dict[int, Node]) -> int | None:

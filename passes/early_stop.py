@@ -9,6 +9,7 @@ when it already ends in a stop, or when it reads no module at all.
 from __future__ import annotations
 
 from intervene_compiler.ir import Graph, Node, Op
+from intervene_compiler.ir.nodes import walk_nodes
 
 from ._base import PassResult
 
@@ -18,11 +19,12 @@ def truncate_after_last_use(graph: Graph) -> PassResult:
     if graph.needs_output or not nodes:
         return PassResult(graph, False)
     ops = {n.op for n in nodes}
-    if Op.CACHE in ops or Op.SITE not in ops and Op.SET not in ops and Op.UPDATE not in ops:
+    if Op.CACHE in ops or not ops & {Op.SITE, Op.SET, Op.UPDATE, Op.ITER}:  # ITER bodies read modules too
         return PassResult(graph, False)
     users = graph.users()
     sinks = tuple(n.id for n in nodes if not users[n.id])
     if len(sinks) == 1 and nodes[-1].op is Op.STOP and not nodes[-1].guards:
         return PassResult(graph, False)
-    stop = Node(id=nodes[-1].id + 1, op=Op.STOP, target="truncate", after=sinks)
+    last = max(n.id for n in walk_nodes(nodes))  # ids are unique across nested graphs (ITER bodies) too
+    stop = Node(id=last + 1, op=Op.STOP, target="truncate", after=sinks)
     return PassResult(graph.replace(nodes=nodes + (stop,)), True)

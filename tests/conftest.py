@@ -56,3 +56,12 @@ def llama(llama_module):
 def ids():
     torch.manual_seed(2)
     return torch.randint(0, 128, (2, 7))
+
+
+@pytest.fixture(scope="session")
+def lm_dirs(tmp_path_factory):
+    """Tiny GPT-2 and Llama checkpoints (seeded weights, offline BPE tokenizer) saved once per session."""
+    from intervene_compiler.testing import save_tiny_lm
+
+    root = tmp_path_factory.mktemp("tiny_lms")
+    return {arch: save_tiny_lm(str(root / arch), arch=arch) for arch in ("gpt2", "llama")}

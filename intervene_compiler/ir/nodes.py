@@ -4,7 +4,8 @@ A :class:`Graph` is what a tracing block records. Nodes appear in creation (prog
 earlier nodes, so a graph is topologically sorted by construction. Values flow through ``Ref`` (another node's
 value) and ``ParamRef`` (a runtime value held in ``Graph.params``: tensors and other non-literal objects), so
 the structure can be hashed and serialized apart from the data. Nested graphs (``Node.body``) hold the traces of
-a session or the body of a loop.
+a session or the body of a loop (ITER: interventions run at every generation step); a nested graph's nodes may
+read the enclosing graph's earlier nodes, and its ParamRefs index the outermost graph's params.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Op(enum.Enum):
     CACHE = (
         "cache"  # dict of every (or target's listed) module's output, and inputs if kwargs ask, as they run
     )
+    # run body[0] once per matching step (a step is one call of the root module, e.g. one generated token);
+    # target: None = every step, a tuple of step indices, or a slice. Inside the body, a Ref to this node is the
+    # current step index and a Site with a negative call is relative to the step (see Site).
+    ITER = "iter"
 
 
 class SiteKind(enum.Enum):
@@ -58,7 +63,9 @@ class Site:
     """One place in the forward pass: a module path ('' is the root), input or output, which call, which rows.
 
     ``invoke`` is None for the whole batch, else the index of the invoke whose rows are meant
-    (``Graph.invokes[invoke]`` gives the row range).
+    (``Graph.invokes[invoke]`` gives the row range). ``call`` counts the module's calls from the start of the
+    run; inside an ITER body a negative ``call`` counts them from the start of the current step instead
+    (``-1`` is the module's first call in the step, ``-2`` its second, ...).
     """
 
     path: str
@@ -73,7 +80,9 @@ class Site:
 
     def __str__(self) -> str:
         name = "model" + ("." + self.path if self.path else "")
-        call = f".call{self.call}" if self.call else ""
+        call = f".call{self.call}" if self.call > 0 else ".step" if self.call == -1 else ""
+        if self.call < -1:
+            call = f".step.call{-1 - self.call}"
         rows = f"[i{self.invoke}]" if self.invoke is not None else ""
         return f"{name}{call}.{self.kind.value}{rows}"
 
@@ -169,6 +178,14 @@ class Graph:
         )
         fields.update(changes)
         return Graph(**fields)
+
+
+def walk_nodes(nodes) -> Any:
+    """Every node of ``nodes`` and, after each, the nodes of its nested graphs (depth first)."""
+    for n in nodes:
+        yield n
+        for sub in n.body:
+            yield from walk_nodes(sub.nodes)
 
 
 def _collect_refs(value: Any, out: list[int]) -> None:
@@ -302,7 +319,7 @@ def _node_tuple(node: Node) -> tuple:
     return (
         node.id,
         node.op,
-        node.target,
+        _freeze(node.target),  # an ITER node's slice is unhashable before Python 3.12
         _freeze(node.args),
         _freeze(node.kwargs),
         node.guards,

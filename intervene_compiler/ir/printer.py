@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .nodes import Graph, Node, Op, ParamRef, Ref
+from .steps import format_steps
 from .targets import display_name
 
 
@@ -37,6 +38,8 @@ def format_node(node: Node, graph: Graph | None = None) -> str:
     elif op is Op.METHOD:
         recv, _, rest = args.partition(", ")
         body = f"method {recv}.{node.target}({rest})"
+    elif op is Op.ITER:
+        body = f"iter {format_steps(node.target)}"
     elif op in (Op.SITE, Op.SET, Op.UPDATE, Op.MODULE, Op.CACHE, Op.STOP, Op.GETATTR, Op.SETATTR):
         target = f" {node.target}" if node.target is not None else ""
         body = f"{op.value}{target}" + (f"({args})" if args else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import IRVerificationError
-from .nodes import Graph, Node, Op, ParamRef, Site, SiteKind, map_args
+from .nodes import Graph, Node, Op, ParamRef, Site, SiteKind, map_args, walk_nodes
 
 _ARITY: dict[Op, int] = {
     Op.SET: 1,
@@ -21,16 +21,23 @@ _ARITY: dict[Op, int] = {
     Op.BACKWARD: 1,
     Op.SITE: 0,
     Op.CACHE: 0,
+    Op.ITER: 0,
 }
 
 
-def verify(graph: Graph, outer: frozenset[int] = frozenset(), where: str = "tracing") -> Graph:
+def verify(
+    graph: Graph, outer: frozenset[int] = frozenset(), where: str = "tracing", params: tuple | None = None
+) -> Graph:
     """Check ``graph`` and return it unchanged; raise :class:`IRVerificationError` naming ``where``.
 
     Invariants: ids strictly increase in program order; every dependency names an earlier node of this graph
-    or of an enclosing one (``outer``); guards name COND nodes; params and invoke indices are in range;
-    each op has its arity and target type; an UPDATE's base value has no other reader.
+    or of an enclosing one (``outer``); guards name COND nodes; params and invoke indices are in range (a
+    nested graph's ParamRefs index the outermost graph's params: ``params``); each op has its arity and target
+    type; an UPDATE's base value has no other reader.
     """
+    outermost = params is None
+    if outermost:
+        params = graph.params
     seen: dict[int, Node] = {}
     last = None  # ids may be negative: edits are prepended below a trace's ids
     for node in graph.nodes:
@@ -44,15 +51,25 @@ def verify(graph: Graph, outer: frozenset[int] = frozenset(), where: str = "trac
         for guard, _ in node.guards:
             if guard in seen and seen[guard].op is not Op.COND:
                 fail(f"is guarded by %{guard}, which is not a cond")
-        map_args((node.args, node.kwargs), lambda leaf, fail=fail: _check_param(leaf, graph, fail))
+        map_args((node.args, node.kwargs), lambda leaf, fail=fail: _check_param(leaf, params, fail))
         _check_op(node, graph, fail)
         seen[node.id] = node
         if node.body:
             inner_outer = outer | frozenset(seen)
             for sub in node.body:
-                verify(sub, inner_outer, where)
+                verify(sub, inner_outer, where, params)
     _check_updates(graph, where)
+    if outermost:  # ids are unique across the graph and every nested graph
+        _check_unique_ids(graph, where)
     return graph
+
+
+def _check_unique_ids(graph: Graph, where: str) -> None:
+    seen: set[int] = set()
+    for node in walk_nodes(graph.nodes):
+        if node.id in seen:
+            _failer(node, where)(f"reuses id {node.id} (ids are unique across nested graphs)")
+        seen.add(node.id)
 
 
 def _failer(node: Node, where: str) -> Callable[[str], None]:
@@ -64,9 +81,9 @@ def _failer(node: Node, where: str) -> Callable[[str], None]:
     return fail
 
 
-def _check_param(leaf, graph: Graph, fail) -> object:
-    if type(leaf) is ParamRef and not 0 <= leaf.index < len(graph.params):
-        fail(f"refers to param {leaf.index}, but the graph has {len(graph.params)}")
+def _check_param(leaf, params: tuple, fail) -> object:
+    if type(leaf) is ParamRef and not 0 <= leaf.index < len(params):
+        fail(f"refers to param {leaf.index}, but the graph has {len(params)}")
     return leaf
 
 
@@ -89,10 +106,28 @@ def _check_op(node: Node, graph: Graph, fail) -> None:
         fail("has no receiver")
     elif op is Op.STOP and node.target not in ("user", "truncate"):
         fail(f"has unknown stop kind {node.target!r}")
+    elif op is Op.ITER:
+        _check_iter(node, fail)
     elif op is Op.UPDATE:
         writes = node.args[1]
         if not isinstance(writes, tuple) or not all(isinstance(w, tuple) and len(w) == 2 for w in writes):
             fail("needs a tuple of (index, value) writes")
+
+
+def _check_iter(node: Node, fail) -> None:
+    """An ITER node: one nested body graph and a step selection (None, a tuple of ints, or a slice of ints)."""
+    steps = node.target
+    if len(node.body) != 1:
+        fail(f"needs exactly one body graph, has {len(node.body)}")
+    if isinstance(steps, tuple):
+        ok = all(type(s) is int and s >= 0 for s in steps)
+    elif isinstance(steps, slice):
+        ok = all(v is None or type(v) is int and v >= 0 for v in (steps.start, steps.stop, steps.step))
+        ok = ok and steps.step != 0
+    else:
+        ok = steps is None
+    if not ok:
+        fail(f"has step selection {steps!r}; expected None, a tuple of step indices or a slice of them")
 
 
 def _check_updates(graph: Graph, where: str) -> None:

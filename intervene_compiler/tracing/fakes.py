@@ -107,6 +107,8 @@ class FakeTracker:
         site: Site = node.target
         acts = self._activations(site.invoke)
         key = site.key
+        if site.call < 0:  # a step-relative site inside an iteration block: shapes come from step 0
+            key = (key[0], key[1], -1 - site.call)
         if key not in acts:
             if strict:
                 from .tracer import missed_site_error

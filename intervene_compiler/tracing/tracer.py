@@ -38,7 +38,9 @@ from ..ir import (
     format_node,
     is_mutation,
 )
+from ..ir.nodes import walk_nodes
 from .contexts import Barrier, Cond, Invoker, no_input_error
+from .iteration import Iteration, IterSelector, check_scope, nodes_for_fakes
 from .proxy import Proxy
 
 if TYPE_CHECKING:
@@ -111,6 +113,8 @@ class Tracer:
         self._skipped: dict = {}
         self._barriers: list[Barrier] = []
         self._deferred: dict[int, Node] = {}
+        self._frame = None  # the open `tracer.all()` / `tracer.iter[...]` block, if any (see iteration.py)
+        self._body_of: dict[int, int] = {}  # node id inside a closed iteration block -> that block's ITER id
         self._needs_output = needs_output
         self._compile = compile
         self._entry = None
@@ -221,6 +225,15 @@ class Tracer:
         )
         return proxy.save()
 
+    def all(self) -> Iteration:
+        """``with tracer.all():`` runs the block's interventions at every step (every generated token)."""
+        return Iteration(self, None, user_location())
+
+    @property
+    def iter(self) -> IterSelector:
+        """``with tracer.iter[1:3]:`` (or ``[i]``, ``[[0, 2]]``, ``for step in tracer.iter[1:3]:``): those steps."""
+        return IterSelector(self)
+
     def next(self, step: int = 1) -> Tracer:
         """Move every module to its next call (e.g. the next generated token)."""
         for path in self.model._all_paths():
@@ -242,6 +255,8 @@ class Tracer:
         enc_kwargs = tuple((k, self._encode(v, refs)) for k, v in kwargs.items()) if kwargs else ()
         last_mut = self._last_mut
         deps = {last_mut[r] for r in refs if r in last_mut}
+        if self._body_of and refs:
+            deps = check_scope(self, refs, deps)
         if after:
             deps.update(after)
         nid = next(self._ids)
@@ -310,8 +325,14 @@ class Tracer:
             self._saved_ids.add(nid)
             self._record(Op.SAVE, None, (proxy,))
 
-    def _site(self, path: str, kind: SiteKind) -> Proxy:
+    def _call_of(self, path: str) -> int:
+        """The call a site access addresses: counted from the run's start, or inside an iteration block from the
+        step's start (negative, see ``Site``)."""
         call = self._call_idx.get(path, 0)
+        return call if self._frame is None else -1 - call
+
+    def _site(self, path: str, kind: SiteKind) -> Proxy:
+        call = self._call_of(path)
         key = (path, kind, call, self._invoke, self._guards)
         proxy = self._site_cache.get(key)
         if proxy is None:
@@ -320,7 +341,7 @@ class Tracer:
         return proxy
 
     def _set_site(self, path: str, kind: SiteKind, value: Any) -> None:
-        call = self._call_idx.get(path, 0)
+        call = self._call_of(path)
         self._record(Op.SET, Site(path, kind, call, self._invoke), (value,))
         for key in [k for k in self._site_cache if k[0] == path and k[2] == call]:
             del self._site_cache[key]
@@ -365,7 +386,7 @@ class Tracer:
         from .fakes import FakeTracker
 
         self._fakes = FakeTracker(self)
-        for node in self._nodes:
+        for node in nodes_for_fakes(self):
             self._fakes.execute(node, strict=self._validate)
 
     def _meta(self, proxy: Proxy, attr: str) -> Any:
@@ -500,7 +521,7 @@ class Tracer:
         )
 
     def _loc_of(self, nid: int | None):
-        for n in self._nodes:
+        for n in walk_nodes(self._nodes):
             if n.id == nid:
                 return n.loc
         return None

@@ -20,6 +20,7 @@ from .interpreter import VALUE_OPS, resolve
 from .rows import narrow, replace
 
 _DONE, _SKIPPED, _ARMED, _RUNNING = 1, 2, 3, 4
+_LIVE = 5  # an ITER node while an instance of its body runs (body nodes read it as the step index)
 _SITE_OPS = frozenset({Op.SITE, Op.SET, Op.UPDATE})
 _GRAD_OPS = frozenset({Op.GRAD, Op.SET_GRAD})
 
@@ -87,6 +88,11 @@ class _Run:
         for n in graph.nodes:
             if n.op in _SITE_OPS:
                 self.site_nodes.setdefault(n.target.key, []).append(n.id)
+        self.steps = None  # per-step bodies (tracer.all(), tracer.iter[...]): see steps.py
+        if any(n.op is Op.ITER for n in graph.nodes):
+            from .steps import Steps
+
+            self.steps = Steps.create(self)
 
     # -- the run -------------------------------------------------------------------------------------------------
     def execute(self, args: tuple, kwargs: dict) -> RunResult:
@@ -94,6 +100,8 @@ class _Run:
         output = None
         try:
             handles = self._install_hooks()
+            if self.steps is not None:
+                self.steps.install(handles)
             self._drain()
             caches = any(n.op is Op.CACHE for n in self.graph.nodes)  # filled by the forward's hooks
             if self.graph.needs_output or caches or not self._all_resolved():
@@ -105,6 +113,8 @@ class _Run:
                 finally:
                     self.in_forward = False
                 if self.stopped is None:
+                    if self.steps is not None:
+                        self.steps.finish()
                     self._drain()
             self._check_finished()
         finally:
@@ -113,7 +123,7 @@ class _Run:
             for h in self.grad_hooks.values():
                 h.remove()
         saved = {
-            n.args[0].id for n in self.graph.nodes if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"
+            n.args[0].id for n in self.nodes.values() if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"
         }
         values = {nid: self.env[nid] for nid in saved if self.state.get(nid) == _DONE}
         stop_loc = self.stopped.loc if self.stopped is not None and self.stopped.target == "user" else None
@@ -151,11 +161,13 @@ class _Run:
                 return None
             call = self.calls_in.get(path, 0)
             self.calls_in[path] = call + 1
-            key = (path, SiteKind.INPUTS, call)
-            if key not in self.site_nodes:
+            keys = self._event_keys((path, SiteKind.INPUTS, call))
+            if not keys:
                 return None
             before = (args, kwargs)
-            new = self._visit(key, before)
+            new = before
+            for key in keys:
+                new = self._visit(key, new)
             if new is before:
                 return None
             new_args, new_kwargs = new
@@ -169,13 +181,24 @@ class _Run:
                 return None
             call = self.calls_out.get(path, 0)
             self.calls_out[path] = call + 1
-            key = (path, SiteKind.OUTPUT, call)
-            if key not in self.site_nodes:
+            keys = self._event_keys((path, SiteKind.OUTPUT, call))
+            if not keys:
                 return None
-            new = self._visit(key, output)
+            new = output
+            for key in keys:
+                new = self._visit(key, new)
             return None if new is output else new
 
         return hook
+
+    def _event_keys(self, key: tuple) -> list[tuple]:
+        """The site keys a module event serves: its own, and its step-relative key inside a live step."""
+        keys = [key] if key in self.site_nodes else []
+        if self.steps is not None:
+            rel = self.steps.relative(key)
+            if rel is not None and self.site_nodes.get(rel):
+                keys.append(rel)
+        return keys
 
     def _visit(self, key: tuple, value: Any) -> Any:
         """Make ``key``'s site active with ``value``, run what is ready, and return the (possibly new) value."""
@@ -216,7 +239,7 @@ class _Run:
             if s == _SKIPPED:
                 state[node.id] = _SKIPPED
                 return
-            if s != _DONE:
+            if s != _DONE and s != _LIVE:
                 return
         for d in node.after:
             if state.get(d) not in (_DONE, _SKIPPED):
@@ -238,6 +261,9 @@ class _Run:
                 if op is Op.GRAD and state.get(node.id) is None:
                     self._arm_grad(node)
                 return
+        elif op is Op.ITER:  # armed: its body is instantiated at each matching step (steps.py)
+            state.setdefault(node.id, _ARMED)
+            return
         self._run_node(node)
 
     def _run_node(self, node: Node) -> None:

@@ -1,0 +1,345 @@
+"""LanguageModel: any causal LM ``transformers`` can load, with tokenized, padded invokes and ``generate``.
+
+``LanguageModel("path/or/hub-id")`` reads the config and tokenizer and builds the model on the meta device (no
+weight memory: printing, ``scan`` and shape reads inside a block work); the first real trace loads the weights
+through ``AutoModelForCausalLM.from_pretrained`` (``dispatch=True`` loads at once) and points the envoy tree at the
+loaded modules. ``LanguageModel(hf_model, tokenizer=tok)`` wraps a model that is already built.
+
+Inputs: a string, a list of strings, token ids (tensor, list, list of lists) or a tokenizer's
+``BatchEncoding``/dict. Every invoke is tokenized on its own and the batch is left-padded to the longest invoke
+(pad token, attention mask 0), so ``[:, -1]`` is every prompt's last real token. Position ids are derived from
+the attention mask, so a padded prompt computes what it computes alone. An invoke's rows keep their pad positions
+(as in nnsight): a saved activation of a shorter prompt has the batch's length, with pads on the left.
+
+``model.generate(...)`` is a tracing block around ``transformers``' ``generate``: each new token is one forward
+of the model (one step: ``module.next()``, ``tracer.all()``, ``tracer.iter[...]``), and the generated ids pass
+through ``model.generator`` (an identity module), so ``model.generator.output`` is the full sequence.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvokeError, user_location
+from ..tracing import NNsight, Tracer
+
+# keyword arguments of ``tracer.invoke(text, ...)`` that go to the tokenizer; the rest go to the model's forward
+TOKENIZER_KWARGS = frozenset(
+    {
+        "max_length",
+        "truncation",
+        "padding",
+        "add_special_tokens",
+        "pad_to_multiple_of",
+        "stride",
+        "is_split_into_words",
+    }
+)
+# keyword arguments that locate a checkpoint: given to the config, tokenizer and model loaders alike
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+
+
+class WrapperModule(torch.nn.Module):
+    """An identity module: ``model.generator`` passes ``generate``'s output through it, making it a site."""
+
+    def forward(self, *args: Any) -> Any:
+        return args[0] if len(args) == 1 else args
+
+
+@dataclass
+class _Checkpoint:
+    """Loading state shared by a LanguageModel and its edited copies."""
+
+    source: str | None  # hub id or folder; None for a wrapped module
+    load_kwargs: dict = field(default_factory=dict)
+    loaded: torch.nn.Module | None = None  # the module with real weights, once dispatched
+    generating: dict | None = None  # generate() keyword arguments while a generate block runs
+
+
+class LanguageModel(NNsight):
+    """A causal language model from ``transformers``, traced like any :class:`NNsight` model.
+
+    Args:
+        repo_id_or_path_or_module: a Hugging Face id, a local folder (``save_pretrained`` output), or a built
+            ``PreTrainedModel``.
+        tokenizer: a tokenizer, or an id/folder to load one from (default: the model's own). A tokenizer
+            without a pad token gets its EOS token as pad; padding is on the left.
+        device_map: passed to ``from_pretrained`` (``"auto"`` and friends need ``accelerate``).
+        dispatch: load the weights now instead of at the first trace.
+        torch_dtype: the weights' dtype (``from_pretrained``'s ``dtype``).
+        compile: the default of ``trace(compile=...)`` (see :class:`NNsight`); generate blocks run eagerly.
+        rename: module aliases, as for :class:`NNsight`.
+        **hf_kwargs: any other ``from_pretrained`` keyword argument (``attn_implementation``, ``revision``, ...).
+
+    Example:
+        >>> model = LanguageModel("openai-community/gpt2")
+        >>> with model.trace("The Eiffel Tower is in the city of"):
+        ...     logits = model.lm_head.output[:, -1].save()
+    """
+
+    def __init__(
+        self,
+        repo_id_or_path_or_module: Any,
+        tokenizer: Any = None,
+        device_map: Any = None,
+        dispatch: bool = False,
+        torch_dtype: Any = None,
+        compile: bool = False,
+        rename: dict[str, str] | None = None,
+        **hf_kwargs: Any,
+    ):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        source = repo_id_or_path_or_module
+        hub = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
+        dtype = hf_kwargs.pop("dtype", torch_dtype)
+        if isinstance(source, torch.nn.Module):
+            checkpoint = _Checkpoint(None)
+            module = source
+            checkpoint.loaded = module
+            if tokenizer is None:
+                tokenizer = getattr(getattr(module, "config", None), "name_or_path", None) or None
+                if tokenizer is None:
+                    raise TypeError(
+                        "LanguageModel(module) needs `tokenizer=`: the module names no checkpoint"
+                    )
+        else:
+            source = str(source)
+            load_kwargs = dict(hf_kwargs)
+            if device_map is not None:
+                load_kwargs["device_map"] = device_map
+            if dtype is not None:
+                load_kwargs["dtype"] = dtype
+            checkpoint = _Checkpoint(source, load_kwargs)
+            if dispatch:
+                module = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+                checkpoint.loaded = module
+            else:
+                config = AutoConfig.from_pretrained(source, **hub)
+                build = {
+                    k: hf_kwargs[k] for k in ("attn_implementation", "trust_remote_code") if k in hf_kwargs
+                }
+                with torch.device("meta"):  # no weight memory until the first trace
+                    module = AutoModelForCausalLM.from_config(config, dtype=dtype, **build).eval()
+            tokenizer = source if tokenizer is None else tokenizer
+        if isinstance(tokenizer, str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, **hub)
+        _prepare_tokenizer(tokenizer)
+        _add_generator(module)
+        super().__init__(module, rename=rename, compile=compile)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "_checkpoint", checkpoint)
+        object.__setattr__(self, "_takes_positions", _accepts(module, "position_ids"))
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    @property
+    def dispatched(self) -> bool:
+        """Whether the real weights are loaded (False while the model lives on the meta device)."""
+        return self._checkpoint.loaded is not None
+
+    def dispatch(self) -> LanguageModel:
+        """Load the real weights now (the first trace does it otherwise). Returns the model."""
+        from transformers import AutoModelForCausalLM
+
+        ckpt = self._checkpoint
+        if ckpt.loaded is None:
+            module = AutoModelForCausalLM.from_pretrained(ckpt.source, **ckpt.load_kwargs)
+            _add_generator(module)
+            ckpt.loaded = module
+        if self._module is not ckpt.loaded:
+            self._point_envoys_at(ckpt.loaded)
+        return self
+
+    def _point_envoys_at(self, module: torch.nn.Module) -> None:
+        """Swap the wrapped module; every envoy built so far now mirrors the same path of ``module``."""
+        object.__setattr__(self, "_module", module)
+        stack = [self]
+        while stack:
+            envoy = stack.pop()
+            children = envoy._children
+            if children is None:
+                continue
+            try:
+                for child in children.values():
+                    object.__setattr__(child, "_module", module.get_submodule(child._path))
+            except AttributeError:  # the loaded tree differs: rebuild this level lazily
+                object.__setattr__(envoy, "_children", None)
+                object.__setattr__(envoy, "_aliases", None)
+                continue
+            stack.extend(children.values())
+
+    # -- contexts ------------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        *inputs: Any,
+        invoker_args: dict | None = None,
+        scan: bool = False,
+        validate: bool = False,
+        compile: bool | None = None,
+        **generate_kwargs: Any,
+    ) -> Tracer:
+        """A tracing block around ``transformers``' ``generate`` (keyword arguments go to ``generate``).
+
+        Inside, ``model.generator.output`` is the generated ids (prompt included), ``module.output`` is the
+        module's output at the first step (the prompt) and ``module.next().output`` at the next token;
+        ``with tracer.all():`` / ``with tracer.iter[1:3]:`` apply interventions at every step / those steps.
+        ``compile`` is accepted for symmetry with ``trace``; generation runs on the eager backend for now.
+
+        Example:
+            >>> with model.generate("Hello", max_new_tokens=3) as tracer:
+            ...     with tracer.all():
+            ...         model.transformer.h[0].output[:, -1] += steer
+            ...     out = model.generator.output.save()
+        """
+        del compile  # generation is not compiled yet: always the eager backend
+        return Generator(
+            self, inputs, generate_kwargs, scan=scan, validate=validate, invoker_args=invoker_args
+        )
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+    def _prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
+        """Tokenize one invoke's input: ``((), {"input_ids", "attention_mask", ...model kwargs}, batch size)``."""
+        tok_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in TOKENIZER_KWARGS}
+        if not args and "input_ids" in kwargs:
+            args = ({k: kwargs.pop(k) for k in list(kwargs) if k in ("input_ids", "attention_mask")},)
+        if len(args) != 1:
+            raise InvokeError(
+                f"a language model invoke takes one input (text, token ids or an encoding), got {len(args)}",
+                user_location(),
+                "pass a list of prompts as one input: `tracer.invoke(['a', 'b'])`",
+            )
+        encoded = self._encode(args[0], tok_kwargs, kwargs.pop("attention_mask", None))
+        batch = encoded["input_ids"].shape[0]
+        return (), {**encoded, **kwargs}, batch
+
+    def _encode(self, value: Any, tok_kwargs: dict, mask: Any) -> dict:
+        tokenizer = self.tokenizer
+        if isinstance(value, str) or _is_list_of(value, str):
+            texts = [value] if isinstance(value, str) else list(value)
+            enc = tokenizer(texts, return_tensors="pt", **{"padding": True, **tok_kwargs})
+            return {k: enc[k] for k in ("input_ids", "attention_mask")}
+        if isinstance(value, torch.Tensor):
+            ids = value if value.dim() == 2 else value.unsqueeze(0)
+            mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+            return {"input_ids": ids, "attention_mask": mask}
+        if _is_list_of(value, int):
+            return self._encode(torch.tensor([value]), tok_kwargs, mask)
+        if _is_list_of(value, (list, tuple)) and all(_is_list_of(v, int) for v in value):
+            enc = tokenizer.pad({"input_ids": [list(v) for v in value]}, return_tensors="pt")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if isinstance(value, Mapping) and "input_ids" in value:
+            ids = value["input_ids"]
+            if not isinstance(ids, torch.Tensor):  # lists, as ``tokenizer(text)`` returns them
+                single = _is_list_of(ids, int)
+                enc = tokenizer.pad({k: [v] if single else v for k, v in value.items()}, return_tensors="pt")
+                return {k: enc[k] for k in enc}
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+            given = value.get("attention_mask")
+            out = {k: v for k, v in value.items() if k not in ("input_ids", "attention_mask")}
+            mask = torch.ones_like(ids) if given is None else given.reshape(ids.shape)
+            return {"input_ids": ids, "attention_mask": mask, **out}
+        raise InvokeError(
+            f"cannot make model input from a {type(value).__name__}",
+            user_location(),
+            "pass a string, a list of strings, token ids (tensor or lists of ints) or a tokenizer's output",
+        )
+
+    def _batch_inputs(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+        """Left-pad every invoke to the longest one, then concatenate along the batch."""
+        if len(prepared) > 1 and all("input_ids" in kw for _, kw in prepared):
+            length = max(kw["input_ids"].shape[1] for _, kw in prepared)
+            prepared = [(args, self._left_pad(kw, length)) for args, kw in prepared]
+        return super()._batch_inputs(prepared)
+
+    def _left_pad(self, kwargs: dict, length: int) -> dict:
+        ids = kwargs["input_ids"]
+        n, have = ids.shape
+        if have == length:
+            return kwargs
+        out = dict(kwargs)
+        for key, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == (n, have):
+                fill = self.tokenizer.pad_token_id if key == "input_ids" else 0
+                out[key] = torch.cat([v.new_full((n, length - have), fill), v], dim=1)
+        return out
+
+    # -- running -------------------------------------------------------------------------------------------------
+    def _execute_graph(self, graph, args: tuple, kwargs: dict, fake: bool = False, **options: Any):
+        if not fake:
+            self.dispatch()
+        return super()._execute_graph(graph, args, kwargs, fake=fake, **options)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The HF model's forward (position ids from the attention mask), or ``generate`` in a generate block."""
+        module = self._module
+        kwargs = _to_device(kwargs, module)
+        generating = self._checkpoint.generating
+        if generating is not None:
+            options = dict(generating)
+            options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            return module.generator(module.generate(*args, **kwargs, **options))
+        mask = kwargs.get("attention_mask")
+        if (
+            mask is not None
+            and self._takes_positions
+            and "position_ids" not in kwargs
+            and kwargs.get("past_key_values") is None
+        ):
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return module(*args, **kwargs)
+
+
+class Generator(Tracer):
+    """The tracing block ``LanguageModel.generate`` opens: the run calls ``generate`` instead of the forward."""
+
+    def __init__(self, model: LanguageModel, inputs: tuple, generate_kwargs: dict, **options: Any):
+        super().__init__(model, inputs, {}, **options)
+        self._generate_kwargs = generate_kwargs
+
+    def _run(self) -> None:
+        checkpoint = self.model._checkpoint
+        checkpoint.generating = self._generate_kwargs
+        try:
+            super()._run()
+        finally:
+            checkpoint.generating = None
+
+
+def _prepare_tokenizer(tokenizer: Any) -> None:
+    """Left padding, and a pad token (the EOS) for tokenizers that have none (GPT-2's, Llama's)."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def _add_generator(module: torch.nn.Module) -> None:
+    if not isinstance(getattr(module, "generator", None), WrapperModule):
+        module.add_module("generator", WrapperModule())
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _is_list_of(value: Any, kind: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, kind) for v in value)
+
+
+def _to_device(kwargs: dict, module: torch.nn.Module) -> dict:
+    """Input tensors on the device of the model's first weight (on a meta model: fake inputs, moved to meta)."""
+    param = next(module.parameters(), None)
+    if param is None:
+        return kwargs
+    return {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+__all__ = ["Generator", "LanguageModel", "TOKENIZER_KWARGS", "WrapperModule"]
