@@ -185,7 +185,8 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
     entry.program = Program(model, split.forward, recorder.order, split)
     if family is not None:
         entry.program.set_family(family, int(family.member))
-    entry.fn = torch.compile(_fresh_entry(), fullgraph=True, backend=_backend_for(entry))
+    # static shapes: the key already holds them, and automatic-dynamic state is shared by name across copies
+    entry.fn = torch.compile(_fresh_entry(), fullgraph=True, dynamic=False, backend=_backend_for(entry))
     return entry
 
 
