@@ -1,0 +1,255 @@
+"""Workload 1, trace overhead: one trace saving one module's output, microseconds per call.
+
+Two models: the walkthrough's tiny 2-layer MLP (input ``(1, 5)``, saves ``layer1``) and a small transformer (the
+test suite's tiny GPT-2: 2 blocks, width 32, 8 tokens; saves block 0's output). Systems: the raw forward (plain
+PyTorch eager, the baseline), the raw forward compiled with ``torch.compile`` (the floor), the raw forward with one
+forward hook registered and removed around the call (what a user saving one value writes), ours eager and
+``compile=True``, nnsight and TransformerLens ``run_with_hooks`` when installed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import models
+from ..harness import (
+    NOT_INSTALLED,
+    Row,
+    Settings,
+    Target,
+    WorkloadResult,
+    calibrate,
+    check_same,
+    compile_note,
+    fmt_ratio,
+    guarded,
+    interleaved,
+    log,
+    median,
+    peer,
+    ratio,
+)
+
+KEY = "overhead"
+TITLE = "Trace overhead"
+METRIC = "us/call"
+
+
+@dataclass
+class System:
+    name: str
+    role: str
+    fn: Callable[[], Any] | None  # one call; returns what is compared (the saved value, or the model output)
+    kind: str = "saved"  # "saved": the saved module output; "output": the model's output
+    status: str = "ok"
+
+
+def _mlp_systems(settings: Settings) -> tuple[list[System], str]:
+    import intervene_compiler as ic
+    from intervene_compiler.testing import tiny_mlp
+
+    net = tiny_mlp()
+    x = torch.rand(1, 5, generator=torch.Generator().manual_seed(0))
+    nets = [copy.deepcopy(net) for _ in range(7)]
+    systems = [System("raw forward", "baseline", lambda: nets[0](x), "output")]
+    if settings.floors:
+        compiled = torch.compile(nets[1])
+        systems.append(System("raw forward, torch.compile", "floor", lambda: compiled(x), "output"))
+
+    def hooked():
+        box = []
+        handle = nets[2].layer1.register_forward_hook(lambda m, a, o: box.append(o))
+        try:
+            nets[2](x)
+        finally:
+            handle.remove()
+        return box[0]
+
+    systems.append(System("raw forward + hook", "baseline-save", hooked))
+    for i, compile in ((3, False), (4, True)):
+        model = ic.NNsight(nets[i])
+
+        def ours(model=model, compile=compile):
+            with model.trace(x, compile=compile):
+                out = model.layer1.output.save()
+            return out.value
+
+        systems.append(System(f"ours {'compile=True' if compile else 'eager'}", "ours", ours))
+    nnsight, why = peer("nnsight", settings)
+    if nnsight is not None:
+        nn_model = models.nnsight_model(nets[5])
+
+        def nn_trace():
+            with nn_model.trace(x):
+                out = nn_model.layer1.output.save()
+            return out
+
+        systems.append(System("nnsight", "peer", nn_trace))
+    else:
+        systems.append(System("nnsight", "peer", None, status=f"{NOT_INSTALLED}: {why}"))
+    tl, why = peer("transformer_lens", settings)
+    if tl is not None:
+        hooked_mlp = models.tl_mlp(nets[6])
+
+        def tl_hooks():
+            box = []
+            hooked_mlp.run_with_hooks(x, fwd_hooks=[("hook_layer1", lambda act, hook: box.append(act))])
+            return box[0]
+
+        systems.append(System("TransformerLens run_with_hooks", "peer", tl_hooks))
+    else:
+        systems.append(
+            System("TransformerLens run_with_hooks", "peer", None, status=f"{NOT_INSTALLED}: {why}")
+        )
+    return systems, "tiny MLP (1x5 -> 10 -> 2), saves layer1"
+
+
+def _transformer_systems(settings: Settings) -> tuple[list[System], str]:
+    import intervene_compiler as ic
+    from intervene_compiler.testing import tiny_gpt2
+
+    hf = tiny_gpt2(n_layer=2).requires_grad_(False)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    hfs = [copy.deepcopy(hf) for _ in range(7)]
+    systems = [System("raw forward", "baseline", lambda: hfs[0](ids).logits, "output")]
+    if settings.floors:
+        compiled = torch.compile(hfs[1])
+        systems.append(System("raw forward, torch.compile", "floor", lambda: compiled(ids).logits, "output"))
+
+    def hooked():
+        box = []
+        handle = hfs[2].transformer.h[0].register_forward_hook(lambda m, a, o: box.append(o))
+        try:
+            hfs[2](ids)
+        finally:
+            handle.remove()
+        return box[0]
+
+    systems.append(System("raw forward + hook", "baseline-save", hooked))
+    for i, compile in ((3, False), (4, True)):
+        model = ic.NNsight(hfs[i])
+
+        def ours(model=model, compile=compile):
+            with model.trace(ids, compile=compile):
+                out = model.transformer.h[0].output.save()
+            return out.value
+
+        systems.append(System(f"ours {'compile=True' if compile else 'eager'}", "ours", ours))
+    nnsight, why = peer("nnsight", settings)
+    if nnsight is not None:
+        nn_model = models.nnsight_model(hfs[5])
+
+        def nn_trace():
+            with nn_model.trace(ids):
+                out = nn_model.transformer.h[0].output.save()
+            return out
+
+        systems.append(System("nnsight", "peer", nn_trace))
+    else:
+        systems.append(System("nnsight", "peer", None, status=f"{NOT_INSTALLED}: {why}"))
+    tl, why = peer("transformer_lens", settings)
+    if tl is not None:
+        bridge = models.tl_bridge(hfs[6])
+
+        def tl_hooks():
+            box = []
+            bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_out", lambda act, hook: box.append(act))])
+            return box[0]
+
+        systems.append(System("TransformerLens run_with_hooks", "peer", tl_hooks))
+    else:
+        systems.append(
+            System("TransformerLens run_with_hooks", "peer", None, status=f"{NOT_INSTALLED}: {why}")
+        )
+    return systems, "tiny GPT-2 (2 blocks, width 32, vocab 128, 8 tokens), saves block 0's output"
+
+
+def run(settings: Settings) -> WorkloadResult:
+    result = WorkloadResult(
+        KEY,
+        TITLE,
+        measures="one trace saving one module output: microseconds per call (lower is better); ratios are time "
+        "divided by the raw forward's (plain PyTorch eager) and by the compiled raw forward's (the floor)",
+        primary=METRIC,
+        mode=settings.mode,
+    )
+    result.plots = [{"metric": METRIC, "title": "trace overhead (us/call, log scale)", "log": True}]
+
+    def body():
+        import intervene_compiler as ic
+
+        for build in (_mlp_systems, _transformer_systems):
+            systems, group = build(settings)
+            log(f"{TITLE}: {group}")
+            live = [s for s in systems if s.fn is not None]
+            before = ic.compile_stats()  # only "ours compile=True" runs our compiled backend in a group
+            # 1. correctness before timing (this first call also compiles the compiled systems)
+            outs = {s.name: s.fn() for s in live}
+            saved = {s.name: outs[s.name] for s in live if s.kind == "saved"}
+            output = {s.name: outs[s.name] for s in live if s.kind == "output"}
+            result.checks.append(check_same(f"{group}: saved value", saved, "raw forward + hook"))
+            if len(output) > 1:
+                result.checks.append(check_same(f"{group}: model output", output, "raw forward"))
+            # 2. timing, interleaved
+            medians: dict[str, float] = {}
+            if settings.time_it:
+                calls = {s.name: calibrate(s.fn, settings.overhead_sample_s) for s in live}
+                samples = interleaved({s.name: s.fn for s in live}, settings.overhead_repeats, calls)
+                medians = {k: median(v) * 1e6 for k, v in samples.items()}
+            after = ic.compile_stats()
+            stats = {k: after[k] - before[k] for k in ("compiles", "recompiles", "fallbacks")}
+            stats["reasons"] = after["fallback_reasons"][len(before["fallback_reasons"]) :]
+            for s in systems:
+                note = compile_note(stats) if s.name == "ours compile=True" else ""
+                result.rows.append(
+                    Row(s.name, group, {METRIC: medians.get(s.name)}, status=s.status, role=s.role, note=note)
+                )
+        _targets(result, settings)
+
+    return guarded(result, body)
+
+
+def _targets(result: WorkloadResult, settings: Settings) -> None:
+    if not settings.time_it:
+        result.summary = f"{TITLE}: checks passed (not timed)"
+        return
+    parts = []
+    for group in dict.fromkeys(r.group for r in result.rows):
+        raw = result.value("raw forward", group=group)
+        ours = result.value("ours eager", group=group)
+        comp = result.value("ours compile=True", group=group)
+        nn = result.value("nnsight", group=group)
+        tl = result.value("TransformerLens run_with_hooks", group=group)
+        short = group.split(" (")[0]
+        text = f"{short}: raw {raw:.1f} us, ours eager {ours:.1f} us ({fmt_ratio(ratio(ours, raw))} raw)"
+        text += f", ours compiled {comp:.1f} us" if comp is not None else ""
+        text += f", nnsight {nn:.1f} us" if nn is not None else ", nnsight n/a"
+        text += f", TL {tl:.1f} us" if tl is not None else ", TL n/a"
+        parts.append(text)
+        if short == "tiny MLP":
+            r = ratio(ours, raw)
+            result.targets.append(
+                Target("tiny MLP: ours eager <= 2.5x the raw forward", fmt_ratio(r), r <= 2.5)
+            )
+            r = ratio(ours, tl)
+            result.targets.append(
+                Target(
+                    "tiny MLP: ours eager ahead of TransformerLens run_with_hooks",
+                    f"ours/TL {fmt_ratio(r)}",
+                    None if r is None else r < 1,
+                )
+            )
+            r = ratio(nn, ours)
+            result.targets.append(
+                Target(
+                    "tiny MLP: 3x ahead of nnsight",
+                    f"nnsight/ours {fmt_ratio(r)}",
+                    None if r is None else r >= 3,
+                )
+            )
+    result.summary = f"{TITLE}: " + "; ".join(parts)
