@@ -8,6 +8,8 @@ Only sites whose value has no reader besides the setitems qualify, so no alias c
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from intervene_compiler.ir import Graph, Node, Op, Ref
 
 from ._base import PassResult
@@ -55,25 +57,10 @@ def fuse_setitems(graph: Graph) -> PassResult:
             continue
         n = fused.get(n.id, n)
         if any(a in remap for a in n.after):
-            n = _with_after(n, tuple(sorted({remap.get(a, a) for a in n.after} - {n.id})))
+            n = replace(n, after=tuple(sorted({remap.get(a, a) for a in n.after} - {n.id})))
         nodes.append(n)
     return PassResult(graph.replace(nodes=tuple(nodes)), True)
 
 
 def _is_setitem_on(node: Node, base: int) -> bool:
     return node.op is Op.SETITEM and type(node.args[0]) is Ref and node.args[0].id == base
-
-
-def _with_after(node: Node, after: tuple[int, ...]) -> Node:
-    return Node(
-        node.id,
-        node.op,
-        node.target,
-        node.args,
-        node.kwargs,
-        node.guards,
-        after,
-        node.invoke,
-        node.body,
-        node.loc,
-    )

@@ -10,12 +10,12 @@ positions, values or scales reuses the program.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ...ir import Graph, Node, Op, ParamRef, Ref, Site
+from ...ir import Graph, Node, Op, ParamRef, Site
 
 _ARITHMETIC = frozenset(
     {
@@ -140,13 +140,7 @@ def _lift_float(value: Any, new_param) -> Any:
 
 
 def _as_call(node: Node, fn, args: tuple) -> Node:
-    return Node(
-        node.id, Op.CALL, fn, args, node.kwargs, node.guards, node.after, node.invoke, node.body, node.loc
-    )
-
-
-def _is_ref(v: Any) -> bool:
-    return type(v) is Ref
+    return replace(node, op=Op.CALL, target=fn, args=args)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ the entry, so nothing after the last needed module is traced or compiled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -101,25 +101,10 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
             continue  # probes make the read activations require grad
         if any(a in post for a in n.after):  # waiting for a post node means waiting for what it reads
             after = tuple(sorted({a for a in n.after if a not in post} | {d for d in needed if d < n.id}))
-            n = _with_after(n, after)
+            n = replace(n, after=after)
         forward.append(n)
     ordered_post = tuple(n for n in graph.nodes if n.id in post)
     return BackwardSplit(graph.replace(nodes=tuple(forward)), ordered_post, probes, tuple(needed)), None
-
-
-def _with_after(node: Node, after: tuple[int, ...]) -> Node:
-    return Node(
-        node.id,
-        node.op,
-        node.target,
-        node.args,
-        node.kwargs,
-        node.guards,
-        after,
-        node.invoke,
-        node.body,
-        node.loc,
-    )
 
 
 class Program(_Run):
