@@ -106,9 +106,10 @@ def markdown(results: list[WorkloadResult], mode: str, plots: dict[str, str]) ->
     )
     out.append("")
     out.append(
-        "Ratios are time divided by the plain-PyTorch-eager baseline's (or by the compiled plain floor's): below "
-        "1.00x is faster. Every system of a workload ran in one process, interleaved, after its results were "
-        "checked against the baseline's."
+        "Ratios divide a row's first metric (a time; peak memory in the memory workload) by the plain-PyTorch-"
+        'eager baseline\'s of its table ("vs plain eager") and by the compiled plain floor\'s ("vs floor"): '
+        "below 1.00x is faster or smaller. Every system of a workload ran in one process, interleaved, after its "
+        "results were checked against the baseline's."
     )
     out.append("")
     out.append("## Summary")

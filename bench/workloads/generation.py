@@ -144,9 +144,13 @@ def run(settings: Settings) -> WorkloadResult:
         ]
         why_not = _library_generation()
         if why_not is None:
-            systems.append(Gen("ours eager", "ours", _ours(copies[2], ids, n, layer, steer, False)))
-            systems.append(Gen("ours compile=True", "ours", _ours(copies[3], ids, n, layer, steer, True)))
-        else:
+            try:
+                systems.append(Gen("ours eager", "ours", _ours(copies[2], ids, n, layer, steer, False)))
+                systems.append(Gen("ours compile=True", "ours", _ours(copies[3], ids, n, layer, steer, True)))
+            except Exception as e:  # noqa: BLE001 - LanguageModel is being built: report, do not fake
+                why_not = f"LanguageModel(module, tokenizer=...) failed: {error_line(e)}"
+                systems = systems[:2]
+        if why_not is not None:
             systems.append(Gen("ours eager", "ours", None, status=f"{NOT_AVAILABLE}: {why_not}"))
             systems.append(Gen("ours compile=True", "ours", None, status=f"{NOT_AVAILABLE}: {why_not}"))
         nnsight, why = peer("nnsight", settings)

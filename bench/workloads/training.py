@@ -11,6 +11,7 @@ trained vectors must agree at the end.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -192,8 +193,6 @@ def run(settings: Settings) -> WorkloadResult:
             vecs[s.name], opts[s.name] = vec, torch.optim.Adam([vec], lr=LR)
             steps[s.name] = s.make(vec)
         times: dict[str, list[float]] = {s.name: [] for s in live}
-        import time
-
         log(f"{TITLE}: {settings.train_steps} steps x {len(live)} systems, interleaved")
         for _ in range(settings.train_steps):
             for s in live:
