@@ -13,6 +13,7 @@ from .nodes import (
     is_mutation,
     map_args,
     prepend,
+    saved_ids,
     structure_tuple,
 )
 from .printer import format_graph, format_node
@@ -40,6 +41,7 @@ __all__ = [
     "map_args",
     "prepend",
     "resolve_target",
+    "saved_ids",
     "structure_key",
     "structure_tuple",
     "target_name",

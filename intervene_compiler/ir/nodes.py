@@ -341,3 +341,8 @@ def _freeze(value: Any) -> Any:
     if t is slice:
         return (":", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
     return value
+
+
+def saved_ids(nodes) -> tuple[int, ...]:
+    """Ids of the values SAVE nodes among ``nodes`` keep (what a run hands back to the user)."""
+    return tuple(n.args[0].id for n in nodes if n.op is Op.SAVE and type(n.args[0]) is Ref)

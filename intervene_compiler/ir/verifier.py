@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import IRVerificationError
-from .nodes import Graph, Node, Op, ParamRef, Site, SiteKind, map_args, walk_nodes
+from .nodes import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, map_args, walk_nodes
 
 _ARITY: dict[Op, int] = {
     Op.SET: 1,
@@ -133,7 +133,7 @@ def _check_iter(node: Node, fail) -> None:
 def _check_updates(graph: Graph, where: str) -> None:
     users = graph.users()
     for node in graph.nodes:
-        if node.op is Op.UPDATE and type(node.args[0]).__name__ == "Ref":
+        if node.op is Op.UPDATE and type(node.args[0]) is Ref:
             base = node.args[0].id
             others = [u for u in users.get(base, []) if u != node.id]
             if others:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...ir import Graph, Op, structure_tuple
+from ...ir import Graph, Op, saved_ids, structure_tuple
 from ..eager.runner import RunResult, run_graph
 from .lowering import lift_family, lift_values
 from .program import BackwardSplit, Dispatcher, Program, record_schedule, split_backward
@@ -121,8 +121,7 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     env = dict(zip(program.saved_ids + program.needed, saved))
     if entry.split.post:
         _run_after_backward(entry.split, program, env, probes, lowered.params)
-    saved_ids = [n.args[0].id for n in graph.nodes if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"]
-    return RunResult({i: env[i] for i in saved_ids if i in env}, output, None)
+    return RunResult({i: env[i] for i in saved_ids(graph.nodes) if i in env}, output, None)
 
 
 def _run_after_backward(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ...ir import Graph, Node, Op, SiteKind
+from ...ir import Graph, Node, Op, SiteKind, saved_ids
 from ..eager.runner import _EarlyStop, _Run
 
 _BEFORE, _AFTER = "before", "after"
@@ -128,9 +128,7 @@ class Program(_Run):
                 self.after.append(node)
             else:
                 self.events.setdefault(event, []).append(node)
-        self.saved_ids = tuple(
-            n.args[0].id for n in graph.nodes if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"
-        )
+        self.saved_ids = saved_ids(graph.nodes)
         # events whose value is replaced (a SET): only these hooks return a new value; known statically
         self.replaces = {
             key

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ...errors import GradientError, InterventionError, SourceLoc, execution_error
-from ...ir import Graph, Node, Op, Site, SiteKind, format_node
+from ...ir import Graph, Node, Op, Site, SiteKind, format_node, saved_ids
 from .interpreter import VALUE_OPS, resolve
 from .rows import narrow, replace
 
@@ -122,9 +122,7 @@ class _Run:
                 h.remove()
             for h in self.grad_hooks.values():
                 h.remove()
-        saved = {
-            n.args[0].id for n in self.nodes.values() if n.op is Op.SAVE and type(n.args[0]).__name__ == "Ref"
-        }
+        saved = set(saved_ids(self.nodes.values()))
         values = {nid: self.env[nid] for nid in saved if self.state.get(nid) == _DONE}
         stop_loc = self.stopped.loc if self.stopped is not None and self.stopped.target == "user" else None
         skipped = {nid: self._false_cond_loc(nid) for nid in saved if self.state.get(nid) == _SKIPPED}
