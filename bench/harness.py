@@ -321,6 +321,15 @@ def fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def add_compile_stats(system, before: dict, after: dict) -> None:
+    """Add the compile_stats() difference between two snapshots to ``system.stats``."""
+    for k in ("compiles", "recompiles", "fallbacks", "cache_hits"):
+        system.stats[k] = system.stats.get(k, 0) + after[k] - before[k]
+    reasons = after["fallback_reasons"][len(before["fallback_reasons"]) :]
+    if reasons:
+        system.stats.setdefault("reasons", []).extend(reasons)
+
+
 def compile_note(stats: dict) -> str:
     """Compile counters of one compiled system of ours; a fallback to eager is said first, with its reason."""
     text = (

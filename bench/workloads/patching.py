@@ -24,6 +24,7 @@ from ..harness import (
     Settings,
     Target,
     WorkloadResult,
+    add_compile_stats,
     check_same,
     compile_note,
     fmt_ratio,
@@ -354,7 +355,7 @@ def run(settings: Settings) -> WorkloadResult:
             log(f"{TITLE}: first use + check, {s.name}")
             before = ic.compile_stats()
             first[s.name], outs[s.name] = timed(lambda s=s: s.fn(check_layers, positions))
-            _add_stats(s, before, ic.compile_stats())
+            add_compile_stats(s, before, ic.compile_stats())
         result.checks.append(
             check_same(
                 f"logit differences, layers {check_layers} x {len(positions)} positions",
@@ -373,7 +374,7 @@ def run(settings: Settings) -> WorkloadResult:
                     log(f"{TITLE}: sweep {rep + 1}/{settings.sweep_repeats}, {s.name}")
                     before = ic.compile_stats()
                     took, out = timed(lambda s=s: s.fn(layers, positions))
-                    _add_stats(s, before, ic.compile_stats())
+                    add_compile_stats(s, before, ic.compile_stats())
                     sweeps[s.name].append(took)
                     outs[s.name] = out
             result.checks.append(
@@ -395,14 +396,6 @@ def run(settings: Settings) -> WorkloadResult:
         _targets(result, settings, systems)
 
     return guarded(result, body)
-
-
-def _add_stats(s: Sweep, before: dict, after: dict) -> None:
-    for k in ("compiles", "recompiles", "fallbacks", "cache_hits"):
-        s.stats[k] = s.stats.get(k, 0) + after[k] - before[k]
-    reasons = after["fallback_reasons"][len(before["fallback_reasons"]) :]
-    if reasons:
-        s.stats.setdefault("reasons", []).extend(reasons)
 
 
 def _targets(result: WorkloadResult, settings: Settings, systems: list[Sweep]) -> None:

@@ -25,6 +25,7 @@ from ..harness import (
     Settings,
     Target,
     WorkloadResult,
+    add_compile_stats,
     check_same,
     compile_note,
     fmt_ratio,
@@ -178,7 +179,7 @@ def run(settings: Settings) -> WorkloadResult:
             vec = torch.zeros(settings.width, requires_grad=True)
             before = ic.compile_stats()
             loss = s.make(vec)()
-            _add_stats(s, before, ic.compile_stats())
+            add_compile_stats(s, before, ic.compile_stats())
             firsts[s.name] = (loss, vec.grad.clone())
         result.checks.append(
             check_same(
@@ -202,7 +203,7 @@ def run(settings: Settings) -> WorkloadResult:
                 steps[s.name]()
                 opts[s.name].step()
                 times[s.name].append(time.perf_counter() - start)
-                _add_stats(s, before, ic.compile_stats())
+                add_compile_stats(s, before, ic.compile_stats())
         trained = {k: v.detach() for k, v in vecs.items()}
         result.checks.append(
             check_same(
@@ -227,14 +228,6 @@ def run(settings: Settings) -> WorkloadResult:
         _targets(result, settings, systems)
 
     return guarded(result, body)
-
-
-def _add_stats(s: Trainer, before: dict, after: dict) -> None:
-    for k in ("compiles", "recompiles", "fallbacks", "cache_hits"):
-        s.stats[k] = s.stats.get(k, 0) + after[k] - before[k]
-    reasons = after["fallback_reasons"][len(before["fallback_reasons"]) :]
-    if reasons:
-        s.stats.setdefault("reasons", []).extend(reasons)
 
 
 def _targets(result: WorkloadResult, settings: Settings, systems: list[Trainer]) -> None:
