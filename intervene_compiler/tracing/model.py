@@ -67,11 +67,15 @@ class NNsight(Envoy):
         """
         compile = self._compile if compile is None else compile
         if not trace:
-            tracer = Tracer(self, inputs, kwargs, needs_output=True, invoker_args=invoker_args, compile=compile)
+            tracer = Tracer(
+                self, inputs, kwargs, needs_output=True, invoker_args=invoker_args, compile=compile
+            )
             with tracer:
                 pass
             return tracer.output
-        return Tracer(self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args, compile=compile)
+        return Tracer(
+            self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args, compile=compile
+        )
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like ``trace``, but nothing really runs: shapes and dtypes come from fake tensors."""
@@ -123,7 +127,9 @@ class NNsight(Envoy):
         """Call the wrapped model (the forward pass interventions run alongside)."""
         return self._module(*args, **kwargs)
 
-    def _execute_graph(self, graph: Graph, args: tuple, kwargs: dict, fake: bool = False, compile: bool = False):
+    def _execute_graph(
+        self, graph: Graph, args: tuple, kwargs: dict, fake: bool = False, compile: bool = False
+    ):
         from ..backends.eager import run_graph
 
         if compile and not fake:

@@ -441,7 +441,9 @@ class Tracer:
         if os.environ.get("IC_DEBUG"):
             print(format_graph(graph))
         args, kwargs = self.model._batch_inputs([inv.inputs for inv in self._invokers])
-        result = self.model._execute_graph(graph, args, kwargs, fake=self._mode == "scan", compile=self._compile)
+        result = self.model._execute_graph(
+            graph, args, kwargs, fake=self._mode == "scan", compile=self._compile
+        )
         if self._compile:
             self._entry = self.model._state.compiled.last
         self._results = result.values
@@ -456,7 +458,9 @@ class Tracer:
         eager backend (and why), and shows the spliced FX graph (model and interventions) Inductor compiled.
         """
         if self.graph is None:
-            raise TracingError("explain() needs a trace that has run", user_location(), "call it after the block")
+            raise TracingError(
+                "explain() needs a trace that has run", user_location(), "call it after the block"
+            )
         parts = [f"-- {name}:\n{format_graph(graph)}" for name, graph in self.steps]
         entry = self._entry
         if not self._compile:
