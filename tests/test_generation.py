@@ -214,15 +214,6 @@ def test_cross_prompt_embeddings_in_generate(arch, lms, hf_models):
     assert torch.equal(second.value[:, -3:], first.value[:, -3:])  # the target continues the source
 
 
-def test_compile_flag_runs_generation_eagerly(lms, hf_models, steer):
-    model, (hf, tok) = lms["gpt2"], hf_models["gpt2"]
-    with model.generate(PROMPT, max_new_tokens=N, min_new_tokens=N, do_sample=False, compile=True) as tracer:
-        with tracer.all():
-            model.transformer.h[0].output[:, -1] += steer
-        out = model.generator.output.save()
-    assert torch.equal(out.value, hf_generate(hf, tok, PROMPT, steer=steer, block="transformer.h.0")[0])
-
-
 def test_all_in_a_plain_trace_runs_once(lms):
     model = lms["gpt2"]
     with model.trace(PROMPT) as tracer:

@@ -10,7 +10,7 @@ must produce the same token ids. A row is reported "not available yet" when the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +22,9 @@ from ..harness import (
     Settings,
     Target,
     WorkloadResult,
+    add_compile_stats,
     check_same,
+    compile_note,
     error_line,
     fmt_ratio,
     guarded,
@@ -38,6 +40,7 @@ TITLE = "Steered generation"
 MS = "ms/token"
 RATE = "tokens/s"
 LAYER_FRACTION = 0.5  # steer at the middle block
+COMPILED = "ours compile=True"
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Gen:
     steered: bool = True
     status: str = "ok"
     note: str = ""
+    stats: dict = field(default_factory=dict)  # compile_stats() differences (the compiled row of ours)
 
 
 def _hf_generate(hf, ids, n, pad, block=None, steer=None):
@@ -146,7 +150,7 @@ def run(settings: Settings) -> WorkloadResult:
         if why_not is None:
             try:
                 systems.append(Gen("ours eager", "ours", _ours(copies[2], ids, n, layer, steer, False)))
-                systems.append(Gen("ours compile=True", "ours", _ours(copies[3], ids, n, layer, steer, True)))
+                systems.append(Gen(COMPILED, "ours", _ours(copies[3], ids, n, layer, steer, True)))
             except Exception as e:  # noqa: BLE001 - LanguageModel is being built: report, do not fake
                 why_not = f"LanguageModel(module, tokenizer=...) failed: {error_line(e)}"
                 systems = systems[:2]
@@ -164,7 +168,7 @@ def run(settings: Settings) -> WorkloadResult:
             if s.fn is None:
                 continue
             log(f"{TITLE}: first run + check, {s.name}")
-            before = ic.compile_stats()["compiled_calls"]
+            before = ic.compile_stats()
             try:
                 outs[s.name] = s.fn()
             except Exception as e:  # noqa: BLE001
@@ -172,11 +176,13 @@ def run(settings: Settings) -> WorkloadResult:
                     s.status, s.fn = f"{NOT_AVAILABLE}: {error_line(e)}", None
                     continue
                 raise
-            if s.name == "ours compile=True" and ic.compile_stats()["compiled_calls"] == before:
-                s.status = (
-                    f"{NOT_AVAILABLE}: generate(compile=True) ran on the eager backend (no compiled calls)"
-                )
-                s.fn = None
+            if s.name == COMPILED:
+                after = ic.compile_stats()
+                add_compile_stats(s, before, after)
+                if after["compiled_calls"] == before["compiled_calls"]:
+                    why = (s.stats.get("reasons") or ["no compiled calls"])[0]
+                    s.status = f"{NOT_AVAILABLE}: generate(compile=True) ran on the eager backend ({why})"
+                    s.fn = None
         steered = {s.name: outs[s.name] for s in systems if s.fn is not None and s.steered}
         result.checks.append(check_same("steered token ids", steered, "HF generate + hook", exact=True))
         unsteered = outs.get("HF generate (no steering)")
@@ -186,12 +192,19 @@ def run(settings: Settings) -> WorkloadResult:
         live = {s.name: s.fn for s in systems if s.fn is not None}
         medians: dict[str, float] = {}
         if settings.time_it:
+            before = ic.compile_stats()  # only the compiled row of ours compiles: the difference is its own
             samples = interleaved(live, settings.gen_repeats, dict.fromkeys(live, 1))
             medians = {k: median(v) * 1e3 / n for k, v in samples.items()}
+            for s in systems:
+                if s.name == COMPILED and s.fn is not None:
+                    add_compile_stats(s, before, ic.compile_stats())
         for s in systems:
             ms = medians.get(s.name)
             metrics = {MS: ms, RATE: None if ms is None else 1e3 / ms}
-            result.rows.append(Row(s.name, "", metrics, status=s.status, note=s.note, role=s.role))
+            note = s.note
+            if s.name == COMPILED and s.fn is not None:
+                note = (note + "; " if note else "") + compile_note(s.stats)
+            result.rows.append(Row(s.name, "", metrics, status=s.status, note=note, role=s.role))
         _targets(result, settings)
 
     return guarded(result, body)

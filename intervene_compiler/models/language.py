@@ -72,7 +72,7 @@ class LanguageModel(NNsight):
         device_map: passed to ``from_pretrained`` (``"auto"`` and friends need ``accelerate``).
         dispatch: load the weights now instead of at the first trace.
         torch_dtype: the weights' dtype (``from_pretrained``'s ``dtype``).
-        compile: the default of ``trace(compile=...)`` (see :class:`NNsight`); generate blocks run eagerly.
+        compile: the default of ``trace(compile=...)`` and ``generate(compile=...)`` (see :class:`NNsight`).
         rename: module aliases, as for :class:`NNsight`.
         **hf_kwargs: any other ``from_pretrained`` keyword argument (``attn_implementation``, ``revision``, ...).
 
@@ -188,7 +188,9 @@ class LanguageModel(NNsight):
         Inside, ``model.generator.output`` is the generated ids (prompt included), ``module.output`` is the
         module's output at the first step (the prompt) and ``module.next().output`` at the next token;
         ``with tracer.all():`` / ``with tracer.iter[1:3]:`` apply interventions at every step / those steps.
-        ``compile`` is accepted for symmetry with ``trace``; generation runs on the eager backend for now.
+        ``compile=True`` (default: the model's) runs each step's forward with the interventions that apply at
+        that step as one compiled program (a static KV cache: one program for the prefill, one for decode);
+        blocks it cannot compile run eagerly, with the reason in ``ic.compile_stats()["fallback_reasons"]``.
 
         Example:
             >>> with model.generate("Hello", max_new_tokens=3) as tracer:
@@ -196,9 +198,15 @@ class LanguageModel(NNsight):
             ...         model.transformer.h[0].output[:, -1] += steer
             ...     out = model.generator.output.save()
         """
-        del compile  # generation is not compiled yet: always the eager backend
+        compile = self._compile if compile is None else compile
         return Generator(
-            self, inputs, generate_kwargs, scan=scan, validate=validate, invoker_args=invoker_args
+            self,
+            inputs,
+            generate_kwargs,
+            scan=scan,
+            validate=validate,
+            invoker_args=invoker_args,
+            compile=compile,
         )
 
     # -- inputs --------------------------------------------------------------------------------------------------
@@ -272,7 +280,25 @@ class LanguageModel(NNsight):
     def _execute_graph(self, graph, args: tuple, kwargs: dict, fake: bool = False, **options: Any):
         if not fake:
             self.dispatch()
+            if options.get("compile") and self._checkpoint.generating is not None:
+                from ..backends.compiled.generate import run_generate_compiled
+
+                return run_generate_compiled(self, graph, args, kwargs)
         return super()._execute_graph(graph, args, kwargs, fake=fake, **options)
+
+    def _last_position_module(self) -> str | None:
+        """The output embeddings (``lm_head``): a causal LM applies them last, to each position on its own."""
+        if self._checkpoint.generating is not None:
+            return None
+        path = self.__dict__.get("_unembed_path", False)
+        if path is False:
+            path = None
+            get = getattr(self._module, "get_output_embeddings", None)
+            head = get() if get is not None else None
+            if isinstance(head, torch.nn.Linear):
+                path = next((name for name, m in self._module.named_modules() if m is head), None)
+            object.__setattr__(self, "_unembed_path", path)
+        return path
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """The HF model's forward (position ids from the attention mask), or ``generate`` in a generate block."""

@@ -1,0 +1,477 @@
+"""Compiled generation: ``model.generate(..., compile=True)`` runs each step's forward as a compiled program.
+
+``transformers``' ``generate`` keeps driving the loop in Python. The eager runner runs the graph's outer nodes
+(``ic.list()``, ``generator.output``, saves, the truncating stop) and the step bookkeeping of ``steps.py``; every
+``tracer.all()`` / ``tracer.iter[...]`` body is split in two:
+
+- the *model part* (sites, and everything computed from activations, params and outer tensors) becomes a flat
+  per-step graph: step-relative sites become the step forward's absolute sites, outer values become params. For
+  each step, the bodies whose selection holds it are concatenated into one step graph, lowered and keyed like a
+  trace (:func:`run_compiled`): structure, params' signature, the step's input shapes. The root's ``forward`` is
+  swapped, for the run, for a wrapper that runs the step graph's :class:`Program` inside one Dynamo-compiled
+  call (model and interventions as one graph). The step index is not part of the key, so every decode step
+  reuses one program;
+- the *Python part* (``lst.append(v)``, ``.save()``, anything that reads the step index) stays in the body the
+  eager runner instantiates per step; it reads the model part's values through fetch nodes, which run at the
+  root's output, after the compiled forward.
+
+The KV cache is a ``StaticCache`` (``cache_implementation="static"`` unless the caller chose one): decode steps
+then have one shape (one token, a cache of fixed length, a 4-D mask), so a generate block compiles once for the
+prefill and once for decode, and a later identical block compiles nothing. Constructs this cannot compile make
+the whole block run eagerly, and a step whose program cannot be recorded or captured runs eagerly; both record
+their reason in :func:`compile_stats` (never silent).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ...ir import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, map_args, structure_tuple
+from ...ir.nodes import is_mutation, walk_nodes
+from ...ir.steps import step_matches
+from ..eager.runner import RunResult, _Run, run_graph
+from .cache import (
+    _STATS,
+    _UNSUPPORTED,
+    CompileCache,
+    Entry,
+    _backend_for,
+    _call,
+    _fresh_entry,
+    _param_signature,
+    _signature,
+)
+from .lowering import lift_values
+from .program import BackwardSplit, Dispatcher, Program, _Recorder
+
+_SITE_OPS = (Op.SITE, Op.SET, Op.UPDATE)
+_CONTAINER_MAKERS = (list, dict, set)  # outer values that the Python part mutates (``ic.list()``, ...)
+
+
+def run_generate_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
+    """Run a generate block's graph with every step's forward compiled (see the module docstring)."""
+    cache: CompileCache = model._state.compiled
+    checkpoint = model._checkpoint
+    options = dict(checkpoint.generating or {})
+    plan, reason = _plan(graph)
+    if reason is None:
+        reason = _cache_reason(model._module, options)
+    if reason is not None:
+        return _fall_back(model, cache, graph, args, kwargs, reason)
+    options.setdefault("cache_implementation", "static")
+    options.setdefault("disable_compile", True)  # transformers' own auto-compile would wrap ours
+    state = _StepState(model, plan)
+    run = _Run(model, plan.outer)
+    state.run = run
+    module = model._module
+    had_forward = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    original = module.forward
+    state.forward = original
+
+    @functools.wraps(original)
+    def forward(*a: Any, **kw: Any) -> Any:
+        return state.step(a, kw)
+
+    generating = checkpoint.generating
+    checkpoint.generating = options
+    module.forward = forward
+    try:
+        return run.execute(args, kwargs)
+    finally:
+        checkpoint.generating = generating
+        if had_forward:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+# -- planning ----------------------------------------------------------------------------------------------------
+@dataclass
+class _Body:
+    """One ITER node's body, split into the part that runs inside the compiled step and the Python part."""
+
+    node: Node
+    compiled: tuple[Node, ...]
+    exported: tuple[int, ...]  # compiled node ids the Python part reads (fetched after the step's forward)
+
+
+@dataclass
+class _Plan:
+    outer: Graph  # the graph the eager runner runs: ITER bodies hold only fetches and the Python part
+    bodies: list[_Body]
+    inputs: tuple[int, ...]  # outer node ids the compiled parts read (params of every step graph)
+    graph: Graph
+    results: dict  # node id -> value, from the current step's compiled part
+    step_graphs: dict = field(default_factory=dict)  # active ITER ids -> (step graph, lowered graph)
+
+
+def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
+    """Split every ITER body; (None, reason) when the block cannot run with compiled steps."""
+    nodes = {n.id: n for n in walk_nodes(graph.nodes)}
+    outer_ids = {n.id for n in graph.nodes}
+    for n in walk_nodes(graph.nodes):
+        why = _UNSUPPORTED.get(n.op)
+        if why is not None:
+            return None, why
+        if n.op in (Op.GRAD, Op.SET_GRAD, Op.BACKWARD):
+            return None, "gradients in a generate block are not compiled"
+        if n.body and n.op is not Op.ITER:
+            return None, "nested graphs other than `tracer.all()`/`tracer.iter[...]` are not compiled"
+    site_dependent: set[int] = set()  # outer nodes computed from module sites (not ready before the steps)
+    for n in graph.nodes:
+        if n.op in _SITE_OPS and n.target.path != "generator":
+            return None, (
+                f"{n.target} is read outside `tracer.all()`/`tracer.iter[...]`: compiled generation runs "
+                "module sites only inside iteration blocks (use `tracer.iter[k]` for step k)"
+            )
+        if n.op is Op.ITER and n.guards:
+            return None, "an iteration block inside `tracer.cond` is not compiled"
+        if n.op in (Op.ITER, *_SITE_OPS) or any(d in site_dependent for d in n.refs):
+            site_dependent.add(n.id)
+
+    next_id = max(nodes) + 1
+    results: dict[int, Any] = {}  # filled by each step, read by the fetch nodes
+    bodies, outer_nodes, inputs = [], [], []
+    for n in graph.nodes:
+        if n.op is not Op.ITER:
+            outer_nodes.append(n)
+            continue
+        body = n.body[0].nodes
+        inside = {b.id for b in body}
+        python: set[int] = set()
+        compiled = []
+        for b in body:
+            if b.body:
+                return None, "nested blocks inside an iteration block are not compiled"
+            if b.guards:
+                return None, "`tracer.cond` inside an iteration block is not compiled"
+            outer_refs = [d for d in b.refs if d not in inside and d != n.id]
+            reads_python = n.id in b.refs or any(d in python for d in b.refs)
+            if b.op in _SITE_OPS or b.op is Op.MODULE:
+                if b.op in _SITE_OPS and b.target.path == "generator":
+                    return None, "`generator` runs after the steps, not inside an iteration block"
+                if b.op in _SITE_OPS and b.target.call >= 0:
+                    return None, f"{b.target} names an absolute call inside an iteration block"
+                if reads_python:
+                    return None, (
+                        f"{_describe(b)} is computed from the step index or a Python object the block "
+                        "changes, which the compiled step cannot take as an input"
+                    )
+            elif is_mutation(b) and _mutates_outer(b, inside) and not _on_container(b, nodes):
+                return None, f"{_describe(b)} changes a value from outside the block in place"
+            elif reads_python and is_mutation(b) and _mutates(b, inside - python):
+                return None, (
+                    f"{_describe(b)} changes the model's values with a value computed from the step index (or "
+                    "from a Python object the block changes), which the compiled step cannot take as an input"
+                )
+            elif reads_python or b.op is Op.SAVE or any(_is_container(nodes[d]) for d in outer_refs):
+                python.add(b.id)
+                continue
+            for d in outer_refs:
+                if d in site_dependent:
+                    return None, f"{_describe(nodes[d])} is computed from the model outside the block"
+                if d not in inputs:
+                    inputs.append(d)
+            compiled.append(b)
+        compiled_ids = {b.id for b in compiled}  # none reads the Python part: such nodes joined it, or failed
+        py_nodes = [b for b in body if b.id in python]
+        exported = sorted({d for b in py_nodes for d in (*b.refs, *b.after) if d in compiled_ids})
+        new_body: list[Node] = []
+        if py_nodes:
+            site = Node(next_id, Op.SITE, Site("", SiteKind.OUTPUT, -1, None), invoke=None)
+            next_id += 1
+            new_body.append(site)
+            for c in exported:
+                new_body.append(Node(c, Op.CALL, _Fetch(c, results), (Ref(site.id),), invoke=nodes[c].invoke))
+            valid = outer_ids | python | set(exported) | {n.id}
+            for b in py_nodes:
+                after = tuple(a for a in b.after if a in valid)
+                if after != b.after:
+                    b = Node(b.id, b.op, b.target, b.args, b.kwargs, b.guards, after, b.invoke, b.body, b.loc)
+                new_body.append(b)
+        bodies.append(_Body(n, tuple(compiled), tuple(exported)))
+        new_iter = Node(
+            n.id,
+            n.op,
+            n.target,
+            n.args,
+            n.kwargs,
+            n.guards,
+            n.after,
+            n.invoke,
+            (n.body[0].replace(nodes=tuple(new_body)),),
+            n.loc,
+        )
+        outer_nodes.append(new_iter)
+    if not bodies:
+        return None, "the generate block has no `tracer.all()`/`tracer.iter[...]` block to compile"
+    outer = graph.replace(nodes=tuple(outer_nodes))
+    return _Plan(outer, bodies, tuple(inputs), graph, results), None
+
+
+def _is_container(node: Node) -> bool:
+    return node.op is Op.CALL and node.target in _CONTAINER_MAKERS
+
+
+def _on_container(node: Node, nodes: dict) -> bool:
+    first = node.args[0] if node.args else None
+    return type(first) is Ref and first.id in nodes and _is_container(nodes[first.id])
+
+
+def _mutates(node: Node, ids: set[int]) -> bool:
+    first = node.args[0] if node.args else None
+    return type(first) is Ref and first.id in ids
+
+
+def _mutates_outer(node: Node, inside: set[int]) -> bool:
+    first = node.args[0] if node.args else None
+    return type(first) is ParamRef or type(first) is Ref and first.id not in inside
+
+
+def _describe(node: Node) -> str:
+    from ...ir import format_node
+
+    return format_node(node).split("  #")[0]
+
+
+def _cache_reason(module: torch.nn.Module, options: dict) -> str | None:
+    """Why this generate call cannot have one decode shape (a static KV cache), or None."""
+    if options.get("use_cache") is False:
+        return "compiled generation needs the KV cache (`use_cache=False` changes every step's shape)"
+    chosen = options.get("cache_implementation")
+    if chosen is None and "past_key_values" not in options:
+        if not getattr(module, "_can_compile_fullgraph", False):
+            return f"{type(module).__name__} does not support a static KV cache (`_can_compile_fullgraph`)"
+    elif chosen == "dynamic":
+        return (
+            "compiled generation needs a static KV cache; `cache_implementation='dynamic'` grows every step"
+        )
+    given = options.get("past_key_values")
+    if given is not None and not getattr(given, "is_compileable", False):
+        return f"the `past_key_values` given ({type(given).__name__}) grow every step; pass a StaticCache"
+    return None
+
+
+def _fall_back(model, cache: CompileCache, graph: Graph, args, kwargs, reason: str) -> RunResult:
+    _STATS["fallbacks"] += 1
+    _STATS["fallback_reasons"].append(f"generate: {reason}")
+    cache.last = Entry(("generate", None), fallback=reason)
+    return run_graph(model, graph, args, kwargs)
+
+
+# -- the steps ---------------------------------------------------------------------------------------------------
+class _Fetch:
+    """The target of a fetch node: the value the current step's compiled part computed for node ``nid``."""
+
+    def __init__(self, nid: int, results: dict):
+        self.nid = nid
+        self.results = results
+        self.__name__ = f"fetch_{nid}"  # printed by format_node
+
+    def __call__(self, _root_output: Any) -> Any:
+        return self.results[self.nid]
+
+
+class _StepModel:
+    """What a step's Program and recorder see as the model: its ``_forward`` is the root's own forward."""
+
+    def __init__(self, model, forward):
+        self._module = model._module
+        self._model = model
+        self._forward = forward
+
+
+class _StepState:
+    def __init__(self, model, plan: _Plan):
+        self.model = model
+        self.plan = plan
+        self.k = -1
+        self.run: _Run | None = None
+        self.forward = None
+
+    def step(self, args: tuple, kwargs: dict) -> Any:
+        self.k += 1
+        active = tuple(b for b in self.plan.bodies if b.compiled and step_matches(b.node.target, self.k))
+        if not active:
+            return self.forward(*args, **kwargs)
+        graph, lowered, n_inputs, structure = self._step_graph(active)
+        env = self.run.env
+        first = len(self.plan.graph.params)
+        values = tuple(env[i] for i in self.plan.inputs)
+        params = lowered.params[:first] + values + lowered.params[first + n_inputs :]
+        shim = _StepModel(self.model, self.forward)
+        exported = tuple(c for b in active for c in b.exported)
+        cache: CompileCache = self.model._state.compiled
+        key = (
+            "generate-step",
+            structure,
+            _param_signature(params),
+            _signature(args),
+            _step_signature(kwargs),
+            torch.is_grad_enabled(),
+        )
+        entry = cache.entries.get(key)
+        if entry is None:
+            entry = _build_step(shim, cache, lowered.replace(params=params), key, args, kwargs, exported)
+            cache.entries[key] = entry
+            if len(cache.entries) > cache.size:
+                cache.entries.popitem(last=False)
+        else:
+            cache.entries.move_to_end(key)
+        cache.last = entry
+        if entry.fallback is None:
+            compiled_before = len(entry.graphs)
+            try:
+                saved, output = _call(cache, entry, params, args, kwargs)
+            except (
+                Exception
+            ) as e:  # a step Dynamo cannot capture as one graph: this key runs eagerly from now on
+                entry.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                _STATS["fallbacks"] += 1
+                _STATS["fallback_reasons"].append(f"generate step: {entry.fallback}")
+            else:
+                entry.calls += 1
+                _STATS["compiled_calls"] += 1
+                if len(entry.graphs) == compiled_before:
+                    _STATS["cache_hits"] += 1
+                program = entry.program
+                values = dict(zip(program.saved_ids + program.needed, saved))
+                self._publish({c: values[c] for c in exported})
+                return output
+        eager = _Run(shim, graph.replace(params=graph.params[:first] + values))
+        result = eager.execute(args, kwargs)
+        self._publish({c: eager.env[c] for c in exported})
+        return result.output
+
+    def _publish(self, values: dict) -> None:
+        self.plan.results.clear()
+        self.plan.results.update(values)
+
+    def _step_graph(self, active: tuple[_Body, ...]) -> tuple[Graph, Graph, int, tuple]:
+        """The flat graph of the active bodies' compiled parts (absolute sites, outer values as params)."""
+        key = tuple(b.node.id for b in active)
+        got = self.plan.step_graphs.get(key)
+        if got is not None:
+            return got
+        plan = self.plan
+        first = len(plan.graph.params)
+        slot = {oid: ParamRef(first + j) for j, oid in enumerate(plan.inputs)}
+
+        def remap(leaf):
+            return slot.get(leaf.id, leaf) if type(leaf) is Ref else leaf
+
+        nodes = sorted((n for b in active for n in b.compiled), key=lambda n: n.id)
+        ids = {n.id for n in nodes}
+        flat = []
+        for n in nodes:
+            target = n.target
+            if n.op in _SITE_OPS:
+                target = Site(target.path, target.kind, -1 - target.call, target.invoke)
+            flat.append(
+                Node(
+                    n.id,
+                    n.op,
+                    target,
+                    map_args(n.args, remap),
+                    tuple((k, map_args(v, remap)) for k, v in n.kwargs),
+                    (),
+                    tuple(a for a in n.after if a in ids),
+                    n.invoke,
+                    (),
+                    n.loc,
+                )
+            )
+        placeholders = tuple(torch.empty(0) for _ in plan.inputs)  # replaced by the outer values at each step
+        graph = plan.graph.replace(
+            nodes=tuple(flat), params=plan.graph.params + placeholders, kind="trace", needs_output=True
+        )
+        lowered = lift_values(graph)
+        got = (graph, lowered, len(plan.inputs), structure_tuple(lowered))
+        plan.step_graphs[key] = got
+        return got
+
+
+def _build_step(
+    shim: _StepModel, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, exported: tuple
+) -> Entry:
+    entry = Entry(key)
+    try:
+        recorder = _record(shim, graph, args, kwargs)
+    except Exception as e:
+        reason = f"could not record the step on fake tensors ({type(e).__name__}: {e})".splitlines()[0]
+        entry.fallback = reason
+        _STATS["fallbacks"] += 1
+        _STATS["fallback_reasons"].append(f"generate step: {reason}")
+        return entry
+    if cache.dispatcher is None:
+        cache.dispatcher = Dispatcher(shim._module)
+    split = BackwardSplit(graph, needed=exported)  # the values the Python part of the block reads
+    entry.split = split
+    entry.program = Program(shim, graph, recorder.order, split)
+    entry.fn = torch.compile(_fresh_entry(), fullgraph=True, dynamic=False, backend=_backend_for(entry))
+    return entry
+
+
+def _record(shim: _StepModel, graph: Graph, args: tuple, kwargs: dict) -> _Recorder:
+    """``record_schedule`` for a step: the step's inputs (its KV cache included) are copied as fakes."""
+    from ...tracing.fakes import _to_fake
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, torch.no_grad():
+        fake_graph = graph.replace(params=tuple(_to_fake(p, mode) for p in graph.params))
+        recorder = _Recorder(shim, fake_graph)
+        recorder.execute(_to_fake(args, mode), _fake_copy(kwargs, mode))
+    return recorder
+
+
+def _fake_copy(value: Any, mode: FakeTensorMode) -> Any:
+    """A deep copy of ``value`` (a KV cache object included) whose tensors are fakes: recording cannot touch it."""
+    memo: dict[int, Any] = {}
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            memo[id(v)] = mode.from_tensor(v)
+        elif isinstance(v, (list, tuple, set)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif hasattr(v, "__dict__") and not isinstance(v, (type, torch.nn.Module)) and not callable(v):
+            stack.extend(vars(v).values())
+    return copy.deepcopy(value, memo)
+
+
+def _step_signature(kwargs: dict) -> tuple:
+    """The step inputs' signature, with a KV cache object abstracted to its type and layers (not its identity).
+
+    Dynamo's own guards check the rest of such an object; a guard failure shows up as a recompile.
+    """
+    out = []
+    for k, v in kwargs.items():
+        if v is None or isinstance(v, (bool, int, float, str, torch.Tensor, tuple, list, dict)):
+            out.append((k, _signature(v)))
+            continue
+        layers = tuple(
+            (
+                type(layer).__name__,
+                getattr(layer, "is_initialized", None),
+                getattr(layer, "max_cache_len", None),
+            )
+            for layer in getattr(v, "layers", ())
+        )
+        out.append((k, type(v).__qualname__, layers))
+    return tuple(out)
+
+
+__all__ = ["run_generate_compiled"]
