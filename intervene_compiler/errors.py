@@ -55,14 +55,43 @@ class SourceLoc:
         return f"{where}\n      {text}" if text else where
 
 
+_user_files: dict[
+    str, bool
+] = {}  # filename -> does a frame of it count as the user's (decided once per file)
+_locs: dict[
+    tuple[str, int, str], SourceLoc
+] = {}  # one SourceLoc per line: a repeated trace reuses its objects
+_MAX_LOCS = 1 << 16
+
+
+def _is_user_file(filename: str) -> bool:
+    user = not filename.startswith(_skipped()) and not filename.startswith("<frozen")
+    _user_files[filename] = user
+    return user
+
+
 def user_location() -> SourceLoc | None:
-    """The innermost frame on the stack that belongs to the user (not this package, torch or einops)."""
-    skip = _skipped()
+    """The innermost frame on the stack that belongs to the user (not this package, torch or einops).
+
+    Runs for every recorded operation, so it is kept cheap: which files are the user's is decided once per file,
+    and each line's SourceLoc is built once and shared (they are immutable).
+    """
     frame = sys._getframe(1)
+    user_files = _user_files
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(skip) and not filename.startswith("<frozen"):
-            return SourceLoc(filename, frame.f_lineno, frame.f_code.co_name)
+        code = frame.f_code
+        filename = code.co_filename
+        user = user_files.get(filename)
+        if user is None:
+            user = _is_user_file(filename)
+        if user:
+            key = (filename, frame.f_lineno, code.co_name)
+            loc = _locs.get(key)
+            if loc is None:
+                if len(_locs) >= _MAX_LOCS:
+                    _locs.clear()
+                loc = _locs[key] = SourceLoc(*key)
+            return loc
         frame = frame.f_back
     return None
 

@@ -6,6 +6,14 @@ Only ``intervene_compiler.pipeline`` imports this package; it lists the passes i
 from ._base import PassResult
 from .dead_values import eliminate_dead_values
 from .early_stop import truncate_after_last_use
+from .last_position import keep_last_position, narrow_to_last_position
 from .setitem_fusion import fuse_setitems
 
-__all__ = ["PassResult", "eliminate_dead_values", "fuse_setitems", "truncate_after_last_use"]
+__all__ = [
+    "PassResult",
+    "eliminate_dead_values",
+    "fuse_setitems",
+    "keep_last_position",
+    "narrow_to_last_position",
+    "truncate_after_last_use",
+]

@@ -114,3 +114,54 @@ def test_passes_are_pure_and_report_modification():
         assert result.graph is graph and not result.modified
     result = truncate_after_last_use(graph)
     assert result.modified and len(result.graph.nodes) == 3 and len(graph.nodes) == 2
+
+
+def test_pass_memo_tells_literals_of_equal_value_apart(tiny, x):
+    """The pipeline memoizes by structure: ``+ 1`` and ``+ 1.0`` are equal in Python but not as arguments."""
+    dtypes = []
+    for c in (1, 1.0, True, 1):
+        with tiny.trace(x):
+            h = ((tiny.layer1.output > 0).long() + c).save()
+        dtypes.append(h.dtype)
+    assert dtypes == [torch.int64, torch.float32, torch.int64, torch.int64]
+
+
+def test_last_position_narrows_the_unembedding(lm_dirs):
+    """Logits read only at the last position: lm_head runs on the last position alone, same values."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    prompts = ["The Eiffel Tower is in", "Hello"]
+    with lm.trace() as tracer:
+        with tracer.invoke(prompts[0]):
+            logits = lm.lm_head.output
+            diff = (logits[0, -1, 5] - logits[0, -1, 7]).save()
+        with tracer.invoke(prompts[1]):
+            last = lm.lm_head.output[:, -1].save()
+    after = _steps(tracer)["last_position"]
+    assert after.endswith(
+        "  %8 = site model.lm_head.input\n"
+        "  %9 = call passes.last_position.keep_last_position(%8)\n"
+        "  %10 = set model.lm_head.input(%9, resize=True)"
+    )
+    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"])
+    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
+    with torch.no_grad():
+        ref0 = hf(**tok(prompts[0], return_tensors="pt")).logits[0, -1]
+        ref1 = hf(**tok(prompts[1], return_tensors="pt")).logits[:, -1]
+    torch.testing.assert_close(diff.value, ref0[5] - ref0[7])
+    torch.testing.assert_close(last.value, ref1)
+
+
+def test_last_position_not_applied_when_other_positions_are_read(lm_dirs, tiny, x):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with lm.trace("The Eiffel Tower is in") as tracer:
+        lm.lm_head.output[:, -2].save()  # another position
+    assert "keep_last_position" not in _steps(tracer)["last_position"]
+    with lm.trace("The Eiffel Tower is in") as tracer:
+        lm.lm_head.output[:, -1].save()
+        lm.output.logits.save()  # the model's own output, all positions
+    assert "keep_last_position" not in _steps(tracer)["last_position"]
+    with tiny.trace(x) as tracer:  # a plain module: its order is unknown, so never narrowed
+        tiny.layer2.output[:, -1].save()
+    assert "keep_last_position" not in _steps(tracer)["last_position"]

@@ -4,8 +4,9 @@ A :class:`Graph` is what a tracing block records. Nodes appear in creation (prog
 earlier nodes, so a graph is topologically sorted by construction. Values flow through ``Ref`` (another node's
 value) and ``ParamRef`` (a runtime value held in ``Graph.params``: tensors and other non-literal objects), so
 the structure can be hashed and serialized apart from the data. Nested graphs (``Node.body``) hold the traces of
-a session or the body of a loop (ITER: interventions run at every generation step); a nested graph's nodes may
-read the enclosing graph's earlier nodes, and its ParamRefs index the outermost graph's params.
+a session or the body of a loop (ITER: interventions run at every generation step; LOOP: a session's
+``session.iter``); a nested graph's nodes may read the enclosing graph's earlier nodes, and its ParamRefs index the
+outermost graph's params, except a TRACE body's, which index its own (a session trace is a self-contained graph).
 """
 
 from __future__ import annotations
@@ -51,11 +52,24 @@ class Op(enum.Enum):
     # current step index and a Site with a negative call is relative to the step (see Site).
     ITER = "iter"
 
+    # Members are singletons compared by identity: hash them by identity too (C-level; Enum's own __hash__ is
+    # Python code, and ops and site kinds are hashed in every set/dict lookup of tracing and running).
+    __hash__ = object.__hash__
+    # session graphs (model.session()): run the trace body[0] (a self-contained graph with its own params and
+    # invokes; its Refs to ids it does not define read the session's values) on the model in slot target, with
+    # args = one (args, kwargs) input per invoke, resolved when the session runs
+    TRACE = "trace"
+    # run body[0] once per item of iter(args[0]) (session.iter); inside the body, a Ref to this node is the item
+    LOOP = "loop"
+    EXIT = "exit"  # leave the LOOP whose id is target (iterator.exit()), or the whole session when target is None
+
 
 class SiteKind(enum.Enum):
     OUTPUT = "output"  # the module's return value
     INPUT = "input"  # the first positional argument (or first keyword argument when there are none)
     INPUTS = "inputs"  # ((args...), {kwargs...})
+
+    __hash__ = object.__hash__  # see Op
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +87,17 @@ class Site:
     call: int = 0
     invoke: int | None = None
 
+    def __init__(self, path: str, kind: SiteKind, call: int = 0, invoke: int | None = None) -> None:
+        _site_path(self, path)  # the slots' setters: as the generated frozen __init__, without the lookups
+        _site_kind(self, kind)
+        _site_call(self, call)
+        _site_invoke(self, invoke)
+
     @property
     def key(self) -> tuple[str, SiteKind, int]:
         """The hook event this site belongs to (rows aside)."""
-        return (self.path, self.kind if self.kind is SiteKind.OUTPUT else SiteKind.INPUTS, self.call)
+        kind = self.kind
+        return (self.path, kind if kind is _OUTPUT else _INPUTS, self.call)
 
     def __str__(self) -> str:
         name = "model" + ("." + self.path if self.path else "")
@@ -87,14 +108,26 @@ class Site:
         return f"{name}{call}.{self.kind.value}{rows}"
 
 
+_site_path, _site_kind, _site_call, _site_invoke = (
+    Site.__dict__[name].__set__ for name in ("path", "kind", "call", "invoke")
+)
+_OUTPUT, _INPUTS = SiteKind.OUTPUT, SiteKind.INPUTS
+
+
 @dataclass(frozen=True, slots=True)
 class Ref:
     """The value of node ``id``."""
 
     id: int
 
+    def __init__(self, id: int) -> None:  # the generated frozen __init__, minus object.__setattr__'s lookup
+        _ref_id(self, id)
+
     def __repr__(self) -> str:
         return f"%{self.id}"
+
+
+_ref_id = Ref.__dict__["id"].__set__
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,13 +156,77 @@ class Node:
     refs: tuple[int, ...] = field(init=False, repr=False, compare=False)
     deps: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        out: list[int] = []
-        _collect_refs(self.args, out)
-        _collect_refs(self.kwargs, out)
-        refs = tuple(out)
-        object.__setattr__(self, "refs", refs)
-        object.__setattr__(self, "deps", refs + self.after + tuple(g for g, _ in self.guards))
+    # Written out (dataclass keeps a class's own __init__) because tracing builds one node per operation: the
+    # generated frozen __init__ plus a __post_init__ cost about twice as much. Same signature and fields.
+    def __init__(
+        self,
+        id: int,
+        op: Op,
+        target: Any = None,
+        args: tuple = (),
+        kwargs: tuple[tuple[str, Any], ...] = (),
+        guards: tuple[tuple[int, bool], ...] = (),
+        after: tuple[int, ...] = (),
+        invoke: int | None = None,
+        body: tuple[Graph, ...] = (),
+        loc: SourceLoc | None = None,
+    ) -> None:
+        _node_id(self, id)
+        _node_op(self, op)
+        _node_target(self, target)
+        _node_args(self, args)
+        _node_kwargs(self, kwargs)
+        _node_guards(self, guards)
+        _node_after(self, after)
+        _node_invoke(self, invoke)
+        _node_body(self, body)
+        _node_loc(self, loc)
+        if args or kwargs:
+            out: list[int] = []
+            _collect_refs(args, out)
+            if kwargs:
+                _collect_refs(kwargs, out)
+            refs = tuple(out)
+        else:
+            refs = ()
+        _node_refs(self, refs)
+        if guards:
+            _node_deps(self, refs + after + tuple([g for g, _ in guards]))
+        else:
+            _node_deps(self, refs + after if after else refs)
+
+
+# The slots' own setters: a frozen dataclass blocks ``node.x = ...``, and these skip object.__setattr__'s lookup.
+(
+    _node_id,
+    _node_op,
+    _node_target,
+    _node_args,
+    _node_kwargs,
+    _node_guards,
+    _node_after,
+    _node_invoke,
+    _node_body,
+    _node_loc,
+    _node_refs,
+    _node_deps,
+) = (
+    Node.__dict__[name].__set__
+    for name in (
+        "id",
+        "op",
+        "target",
+        "args",
+        "kwargs",
+        "guards",
+        "after",
+        "invoke",
+        "body",
+        "loc",
+        "refs",
+        "deps",
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +235,13 @@ class InvokeRows:
 
     start: int
     stop: int
+
+    def __init__(self, start: int, stop: int) -> None:
+        _rows_start(self, start)  # the slots' setters: as the generated frozen __init__, without the lookups
+        _rows_stop(self, stop)
+
+
+_rows_start, _rows_stop = InvokeRows.__dict__["start"].__set__, InvokeRows.__dict__["stop"].__set__
 
 
 @dataclass(frozen=True)
@@ -152,6 +256,18 @@ class Graph:
     invokes: tuple[InvokeRows, ...] = ()
     kind: str = "trace"
     needs_output: bool = False
+
+    def __init__(
+        self,
+        nodes: tuple[Node, ...],
+        params: tuple[Any, ...] = (),
+        invokes: tuple[InvokeRows, ...] = (),
+        kind: str = "trace",
+        needs_output: bool = False,
+    ) -> None:  # the generated frozen __init__ sets each field through object.__setattr__: one dict update
+        self.__dict__.update(
+            nodes=nodes, params=params, invokes=invokes, kind=kind, needs_output=needs_output
+        )
 
     def node(self, node_id: int) -> Node:
         for n in self.nodes:
@@ -169,13 +285,13 @@ class Graph:
         return out
 
     def replace(self, **changes: Any) -> Graph:
-        fields = dict(
-            nodes=self.nodes,
-            params=self.params,
-            invokes=self.invokes,
-            kind=self.kind,
-            needs_output=self.needs_output,
-        )
+        fields = {
+            "nodes": self.nodes,
+            "params": self.params,
+            "invokes": self.invokes,
+            "kind": self.kind,
+            "needs_output": self.needs_output,
+        }
         fields.update(changes)
         return Graph(**fields)
 
@@ -243,17 +359,18 @@ MUTATING_METHODS = frozenset(
 def is_mutation(node: Node) -> bool:
     """Does running this node change the object in args[0] (rather than only producing a new value)?"""
     op = node.op
-    if op in (Op.SETITEM, Op.SETATTR):
+    if op is _SETITEM or op is _SETATTR:
         return True
-    if op is Op.METHOD:
+    if op is _METHOD:
         name = node.target
         return name in MUTATING_METHODS or (name.endswith("_") and not name.endswith("__"))
-    if op is Op.CALL:
+    if op is _CALL:
         name = getattr(node.target, "__name__", "")
         return name.startswith("__i") and name.endswith("__") or name.startswith("i") and name in _INPLACE_OPS
     return False
 
 
+_SETITEM, _SETATTR, _METHOD, _CALL = Op.SETITEM, Op.SETATTR, Op.METHOD, Op.CALL  # enum lookups are slow
 _INPLACE_OPS = frozenset(
     {
         "iadd",

@@ -19,6 +19,8 @@ from ..ir import Op, SiteKind
 if TYPE_CHECKING:
     from .tracer import Tracer
 
+_OUTPUT, _INPUT, _INPUTS = SiteKind.OUTPUT, SiteKind.INPUT, SiteKind.INPUTS  # enum class lookups are slow
+
 
 class ModelState:
     """State shared by a model's envoy tree and every edited copy of it: the stack of open tracers."""
@@ -88,9 +90,12 @@ class Envoy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        children = self._child_envoys()
-        if name in children:
-            return children[name]
+        children = self._children
+        if children is None:
+            children = self._child_envoys()
+        child = children.get(name)
+        if child is not None:
+            return child
         alias = self._alias_map().get(name)
         if alias is not None:
             return self._resolve(alias)
@@ -160,6 +165,9 @@ class Envoy:
 
     # -- sites ---------------------------------------------------------------------------------------------------
     def _tracer(self, what: str) -> Tracer:
+        tracers = self._state.tracers
+        if tracers:  # the common case, without building the error text
+            return tracers[-1]
         return self._state.current(f"{self._name()}.{what}")
 
     def _name(self) -> str:
@@ -168,7 +176,7 @@ class Envoy:
     @property
     def output(self):
         """This module's output in the current call (a proxy inside a tracing block)."""
-        return self._tracer("output")._site(self._path, SiteKind.OUTPUT)
+        return self._tracer("output")._site(self._path, _OUTPUT)
 
     @output.setter
     def output(self, value) -> None:
@@ -177,7 +185,7 @@ class Envoy:
     @property
     def input(self):
         """This module's first positional argument in the current call."""
-        return self._tracer("input")._site(self._path, SiteKind.INPUT)
+        return self._tracer("input")._site(self._path, _INPUT)
 
     @input.setter
     def input(self, value) -> None:
@@ -186,7 +194,7 @@ class Envoy:
     @property
     def inputs(self):
         """This module's ``(args, kwargs)`` in the current call."""
-        return self._tracer("inputs")._site(self._path, SiteKind.INPUTS)
+        return self._tracer("inputs")._site(self._path, _INPUTS)
 
     @inputs.setter
     def inputs(self, value) -> None:

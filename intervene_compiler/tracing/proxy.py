@@ -45,10 +45,10 @@ class Proxy:
     def __init__(
         self, tracer: Tracer, node_id: int | None, base: Proxy | None = None, attr: str | None = None
     ):
-        object.__setattr__(self, "_tracer", tracer)
-        object.__setattr__(self, "_id", node_id)
-        object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_attr", attr)
+        _set_tracer(self, tracer)  # the slots' own setters (__setattr__ is overridden)
+        _set_id(self, node_id)
+        _set_base(self, base)
+        _set_attr(self, attr)
 
     # -- identity -------------------------------------------------------------------------------------------
     def _node_id(self) -> int:
@@ -57,7 +57,7 @@ class Proxy:
         if nid is None:
             proxy = self._tracer._record(Op.GETATTR, self._attr, (self._base,))
             nid = proxy._id
-            object.__setattr__(self, "_id", nid)
+            _set_id(self, nid)
         return nid
 
     def _live(self) -> bool:
@@ -287,6 +287,7 @@ for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
 for _name in ("neg", "pos", "abs", "invert"):
     setattr(Proxy, f"__{_name}__", _unary(getattr(operator, _name)))
 Proxy.__hash__ = object.__hash__  # __eq__ above would otherwise drop hashing
+_set_tracer, _set_id, _set_base, _set_attr = (Proxy.__dict__[name].__set__ for name in Proxy.__slots__)
 
 
 def _install_einops_backend() -> None:

@@ -13,16 +13,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ...errors import GradientError, InterventionError, SourceLoc, execution_error
-from ...ir import Graph, Node, Op, Site, SiteKind, format_node, saved_ids
+from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, saved_ids
+from ...ir.nodes import walk_nodes
 from .interpreter import VALUE_OPS, resolve
 from .rows import narrow, replace
 
 _DONE, _SKIPPED, _ARMED, _RUNNING = 1, 2, 3, 4
 _LIVE = 5  # an ITER node while an instance of its body runs (body nodes read it as the step index)
-_SITE_OPS = frozenset({Op.SITE, Op.SET, Op.UPDATE})
-_GRAD_OPS = frozenset({Op.GRAD, Op.SET_GRAD})
+# hot paths compare ops with these module constants: ``Op.SITE`` is a (slow) enum class attribute lookup
+_SITE, _SET, _UPDATE, _GRAD, _SET_GRAD = Op.SITE, Op.SET, Op.UPDATE, Op.GRAD, Op.SET_GRAD
+_SETATTR, _STOP, _MODULE, _CACHE, _ITER = Op.SETATTR, Op.STOP, Op.MODULE, Op.CACHE, Op.ITER
+_SAVE = Op.SAVE
+_INPUT = SiteKind.INPUT
+_SITE_OPS = frozenset({_SITE, _SET, _UPDATE})
+_GRAD_OPS = frozenset({_GRAD, _SET_GRAD})
+_WAITING_OPS = _SITE_OPS | _GRAD_OPS | {_ITER}  # ops that run only at their event (or are armed)
+# ops _exec handles itself (the rest are plain value ops of the interpreter)
+_RUNNER_OPS = frozenset({_SET, _GRAD, _SET_GRAD, _SETATTR, _STOP, _MODULE, _CACHE})
+_FINISHED = (_DONE, _SKIPPED)
 
 
 class _EarlyStop(Exception):
@@ -59,6 +70,129 @@ def run_graph(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     return run.execute(args, kwargs)
 
 
+class _Plan:
+    """What a run derives from a graph's nodes alone, built once per nodes tuple and shared by its runs.
+
+    The pass pipeline memoizes by structure and hands every repeated trace the same optimized nodes tuple, so a
+    loop tracing the same code skips this setup. Shared parts are read-only; a graph with ITER nodes gets
+    private copies of ``nodes``/``site_nodes`` per run (steps.py registers and unregisters body nodes in them).
+    """
+
+    __slots__ = (
+        "nodes",
+        "site_nodes",
+        "site_keys",
+        "hooks",
+        "has_grads",
+        "has_cache",
+        "has_iter",
+        "saved",
+        "idle_before_forward",
+    )
+
+    def __init__(self, graph_nodes: tuple[Node, ...]):
+        self.nodes = {n.id: n for n in graph_nodes}
+        self.has_grads = any(
+            n.op in _GRAD_OPS or n.op is Op.SETATTR and n.target == "requires_grad" for n in graph_nodes
+        )
+        self.has_cache = any(n.op is Op.CACHE for n in graph_nodes)
+        self.has_iter = any(n.op is Op.ITER for n in graph_nodes)
+        self.site_nodes: dict[tuple, list[int]] = {}
+        for n in graph_nodes:
+            if n.op in _SITE_OPS:
+                self.site_nodes.setdefault(n.target.key, []).append(n.id)
+        # node id -> the event key a SITE/SET/UPDATE waits for, or the ("grad", id) key of a GRAD/SET_GRAD;
+        # ITER bodies included (their nodes join the run while a step is live)
+        self.site_keys: dict[int, tuple] = {}
+        for n in walk_nodes(graph_nodes):
+            if n.op in _SITE_OPS:
+                self.site_keys[n.id] = n.target.key
+            elif n.op in _GRAD_OPS:
+                self.site_keys[n.id] = ("grad", n.args[0].id)
+        # (path, hook its inputs, hook its outputs) per module the graph touches, in path order
+        self.hooks = _hook_paths(self.site_nodes)
+        self.saved = tuple(sorted(set(saved_ids(graph_nodes))))
+        # Does the drain before the forward have nothing to do? True when nothing is guarded (so nothing can be
+        # skipped early) and every node is a site access or waits (by data or order) for one: no site is active
+        # before the forward, so each such node stays pending.
+        waits: set[int] = set()
+        for n in graph_nodes:
+            if n.guards:
+                break
+            if n.op in _SITE_OPS or any(d in waits for d in n.refs) or any(d in waits for d in n.after):
+                waits.add(n.id)
+        self.idle_before_forward = not self.has_iter and len(waits) == len(graph_nodes)
+
+
+def _hook_paths(site_nodes: dict) -> tuple[tuple[str, bool, bool], ...]:
+    paths_in = {key[0] for key in site_nodes if key[1] is SiteKind.INPUTS}
+    paths_out = {key[0] for key in site_nodes if key[1] is SiteKind.OUTPUT}
+    return tuple((path, path in paths_in, path in paths_out) for path in sorted(paths_in | paths_out))
+
+
+# id(nodes tuple) -> (that tuple, kept alive so the id is not reused while cached; its plan)
+_plans: dict[int, tuple[tuple[Node, ...], _Plan]] = {}
+_PLANS_SIZE = 256
+
+
+def _plan_for(graph_nodes: tuple[Node, ...]) -> _Plan:
+    hit = _plans.get(id(graph_nodes))
+    if hit is not None and hit[0] is graph_nodes:
+        return hit[1]
+    plan = _Plan(graph_nodes)
+    if type(graph_nodes) is tuple:  # immutable: safe to reuse for the same object
+        if len(_plans) >= _PLANS_SIZE:
+            del _plans[next(iter(_plans))]
+        _plans[id(graph_nodes)] = (graph_nodes, plan)
+    return plan
+
+
+class _Hook:
+    """A forward (pre-)hook with kwargs, put into the module's hook dicts exactly as
+    ``register_forward_hook(hook, with_kwargs=True)`` does, without the RemovableHandle (its weak references cost
+    more than the rest of installing and removing a hook). The run removes it in its ``finally``."""
+
+    __slots__ = ("hooks", "flags", "id")
+
+    def __init__(self, hooks: dict, flags: dict, fn) -> None:
+        hid = RemovableHandle.next_id  # torch's id counter, shared with handles registered the usual way
+        RemovableHandle.next_id = hid + 1
+        hooks[hid] = fn
+        flags[hid] = True
+        self.hooks = hooks
+        self.flags = flags
+        self.id = hid
+
+    def remove(self) -> None:
+        self.hooks.pop(self.id, None)
+        self.flags.pop(self.id, None)
+
+
+def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``module.get_submodule(path)``, walking the registered children directly when they are there."""
+    mod = module
+    if path:
+        try:
+            for name in path.split("."):
+                mod = mod._modules[name]
+        except (KeyError, AttributeError, TypeError):
+            return module.get_submodule(path)  # raises its own error for a path that names no module
+        if not isinstance(mod, torch.nn.Module):
+            return module.get_submodule(path)
+    return mod
+
+
+def _add_hook(mod: torch.nn.Module, fn, pre: bool):
+    try:
+        if pre:
+            return _Hook(mod._forward_pre_hooks, mod._forward_pre_hooks_with_kwargs, fn)
+        return _Hook(mod._forward_hooks, mod._forward_hooks_with_kwargs, fn)
+    except AttributeError:  # a torch without these dicts: the public API
+        if pre:
+            return mod.register_forward_pre_hook(fn, with_kwargs=True)
+        return mod.register_forward_hook(fn, with_kwargs=True)
+
+
 class _Run:
     def __init__(self, model, graph: Graph):
         self.model = model
@@ -66,8 +200,14 @@ class _Run:
         self.graph = graph
         self.params = graph.params
         self.batch = graph.invokes[-1].stop if graph.invokes else 0
-        self.nodes = {n.id: n for n in graph.nodes}
-        self.pending: list[int] = [n.id for n in graph.nodes]
+        plan = self._plan = _plan_for(graph.nodes)
+        if plan.has_iter:
+            self.nodes = dict(plan.nodes)
+            self.site_nodes = {k: list(v) for k, v in plan.site_nodes.items()}
+        else:
+            self.nodes = plan.nodes  # shared, read-only
+            self.site_nodes = plan.site_nodes
+        self.pending: list[int] = list(plan.nodes)
         self.state: dict[int, int] = {}
         self.env: dict[int, Any] = {}
         self.active: dict = {}  # active event keys, innermost last (a grad hook runs inside a site event)
@@ -79,17 +219,11 @@ class _Run:
         # id(an invoke's rows of a site tensor) -> (those rows, the batch tensor, start, stop): a gradient of
         # the rows is hooked on the batch tensor, the one the model's backward actually reaches
         self.row_views: dict[int, tuple] = {}
-        self.has_grads = any(
-            n.op in _GRAD_OPS or n.op is Op.SETATTR and n.target == "requires_grad" for n in graph.nodes
-        )
-        self.site_nodes: dict[tuple, list[int]] = {}
+        self.has_grads = plan.has_grads
         self.stopped: Node | None = None
         self.in_forward = False
-        for n in graph.nodes:
-            if n.op in _SITE_OPS:
-                self.site_nodes.setdefault(n.target.key, []).append(n.id)
         self.steps = None  # per-step bodies (tracer.all(), tracer.iter[...]): see steps.py
-        if any(n.op is Op.ITER for n in graph.nodes):
+        if plan.has_iter:
             from .steps import Steps
 
             self.steps = Steps.create(self)
@@ -98,13 +232,18 @@ class _Run:
     def execute(self, args: tuple, kwargs: dict) -> RunResult:
         handles = []
         output = None
+        plan = self._plan
         try:
             handles = self._install_hooks()
             if self.steps is not None:
                 self.steps.install(handles)
-            self._drain()
-            caches = any(n.op is Op.CACHE for n in self.graph.nodes)  # filled by the forward's hooks
-            if self.graph.needs_output or caches or not self._all_resolved():
+            if plan.idle_before_forward:  # every node is still pending
+                resolved = not self.pending
+            else:
+                self._drain()
+                resolved = self._all_resolved()
+            # CACHE nodes are filled by the forward's hooks
+            if self.graph.needs_output or plan.has_cache or not resolved:
                 self.in_forward = True
                 try:
                     output = self.model._forward(*args, **kwargs)
@@ -122,10 +261,17 @@ class _Run:
                 h.remove()
             for h in self.grad_hooks.values():
                 h.remove()
-        saved = set(saved_ids(self.nodes.values()))
-        values = {nid: self.env[nid] for nid in saved if self.state.get(nid) == _DONE}
-        stop_loc = self.stopped.loc if self.stopped is not None and self.stopped.target == "user" else None
-        skipped = {nid: self._false_cond_loc(nid) for nid in saved if self.state.get(nid) == _SKIPPED}
+        state = self.state
+        env = self.env
+        saved = plan.saved if self.steps is None else set(saved_ids(self.nodes.values()))
+        values = {nid: env[nid] for nid in saved if state.get(nid) == _DONE}
+        stopped = self.stopped
+        stop_loc = stopped.loc if stopped is not None and stopped.target == "user" else None
+        skipped = (
+            {nid: self._false_cond_loc(nid) for nid in saved if state.get(nid) == _SKIPPED}
+            if len(values) < len(saved)
+            else {}
+        )
         return RunResult(values, output, stop_loc, skipped)
 
     def _false_cond_loc(self, nid: int) -> SourceLoc | None:
@@ -140,32 +286,43 @@ class _Run:
 
     def _install_hooks(self) -> list:
         handles = []
-        paths_in = {key[0] for key in self.site_nodes if key[1] is SiteKind.INPUTS}
-        paths_out = {key[0] for key in self.site_nodes if key[1] is SiteKind.OUTPUT}
-        for node in self.graph.nodes:
-            if node.op is Op.CACHE:
-                self._start_cache(node, handles)
-        for path in sorted(paths_in | paths_out):
-            mod = self.module.get_submodule(path)
-            if path in paths_in:
-                handles.append(mod.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
-            if path in paths_out:
-                handles.append(mod.register_forward_hook(self._post_hook(path), with_kwargs=True))
+        if self._plan.has_cache:
+            for node in self.graph.nodes:
+                if node.op is Op.CACHE:
+                    self._start_cache(node, handles)
+        # steps.py registers the ITER bodies' site keys in this run's site_nodes: derive the hooks from them
+        hooks = self._plan.hooks if self.steps is None else _hook_paths(self.site_nodes)
+        module = self.module
+        for path, hook_in, hook_out in hooks:
+            mod = _submodule(module, path)
+            if hook_in:
+                handles.append(_add_hook(mod, self._pre_hook(path), pre=True))
+            if hook_out:
+                handles.append(_add_hook(mod, self._post_hook(path), pre=False))
         return handles
 
     def _pre_hook(self, path: str):
+        calls = self.calls_in
+        site_nodes = self.site_nodes
+
         def hook(mod, args, kwargs):
             if self.adhoc:
                 return None
-            call = self.calls_in.get(path, 0)
-            self.calls_in[path] = call + 1
-            keys = self._event_keys((path, SiteKind.INPUTS, call))
-            if not keys:
-                return None
+            call = calls.get(path, 0)
+            calls[path] = call + 1
+            key = (path, SiteKind.INPUTS, call)
+            if self.steps is None:
+                if key not in site_nodes:
+                    return None
+                keys = (key,)
+            else:
+                keys = self._event_keys(key)
+                if not keys:
+                    return None
             before = (args, kwargs)
             new = before
-            for key in keys:
-                new = self._visit(key, new)
+            for k in keys:
+                new = self._visit(k, new)
             if new is before:
                 return None
             new_args, new_kwargs = new
@@ -174,17 +331,23 @@ class _Run:
         return hook
 
     def _post_hook(self, path: str):
+        calls = self.calls_out
+        site_nodes = self.site_nodes
+
         def hook(mod, args, kwargs, output):
             if self.adhoc:
                 return None
-            call = self.calls_out.get(path, 0)
-            self.calls_out[path] = call + 1
-            keys = self._event_keys((path, SiteKind.OUTPUT, call))
-            if not keys:
-                return None
-            new = output
-            for key in keys:
-                new = self._visit(key, new)
+            call = calls.get(path, 0)
+            calls[path] = call + 1
+            key = (path, SiteKind.OUTPUT, call)
+            if self.steps is None:
+                if key not in site_nodes:
+                    return None
+                new = self._visit(key, output)
+            else:
+                new = output
+                for k in self._event_keys(key):
+                    new = self._visit(k, new)
             return None if new is output else new
 
         return hook
@@ -200,16 +363,19 @@ class _Run:
 
     def _visit(self, key: tuple, value: Any) -> Any:
         """Make ``key``'s site active with ``value``, run what is ready, and return the (possibly new) value."""
-        self.current[key] = value
+        current = self.current
+        current[key] = value
         self.active[key] = True
         try:
             self._drain()
+            state = self.state
+            nodes = self.nodes
             for nid in self.site_nodes[key]:
-                if nid in self.nodes and self.state.get(nid) is None:
-                    self._site_not_ready(self.nodes[nid])
+                if nid in nodes and state.get(nid) is None:
+                    self._site_not_ready(nodes[nid])
         finally:
             self.active.pop(key, None)
-        return self.current.pop(key)
+        return current.pop(key)
 
     def _site_not_ready(self, node: Node) -> None:
         waiting = [d for d in node.deps if self.state.get(d) not in (_DONE, _SKIPPED)]
@@ -224,11 +390,13 @@ class _Run:
     # -- scheduling ----------------------------------------------------------------------------------------------
     def _drain(self) -> None:
         state = self.state
+        nodes = self.nodes
+        attempt = self._try
         for nid in list(self.pending):
             s = state.get(nid)
             if s is None or s == _ARMED:
-                self._try(self.nodes[nid])
-        self.pending = [n for n in self.pending if state.get(n) not in (_DONE, _SKIPPED)]
+                attempt(nodes[nid])
+        self.pending = [n for n in self.pending if state.get(n) not in _FINISHED]
 
     def _try(self, node: Node) -> None:
         state = self.state
@@ -240,7 +408,7 @@ class _Run:
             if s != _DONE and s != _LIVE:
                 return
         for d in node.after:
-            if state.get(d) not in (_DONE, _SKIPPED):
+            if state.get(d) not in _FINISHED:
                 return
         for g, want in node.guards:
             s = state.get(g)
@@ -250,77 +418,80 @@ class _Run:
             if s != _DONE:
                 return
         op = node.op
-        if op in _SITE_OPS:
-            if node.target.key not in self.active:
+        if op in _WAITING_OPS:
+            if op is _ITER:  # armed: its body is instantiated at each matching step (steps.py)
+                state.setdefault(node.id, _ARMED)
                 return
-        elif op in _GRAD_OPS:
-            key = ("grad", node.args[0].id)
+            key = self._plan.site_keys.get(node.id)
+            if key is None:  # a node the plan has not seen
+                key = ("grad", node.args[0].id) if op in _GRAD_OPS else node.target.key
             if key not in self.active:
-                if op is Op.GRAD and state.get(node.id) is None:
+                if op is _GRAD and state.get(node.id) is None:
                     self._arm_grad(node)
                 return
-        elif op is Op.ITER:  # armed: its body is instantiated at each matching step (steps.py)
-            state.setdefault(node.id, _ARMED)
-            return
         self._run_node(node)
 
     def _run_node(self, node: Node) -> None:
-        self.state[node.id] = _RUNNING  # nested drains (grad hooks inside backward) must not rerun it
+        state = self.state
+        nid = node.id
+        state[nid] = _RUNNING  # nested drains (grad hooks inside backward) must not rerun it
         try:
             value = self._exec(node)
         except _EarlyStop:
-            self.state[node.id] = _DONE
+            state[nid] = _DONE
             raise
         except Exception as e:
             raise execution_error(e, node.loc, format_node(node)) from e
-        self.env[node.id] = value
-        self.state[node.id] = _DONE
+        self.env[nid] = value
+        state[nid] = _DONE
 
     def _exec(self, node: Node) -> Any:
         op = node.op
+        if op is _SITE:  # no arguments
+            return self._read_site(node.target)
         env = self.env
-        a = resolve(node.args, env.__getitem__, self.params.__getitem__)
+        if op is _SAVE and type(node.args[0]) is Ref:  # every trace saves: skip resolving the arguments
+            return env[node.args[0].id]
+        a = resolve(node.args, env.__getitem__, self.params.__getitem__) if node.args else ()
         kw = (
             {k: resolve(v, env.__getitem__, self.params.__getitem__) for k, v in node.kwargs}
             if node.kwargs
             else {}
         )
-        if op is Op.SITE:
-            return self._read_site(node.target)
-        if op is Op.SET:
+        if op not in _RUNNER_OPS:  # UPDATE too: in place on the site's value, which nothing else reads
+            return VALUE_OPS[op](node, a, kw)
+        if op is _SET:
             self._write_site(node, a[0])
             return None
-        if op is Op.UPDATE:
-            return VALUE_OPS[op](node, a, kw)  # in place on the site's value, which nothing else reads
-        if op is Op.GRAD:
+        if op is _GRAD:
             return self.current[("grad", node.args[0].id)]
-        if op is Op.SET_GRAD:
+        if op is _SET_GRAD:
             key = ("grad", node.args[0].id)
             from ...tracing.tracer import check_set_shape
 
             check_set_shape(self.current[key], a[1], node.loc, "the gradient")
             self.current[key] = a[1]
             return None
-        if op is Op.SETATTR and node.target == "requires_grad":
+        if op is _SETATTR and node.target == "requires_grad":
             view = self.row_views.get(id(a[0]))
             if (
                 view is not None and view[0] is a[0]
             ):  # an invoke's rows: the model computes on the batch tensor
                 view[1].requires_grad = a[1]
                 return None
-        if op is Op.STOP:
+        if op is _STOP:
             if self.in_forward:
                 raise _EarlyStop(node)
             return None
-        if op is Op.MODULE:
+        if op is _MODULE:
             self.adhoc += 1
             try:
                 return self.module.get_submodule(node.target)(*a, **kw)
             finally:
                 self.adhoc -= 1
-        if op is Op.CACHE:
+        if op is _CACHE:
             return self.env[node.id]
-        return VALUE_OPS[op](node, a, kw)
+        return VALUE_OPS[op](node, a, kw)  # SETATTR of anything but an invoke's rows' requires_grad
 
     # -- sites ---------------------------------------------------------------------------------------------------
     def _rows(self, site: Site) -> tuple[int, int]:
@@ -331,10 +502,14 @@ class _Run:
 
     def _read_site(self, site: Site) -> Any:
         value = self.current[site.key]
-        if site.kind is SiteKind.INPUT:
+        if site.kind is _INPUT:
             args, kwargs = value
             value = args[0] if args else next(iter(kwargs.values()), None)
-        start, stop = self._rows(site)
+        if site.invoke is None:
+            start, stop = 0, self.batch
+        else:
+            r = self.graph.invokes[site.invoke]
+            start, stop = r.start, r.stop
         rows = narrow(value, start, stop, self.batch)
         if self.has_grads and rows is not value:
             self._note_row_views(value, rows, start, stop)
@@ -358,8 +533,11 @@ class _Run:
         key = site.key
         start, stop = self._rows(site)
 
+        resize = bool(node.kwargs)  # a SET's only keyword, resize=True: a pass's deliberate shape change
+
         def check(old, value):
-            check_set_shape(old, value, node.loc, site)
+            if not resize:
+                check_set_shape(old, value, node.loc, site)
 
         old = self.current[key]
         if site.kind is SiteKind.OUTPUT:
@@ -446,8 +624,10 @@ class _Run:
         return all(self.state.get(n) in (_DONE, _SKIPPED) for n in self.pending)
 
     def _check_finished(self) -> None:
-        pending = [self.nodes[n] for n in self.pending if self.state.get(n) not in (_DONE, _SKIPPED)]
-        if not pending or self.stopped is not None:
+        if self.stopped is not None:
+            return
+        pending = [self.nodes[n] for n in self.pending if self.state.get(n) not in _FINISHED]
+        if not pending:
             return
         from ...tracing.tracer import missed_site_error
 
