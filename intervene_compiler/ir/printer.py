@@ -40,6 +40,12 @@ def format_node(node: Node, graph: Graph | None = None) -> str:
         body = f"method {recv}.{node.target}({rest})"
     elif op is Op.ITER:
         body = f"iter {format_steps(node.target)}"
+    elif op is Op.TRACE:
+        body = f"trace model{node.target}({args})"
+    elif op is Op.LOOP:
+        body = f"loop over {args}"
+    elif op is Op.EXIT:
+        body = "exit session" if node.target is None else f"exit loop %{node.target}"
     elif op in (Op.SITE, Op.SET, Op.UPDATE, Op.MODULE, Op.CACHE, Op.STOP, Op.GETATTR, Op.SETATTR):
         target = f" {node.target}" if node.target is not None else ""
         body = f"{op.value}{target}" + (f"({args})" if args else "")

@@ -22,6 +22,8 @@ _ARITY: dict[Op, int] = {
     Op.SITE: 0,
     Op.CACHE: 0,
     Op.ITER: 0,
+    Op.LOOP: 1,
+    Op.EXIT: 0,
 }
 
 
@@ -33,12 +35,15 @@ def verify(
     Invariants: ids strictly increase in program order; every dependency names an earlier node of this graph
     or of an enclosing one (``outer``); guards name COND nodes; params and invoke indices are in range (a
     nested graph's ParamRefs index the outermost graph's params: ``params``); each op has its arity and target
-    type; an UPDATE's base value has no other reader.
+    type; an UPDATE's base value has no other reader. In a session graph, the values a TRACE or LOOP body
+    computes are visible to the nodes after it (a later trace reads an earlier trace's values), and a TRACE body
+    is verified against its own params.
     """
     outermost = params is None
     if outermost:
         params = graph.params
     seen: dict[int, Node] = {}
+    visible: set[int] = set()  # values of earlier TRACE/LOOP bodies
     last = None  # ids may be negative: edits are prepended below a trace's ids
     for node in graph.nodes:
         fail = _failer(node, where)
@@ -46,7 +51,7 @@ def verify(
             fail(f"id {node.id} is not greater than the previous id {last}")
         last = node.id
         for dep in node.deps:
-            if dep not in seen and dep not in outer:
+            if dep not in seen and dep not in outer and dep not in visible:
                 fail(f"depends on %{dep}, which is not an earlier node")
         for guard, _ in node.guards:
             if guard in seen and seen[guard].op is not Op.COND:
@@ -55,9 +60,11 @@ def verify(
         _check_op(node, graph, fail)
         seen[node.id] = node
         if node.body:
-            inner_outer = outer | frozenset(seen)
+            inner_outer = outer | frozenset(seen) | frozenset(visible)
             for sub in node.body:
-                verify(sub, inner_outer, where, params)
+                verify(sub, inner_outer, where, sub.params if node.op is Op.TRACE else params)
+            if node.op in (Op.TRACE, Op.LOOP):
+                visible.update(n.id for n in walk_nodes(sub.nodes))
     _check_updates(graph, where)
     if outermost:  # ids are unique across the graph and every nested graph
         _check_unique_ids(graph, where)
@@ -108,6 +115,10 @@ def _check_op(node: Node, graph: Graph, fail) -> None:
         fail(f"has unknown stop kind {node.target!r}")
     elif op is Op.ITER:
         _check_iter(node, fail)
+    elif op in (Op.TRACE, Op.LOOP) and len(node.body) != 1:
+        fail(f"needs exactly one body graph, has {len(node.body)}")
+    elif op is Op.TRACE and type(node.target) is not int:
+        fail("needs an int target (the session's model slot)")
     elif op is Op.UPDATE:
         writes = node.args[1]
         if not isinstance(writes, tuple) or not all(isinstance(w, tuple) and len(w) == 2 for w in writes):

@@ -4,6 +4,7 @@ from .contexts import BackwardContext, Barrier, Cond, Invoker
 from .envoy import Envoy
 from .model import Editor, NNsight
 from .proxy import Proxy
+from .session import Loop, Session, current_session
 from .tracer import Shape, Tracer, current_tracer
 
 __all__ = [
@@ -13,9 +14,12 @@ __all__ = [
     "Editor",
     "Envoy",
     "Invoker",
+    "Loop",
     "NNsight",
     "Proxy",
+    "Session",
     "Shape",
     "Tracer",
+    "current_session",
     "current_tracer",
 ]

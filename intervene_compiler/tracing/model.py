@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
+from ..backends.eager import run_graph
 from ..errors import InvokeError, TracingError, user_location
 from ..ir import Graph, prepend
 from .envoy import Envoy, ModelState
+from .session import Session
 from .tracer import Tracer
 
 
@@ -81,6 +83,23 @@ class NNsight(Envoy):
         """Like ``trace``, but nothing really runs: shapes and dtypes come from fake tensors."""
         return Tracer(self, inputs, kwargs, mode="scan")
 
+    def session(self, remote: bool = False, **kwargs: Any) -> Session:
+        """``with model.session() as session:`` records many traces (of this or other models) as one program.
+
+        The traces run in order when the block exits; a value from one trace can feed a later one without
+        ``.save()``, and only saved values survive. See :class:`~intervene_compiler.tracing.session.Session`
+        for ``session.iter``, ``session.log``, ``session.exit`` and training state created inside a session.
+        """
+        if remote:
+            raise TracingError(
+                "remote execution is not available in this package",
+                user_location(),
+                "drop `remote=True`: the session runs on this machine",
+            )
+        if kwargs:
+            raise TypeError(f"session() got unexpected keyword arguments {sorted(kwargs)}")
+        return Session(self)
+
     def edit(self, inplace: bool = False) -> Editor:
         """``with model.edit() as edited:`` records interventions applied to every later trace of ``edited``.
 
@@ -123,6 +142,11 @@ class NNsight(Envoy):
         kwargs = {k: _concat([p[1][k] for p in prepared], f"keyword input {k!r}") for k in keys}
         return args, kwargs
 
+    def _last_position_module(self) -> str | None:
+        """The path of the module the model applies last and position-wise, for last-position narrowing
+        (``passes/last_position.py``); None when unknown. A plain module's order is not known: None."""
+        return None
+
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped model (the forward pass interventions run alongside)."""
         return self._module(*args, **kwargs)
@@ -130,8 +154,6 @@ class NNsight(Envoy):
     def _execute_graph(
         self, graph: Graph, args: tuple, kwargs: dict, fake: bool = False, compile: bool = False
     ):
-        from ..backends.eager import run_graph
-
         if compile and not fake:
             from ..backends.compiled import run_compiled
 

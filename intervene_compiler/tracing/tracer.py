@@ -39,14 +39,17 @@ from ..ir import (
     is_mutation,
 )
 from ..ir.nodes import walk_nodes
+from ..pipeline import optimize
 from .contexts import Barrier, Cond, Invoker, no_input_error
 from .iteration import Iteration, IterSelector, check_scope, nodes_for_fakes
-from .proxy import Proxy
+from .proxy import Proxy, _find_live_tracer
 
 if TYPE_CHECKING:
     from .model import NNsight
 
 _current: ContextVar[Tracer | None] = ContextVar("intervene_compiler_tracer", default=None)
+# the session being recorded (tracing/session.py); traces opened inside it become part of it
+_current_session: ContextVar[Any] = ContextVar("intervene_compiler_session", default=None)
 _LITERALS = frozenset({int, float, str, bool, type(None), complex, bytes})
 
 
@@ -127,6 +130,16 @@ class Tracer:
         self._implicit: Invoker | None = None
         self.graph: Graph | None = None
         self.output: Any = None
+        # inside `model.session()`: the block records into the session (see session.py) and runs when it does
+        self._session = None
+        self._closed = False  # recorded and handed to the session, which has not run yet
+        self._bound = None  # (graph, prepared inputs) the session runs this trace with
+        if mode in ("trace", "generate") and not self._validate:
+            session = _current_session.get()
+            if session is not None:
+                self._session = session
+                self._ids = session._ids  # ids are unique across the session, so traces can read each other
+                self._loc = user_location()
 
     # -- context protocol ---------------------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -152,6 +165,14 @@ class Tracer:
         if exc_type is not None:
             self._finished = True
             self._error = exc
+            return False
+        if self._session is not None:
+            try:
+                self._defer_to_session()
+            except BaseException as e:
+                self._finished = True
+                self._error = e
+                raise
             return False
         try:
             self._run()
@@ -244,6 +265,8 @@ class Tracer:
     def _record(
         self, op: Op, target: Any, args: tuple = (), kwargs: dict | None = None, *, after=()
     ) -> Proxy:
+        if self._closed:  # a trace recorded earlier in the open session: record where the session is now
+            return self._session._record(op, target, args, kwargs, after=after)
         if self._finished:
             raise TracingError(
                 "this tracing block has already exited; its values can no longer record operations",
@@ -251,10 +274,10 @@ class Tracer:
                 "do the work inside the `with` block, or on saved values after it",
             )
         refs: list[int] = []
-        enc_args = self._encode(args, refs)
+        enc_args = self._encode(args, refs) if args else ()
         enc_kwargs = tuple((k, self._encode(v, refs)) for k, v in kwargs.items()) if kwargs else ()
         last_mut = self._last_mut
-        deps = {last_mut[r] for r in refs if r in last_mut}
+        deps = {last_mut[r] for r in refs if r in last_mut} if refs and last_mut else set()
         if self._body_of and refs:
             deps = check_scope(self, refs, deps)
         if after:
@@ -267,7 +290,7 @@ class Tracer:
             enc_args,
             enc_kwargs,
             self._guards,
-            tuple(sorted(deps)),
+            tuple(sorted(deps)) if deps else (),
             self._invoke,
             (),
             user_location(),
@@ -287,6 +310,10 @@ class Tracer:
             tracer = v._tracer
             if tracer is self:
                 nid = v._node_id()
+                refs.append(nid)
+                return Ref(nid)
+            if self._session is not None and tracer._session is self._session:
+                nid = v._node_id()  # a value of the session or of an earlier trace in it
                 refs.append(nid)
                 return Ref(nid)
             if tracer._finished:
@@ -367,7 +394,10 @@ class Tracer:
             raise InvokeError(
                 "invokes cannot be nested", invoker.loc, "close one invoke before opening the next"
             )
-        args, kwargs, batch_size = self.model._prepare_inputs(*invoker.args, **invoker.kwargs)
+        if self._session is not None and _find_live_tracer(invoker.args, invoker.kwargs) is not None:
+            args, kwargs, batch_size = None, None, 0  # a session value: prepared when the session runs
+        else:
+            args, kwargs, batch_size = self.model._prepare_inputs(*invoker.args, **invoker.kwargs)
         invoker.inputs = (args, kwargs)
         invoker.batch_size = batch_size
         invoker.index = len(self._invokers)
@@ -418,29 +448,26 @@ class Tracer:
         return graph
 
     def _run(self) -> None:
-        for barrier in self._barriers:
-            barrier.check()
-        graph = self._build_graph()
-        if self._mode == "edit":
-            self.graph = graph
-            self.model._add_edit(graph)
-            return
-        if not self._invokers:
-            raise InvokeError(
-                "the trace has no input",
-                None,
-                "pass the input to `model.trace(x)`, or add `with tracer.invoke(x):` blocks",
-            )
+        if self._bound is not None:  # run by a session, with its values bound (backends/session.py)
+            graph, prepared = self._bound
+        else:
+            for barrier in self._barriers:
+                barrier.check()
+            graph = self._build_graph()
+            if self._mode == "edit":
+                self.graph = graph
+                self.model._add_edit(graph)
+                return
+            self._check_has_input()
+            prepared = [inv.inputs for inv in self._invokers]
         graph = self.model._with_edits(graph)
-        from ..pipeline import optimize
-
         traced = graph
-        graph, self._steps = optimize(graph)
+        graph, self._steps = optimize(graph, self.model._last_position_module())
         self._traced = traced
         self.graph = graph
         if os.environ.get("IC_DEBUG"):
             print(format_graph(graph))
-        args, kwargs = self.model._batch_inputs([inv.inputs for inv in self._invokers])
+        args, kwargs = self.model._batch_inputs(prepared)
         result = self.model._execute_graph(
             graph, args, kwargs, fake=self._mode == "scan", compile=self._compile
         )
@@ -450,6 +477,34 @@ class Tracer:
         self._stop_loc = result.stop_loc
         self._skipped = result.skipped
         self.output = result.output
+
+    def _check_has_input(self) -> None:
+        if not self._invokers:
+            raise InvokeError(
+                "the trace has no input",
+                None,
+                "pass the input to `model.trace(x)`, or add `with tracer.invoke(x):` blocks",
+            )
+
+    def _defer_to_session(self) -> None:
+        """Hand the recorded block to the open session as one TRACE node; it runs when the session does."""
+        for barrier in self._barriers:
+            barrier.check()
+        self._check_has_input()
+        graph = self._build_graph()
+        inputs = tuple((inv.args, inv.kwargs) for inv in self._invokers)
+        self._closed = True
+        self._session._add_trace(self, graph, inputs, self._loc)
+
+    def _finish_in_session(self, results: dict[int, Any], error: BaseException | None) -> None:
+        """The session ran (or failed): saved values are the session's, keyed by this trace's node ids."""
+        self._closed = False
+        self._finished = True
+        self._results = results
+        self._skipped = {}
+        self._stop_loc = None
+        if error is not None and self._error is None:
+            self._error = error
 
     def explain(self, file=None) -> str:
         """Print (and return) the graph as traced and after each pass, and how the run was executed.
@@ -486,6 +541,8 @@ class Tracer:
 
     def _value_of(self, proxy: Proxy) -> Any:
         nid = proxy._node_id() if not self._finished else proxy._id
+        if self._session is not None:  # saved values of a session's traces are the session's
+            return self._session._session_value(nid)
         if not self._finished:
             raise ValueNotReadyError(
                 "`.value` was read inside the tracing block, before the model ran",

@@ -18,7 +18,14 @@ import torch
 from ...ir import Graph, Op, saved_ids, structure_tuple
 from ..eager.runner import RunResult, run_graph
 from .lowering import lift_family, lift_values
-from .program import BackwardSplit, Dispatcher, Program, record_schedule, split_backward
+from .program import (
+    BackwardSplit,
+    Dispatcher,
+    Program,
+    host_only_params,
+    record_schedule,
+    split_backward,
+)
 
 _STATS: dict[str, Any] = {}
 
@@ -86,7 +93,7 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     keyed, family = lift_family(lowered, model._module)  # a ModuleList member index becomes an input
     key = (
         structure_tuple(keyed),
-        _param_signature(keyed.params),
+        _param_signature(keyed.params, host_only_params(keyed)),
         _signature(args),
         _signature(kwargs),
         torch.is_grad_enabled(),
@@ -237,7 +244,14 @@ def _signature(value: Any) -> Any:
     return value
 
 
-def _param_signature(params: tuple) -> tuple:
+def _param_signature(params: tuple, host_only: frozenset[int] = frozenset()) -> tuple:
+    """Tensors by shape/dtype; other objects by identity (the graph may bake them in), except containers only
+    host effects touch (they never enter the graph, see ``split_backward``), which key by type."""
     return tuple(
-        _signature(p) if isinstance(p, torch.Tensor) else (type(p).__qualname__, id(p)) for p in params
+        _signature(p)
+        if isinstance(p, torch.Tensor)
+        else (type(p).__qualname__,)
+        if i in host_only
+        else (type(p).__qualname__, id(p))
+        for i, p in enumerate(params)
     )

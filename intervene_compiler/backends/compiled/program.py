@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ...ir import Graph, Node, Op, SiteKind, saved_ids
+from ...ir import Graph, Node, Op, ParamRef, SiteKind, is_mutation, saved_ids
+from ...ir.nodes import map_args
 from ..eager.runner import _EarlyStop, _Run
 
 _BEFORE, _AFTER = "before", "after"
@@ -74,16 +75,22 @@ class BackwardSplit:
 
 
 def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
-    """Split off GRAD/BACKWARD and what depends on them; (None, reason) when that cannot be compiled."""
+    """Split off GRAD/BACKWARD and what depends on them; (None, reason) when that cannot be compiled.
+
+    Host effects go with them: appending a traced value to a Python list (or dict, set) the trace did not create
+    (``losses.append(loss)`` on a list from before the trace or from a session) runs after the compiled call.
+    Inside the graph it would make Dynamo guard on the list's length and recompile every time it grows.
+    """
     ops = {n.op for n in graph.nodes}
-    if Op.GRAD not in ops and Op.BACKWARD not in ops:
+    host = _host_effects(graph)
+    if Op.GRAD not in ops and Op.BACKWARD not in ops and not host:
         return BackwardSplit(graph), None
     if Op.SET_GRAD in ops:
         return None, "setting gradients during backward (`.grad = ...`) is not compiled yet"
     by_id = {n.id: n for n in graph.nodes}
     post: set[int] = set()
     for n in graph.nodes:
-        if n.op in (Op.GRAD, Op.BACKWARD) or any(d in post for d in n.refs):
+        if n.op in (Op.GRAD, Op.BACKWARD) or n.id in host or any(d in post for d in n.refs):
             post.add(n.id)
     probes: dict[int, int] = {}
     for n in graph.nodes:
@@ -105,6 +112,39 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
         forward.append(n)
     ordered_post = tuple(n for n in graph.nodes if n.id in post)
     return BackwardSplit(graph.replace(nodes=tuple(forward)), ordered_post, probes, tuple(needed)), None
+
+
+def _host_effects(graph: Graph) -> set[int]:
+    """Mutations of non-tensor params (Python containers) that nothing else in the graph reads."""
+    found: dict[int, int] = {}  # node id -> param index
+    for n in graph.nodes:
+        if n.op is Op.METHOD and is_mutation(n) and type(n.args[0]) is ParamRef:
+            if not isinstance(graph.params[n.args[0].index], torch.Tensor):
+                found[n.id] = n.args[0].index
+    if not found:
+        return set()
+    read: dict[int, int] = {}  # param index -> how many nodes mention it
+    for n in graph.nodes:
+        for index in _param_indices((n.args, n.kwargs)):
+            read[index] = read.get(index, 0) + 1
+    per_param: dict[int, int] = {}
+    for index in found.values():
+        per_param[index] = per_param.get(index, 0) + 1
+    return {nid for nid, index in found.items() if read[index] == per_param[index]}
+
+
+def host_only_params(graph: Graph) -> frozenset[int]:
+    """Indices of the params that only host effects use (see ``_host_effects``)."""
+    if not any(n.op is Op.METHOD for n in graph.nodes):
+        return frozenset()
+    host = _host_effects(graph)
+    return frozenset(n.args[0].index for n in graph.nodes if n.id in host)
+
+
+def _param_indices(value: Any) -> list[int]:
+    out: list[int] = []
+    map_args(value, lambda leaf: out.append(leaf.index) if type(leaf) is ParamRef else None)
+    return out
 
 
 class Program(_Run):
