@@ -1774,3 +1774,50 @@ def test_requires_grad_on_one_invokes_rows_reaches_other_invokes(tiny, net):
     torch.testing.assert_close(ga.value, h.grad[:1])  # zeros: the loss does not read invoke 0's rows
     torch.testing.assert_close(gb.value, h.grad[1:])
     assert gb.value.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_identical_invokes_share_their_prefix(arch, gpt2_module, llama_module):
+    """Patching sweeps put one prompt in every invoke: the layers before the first edit run on one row, and the
+    results equal one plain-hook run per invoke. Different inputs still run as one batch."""
+    m = gpt2_module if arch == "gpt2" else llama_module
+    blocks = m.transformer.h if arch == "gpt2" else m.model.layers
+    model = NNsight(m)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    src = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    rows: list[int] = []
+    handle = blocks[0].register_forward_pre_hook(lambda mod, a: rows.append(a[0].shape[0]))
+    try:
+        with model.trace() as tracer:
+            outs = []
+            for pos in range(4):
+                with tracer.invoke(ids):
+                    block = model.transformer.h[1] if arch == "gpt2" else model.model.layers[1]
+                    block.output[:, pos] = src[pos]
+                    outs.append(model.lm_head.output[:, -1].save())
+        assert rows == [1]  # block 0 ran once, on one row
+        rows.clear()
+        other = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+        with model.trace() as tracer:
+            for x in (ids, other):
+                with tracer.invoke(x):
+                    block = model.transformer.h[1] if arch == "gpt2" else model.model.layers[1]
+                    block.output[:, 0] = src[0]
+        assert rows == [2]  # different inputs: one batch of two rows
+    finally:
+        handle.remove()
+    for pos, out in enumerate(outs):
+
+        def patch(mod, args, output, pos=pos):
+            output = output.clone()
+            output[:, pos] = src[pos]
+            return output
+
+        h = blocks[1].register_forward_hook(patch)
+        try:
+            with torch.no_grad():
+                ref = m(ids).logits[:, -1]
+        finally:
+            h.remove()
+        torch.testing.assert_close(out.value, ref)
+    assert_clean(m)

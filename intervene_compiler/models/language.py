@@ -290,15 +290,7 @@ class LanguageModel(NNsight):
         """The output embeddings (``lm_head``): a causal LM applies them last, to each position on its own."""
         if self._checkpoint.generating is not None:
             return None
-        path = self.__dict__.get("_unembed_path", False)
-        if path is False:
-            path = None
-            get = getattr(self._module, "get_output_embeddings", None)
-            head = get() if get is not None else None
-            if isinstance(head, torch.nn.Linear):
-                path = next((name for name, m in self._module.named_modules() if m is head), None)
-            object.__setattr__(self, "_unembed_path", path)
-        return path
+        return super()._last_position_module()
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """The HF model's forward (position ids from the attention mask), or ``generate`` in a generate block."""

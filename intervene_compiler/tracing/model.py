@@ -8,13 +8,14 @@ pad), how the model is called (``_forward``) and which backend runs a graph (``_
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
 
 from ..backends.eager import run_graph
 from ..errors import InvokeError, TracingError, user_location
-from ..ir import Graph, prepend
+from ..ir import Graph, Op, prepend
 from .envoy import Envoy, ModelState
 from .session import Session
 from .tracer import Tracer
@@ -144,22 +145,66 @@ class NNsight(Envoy):
 
     def _last_position_module(self) -> str | None:
         """The path of the module the model applies last and position-wise, for last-position narrowing
-        (``passes/last_position.py``); None when unknown. A plain module's order is not known: None."""
-        return None
+        (``passes/last_position.py``); None when unknown.
+
+        Known only for ``transformers`` causal LMs (models that can ``generate``): their output embeddings are a
+        Linear applied to the final hidden states, after everything else. A plain module's order is unknown.
+        """
+        path = self.__dict__.get("_unembed_path", False)
+        if path is False:
+            path = _unembedding_path(self._module)
+            object.__setattr__(self, "_unembed_path", path)
+        return path
+
+    def _batch_for(self, graph: Graph, prepared: list[tuple[tuple, dict]], fake_or_compiled: bool):
+        """``(args, kwargs, repeat)`` for a run: the batch of every invoke's input, or, when the invokes are
+        identical one-row inputs to a model whose prefix can be shared, that one row and ``repeat`` = how many.
+
+        Activation patching puts the same corrupted prompt in every invoke and edits a different position of one
+        layer in each: the layers before the first edit compute the same rows. Sharing them runs the forward on
+        one row up to the first site any node touches and repeats the value there (``run_graph``'s ``repeat``).
+        It needs the model's later layers to broadcast one-row side inputs (attention masks, position
+        embeddings) against the repeated rows, which holds for the families in ``_SHARED_PREFIX_FAMILIES``; it is
+        used on the eager backend only, and only for graphs that touch a site and need nothing else of the run.
+        """
+        if (
+            not fake_or_compiled
+            and len(prepared) > 1
+            and self._shares_prefix()
+            and _prefix_graph(graph)
+            and _identical_rows(prepared)
+        ):
+            args, kwargs = prepared[0]
+            return args, kwargs, len(prepared)
+        args, kwargs = self._batch_inputs(prepared)
+        return args, kwargs, 0
+
+    def _shares_prefix(self) -> bool:
+        config = getattr(self._module, "config", None)
+        return (
+            self._last_position_module() is not None
+            and getattr(config, "model_type", None) in _SHARED_PREFIX_FAMILIES
+        )
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped model (the forward pass interventions run alongside)."""
         return self._module(*args, **kwargs)
 
     def _execute_graph(
-        self, graph: Graph, args: tuple, kwargs: dict, fake: bool = False, compile: bool = False
+        self,
+        graph: Graph,
+        args: tuple,
+        kwargs: dict,
+        fake: bool = False,
+        compile: bool = False,
+        repeat: int = 0,
     ):
         if compile and not fake:
             from ..backends.compiled import run_compiled
 
             return run_compiled(self, graph, args, kwargs)
         if not fake:
-            return run_graph(self, graph, args, kwargs)
+            return run_graph(self, graph, args, kwargs, repeat)
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from .fakes import _to_fake
@@ -210,6 +255,68 @@ class Editor:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         return self.tracer.__exit__(exc_type, exc, tb)
+
+
+# transformers model types whose layers broadcast one-row masks and position embeddings against more rows
+# (checked: tests/test_tracing.py::test_identical_invokes_share_their_prefix)
+_SHARED_PREFIX_FAMILIES = frozenset({"gpt2", "llama"})
+_NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.MODULE})
+
+
+def _prefix_graph(graph: Graph) -> bool:
+    """Does ``graph`` touch a module site and need nothing else of the run (output, caches, gradients)?"""
+    if graph.needs_output:
+        return False
+    touches = False
+    for n in graph.nodes:
+        if n.op in _NOT_PREFIX_OPS:
+            return False
+        if n.op is Op.SITE or n.op is Op.SET or n.op is Op.UPDATE:
+            if n.target.path == "":
+                return False
+            touches = True
+    return touches
+
+
+def _identical_rows(prepared: list[tuple[tuple, dict]]) -> bool:
+    """Are all invokes' inputs the same one-row input?"""
+    first = prepared[0]
+    leaves = _leaves(first)
+    if not any(isinstance(v, torch.Tensor) for v in leaves):
+        return False
+    if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 1) for v in leaves):
+        return False
+    for other in prepared[1:]:
+        ol = _leaves(other)
+        if len(ol) != len(leaves):
+            return False
+        for a, b in zip(leaves, ol):
+            if isinstance(a, torch.Tensor):
+                if not (isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)):
+                    return False
+            elif type(a) is not type(b) or a != b:
+                return False
+    return True
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _leaves(v)]
+    if isinstance(value, dict):
+        return [k for k in value] + [x for v in value.values() for x in _leaves(v)]
+    return [value]
+
+
+def _unembedding_path(module: torch.nn.Module) -> str | None:
+    transformers = sys.modules.get("transformers")
+    mixin = getattr(transformers, "GenerationMixin", None) if transformers is not None else None
+    if mixin is None or not isinstance(module, mixin):
+        return None
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    return next((name for name, m in module.named_modules() if m is head), None)
 
 
 def _concat(values: list, what: str) -> Any:

@@ -467,10 +467,10 @@ class Tracer:
         self.graph = graph
         if os.environ.get("IC_DEBUG"):
             print(format_graph(graph))
-        args, kwargs = self.model._batch_inputs(prepared)
-        result = self.model._execute_graph(
-            graph, args, kwargs, fake=self._mode == "scan", compile=self._compile
-        )
+        fake = self._mode == "scan"
+        args, kwargs, repeat = self.model._batch_for(graph, prepared, fake or self._compile)
+        options = {"repeat": repeat} if repeat else {}
+        result = self.model._execute_graph(graph, args, kwargs, fake=fake, compile=self._compile, **options)
         if self._compile:
             self._entry = self.model._state.compiled.last
         self._results = result.values

@@ -64,10 +64,36 @@ class RunResult:
     skipped: dict[int, SourceLoc | None] = field(default_factory=dict)  # saved id -> line of the false cond
 
 
-def run_graph(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
-    """Run ``model`` (an NNsight wrapper) on ``args``/``kwargs`` with ``graph``'s interventions."""
+def run_graph(model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0) -> RunResult:
+    """Run ``model`` (an NNsight wrapper) on ``args``/``kwargs`` with ``graph``'s interventions.
+
+    ``repeat`` > 1: the invokes all have this same one-row input, given once; the forward runs on one row up to
+    the first event any node touches, where the value is repeated to one row per invoke (the shared prefix of
+    identical invokes is computed once; see ``NNsight._batch_for``).
+    """
     run = _Run(model, graph)
+    run.repeat = repeat
     return run.execute(args, kwargs)
+
+
+def repeat_rows(value: Any, n: int) -> Any:
+    """``value`` with every tensor of batch size 1 repeated to ``n`` rows (through tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == 1:
+            return value.expand(n, *value.shape[1:]).clone()
+        return value
+    t = type(value)
+    if t is tuple or t is list:
+        return t(repeat_rows(v, n) for v in value)
+    if isinstance(value, dict):
+        items = {k: repeat_rows(v, n) for k, v in value.items()}
+        if t is dict:
+            return items
+        try:
+            return t(**items)
+        except TypeError:
+            return items
+    return value
 
 
 class _Plan:
@@ -196,6 +222,7 @@ def _add_hook(mod: torch.nn.Module, fn, pre: bool):
 class _Run:
     def __init__(self, model, graph: Graph):
         self.model = model
+        self.repeat = 0  # see run_graph
         self.module: torch.nn.Module = model._module
         self.graph = graph
         self.params = graph.params
@@ -319,8 +346,13 @@ class _Run:
                 keys = self._event_keys(key)
                 if not keys:
                     return None
-            before = (args, kwargs)
-            new = before
+            if self.repeat:
+                args, kwargs = repeat_rows((args, kwargs), self.repeat)
+                self.repeat = 0
+                before = None  # the repeated inputs replace the originals
+            else:
+                before = (args, kwargs)
+            new = (args, kwargs)
             for k in keys:
                 new = self._visit(k, new)
             if new is before:
@@ -343,6 +375,10 @@ class _Run:
             if self.steps is None:
                 if key not in site_nodes:
                     return None
+                if self.repeat:
+                    new = self._visit(key, repeat_rows(output, self.repeat))
+                    self.repeat = 0
+                    return new
                 new = self._visit(key, output)
             else:
                 new = output
