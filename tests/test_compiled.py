@@ -325,3 +325,18 @@ def test_layer_sweep_of_reads_with_truncation(gpt):
         torch.testing.assert_close(outs[0].value, outs[1].value)
     stats = ic.compile_stats()
     assert stats["compiles"] == 1 and stats["cache_hits"] == 1, stats
+
+
+def test_log_compiles_and_prints_after_the_forward(mlp, capsys):
+    """`tracer.log` is a host effect: the graph compiles, the values print after the compiled forward."""
+    x = torch.rand(2, 5)
+    printed = []
+    for compile in (False, True, True):
+        with mlp.trace(x, compile=compile) as tracer:
+            tracer.log("layer1 sum:", mlp.layer1.output.sum())
+            out = mlp.output.save()
+        printed.append(capsys.readouterr().out)
+        torch.testing.assert_close(out.value, mlp._model(x))
+    assert printed[0] == printed[1] == printed[2] and printed[0].startswith("layer1 sum: tensor(")
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 0 and stats["compiles"] == 1 and stats["cache_hits"] == 1, stats

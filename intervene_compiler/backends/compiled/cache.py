@@ -49,7 +49,6 @@ def compile_stats() -> dict[str, Any]:
 reset_compile_stats()
 
 _UNSUPPORTED = {
-    Op.LOG: "`tracer.log` prints while the model runs, which a compiled graph cannot do",
     Op.CACHE: "`tracer.cache()` is not compiled yet",
     Op.COND: "`tracer.cond` is data-dependent control flow",
 }

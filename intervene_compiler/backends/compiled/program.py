@@ -80,6 +80,7 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
     Host effects go with them: appending a traced value to a Python list (or dict, set) the trace did not create
     (``losses.append(loss)`` on a list from before the trace or from a session) runs after the compiled call.
     Inside the graph it would make Dynamo guard on the list's length and recompile every time it grows.
+    ``tracer.log`` is one too: it prints the values after the compiled forward (a graph cannot print).
     """
     ops = {n.op for n in graph.nodes}
     host = _host_effects(graph)
@@ -115,14 +116,15 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
 
 
 def _host_effects(graph: Graph) -> set[int]:
-    """Mutations of non-tensor params (Python containers) that nothing else in the graph reads."""
+    """LOG nodes, and mutations of non-tensor params (Python containers) that nothing else in the graph reads."""
     found: dict[int, int] = {}  # node id -> param index
+    logs = {n.id for n in graph.nodes if n.op is Op.LOG}
     for n in graph.nodes:
         if n.op is Op.METHOD and is_mutation(n) and type(n.args[0]) is ParamRef:
             if not isinstance(graph.params[n.args[0].index], torch.Tensor):
                 found[n.id] = n.args[0].index
     if not found:
-        return set()
+        return logs
     read: dict[int, int] = {}  # param index -> how many nodes mention it
     for n in graph.nodes:
         for index in _param_indices((n.args, n.kwargs)):
@@ -130,7 +132,7 @@ def _host_effects(graph: Graph) -> set[int]:
     per_param: dict[int, int] = {}
     for index in found.values():
         per_param[index] = per_param.get(index, 0) + 1
-    return {nid for nid, index in found.items() if read[index] == per_param[index]}
+    return logs | {nid for nid, index in found.items() if read[index] == per_param[index]}
 
 
 def host_only_params(graph: Graph) -> frozenset[int]:
@@ -138,7 +140,7 @@ def host_only_params(graph: Graph) -> frozenset[int]:
     if not any(n.op is Op.METHOD for n in graph.nodes):
         return frozenset()
     host = _host_effects(graph)
-    return frozenset(n.args[0].index for n in graph.nodes if n.id in host)
+    return frozenset(n.args[0].index for n in graph.nodes if n.id in host and n.op is Op.METHOD)
 
 
 def _param_indices(value: Any) -> list[int]:
