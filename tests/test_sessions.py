@@ -458,3 +458,45 @@ def test_lora_training_as_a_plain_loop_of_compiled_traces(llama_lm, lm_dirs):
     want_a, want_b = _plain_lora_training(hf, tok, dataset, dim, r, 0.5, 0)
     assert_close(WA.detach(), want_a, rtol=1e-4, atol=1e-5)
     assert_close(WB.detach(), want_b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_lora_on_the_tiny_network_in_a_session(compile):
+    """A LoRA on the walkthrough's network trained inside a session (Parameters, SGD and a DataLoader created in
+    the session), eager and compiled, equals the same loop in plain PyTorch with a hook."""
+    net = tiny_mlp()
+    model = NNsight(net)
+    xs, ys = torch.rand(8, 5, generator=torch.Generator().manual_seed(0)), torch.rand(8, 2)
+    data = list(zip(xs, ys))
+    nnsight.reset_compile_stats()
+    torch.manual_seed(0)
+    with model.session() as session:
+        a = torch.nn.Parameter(torch.randn(5, 2) * 0.1).save()
+        b = torch.nn.Parameter(torch.zeros(2, 10)).save()
+        opt = torch.optim.SGD([a, b], lr=0.5)
+        with session.iter(DataLoader(data, batch_size=2)) as batch:
+            with model.trace(batch[0], compile=compile):
+                model.layer1.output = model.layer1.output + model.layer1.input @ a @ b
+                loss = ((model.output - batch[1]) ** 2).mean()
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    torch.manual_seed(0)
+    pa = torch.nn.Parameter(torch.randn(5, 2) * 0.1)
+    pb = torch.nn.Parameter(torch.zeros(2, 10))
+    popt = torch.optim.SGD([pa, pb], lr=0.5)
+    handle = net.layer1.register_forward_hook(lambda m, args, out: out + args[0] @ pa @ pb)
+    try:
+        for x, y in DataLoader(data, batch_size=2):
+            loss = ((net(x) - y) ** 2).mean()
+            loss.backward()
+            popt.step()
+            popt.zero_grad()
+    finally:
+        handle.remove()
+    assert_close(a.value.detach(), pa.detach())
+    assert_close(b.value.detach(), pb.detach())
+    assert pb.abs().sum() > 0
+    if compile:
+        stats = nnsight.compile_stats()
+        assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
