@@ -11,10 +11,12 @@ one trace can be used by a later one without ``.save()``; only saved values surv
 
 Graph-era code creates training state inside the session (``torch.nn.Parameter(...)``, ``torch.optim.AdamW(...)``)
 and expects it to be part of the program, so that ``optimizer.step()`` inside a loop body runs every iteration.
-For that, while a session records (and only then), ``torch.nn.Parameter`` and the optimizer classes of
-``torch.optim`` are replaced by recording versions: a Parameter created at session level is a session value, and
-an optimizer built on session values is one too. The originals are restored when the session's block ends, before
-anything runs, also on errors. This is the only patching the package does.
+For that, while a session records (and only then), ``__new__`` of ``torch.nn.Parameter`` and of
+``torch.optim.Optimizer`` record: a Parameter created at session level is a session value, and an optimizer built
+on session values is one too. The classes themselves are untouched (isinstance, subclassing and lazily imported
+torch modules work as usual); ``Parameter.__new__`` is restored when the session's block ends, before anything runs,
+also on errors (``Optimizer.__new__`` stays, inert outside a recording session: see ``_install_patches``). This is
+the only patching the package does.
 """
 
 from __future__ import annotations
@@ -396,55 +398,39 @@ def _add_exports(graph: Graph, ids) -> Graph:
 
 
 # -- recording constructors while a session records -----------------------------------------------------------
-_PARAMETER = torch.nn.Parameter
+# Only ``__new__`` of ``Parameter`` and ``Optimizer`` is swapped (the classes stay the same objects): isinstance
+# checks, subclasses (torch's own, imported lazily while a session records) and pickling are unaffected. A
+# ``__new__`` that returns a proxy, which is not an instance of the class, makes Python skip ``__init__``.
+_PARAMETER = torch.nn.parameter.Parameter
+_OPTIMIZER = torch.optim.Optimizer
 
 
-class _ParameterMeta(type):
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(obj, _PARAMETER)
-
-    def __subclasscheck__(cls, sub: type) -> bool:
-        return issubclass(sub, _PARAMETER)
-
-    def __call__(cls, data: Any = None, requires_grad: bool = True) -> Any:
-        session = _current_session.get()
-        if session is not None and _current.get() is session and not session._finished:
-            return session._record(Op.CALL, _PARAMETER, (data,), {"requires_grad": requires_grad})
-        return _PARAMETER(data, requires_grad)
+def _parameter_new(cls, data: Any = None, requires_grad: bool = True) -> Any:
+    session = _current_session.get()
+    if cls is _PARAMETER and session is not None and _current.get() is session and not session._finished:
+        return session._record(Op.CALL, _PARAMETER, (data,), {"requires_grad": requires_grad})
+    return _ORIGINAL_PARAMETER_NEW(cls, data, requires_grad)
 
 
-class _SessionParameter(metaclass=_ParameterMeta):
-    """``torch.nn.Parameter`` while a session records: at session level it creates a session value."""
+def _optimizer_new(cls, *args: Any, **kwargs: Any) -> Any:
+    tracer = _find_live_tracer(args, kwargs)
+    if tracer is not None and getattr(tracer, "_session", None) is _current_session.get():
+        return tracer._record(Op.CALL, cls, args, kwargs)  # an optimizer over session values
+    return object.__new__(cls)
 
 
-def _recording_optimizer(cls: type) -> Any:
-    def make(*args: Any, **kwargs: Any) -> Any:
-        tracer = _find_live_tracer(args, kwargs)
-        if tracer is not None and getattr(tracer, "_session", None) is _current_session.get():
-            return tracer._record(Op.CALL, cls, args, kwargs)
-        return cls(*args, **kwargs)
-
-    make.__name__ = cls.__name__
-    make.__qualname__ = cls.__qualname__
-    make.__doc__ = cls.__doc__
-    make.__wrapped__ = cls
-    return make
+_ORIGINAL_PARAMETER_NEW = _PARAMETER.__dict__["__new__"].__func__
 
 
 def _install_patches() -> list[tuple[Any, str, Any]]:
-    saved = [(torch.nn, "Parameter", torch.nn.Parameter)]
-    for name in dir(torch.optim):
-        obj = getattr(torch.optim, name)
-        if (
-            isinstance(obj, type)
-            and issubclass(obj, torch.optim.Optimizer)
-            and obj is not torch.optim.Optimizer
-        ):
-            saved.append((torch.optim, name, obj))
+    saved = [(_PARAMETER, "__new__", _PARAMETER.__dict__["__new__"])]
     try:
-        torch.nn.Parameter = _SessionParameter
-        for owner, name, obj in saved[1:]:
-            setattr(owner, name, _recording_optimizer(obj))
+        _PARAMETER.__new__ = staticmethod(_parameter_new)
+        # Optimizer has no __new__ of its own, and CPython cannot give a class back its inherited object.__new__
+        # once one was assigned (deleting it leaves a slot that rejects arguments): the first session installs
+        # this one for good. Outside a recording session it is exactly object.__new__(cls).
+        if _OPTIMIZER.__dict__.get("__new__") is None:
+            _OPTIMIZER.__new__ = staticmethod(_optimizer_new)
     except BaseException:
         _remove_patches(saved)
         raise

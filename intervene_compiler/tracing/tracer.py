@@ -423,6 +423,13 @@ class Tracer:
         if self._finished:
             return getattr(proxy.value, attr)
         if self._fakes is None:
+            if any(inv.inputs[0] is None for inv in self._invokers):
+                raise TracingError(
+                    f"`.{attr}` is not known while this trace records: its input is a session value, which exists "
+                    "only when the session runs",
+                    user_location(),
+                    "read shapes with `model.scan(example_input)` before the session",
+                )
             self._enable_fakes()
         nid = proxy._node_id()
         fake = self._fakes.value(nid)
