@@ -340,3 +340,81 @@ def test_log_compiles_and_prints_after_the_forward(mlp, capsys):
     assert printed[0] == printed[1] == printed[2] and printed[0].startswith("layer1 sum: tensor(")
     stats = ic.compile_stats()
     assert stats["fallbacks"] == 0 and stats["compiles"] == 1 and stats["cache_hits"] == 1, stats
+
+
+def _hooked(module: torch.nn.Module) -> set[str]:
+    return {name for name, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks}
+
+
+def test_dispatcher_hooks_only_the_modules_programs_use():
+    """Hooks go on the modules a program has events at (and stay); other modules run their plain forward, a
+    second structure on another module adds its hook and still compiles, and eager runs are unaffected."""
+    net = tiny_gpt2(n_layer=2).requires_grad_(False)
+    model = ic.NNsight(net)
+    ids = torch.randint(0, 128, (1, 6))
+    plain = net(ids).logits
+    with model.trace(ids, compile=True):
+        model.transformer.h[1].mlp.output[:, 2] = 0
+        a = model.lm_head.output.save()
+    with model.trace(ids):
+        model.transformer.h[1].mlp.output[:, 2] = 0
+        a_eager = model.lm_head.output.save()
+    torch.testing.assert_close(a.value, a_eager.value)
+    # one block's module is a site family: every block's counterpart is hooked
+    assert _hooked(net) == {"transformer.h.0.mlp", "transformer.h.1.mlp", "lm_head"}
+    with model.trace(ids, compile=True):
+        model.transformer.ln_f.input[:, 0] = 1.0
+        b = model.output.save()
+    with model.trace(ids):
+        model.transformer.ln_f.input[:, 0] = 1.0
+        b_eager = model.output.save()
+    torch.testing.assert_close(b.value.logits, b_eager.value.logits)
+    assert _hooked(net) == {"transformer.h.0.mlp", "transformer.h.1.mlp", "lm_head", "transformer.ln_f", ""}
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 2 and stats["fallbacks"] == 0, stats
+    torch.testing.assert_close(net(ids).logits, plain)  # the hooks stay, inert outside a compiled call
+    with model.trace(ids):
+        c = model.lm_head.output.save()
+    torch.testing.assert_close(c.value, plain)
+    model.clear_compiled()
+    assert_clean(net)
+
+
+def test_repeated_blocks_compile_as_regions_outside_the_program(monkeypatch):
+    """Opt-in (``cache.REGIONAL``): blocks no program looks inside compile as nested regions, set only during the
+    compiled call; a block with an event inside it is traced inline; members with trainable parameters under
+    grad mode are no regions."""
+    from intervene_compiler.backends.compiled import cache
+
+    monkeypatch.setattr(cache, "REGIONAL", True)
+    net = tiny_gpt2(n_layer=2).requires_grad_(False)
+    model = ic.NNsight(net)
+    ids = torch.randint(0, 128, (1, 6))
+    blocks = list(net.transformer.h)
+    for layer in (0, 1):  # a site family on the blocks' outputs (hooks outside the blocks' forward)
+        outs = []
+        for compile in (True, False):
+            with model.trace(ids, compile=compile):
+                model.transformer.h[layer].output[:, 1] = 0
+                outs.append(model.lm_head.output.save())
+        torch.testing.assert_close(outs[0].value, outs[1].value)
+    dispatcher = model._state.compiled.dispatcher
+    assert [m for m, _, _ in dispatcher.usable_regions()] == blocks
+    assert all("forward" not in b.__dict__ for b in blocks)  # set only during a compiled call
+    outs = []
+    for compile in (True, False):  # an event inside block 0 (two blocks: no family): block 0 is traced inline
+        with model.trace(ids, compile=compile):
+            model.transformer.h[0].attn.output[0][:] = 0
+            model.transformer.h[1].output[:, 0] = 1.0
+            outs.append(model.lm_head.output.save())
+    torch.testing.assert_close(outs[0].value, outs[1].value)
+    assert [m for m, _, _ in dispatcher.usable_regions()] == blocks[1:]
+    blocks[1].mlp.c_fc.weight.requires_grad_(True)
+    assert dispatcher.usable_regions() == ()  # torch computes wrong gradients through such regions
+    with torch.no_grad():
+        assert [m for m, _, _ in dispatcher.usable_regions()] == blocks[1:]
+    blocks[1].mlp.c_fc.weight.requires_grad_(False)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 2 and stats["fallbacks"] == 0, stats
+    model.clear_compiled()
+    assert_clean(net)

@@ -182,6 +182,7 @@ class Program(_Run):
         self.family = None
         self.family_events: dict[tuple, tuple[tuple, int]] = {}  # member event -> (recorded event, member)
         self.region: dict[tuple, list[Node]] = {}
+        self._hook_points: frozenset | None = None
 
     def set_family(self, family, member: int) -> None:
         """Serve the events recorded on ModuleList member ``member`` at every member, gated by the index param.
@@ -189,6 +190,8 @@ class Program(_Run):
         At member ``i`` the region's nodes run on a copy of that member's activation; values that leave the
         region (read later, saved) and the activation written back are selected with ``torch.where(index == i)``,
         so after the family every value is the chosen member's, for any index, with one compiled program.
+        The gates ``index == i`` are inputs (see :func:`family_gates`), not computed in the graph: a constant
+        ``i`` in each member's gating kernel would make Inductor generate and build one kernel per member.
         """
         concrete = f"{family.prefix}.{member}"
         for key in [k for k in self.events if k[0] == concrete or k[0].startswith(concrete + ".")]:
@@ -197,10 +200,20 @@ class Program(_Run):
             for i in range(family.size):
                 self.family_events[(f"{family.prefix}.{i}{suffix}", key[1], key[2])] = (key, i)
         self.family = family
+        self.gate_base = family.param + 1  # after the member index (a family reads no gradients: no probes)
+        self._hook_points = None
         self.region_writes = {
             key: any(n.op in (Op.SET, Op.SETITEM, Op.UPDATE) or is_mutation_node(n) for n in nodes)
             for key, nodes in self.region.items()
         }
+
+    @property
+    def hook_points(self) -> frozenset[tuple[str, bool]]:
+        """(module path, pre-hook?) of every event this program runs nodes at (see :class:`Dispatcher`)."""
+        if self._hook_points is None:
+            keys = list(self.events) + list(self.family_events)
+            self._hook_points = frozenset((path, kind is not SiteKind.OUTPUT) for path, kind, _ in keys)
+        return self._hook_points
 
     def handles(self, key: tuple) -> bool:
         return key in self.events or key in self.family_events
@@ -256,7 +269,7 @@ class Program(_Run):
         return self.current.pop(key)
 
     def _on_member(self, key: tuple, recorded: tuple, member: int, value: Any) -> Any:
-        gate = self.params[self.family.param] == member
+        gate = self.params[self.gate_base + member]  # an input per member: one kernel serves every member
         writes = self.writes(key)
         working = _tree_map(torch.clone, value) if writes else value
         self.current[recorded] = working
@@ -278,6 +291,17 @@ class Program(_Run):
         if not writes:
             return value
         return _tree_zip(lambda a, b: torch.where(gate, a, b), new, value)
+
+
+_GATES: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+
+
+def family_gates(size: int, member: int) -> tuple[torch.Tensor, ...]:
+    """The gate inputs of a site family: ``tensor([i == member])`` for each of ``size`` members (cached)."""
+    gates = _GATES.get((size, member))
+    if gates is None:
+        gates = _GATES[(size, member)] = tuple(torch.tensor([i == member]) for i in range(size))
+    return gates
 
 
 def is_mutation_node(node: Node) -> bool:
@@ -307,23 +331,92 @@ def _tree_zip(fn, a: Any, b: Any) -> Any:
 
 
 class Dispatcher:
-    """Hooks on every module of a model that forward module events to the program of the running entry.
+    """Hooks that forward module events to the program of the running entry, on the modules programs need.
 
-    Installed once and kept (so Dynamo's guards on the hook dicts stay valid); inert when no program runs, so
-    outside a compiled call the model computes exactly what it computed before.
+    A module gets its pre-/post-hook the first time a program has an event there (:meth:`ensure`), and keeps it
+    (so Dynamo's guards on the hook dicts of the entries compiled since stay valid); modules no program touches
+    get none, so Dynamo traces their plain ``forward`` instead of inlining an inert hook at each of them. Inert
+    when no program runs: outside a compiled call the model computes exactly what it computed before.
     """
 
     def __init__(self, module: torch.nn.Module):
+        self.module = module
         self.program: Program | None = None
         self.handles = []
-        for path, mod in module.named_modules():
-            self.handles.append(mod.register_forward_pre_hook(self._pre(path), with_kwargs=True))
-            self.handles.append(mod.register_forward_hook(self._post(path), with_kwargs=True))
+        self.hooked: set[tuple[str, bool]] = set()  # (module path, pre-hook?)
+        self._regions: tuple | None = None  # see regions()
+        self._region_fns: dict[type, Any] = {}
+
+    def ensure(self, program: Program) -> None:
+        """Hook the modules ``program`` has events on (a no-op once they are)."""
+        points = program.hook_points
+        if points <= self.hooked:
+            return
+        for path, pre in sorted(points - self.hooked):
+            mod = self.module.get_submodule(path)
+            if pre:
+                self.handles.append(mod.register_forward_pre_hook(self._pre(path), with_kwargs=True))
+            else:
+                self.handles.append(mod.register_forward_hook(self._post(path), with_kwargs=True))
+            self.hooked.add((path, pre))
+        self._regions = None
+
+    def regions(self) -> tuple:
+        """(member, its forward as a nested compile region, its parameters) for each repeated block no program
+        looks inside.
+
+        A member of a ModuleList of two or more modules of one class, with children, none of which (at any depth)
+        is hooked: its hooks (events on the member itself) stay outside its ``forward``, so the region holds only
+        model code. During a compiled call the member's ``forward`` is this region (``torch.compiler.
+        nested_compile_region``): Inductor compiles the identical bodies once instead of once per member. Stable
+        objects, so Dynamo's guards on them hold from call to call; recomputed when hooks are added.
+        """
+        if self._regions is not None:
+            return self._regions
+        hooked = {path for path, _ in self.hooked}
+        found = []
+        for path, mod in self.module.named_modules():
+            if not isinstance(mod, torch.nn.ModuleList) or len(mod) < 2:
+                continue
+            members = list(mod)
+            cls = type(members[0])
+            if any(type(m) is not cls for m in members) or not any(True for _ in members[0].children()):
+                continue
+            if any(path == f or path.startswith(f + ".") for f, _ in found):
+                continue  # inside a region already
+            for i, member in enumerate(members):
+                name = f"{path}.{i}" if path else str(i)
+                inside = any(h.startswith(name + ".") for h in hooked)
+                if inside or "forward" in member.__dict__:
+                    continue
+                found.append((name, member))
+        self._regions = tuple(
+            (member, self._region_fn(type(member), len(found)).__get__(member), tuple(member.parameters()))
+            for _, member in found
+        )
+        return self._regions
+
+    def usable_regions(self) -> tuple:
+        """:meth:`regions`, less members with trainable parameters while grad mode is on: torch 2.13 computes
+        wrong gradients through a nested compile region whose parameters require grad."""
+        regions = self.regions()
+        if regions and torch.is_grad_enabled():
+            regions = tuple(r for r in regions if not any(p.requires_grad for p in r[2]))
+        return regions
+
+    def _region_fn(self, cls: type, count: int):
+        fn = self._region_fns.get(cls)
+        if fn is None:
+            fn = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=max(8, count + 1))
+            self._region_fns[cls] = fn
+        return fn
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self.hooked = set()
+        self._regions = None
 
     def _pre(self, path: str):
         def hook(mod, args, kwargs):
