@@ -25,9 +25,12 @@ from ._base import PassResult
 
 
 def keep_last_position(x: Any) -> Any:
-    """``x[:, -1:]`` for a tensor with a sequence dim (3 or more dims); anything else unchanged."""
+    """``x[:, -1:]`` (contiguous) for a tensor with a sequence dim (3 or more dims); anything else unchanged.
+
+    Contiguous: a Linear on the strided view is about 4x slower than on a copy (measured on CPU, batch 16).
+    """
     if getattr(x, "ndim", 0) >= 3:
-        return x[:, -1:]
+        return x[:, -1:].contiguous()
     return x
 
 
