@@ -6,9 +6,11 @@ hooks installed between calls and peers may wrap modules, and neither may leak i
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -52,6 +54,7 @@ def tokenizer_dir() -> str:
     from intervene_compiler.testing import tiny_tokenizer
 
     folder = tempfile.mkdtemp(prefix="bench_tok_")
+    atexit.register(shutil.rmtree, folder, True)  # a temporary folder: gone when the run ends
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
