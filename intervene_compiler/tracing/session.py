@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SourceLoc, TracingError, ValueNotReadyError, user_location
-from ..ir import Graph, Node, Op, ParamRef, Ref, format_node
+from ..ir import Graph, Node, Op, Ref, format_node
 from ..ir.nodes import walk_nodes
 from .contexts import Cond
 from .proxy import Proxy, _find_live_tracer
-from .tracer import _LITERALS, _current, _current_session
+from .tracer import Recorder, _current, _current_session
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -42,7 +42,7 @@ def current_session() -> Session | None:
     return _current_session.get()
 
 
-class Session:
+class Session(Recorder):
     """Records a session block (see the module docstring); users get it from ``model.session()``."""
 
     def __init__(self, model: Any = None):
@@ -147,52 +147,6 @@ class Session:
         )
         self._nodes.append(node)
         return Proxy(self, node.id)
-
-    def _encode(self, v: Any, refs: list[int]) -> Any:
-        t = type(v)
-        if t in _LITERALS:
-            return v
-        if t is Proxy:
-            tracer = v._tracer
-            if tracer._session is self:
-                nid = v._node_id()
-                refs.append(nid)
-                return Ref(nid)
-            if tracer._finished:
-                return self._param(v.value)
-            raise TracingError(
-                "a value from a tracing block outside this session was used here",
-                user_location(),
-                "save it in its own block and use it after that block exits",
-            )
-        if t is tuple:
-            return tuple(self._encode(x, refs) for x in v)
-        if t is list:
-            return [self._encode(x, refs) for x in v]
-        if t is dict:
-            return {k: self._encode(x, refs) for k, x in v.items()}
-        if t is slice:
-            return slice(self._encode(v.start, refs), self._encode(v.stop, refs), self._encode(v.step, refs))
-        if v is Ellipsis or isinstance(v, (torch.dtype, torch.device, torch.Size)):
-            return v
-        module = getattr(v, "_envoy_module", None)
-        if module is not None:
-            return self._param(module)
-        return self._param(v)
-
-    def _param(self, obj: Any) -> ParamRef:
-        index = self._param_index.get(id(obj))
-        if index is None:
-            index = len(self._params)
-            self._params.append(obj)
-            self._param_index[id(obj)] = index
-        return ParamRef(index)
-
-    def _save(self, proxy: Proxy) -> None:
-        nid = proxy._node_id()
-        if nid not in self._saved_ids:
-            self._saved_ids.add(nid)
-            self._record(Op.SAVE, None, (proxy,))
 
     def _add_trace(self, tracer: Tracer, graph: Graph, inputs: tuple, loc: SourceLoc | None) -> None:
         """Record a trace that exited inside the session as a TRACE node (it runs when the session does)."""

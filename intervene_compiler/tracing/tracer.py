@@ -78,7 +78,65 @@ class Shape(tuple):
         return repr(torch.Size(self))
 
 
-class Tracer:
+class Recorder:
+    """What a tracer and a session (session.py) share: turning recorded values into IR arguments.
+
+    Subclasses provide ``_record``, ``_session`` (the open session, or None), ``_params``/``_param_index`` and
+    ``_saved_ids``.
+    """
+
+    def _encode(self, v: Any, refs: list[int]) -> Any:
+        t = type(v)
+        if t in _LITERALS:
+            return v
+        if t is Proxy:
+            tracer = v._tracer
+            if tracer is self:
+                nid = v._node_id()
+                refs.append(nid)
+                return Ref(nid)
+            if self._session is not None and tracer._session is self._session:
+                nid = v._node_id()  # a value of the session, or of a trace in it
+                refs.append(nid)
+                return Ref(nid)
+            if tracer._finished:
+                return self._param(v.value)
+            raise TracingError(
+                "a value from another open tracing block was used here",
+                user_location(),
+                "save it in its own block and use it after that block exits",
+            )
+        if t is tuple:
+            return tuple(self._encode(x, refs) for x in v)
+        if t is list:
+            return [self._encode(x, refs) for x in v]
+        if t is dict:
+            return {k: self._encode(x, refs) for k, x in v.items()}
+        if t is slice:
+            return slice(self._encode(v.start, refs), self._encode(v.stop, refs), self._encode(v.step, refs))
+        if v is Ellipsis or t is torch.Size or t is Shape or isinstance(v, (torch.dtype, torch.device)):
+            return torch.Size(v) if t is Shape else v
+        module = getattr(v, "_envoy_module", None)
+        if module is not None:  # an envoy passed as a value stands for its module
+            return self._param(module)
+        return self._param(v)
+
+    def _param(self, obj: Any) -> ParamRef:
+        index = self._param_index.get(id(obj))
+        if index is None:
+            index = len(self._params)
+            self._params.append(obj)
+            self._param_index[id(obj)] = index
+        return ParamRef(index)
+
+    def _save(self, proxy: Proxy) -> None:
+        nid = proxy._node_id()
+        if nid not in self._saved_ids:
+            self._saved_ids.add(nid)
+            self._record(Op.SAVE, None, (proxy,))
+
+
+class Tracer(Recorder):
     """Records one tracing block. See the module docstring; users get it from ``model.trace()``."""
 
     def __init__(
@@ -301,56 +359,6 @@ class Tracer:
         if self._fakes is not None:
             self._fakes.execute(node, strict=self._validate)
         return Proxy(self, nid)
-
-    def _encode(self, v: Any, refs: list[int]) -> Any:
-        t = type(v)
-        if t in _LITERALS:
-            return v
-        if t is Proxy:
-            tracer = v._tracer
-            if tracer is self:
-                nid = v._node_id()
-                refs.append(nid)
-                return Ref(nid)
-            if self._session is not None and tracer._session is self._session:
-                nid = v._node_id()  # a value of the session or of an earlier trace in it
-                refs.append(nid)
-                return Ref(nid)
-            if tracer._finished:
-                return self._param(v.value)
-            raise TracingError(
-                "a value from another open tracing block was used here",
-                user_location(),
-                "save it in its own block and use it after that block exits",
-            )
-        if t is tuple:
-            return tuple(self._encode(x, refs) for x in v)
-        if t is list:
-            return [self._encode(x, refs) for x in v]
-        if t is dict:
-            return {k: self._encode(x, refs) for k, x in v.items()}
-        if t is slice:
-            return slice(self._encode(v.start, refs), self._encode(v.stop, refs), self._encode(v.step, refs))
-        if v is Ellipsis or t is torch.Size or t is Shape or isinstance(v, (torch.dtype, torch.device)):
-            return torch.Size(v) if t is Shape else v
-        module = getattr(v, "_envoy_module", None)
-        if module is not None:  # an envoy passed as a value stands for its module
-            return self._param(module)
-        return self._param(v)
-
-    def _param(self, obj: Any) -> ParamRef:
-        index = self._param_index.get(id(obj))
-        if index is None:
-            index = len(self._params)
-            self._params.append(obj)
-            self._param_index[id(obj)] = index
-        return ParamRef(index)
-
-    def _save(self, proxy: Proxy) -> None:
-        nid = proxy._node_id()
-        if nid not in self._saved_ids:
-            self._saved_ids.add(nid)
-            self._record(Op.SAVE, None, (proxy,))
 
     def _call_of(self, path: str) -> int:
         """The call a site access addresses: counted from the run's start, or inside an iteration block from the
