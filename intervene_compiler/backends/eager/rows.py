@@ -1,4 +1,4 @@
-"""An invoke's rows of a batched value: narrowing to them, and replacing them.
+"""An invoke's rows of a batched value: narrowing to them, replacing them, and repeating one row per invoke.
 
 Tensors whose first dimension is the batch size are narrowed (as views, so in-place edits reach the batch);
 tuples, lists and dicts (transformers' ModelOutput too) are walked; anything else is shared by all invokes.
@@ -22,6 +22,21 @@ def narrow(value: Any, start: int, stop: int, batch: int) -> Any:
         return t(narrow(v, start, stop, batch) for v in value)
     if isinstance(value, dict):
         items = {k: narrow(v, start, stop, batch) for k, v in value.items()}
+        return items if t is dict else _rebuild(value, items)
+    return value
+
+
+def repeat_rows(value: Any, n: int) -> Any:
+    """``value`` with every tensor of batch size 1 repeated to ``n`` rows (through tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == 1:
+            return value.expand(n, *value.shape[1:]).clone()
+        return value
+    t = type(value)
+    if t is tuple or t is list:
+        return t(repeat_rows(v, n) for v in value)
+    if isinstance(value, dict):
+        items = {k: repeat_rows(v, n) for k, v in value.items()}
         return items if t is dict else _rebuild(value, items)
     return value
 

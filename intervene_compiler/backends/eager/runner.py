@@ -19,7 +19,7 @@ from ...errors import GradientError, InterventionError, SourceLoc, execution_err
 from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, saved_ids
 from ...ir.nodes import walk_nodes
 from .interpreter import VALUE_OPS, resolve
-from .rows import narrow, replace
+from .rows import narrow, repeat_rows, replace
 
 _DONE, _SKIPPED, _ARMED, _RUNNING = 1, 2, 3, 4
 _LIVE = 5  # an ITER node while an instance of its body runs (body nodes read it as the step index)
@@ -74,26 +74,6 @@ def run_graph(model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0) -
     run = _Run(model, graph)
     run.repeat = repeat
     return run.execute(args, kwargs)
-
-
-def repeat_rows(value: Any, n: int) -> Any:
-    """``value`` with every tensor of batch size 1 repeated to ``n`` rows (through tuples, lists and dicts)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.shape[0] == 1:
-            return value.expand(n, *value.shape[1:]).clone()
-        return value
-    t = type(value)
-    if t is tuple or t is list:
-        return t(repeat_rows(v, n) for v in value)
-    if isinstance(value, dict):
-        items = {k: repeat_rows(v, n) for k, v in value.items()}
-        if t is dict:
-            return items
-        try:
-            return t(**items)
-        except TypeError:
-            return items
-    return value
 
 
 class _Plan:
