@@ -173,3 +173,48 @@ def save_tiny_lm(
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def generate_with_hooks(hf, tok, text, n, steer_at=None, steer=None, block=None, ablate_steps=None):
+    """Plain greedy ``hf.generate`` of ``text`` (``n`` new tokens) with forward hooks: the reference that tests
+    compare generation blocks against.
+
+    At each step (one forward of ``hf``) the hook on ``block`` adds ``steer`` to the last position (at every step,
+    or at the steps in ``steer_at``) and zeroes the output at the steps in ``ablate_steps``. Returns the ids, the
+    per-step last-position logits and the per-step last-position outputs of ``block``.
+    """
+    step = {"k": -1}
+    logits, hidden = [], []
+
+    def count(m, args, kwargs):
+        step["k"] += 1
+
+    def edit(m, a, out):
+        k = step["k"]
+        if steer is not None and (steer_at is None or k in steer_at):
+            out = out.clone()
+            out[:, -1] += steer
+        if ablate_steps is not None and k in ablate_steps:
+            out = torch.zeros_like(out)
+        hidden.append(out[:, -1])
+        return out
+
+    handles = [
+        hf.register_forward_pre_hook(count, with_kwargs=True),
+        hf.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[:, -1])),
+    ]
+    if block is not None:
+        handles.append(hf.get_submodule(block).register_forward_hook(edit))
+    try:
+        with torch.no_grad():
+            ids = hf.generate(
+                **tok(text, return_tensors="pt"),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return ids, logits, hidden

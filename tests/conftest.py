@@ -65,3 +65,21 @@ def lm_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_lms")
     return {arch: save_tiny_lm(str(root / arch), arch=arch) for arch in ("gpt2", "llama")}
+
+
+@pytest.fixture(scope="module")
+def hf_models(lm_dirs):
+    """The tiny checkpoints loaded with plain ``transformers``: arch -> (model, tokenizer), the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return {
+        arch: (AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+        for arch, path in lm_dirs.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def steer():
+    """A steering vector for the tiny checkpoints' width (64)."""
+    torch.manual_seed(3)
+    return torch.randn(64) * 4

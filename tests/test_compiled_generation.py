@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 import intervene_compiler as ic
-from intervene_compiler.testing import assert_clean
+from intervene_compiler.testing import assert_clean, generate_with_hooks
 
 BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
 PROMPT = "The Eiffel Tower is in the city of"
@@ -31,22 +31,6 @@ def compiled_lms(lm_dirs):
             assert_clean(model._module)
 
 
-@pytest.fixture(scope="module")
-def hf_models(lm_dirs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return {
-        arch: (AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
-        for arch, path in lm_dirs.items()
-    }
-
-
-@pytest.fixture(scope="module")
-def steer():
-    torch.manual_seed(3)
-    return torch.randn(64) * 4
-
-
 @pytest.fixture(autouse=True)
 def _stats():
     ic.reset_compile_stats()
@@ -55,37 +39,9 @@ def _stats():
 
 def hf_generate(hf, tok, block, steer=None, zero_steps=()):
     """Plain ``hf.generate`` with a forward hook on ``block``: returns (ids, per-step last-token logits)."""
-    step = {"k": -1}
-    logits = []
-
-    def count(m, args, kwargs):
-        step["k"] += 1
-
-    def edit(m, args, out):
-        if steer is not None:
-            out = out.clone()
-            out[:, -1] += steer
-        if step["k"] in zero_steps:
-            out = torch.zeros_like(out)
-        return out
-
-    handles = [
-        hf.register_forward_pre_hook(count, with_kwargs=True),
-        hf.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[:, -1])),
-        hf.get_submodule(block).register_forward_hook(edit),
-    ]
-    try:
-        with torch.no_grad():
-            ids = hf.generate(
-                **tok(PROMPT, return_tensors="pt"),
-                max_new_tokens=N,
-                min_new_tokens=N,
-                do_sample=False,
-                pad_token_id=tok.eos_token_id,
-            )
-    finally:
-        for h in handles:
-            h.remove()
+    ids, logits, _ = generate_with_hooks(
+        hf, tok, PROMPT, N, steer=steer, block=block, ablate_steps=zero_steps
+    )
     return ids, logits
 
 

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 import intervene_compiler as ic
 from intervene_compiler.errors import MissedSiteError, TracingError
 from intervene_compiler.ir import Graph, Node, Op, format_graph, from_data, to_data, verify
-from intervene_compiler.testing import assert_clean
+from intervene_compiler.testing import assert_clean, generate_with_hooks
 
 ARCHS = ("gpt2", "llama")
 BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
@@ -24,63 +24,12 @@ N = 4  # new tokens (also the minimum: an early EOS would end generation before 
 
 
 @pytest.fixture(scope="module")
-def hf_models(lm_dirs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return {
-        arch: (AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
-        for arch, path in lm_dirs.items()
-    }
-
-
-@pytest.fixture(scope="module")
 def lms(lm_dirs):
     return {arch: ic.LanguageModel(path) for arch, path in lm_dirs.items()}
 
 
-@pytest.fixture(scope="module")
-def steer(lm_dirs):
-    torch.manual_seed(3)
-    return torch.randn(64) * 4
-
-
-def hf_generate(hf, tok, text, n=N, steer_at=None, steer=None, block=None, ablate_steps=None):
-    """``hf.generate`` of ``text`` alone; returns (ids, per-step last-token logits, per-step block outputs)."""
-    step = {"k": -1}
-    logits, hidden = [], []
-
-    def count(m, args, kwargs):
-        step["k"] += 1
-
-    def edit(m, a, out):
-        k = step["k"]
-        if steer is not None and (steer_at is None or k in steer_at):
-            out = out.clone()
-            out[:, -1] += steer
-        if ablate_steps is not None and k in ablate_steps:
-            out = torch.zeros_like(out)
-        hidden.append(out[:, -1])
-        return out
-
-    handles = [
-        hf.register_forward_pre_hook(count, with_kwargs=True),
-        hf.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[:, -1])),
-    ]
-    if block is not None:
-        handles.append(hf.get_submodule(block).register_forward_hook(edit))
-    try:
-        with torch.no_grad():
-            ids = hf.generate(
-                **tok(text, return_tensors="pt"),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=tok.eos_token_id,
-            )
-    finally:
-        for h in handles:
-            h.remove()
-    return ids, logits, hidden
+def hf_generate(hf, tok, text, n=N, **edits):
+    return generate_with_hooks(hf, tok, text, n, **edits)
 
 
 # -- generate, generator.output, next() --------------------------------------------------------------------------

@@ -23,17 +23,6 @@ SHORT = "Hello"
 
 
 @pytest.fixture(scope="module")
-def hf_models(lm_dirs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = {}
-    for arch, path in lm_dirs.items():
-        tok = AutoTokenizer.from_pretrained(path)
-        out[arch] = (AutoModelForCausalLM.from_pretrained(path), tok)
-    return out
-
-
-@pytest.fixture(scope="module")
 def lms(lm_dirs):
     return {arch: ic.LanguageModel(path) for arch, path in lm_dirs.items()}
 
