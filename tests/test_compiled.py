@@ -153,19 +153,102 @@ def test_truncation_cuts_the_compiled_program(gpt):
 
 
 def test_unsupported_structure_falls_back_with_a_reason(mlp):
-    x = torch.rand(1, 5)
-    with mlp.trace(x, compile=True) as tracer:
-        with tracer.cond(mlp.layer1.output.sum() > 0):
-            mlp.layer2.output[:] = 0
-        out = mlp.output.save()
-    with mlp.trace(x) as tracer_eager:
-        with tracer_eager.cond(mlp.layer1.output.sum() > 0):
-            mlp.layer2.output[:] = 0
-        expected = mlp.output.save()
-    torch.testing.assert_close(out.value, expected.value)
+    """A stop under a condition on a tensor is control flow of the forward itself: eager, with the reason."""
+
+    def program(compile):
+        with mlp.trace(torch.ones(1, 5), compile=compile) as tracer:
+            h = mlp.layer1.output.save()
+            with tracer.cond(mlp.layer1.output.sum() > -1e9):
+                tracer.stop()
+        return tracer, h.value
+
+    tracer, compiled = program(True)
+    torch.testing.assert_close(compiled, program(False)[1])
     stats = ic.compile_stats()
-    assert stats["fallbacks"] == 1 and "tracer.cond" in stats["fallback_reasons"][0]
+    assert stats["fallbacks"] == 1 and "tracer.stop()" in stats["fallback_reasons"][0], stats
     assert "fell back to eager" in tracer.explain(file=io.StringIO())
+
+
+def _cond_program(m, tracer, x_scale):
+    s = m.layer1.output.sum()
+    with tracer.cond(s > 0) as c:
+        m.layer1.output[:, 0] = 1  # an in-place write, undone where the condition is false
+    with c.else_():
+        m.layer1.output = m.layer1.output * -2  # a whole-value set: where(condition, new, old)
+    with tracer.cond(s > 0):
+        taken = m.layer2.output.save()
+    skipped_or_not = ic.list().save()
+    with tracer.cond(s * x_scale > 0.25):
+        skipped_or_not.append(m.layer2.output.sum())
+        tracer.log("branch taken")
+    return [m.layer1.output.save(), m.output.save(), skipped_or_not], taken
+
+
+def test_cond_on_a_tensor_compiles_once_for_both_branches(mlp, capsys):
+    """`tracer.cond` on a tensor is predicated: both branches in one program, chosen by `torch.where`."""
+    seen = set()
+    for sign, scale in [(1.0, 1.0), (-1.0, 1.0), (1.0, 0.0), (-1.0, 2.0)]:
+        x = torch.rand(2, 5) * sign
+        results, taken, printed = [], [], []
+        for compile in (False, True):
+            with mlp.trace(x, compile=compile) as tracer:
+                saved, t = _cond_program(mlp, tracer, scale)
+            results.append([v.value for v in saved])
+            printed.append(capsys.readouterr().out)
+            try:
+                taken.append(t.value)
+            except ic.ValueNotReadyError as e:
+                assert "condition guarding it" in str(e)
+                taken.append(None)
+        for e, c in zip(*results):
+            torch.testing.assert_close(c, e)
+        assert printed[0] == printed[1]
+        assert (taken[0] is None) == (taken[1] is None)
+        if taken[0] is not None:
+            torch.testing.assert_close(taken[1], taken[0])
+        seen.add(taken[0] is None)
+    assert seen == {True, False}, "both branches ran"
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
+
+
+def test_cond_in_a_layer_and_threshold_sweep(gpt):
+    """A patch under a condition, swept over layers and thresholds: one program (the gate and the threshold are
+    inputs)."""
+    ids = torch.randint(0, 128, (2, 6))
+    v = torch.randn(32)
+    for layer, threshold in [(0, -1e9), (1, 1e9), (1, -1e9), (0, 1e9)]:
+        outs = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile) as tracer:
+                norm = gpt.transformer.h[layer].output[:, -1].norm()
+                with tracer.cond(norm > threshold):
+                    gpt.transformer.h[layer].output[:, 2] = v
+                logits = gpt.lm_head.output[:, -1].save()
+            outs.append(logits.value)
+        torch.testing.assert_close(outs[0], outs[1])
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
+
+
+def test_cond_on_python_values_is_fixed_per_structure(mlp, capsys):
+    """A condition on a Python value is known when the trace is recorded: its false branch is not compiled."""
+    x = torch.rand(2, 5)
+    for n in (8, 3):
+        for compile in (False, True):
+            with mlp.trace(x, compile=compile) as tracer:
+                with tracer.cond(n % 2 == 0):
+                    tracer.log("even")
+                    even = mlp.layer1.output.save()
+                with tracer.cond(n % 2 == 1):
+                    tracer.log("odd")
+            assert capsys.readouterr().out == ("even\n" if n == 8 else "odd\n")
+            if n == 8:
+                torch.testing.assert_close(even.value, mlp._model.layer1(x))
+            else:
+                with pytest.raises(ic.ValueNotReadyError, match="condition guarding it"):
+                    _ = even.value
+    assert ic.compile_stats()["fallbacks"] == 0
 
 
 def test_model_default_and_inert_dispatcher():

@@ -4,8 +4,9 @@ A *structure* is a small random intervention program over random sites of a 2-la
 inputs, attention outputs' ``[0]``, MLP outputs, block outputs, the logits): saved reads (whole values and
 ``[:, p]`` slices), whole-value sets (``site = site * a + b``), setitems (``site[:, p] = v``,
 ``site[:, p, :k] += v``), arithmetic on read values, cross-invoke patches (two invokes: invoke 0's ``[:, p]`` is
-written into invoke 1's ``[:, q]``) and early stops (``module.output.stop()`` after the last read). An *instance*
-fills a structure with random values: input ids, positions (negative ones too), scales and tensors.
+written into invoke 1's ``[:, q]``), early stops (``module.output.stop()`` after the last read) and writes
+under a ``tracer.cond`` on a tensor (``if r.mean() > t``, true or false per instance). An *instance* fills a
+structure with random values: input ids, positions (negative ones too), scales, thresholds and tensors.
 
 Each instance runs three ways and every saved value is compared:
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 import random
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +134,9 @@ class Step:
     k: int = 0
     float_value: bool = False
     src: str | None = None
+    cond: str | None = (
+        None  # a write under ``tracer.cond(regs[cond].mean() > t)`` (``t`` varies per instance)
+    )
 
 
 @dataclass
@@ -241,6 +246,25 @@ def _clone_slices_written_later(steps: list[Step]) -> list[Step]:
     return out
 
 
+def _add_conds(st: Structure, rng: random.Random) -> Structure:
+    """Put some writes under a ``tracer.cond`` on a tensor computed earlier by the same invoke.
+
+    The condition reads an arith result or a cloned read (a fresh tensor no later write changes), so eager mode
+    (which evaluates it as soon as it can), the compiled program and the hooks (which evaluate it at the write)
+    all see the same value."""
+    defined: dict[str, tuple[int, int]] = {}  # register -> (invoke, event order)
+    steps = []
+    for s in st.steps:
+        fresh = [r for r, (inv, order) in defined.items() if inv == s.invoke and order <= _order(s.site)]
+        if s.op in ("set", "setitem", "iadd", "copy") and fresh and rng.random() < 0.5:
+            s = Step(**{**s.__dict__, "cond": rng.choice(fresh)})
+        if s.reg is not None and (s.op == "arith" or s.clone):
+            defined[s.reg] = (s.invoke, _order(s.site))
+        steps.append(s)
+    st.steps = steps
+    return st
+
+
 def _structures(family: str) -> list[Structure]:
     """``N_STRUCTURES`` programs, each the first draw (of a seeded sequence) using at least 4 kinds of step."""
     structures = []
@@ -250,7 +274,7 @@ def _structures(family: str) -> list[Structure]:
             st = gen_structure(random.Random(f"{SEED}-{family}-{i}-{attempt}"), family, flavor)
             if len({s.op for s in st.steps}) >= 4:
                 break
-        structures.append(st)
+        structures.append(_add_conds(st, random.Random(f"{SEED}-{family}-{i}-cond")))
     return structures
 
 
@@ -290,12 +314,20 @@ def gen_instance(st: Structure, seed: str) -> Instance:
             values.append({"p": pos})
         else:
             values.append({})
+        if s.cond is not None:
+            values[-1]["t"] = rng.uniform(-0.5, 0.5)
     return Instance(inputs, values)
 
 
 # -- the program, once, on either proxies or tensors ---------------------------------------------------------------
 def _exec_step(step: Step, val: dict, acc, regs: dict, saved: dict) -> None:
-    """Run one step through an accessor: ``acc.get/set/stop/save`` (proxies in a trace, or tensors in hooks)."""
+    """Run one step through an accessor: ``acc.get/set/stop/save/when`` (proxies in a trace, or tensors in
+    hooks)."""
+    if step.cond is not None:
+        with acc.when(regs[step.cond].mean() > val["t"]) as go:
+            if go:
+                _exec_step(Step(**{**step.__dict__, "cond": None}), val, acc, regs, saved)
+        return
     op = step.op
     if op == "read":
         x = acc.get(step.site, step.invoke)
@@ -334,6 +366,12 @@ class _TraceAccess:
 
     def __init__(self, model: ic.NNsight, fam: Family):
         self.model, self.fam = model, fam
+        self.tracer = None
+
+    @contextmanager
+    def when(self, condition):
+        with self.tracer.cond(condition):
+            yield True
 
     def _envoy(self, site):
         return self.model.get(_module_path(self.fam, site))
@@ -368,10 +406,12 @@ def run_ic(model: ic.NNsight, fam: Family, st: Structure, inst: Instance, compil
     saved: dict = {}
     if st.invokes is None:
         with model.trace(inst.inputs[0], compile=compile) as tracer:
+            acc.tracer = tracer
             for step, val in zip(st.steps, inst.values):
                 _exec_step(step, val, acc, regs, saved)
     else:
         with model.trace(compile=compile) as tracer:
+            acc.tracer = tracer
             for inv, ids in enumerate(inst.inputs):
                 with tracer.invoke(ids):
                     for step, val in zip(st.steps, inst.values):
@@ -418,6 +458,10 @@ class _HookAccess:
 
     def stop(self, site):
         raise _Stop
+
+    @contextmanager
+    def when(self, condition):
+        yield bool(condition)
 
     @staticmethod
     def save(x):
@@ -513,6 +557,8 @@ def render(st: Structure, inst: Instance) -> str:
             line = f"{where}[:, p] = {s.src}"
         else:
             line = f"{_site_name(s.site).split('[')[0].rsplit('.', 1)[0]}.output.stop()"
+        if s.cond is not None:
+            line = f"if {s.cond}.mean() > t: {line}"
         lines.append(f"[invoke {s.invoke}] {line}    # {vals}")
     return "\n".join(lines)
 
@@ -585,6 +631,7 @@ def test_generator_covers_every_step_kind():
         kinds = {s.site[0] for s in steps if s.op != "stop"}
         assert kinds >= {"in", "attn", "mlp", "out", "logits"}, (name, kinds)
         assert any(s.op == "read" and s.sliced for s in steps)
+        assert any(s.cond is not None for s in steps), name
         assert any(st.invokes for st in structures) and any(st.invokes is None for st in structures)
 
 

@@ -19,9 +19,12 @@ from ...ir import Graph, Op, saved_ids, structure_tuple
 from ..eager.runner import RunResult, run_graph
 from .lowering import lift_family, lift_values
 from .program import (
+    BOTH,
+    UNPREDICATED,
     BackwardSplit,
     Dispatcher,
     Program,
+    effective_guards,
     family_gates,
     host_only_params,
     record_schedule,
@@ -56,7 +59,6 @@ REGIONAL = False
 
 _UNSUPPORTED = {
     Op.CACHE: "`tracer.cache()` is not compiled yet",
-    Op.COND: "`tracer.cond` is data-dependent control flow",
 }
 
 
@@ -72,6 +74,11 @@ class Entry:
     calls: int = 0
     split: BackwardSplit | None = None
     probe_specs: tuple = ()  # (shape, dtype) of each activation-gradient probe
+    # tracer.cond: node id -> its effective guards (see program.effective_guards); COND id -> value of each
+    # condition on a Python value (fixed for the key); COND id -> its line
+    guards: dict = field(default_factory=dict)
+    static_conds: dict = field(default_factory=dict)
+    cond_locs: dict = field(default_factory=dict)
     regional: bool = False  # repeated blocks compile as nested regions (see Dispatcher.regions)
 
 
@@ -123,7 +130,7 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     except (
         Exception
     ) as e:  # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
-        entry.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        entry.fallback = _reason(e)
         _STATS["fallbacks"] += 1
         _STATS["fallback_reasons"].append(entry.fallback)
         return run_graph(model, graph, args, kwargs)
@@ -132,16 +139,34 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     if len(entry.graphs) == compiled_before:
         _STATS["cache_hits"] += 1
     program = entry.program
-    env = dict(zip(program.saved_ids + program.needed, saved))
+    env = dict(zip(program.saved_ids + program.needed + program.dynamic_conds, saved))
+    wanted = saved_ids(graph.nodes)
+    skipped: dict = {}
+    held = None
+    if entry.guards:  # tracer.cond: drop what a false condition skipped (computed anyway, see Program)
+        flags = {**entry.static_conds, **{c: bool(env[c]) for c in program.dynamic_conds}}
+
+        def held(nid: int) -> bool:
+            for g, want in entry.guards.get(nid, ()):
+                if g in flags and flags[g] != want:
+                    skipped[nid] = entry.cond_locs.get(g)
+                    return False
+            return True
+
+        for nid in wanted:
+            held(nid)
     if entry.split.post:
-        _run_after_backward(entry.split, program, env, probes, lowered.params)
-    return RunResult({i: env[i] for i in saved_ids(graph.nodes) if i in env}, output, None)
+        _run_after_backward(entry.split, program, env, probes, lowered.params, held)
+    values = {i: env[i] for i in wanted if i in env and i not in skipped}
+    return RunResult(values, output, None, {i: skipped[i] for i in wanted if i in skipped})
 
 
 def _run_after_backward(
-    split: BackwardSplit, program: Program, env: dict, probes: tuple, params: tuple
+    split: BackwardSplit, program: Program, env: dict, probes: tuple, params: tuple, held=None
 ) -> None:
-    """Run the backward calls, then the nodes that read gradients, on the compiled forward's results."""
+    """Run the backward calls, then the nodes that read gradients, on the compiled forward's results
+    (and host effects: logs, appends to outside lists). ``held(node id)``: False for a node a false
+    ``tracer.cond`` skips."""
     from ...errors import GradientError, execution_error
     from ...ir import format_node
     from ..eager.interpreter import VALUE_OPS, resolve
@@ -149,6 +174,8 @@ def _run_after_backward(
     backward = [n for n in split.post if n.op is Op.BACKWARD]
     rest = [n for n in split.post if n.op is not Op.BACKWARD]
     for node in backward + rest:
+        if held is not None and not held(node.id):
+            continue
         try:
             if node.op is Op.GRAD:
                 grad = probes[split.probes[node.args[0].id]].grad
@@ -196,7 +223,39 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
         (tuple(recorder.env[site].shape), recorder.env[site].dtype)
         for site in sorted(split.probes, key=split.probes.get)
     )
-    entry.program = Program(model, split.forward, recorder.order, split)
+    dynamic_conds = tuple(
+        n.id for n in split.forward.nodes if n.op is Op.COND and recorder.env.get(n.id) is BOTH
+    )
+    if any(n.op is Op.COND for n in graph.nodes):
+        entry.guards = effective_guards(graph.nodes)
+        entry.cond_locs = {n.id: n.loc for n in graph.nodes if n.op is Op.COND}
+        entry.static_conds = {
+            n.id: v
+            for n in split.forward.nodes
+            if n.op is Op.COND and type(v := recorder.env.get(n.id)) is bool
+        }
+        for n in split.post:
+            if n.op in (Op.BACKWARD, Op.GRAD) and entry.guards.get(n.id):
+                entry.fallback = "a backward pass or `.grad` under a `tracer.cond` is not compiled"
+                _STATS["fallbacks"] += 1
+                _STATS["fallback_reasons"].append(entry.fallback)
+                return entry
+        unpredicated = next(
+            (
+                n
+                for n in split.forward.nodes
+                if n.op in UNPREDICATED and any(g in dynamic_conds for g, _ in entry.guards.get(n.id, ()))
+            ),
+            None,
+        )
+        if unpredicated is not None:
+            entry.fallback = (
+                f"{UNPREDICATED[unpredicated.op]} under a `tracer.cond` on a tensor is not compiled"
+            )
+            _STATS["fallbacks"] += 1
+            _STATS["fallback_reasons"].append(entry.fallback)
+            return entry
+    entry.program = Program(model, split.forward, recorder.order, split, dynamic_conds)
     # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
     entry.regional = True
     if family is not None:
@@ -293,6 +352,15 @@ def _backend_for(entry: Entry):
         return compile_fx(gm, example_inputs)
 
     return backend
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a compile failure: our own error when Dynamo wraps one raised in the program it traced."""
+    while isinstance(e, torch._dynamo.exc.Unsupported) and isinstance(
+        e.__cause__ or e.__context__, Exception
+    ):
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _signature(value: Any) -> Any:

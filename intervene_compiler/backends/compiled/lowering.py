@@ -1,10 +1,11 @@
 """Lift runtime values out of a graph's structure so one compiled program serves a whole sweep.
 
-A Python int used as an index (``out[:, pos]``) or a float operand (``out * alpha``) would be a constant in the
-traced program, so each new value would recompile. This pass replaces them with params: an index int becomes a
-1-element int64 tensor consumed by :func:`take` / :func:`put` (which normalize negative positions and keep the
-dimension bookkeeping), a float operand becomes a 0-d tensor. Tensor params are program inputs, so sweeping
-positions, values or scales reuses the program.
+A Python int used as an index (``out[:, pos]``) or a float operand (``out * alpha``, ``x.mean() > t``) would be
+a constant in the traced program, so each new value would recompile. This pass replaces them with params: an
+index int becomes a 1-element int64 tensor consumed by :func:`take` / :func:`put` (which normalize negative
+positions and keep the dimension bookkeeping), a float operand of arithmetic or an ordering comparison becomes a
+0-d tensor. Tensor params are program inputs, so sweeping positions, values, scales or thresholds reuses the
+program.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ _ARITHMETIC = frozenset(
         operator.isub,
         operator.imul,
         operator.itruediv,
+        # comparisons: a threshold in ``tracer.cond(x.mean() > t)`` is a runtime value too
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
     }
 )
 

@@ -16,15 +16,39 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ...ir import Graph, Node, Op, ParamRef, SiteKind, is_mutation, saved_ids
+from ...ir import Graph, Node, Op, ParamRef, Ref, SiteKind, is_mutation, saved_ids
 from ...ir.nodes import map_args
+from ..eager.interpreter import resolve
 from ..eager.runner import _EarlyStop, _Run
 
 _BEFORE, _AFTER = "before", "after"
 
 
+class _Both:
+    """A data-dependent condition's value while a schedule is recorded: ``==`` and ``!=`` say both branches
+    run, so every guarded node gets its place in the schedule (the program predicates them, see Program)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "<both branches>"
+
+
+BOTH = _Both()
+
+
 class _Recorder(_Run):
-    """The eager runner, noting the event each node runs at (and printing nothing)."""
+    """The eager runner, noting the event each node runs at (and printing nothing).
+
+    A ``tracer.cond`` on a tensor records both branches (:data:`BOTH`); one on a Python value keeps its value,
+    so its false branch is left out of the schedule (those nodes are skipped, as in eager mode).
+    """
 
     def __init__(self, model, graph: Graph):
         super().__init__(model, graph)
@@ -43,6 +67,15 @@ class _Recorder(_Run):
     def _exec(self, node: Node) -> Any:
         if node.op is Op.LOG:
             return None
+        if node.op is Op.COND:
+            value = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(
+                        f"a `tracer.cond` condition must be one value, got a tensor of shape {tuple(value.shape)}"
+                    )
+                return BOTH
+            return bool(value)
         return super()._exec(node)
 
 
@@ -103,12 +136,14 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
                 return None, "only `.grad` of module inputs and outputs is compiled"
             probes.setdefault(target.id, len(probes))
     needed = sorted({d for n in graph.nodes if n.id in post for d in n.refs if d not in post})
+    # probes make the read activations require grad
+    dropped = post | {n.id for n in graph.nodes if n.op is Op.SETATTR and n.target == "requires_grad"}
     forward = []
     for n in graph.nodes:
-        if n.id in post or n.op is Op.SETATTR and n.target == "requires_grad":
-            continue  # probes make the read activations require grad
-        if any(a in post for a in n.after):  # waiting for a post node means waiting for what it reads
-            after = tuple(sorted({a for a in n.after if a not in post} | {d for d in needed if d < n.id}))
+        if n.id in dropped:
+            continue
+        if any(a in dropped for a in n.after):  # waiting for a post node means waiting for what it reads
+            after = tuple(sorted({a for a in n.after if a not in dropped} | {d for d in needed if d < n.id}))
             n = replace(n, after=after)
         forward.append(n)
     ordered_post = tuple(n for n in graph.nodes if n.id in post)
@@ -116,9 +151,10 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
 
 
 def _host_effects(graph: Graph) -> set[int]:
-    """LOG nodes, and mutations of non-tensor params (Python containers) that nothing else in the graph reads."""
+    """LOG nodes, mutations of non-tensor params (Python containers) that nothing else in the graph reads, and
+    containers the trace creates (``ic.list()``) that it only changes and saves (with those changes and saves)."""
     found: dict[int, int] = {}  # node id -> param index
-    logs = {n.id for n in graph.nodes if n.op is Op.LOG}
+    logs = {n.id for n in graph.nodes if n.op is Op.LOG} | _own_containers(graph)
     for n in graph.nodes:
         if n.op is Op.METHOD and is_mutation(n) and type(n.args[0]) is ParamRef:
             if not isinstance(graph.params[n.args[0].index], torch.Tensor):
@@ -135,12 +171,40 @@ def _host_effects(graph: Graph) -> set[int]:
     return logs | {nid for nid, index in found.items() if read[index] == per_param[index]}
 
 
+_CONTAINERS = (list, dict, set)
+
+
+def _own_containers(graph: Graph) -> set[int]:
+    """``ic.list()``/``ic.dict()`` made in the trace, their mutations and saves, when nothing else reads them:
+    run on the host after the compiled call, like a list from outside the trace (see ``split_backward``), so a
+    ``tracer.cond`` on a tensor can skip an append, and the graph does not guard on the container's length."""
+    made = {n.id for n in graph.nodes if n.op is Op.CALL and n.target in _CONTAINERS and not n.refs}
+    if not made:
+        return set()
+    uses: dict[int, list[int]] = {c: [] for c in made}
+    for n in graph.nodes:
+        for d in n.refs:
+            if d not in made:
+                continue
+            first = n.args[0] if n.args else None
+            own = type(first) is Ref and first.id == d and n.refs.count(d) == 1
+            if own and (n.op is Op.SAVE or n.op is Op.SETITEM or n.op is Op.METHOD and is_mutation(n)):
+                uses[d].append(n.id)
+            else:
+                made.discard(d)
+    return {i for c in made for i in (c, *uses[c])}
+
+
 def host_only_params(graph: Graph) -> frozenset[int]:
     """Indices of the params that only host effects use (see ``_host_effects``)."""
     if not any(n.op is Op.METHOD for n in graph.nodes):
         return frozenset()
     host = _host_effects(graph)
-    return frozenset(n.args[0].index for n in graph.nodes if n.id in host and n.op is Op.METHOD)
+    return frozenset(
+        n.args[0].index
+        for n in graph.nodes
+        if n.id in host and n.op is Op.METHOD and type(n.args[0]) is ParamRef
+    )
 
 
 def _param_indices(value: Any) -> list[int]:
@@ -152,7 +216,14 @@ def _param_indices(value: Any) -> list[int]:
 class Program(_Run):
     """Runs a graph by its recorded schedule; called by the dispatcher hooks during a compiled forward."""
 
-    def __init__(self, model, graph: Graph, order: list[tuple[Any, int]], split: BackwardSplit | None = None):
+    def __init__(
+        self,
+        model,
+        graph: Graph,
+        order: list[tuple[Any, int]],
+        split: BackwardSplit | None = None,
+        dynamic_conds: tuple[int, ...] = (),
+    ):
         super().__init__(model, graph)
         split = split or BackwardSplit(graph)
         self.n_params = len(graph.params)
@@ -179,6 +250,9 @@ class Program(_Run):
         }
         ran = {nid for _, nid in order}
         self.saved_ids = tuple(i for i in self.saved_ids if i in ran)
+        # tracer.cond on tensors: the COND nodes whose flags the call returns, and each guarded node's guards
+        self.dynamic_conds = dynamic_conds
+        self.guards = effective_guards(graph.nodes) if dynamic_conds else {}
         self.family = None
         self.family_events: dict[tuple, tuple[tuple, int]] = {}  # member event -> (recorded event, member)
         self.region: dict[tuple, list[Node]] = {}
@@ -244,11 +318,57 @@ class Program(_Run):
         self.in_forward = False
         for node in self.after:
             self.env[node.id] = self._exec(node)
-        saved = tuple(self.env[i] for i in self.saved_ids + self.needed)
+        saved = tuple(self.env[i] for i in self.saved_ids + self.needed + self.dynamic_conds)
         self.env = None
         return saved, output if self.graph.needs_output else None
 
     def _exec(self, node: Node) -> Any:
+        if node.op is Op.COND:
+            value = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+            return value.reshape(()).bool() if isinstance(value, torch.Tensor) else bool(value)
+        guards = self.guards.get(node.id)
+        if guards is not None:
+            when = self._predicate(guards)
+            if when is not None:
+                return self._exec_when(node, when)
+        return self._exec_plain(node)
+
+    def _predicate(self, guards: tuple[tuple[int, bool], ...]) -> torch.Tensor | None:
+        """The guards' conjunction as a bool tensor; None when every guard is a Python value (then all held:
+        the schedule left out nodes whose static guards failed)."""
+        when = None
+        for g, want in guards:
+            flag = self.env[g]
+            if isinstance(flag, torch.Tensor):
+                flag = flag if want else ~flag
+                when = flag if when is None else when & flag
+        return when
+
+    def _exec_when(self, node: Node, when: torch.Tensor) -> Any:
+        """Run a node guarded by a tensor condition without branching: a SET writes ``where(when, new, old)``, an
+        in-place change is undone where ``when`` is false, and a value is computed either way (the host drops a
+        saved value whose condition was false, see ``cache.run_compiled``)."""
+        op = node.op
+        if op is Op.SET:
+            new = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+            old = self._read_site(node.target)
+            self._write_site(node, _tree_zip_strict(lambda a, b: _select(when, a, b), new, old))
+            return None
+        if op in UNPREDICATED:
+            raise NotImplementedError(f"{UNPREDICATED[op]} under a `tracer.cond` on a tensor is not compiled")
+        if is_mutation_node(node):
+            target = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+            if not isinstance(target, torch.Tensor):
+                raise NotImplementedError(
+                    "changing a Python object under a `tracer.cond` on a tensor is not compiled"
+                )
+            before = target.clone()
+            value = self._exec_plain(node)
+            target.copy_(torch.where(when, target, before))
+            return value
+        return self._exec_plain(node)
+
+    def _exec_plain(self, node: Node) -> Any:
         probe = self.probes.get(node.id)
         if probe is None:
             return super()._exec(node)
@@ -291,6 +411,53 @@ class Program(_Run):
         if not writes:
             return value
         return _tree_zip(lambda a, b: torch.where(gate, a, b), new, value)
+
+
+UNPREDICATED = {
+    Op.STOP: "`tracer.stop()`",
+    Op.SETATTR: "setting an attribute",
+    Op.BACKWARD: "a backward pass",
+    Op.GRAD: "reading `.grad`",
+    Op.SET_GRAD: "setting `.grad`",
+    Op.CACHE: "`tracer.cache()`",
+}
+
+
+def effective_guards(nodes) -> dict[int, tuple[tuple[int, bool], ...]]:
+    """Node id -> every (COND id, branch) that must hold for it to run in eager mode: its own guards, its
+    conditions' guards, and those of every value it reads (a node reading a skipped value is skipped)."""
+    found: dict[int, frozenset] = {}
+    for n in nodes:
+        guards = set(n.guards)
+        for d in n.refs:
+            guards |= found.get(d, frozenset())
+        for g, _ in n.guards:
+            guards |= found.get(g, frozenset())
+        if guards:
+            found[n.id] = frozenset(guards)
+    return {nid: tuple(sorted(g)) for nid, g in found.items()}
+
+
+def _select(when: torch.Tensor, new: Any, old: Any) -> Any:
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
+        if new.shape != old.shape:
+            raise NotImplementedError(
+                "a set under a `tracer.cond` on a tensor that changes the value's shape is not compiled"
+            )
+        return torch.where(when, new, old)
+    if new is old:
+        return new
+    raise NotImplementedError(
+        f"setting a {type(old).__name__} value under a `tracer.cond` on a tensor is not compiled"
+    )
+
+
+def _tree_zip_strict(fn, a: Any, b: Any) -> Any:
+    if type(a) in (tuple, list) and type(b) in (tuple, list) and len(a) == len(b):
+        return type(a)(_tree_zip_strict(fn, x, y) for x, y in zip(a, b))
+    if type(a) is dict and type(b) is dict and a.keys() == b.keys():
+        return {k: _tree_zip_strict(fn, a[k], b[k]) for k in a}
+    return fn(a, b)
 
 
 _GATES: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
