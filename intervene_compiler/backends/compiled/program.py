@@ -20,6 +20,7 @@ from ...ir import Graph, Node, Op, ParamRef, Ref, SiteKind, is_mutation, saved_i
 from ...ir.nodes import map_args
 from ..eager.interpreter import resolve
 from ..eager.runner import _EarlyStop, _Run
+from .lowering import put, take
 
 _BEFORE, _AFTER = "before", "after"
 
@@ -253,6 +254,11 @@ class Program(_Run):
         # tracer.cond on tensors: the COND nodes whose flags the call returns, and each guarded node's guards
         self.dynamic_conds = dynamic_conds
         self.guards = effective_guards(graph.nodes) if dynamic_conds else {}
+        # lifted `x[:, p]` reads: see _exec
+        self.take_ids = frozenset(n.id for n in graph.nodes if n.op is Op.CALL and n.target is take)
+        self.node_by_id = by_id
+        self.takes: dict[int, tuple] = {}
+        self.mutations = 0
         self.family = None
         self.family_events: dict[tuple, tuple[tuple, int]] = {}  # member event -> (recorded event, member)
         self.region: dict[tuple, list[Node]] = {}
@@ -307,6 +313,8 @@ class Program(_Run):
         self.calls_out = {}
         self.adhoc = 0
         self.committed = {}
+        self.takes = {}
+        self.mutations = 0
         for node in self.before:
             self.env[node.id] = self._exec(node)
         output = None
@@ -318,11 +326,52 @@ class Program(_Run):
         self.in_forward = False
         for node in self.after:
             self.env[node.id] = self._exec(node)
+        if self.take_ids:
+            self._refresh_saved(self.saved_ids + self.needed)
         saved = tuple(self.env[i] for i in self.saved_ids + self.needed + self.dynamic_conds)
         self.env = None
         return saved, output if self.graph.needs_output else None
 
     def _exec(self, node: Node) -> Any:
+        if not self.take_ids:
+            return self._exec_guarded(node)
+        # Lifted ``x[:, p]`` (take) is a copy where eager mode has a view: keep the view's semantics. A take
+        # read after an in-place write is taken again from its base; an in-place write to a take is put back.
+        takes = self.takes
+        for d in node.refs:
+            t = takes.get(d)
+            if t is not None and t[3] != self.mutations:
+                self._retake(d)
+        value = self._exec_guarded(node)
+        if node.op is Op.CALL and node.target is take:
+            base, index, lifted = resolve(node.args, self.env.__getitem__, self.params.__getitem__)
+            takes[node.id] = (base, index, lifted, self.mutations)
+            return value
+        if is_mutation_node(node):
+            target = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+            for tid, (base, index, lifted, _) in list(takes.items()):
+                if self.env.get(tid) is target and len(lifted) == 1:
+                    put(base, index, lifted, target)
+            self.mutations += 1
+        return value
+
+    def _retake(self, tid: int) -> None:
+        base, index, lifted, _ = self.takes[tid]
+        self.env[tid] = take(base, index, lifted)
+        self.takes[tid] = (base, index, lifted, self.mutations)
+
+    def _refresh_saved(self, ids) -> None:
+        """At the end of a call: saved takes (and saves of them) as the writes after them left their base."""
+        for nid in ids:
+            node = self.node_by_id[nid]
+            source = node.args[0].id if node.op is Op.SAVE and type(node.args[0]) is Ref else nid
+            t = self.takes.get(source)
+            if t is not None and t[3] != self.mutations:
+                self._retake(source)
+            if source != nid and source in self.takes:
+                self.env[nid] = self.env[source]
+
+    def _exec_guarded(self, node: Node) -> Any:
         if node.op is Op.COND:
             value = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
             return value.reshape(()).bool() if isinstance(value, torch.Tensor) else bool(value)
@@ -399,6 +448,10 @@ class Program(_Run):
         for node in nodes:
             self.env[node.id] = self._exec(node)
         new = self.current.pop(recorded)
+        if self.take_ids:  # committed values below are selections, not views: they stop tracking their base
+            self._refresh_saved([n.id for n in nodes])
+            for node in nodes:
+                self.takes.pop(node.id, None)
         committed = self.committed
         for node in nodes:
             v = self.env[node.id]
