@@ -251,6 +251,58 @@ def test_cond_on_python_values_is_fixed_per_structure(mlp, capsys):
     assert ic.compile_stats()["fallbacks"] == 0
 
 
+def _assert_caches_equal(compiled: dict, eager: dict) -> None:
+    assert list(compiled) == list(eager)
+    for name, entry in eager.items():
+        assert isinstance(compiled[name], ic.CacheEntry)
+        for field in ("output", "inputs"):
+            want, got = getattr(entry, field), getattr(compiled[name], field)
+            want_leaves, got_leaves = (
+                torch.utils._pytree.tree_leaves(want),
+                torch.utils._pytree.tree_leaves(got),
+            )
+            assert len(got_leaves) == len(want_leaves), (name, field)
+            for g, w in zip(got_leaves, want_leaves):
+                if isinstance(w, torch.Tensor):
+                    torch.testing.assert_close(g, w, msg=lambda m, where=f"{name}.{field}": f"{where}: {m}")
+
+
+def test_cache_compiles_with_invokes_inputs_and_selected_modules(mlp):
+    x = torch.rand(3, 5)
+    results = []
+    for compile in (False, True):
+        with mlp.trace(compile=compile) as tracer:
+            with tracer.invoke(x[:1]):
+                every = tracer.cache()
+                mlp.layer1.output[:] = 0  # in place: the cached layer1 output reads zeros
+            with tracer.invoke(x[1:]):
+                with_inputs = tracer.cache(include_inputs=True)
+                some = tracer.cache(modules=[mlp.layer2])
+                mlp.layer2.output = mlp.layer2.output * 2  # replaced: the cache keeps the original
+        results.append([every.value, with_inputs.value, some.value])
+    for compiled, eager in zip(results[1], results[0]):
+        _assert_caches_equal(compiled, eager)
+    assert list(results[1][2]) == ["model.layer2"]
+    stats = ic.compile_stats()
+    assert stats["compiled_calls"] == 1 and stats["fallbacks"] == 0, stats
+
+
+def test_cache_of_every_module_in_a_layer_sweep(gpt):
+    """Caching a GPT-2's every module while patching block L in place, L swept: one program."""
+    ids = torch.randint(0, 128, (2, 6))
+    for layer in (0, 1):
+        caches = []
+        for compile in (False, True):
+            with gpt.trace(ids, compile=compile) as tracer:
+                cache = tracer.cache()
+                gpt.transformer.h[layer].output[:, 1] = 0
+            caches.append(cache.value)
+        _assert_caches_equal(caches[1], caches[0])
+        assert len(caches[0]) > 20
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 1 and stats["fallbacks"] == 0, stats
+
+
 def test_model_default_and_inert_dispatcher():
     net = tiny_mlp()
     model = ic.NNsight(net, compile=True)

@@ -616,6 +616,7 @@ def test_slices_alias_their_base_like_views():
     model = ic.NNsight(net)
     x = torch.rand(2, 5)
     results = []
+    fallbacks = ic.compile_stats()["fallbacks"]
     for compile in (False, True):
         with model.trace(x, compile=compile):
             h = model.layer1.output[:, 3].save()
@@ -632,4 +633,4 @@ def test_slices_alias_their_base_like_views():
     assert_close(eager[1][:, 1], torch.full((2,), 5.0))
     for e, c in zip(eager, compiled):
         assert_close(c, e)
-    assert ic.compile_stats()["fallbacks"] == 0
+    assert ic.compile_stats()["fallbacks"] == fallbacks

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ...ir import Graph, Op, saved_ids, structure_tuple
-from ..eager.runner import RunResult, run_graph
+from ...ir import Graph, Op, Ref, saved_ids, structure_tuple
+from ..eager.runner import CacheEntry, RunResult, run_graph
 from .lowering import lift_family, lift_values
 from .program import (
     BOTH,
@@ -57,9 +57,7 @@ reset_compile_stats()
 # process 5.3 s instead of 4.9 s (Dynamo's region bookkeeping), and torch 2.13 has gradient bugs there.
 REGIONAL = False
 
-_UNSUPPORTED = {
-    Op.CACHE: "`tracer.cache()` is not compiled yet",
-}
+_UNSUPPORTED: dict[Op, str] = {}  # ops whose traces always run eagerly, and why (none now)
 
 
 @dataclass
@@ -79,6 +77,8 @@ class Entry:
     guards: dict = field(default_factory=dict)
     static_conds: dict = field(default_factory=dict)
     cond_locs: dict = field(default_factory=dict)
+    # tracer.cache() nodes and saves of them -> entry names in the eager cache's order (CacheEntry dicts on the host)
+    cache_ids: dict = field(default_factory=dict)
     regional: bool = False  # repeated blocks compile as nested regions (see Dispatcher.regions)
 
 
@@ -158,6 +158,10 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     if entry.split.post:
         _run_after_backward(entry.split, program, env, probes, lowered.params, held)
     values = {i: env[i] for i in wanted if i in env and i not in skipped}
+    for i, names in entry.cache_ids.items():
+        if i in values:
+            got = values[i]
+            values[i] = {name: CacheEntry(*got[name]) for name in names if name in got}
     return RunResult(values, output, None, {i: skipped[i] for i in wanted if i in skipped})
 
 
@@ -255,7 +259,13 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
             _STATS["fallbacks"] += 1
             _STATS["fallback_reasons"].append(entry.fallback)
             return entry
-    entry.program = Program(model, split.forward, recorder.order, split, dynamic_conds)
+    caches = {n.id: tuple(recorder.env[n.id]) for n in split.forward.nodes if n.op is Op.CACHE}
+    if caches:
+        entry.cache_ids = dict(caches)
+        for n in graph.nodes:
+            if n.op is Op.SAVE and type(n.args[0]) is Ref and n.args[0].id in caches:
+                entry.cache_ids[n.id] = caches[n.args[0].id]
+    entry.program = Program(model, split.forward, recorder.order, split, dynamic_conds, caches)
     # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
     entry.regional = True
     if family is not None:

@@ -124,6 +124,8 @@ def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
             return None, "gradients in a generate block are not compiled"
         if n.op is Op.COND:
             return None, "`tracer.cond` in a generate block is not compiled"
+        if n.op is Op.CACHE:
+            return None, "`tracer.cache()` in a generate block is not compiled"
         if n.body and n.op is not Op.ITER:
             return None, "nested graphs other than `tracer.all()`/`tracer.iter[...]` are not compiled"
     site_dependent: set[int] = set()  # outer nodes computed from module sites (not ready before the steps)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ...ir import Graph, Node, Op, ParamRef, Ref, SiteKind, is_mutation, saved_ids
+from ...ir import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, is_mutation, saved_ids
 from ...ir.nodes import map_args
 from ..eager.interpreter import resolve
+from ..eager.rows import narrow
 from ..eager.runner import _EarlyStop, _Run
 from .lowering import put, take
 
@@ -224,6 +225,7 @@ class Program(_Run):
         order: list[tuple[Any, int]],
         split: BackwardSplit | None = None,
         dynamic_conds: tuple[int, ...] = (),
+        caches: dict[int, tuple[str, ...]] | None = None,
     ):
         super().__init__(model, graph)
         split = split or BackwardSplit(graph)
@@ -256,9 +258,29 @@ class Program(_Run):
         self.guards = effective_guards(graph.nodes) if dynamic_conds else {}
         # lifted `x[:, p]` reads: see _exec
         self.take_ids = frozenset(n.id for n in graph.nodes if n.op is Op.CALL and n.target is take)
+        # nodes that change args[0] in place, found here: Dynamo traces _exec, and need not trace this test
+        self.mutating = frozenset(n.id for n in graph.nodes if is_mutation_node(n))
         self.node_by_id = by_id
         self.takes: dict[int, tuple] = {}
         self.mutations = 0
+        # tracer.cache(): event key -> (CACHE id, entry name, rows, output?) for each module its first run
+        # recorded (see _capture); the CACHE node's value is {name: [output, inputs]} (CacheEntry on the host)
+        self.caches = caches or {}
+        self.cache_events: dict[tuple, list[tuple]] = {}
+        for cid, names in self.caches.items():
+            node = by_id[cid]
+            options = dict(node.kwargs)
+            rows = self._rows(Site("", SiteKind.OUTPUT, 0, node.invoke))
+            for name in names:
+                path = name[len("model.") :] if name != "model" else ""
+                if options.get("include_output", True):
+                    self.cache_events.setdefault((path, SiteKind.OUTPUT, 0), []).append(
+                        (cid, name, rows, True)
+                    )
+                if options.get("include_inputs", False):
+                    self.cache_events.setdefault((path, SiteKind.INPUTS, 0), []).append(
+                        (cid, name, rows, False)
+                    )
         self.family = None
         self.family_events: dict[tuple, tuple[tuple, int]] = {}  # member event -> (recorded event, member)
         self.region: dict[tuple, list[Node]] = {}
@@ -291,12 +313,12 @@ class Program(_Run):
     def hook_points(self) -> frozenset[tuple[str, bool]]:
         """(module path, pre-hook?) of every event this program runs nodes at (see :class:`Dispatcher`)."""
         if self._hook_points is None:
-            keys = list(self.events) + list(self.family_events)
+            keys = list(self.events) + list(self.family_events) + list(self.cache_events)
             self._hook_points = frozenset((path, kind is not SiteKind.OUTPUT) for path, kind, _ in keys)
         return self._hook_points
 
     def handles(self, key: tuple) -> bool:
-        return key in self.events or key in self.family_events
+        return key in self.events or key in self.family_events or key in self.cache_events
 
     def writes(self, key: tuple) -> bool:
         fam = self.family_events.get(key)
@@ -315,6 +337,8 @@ class Program(_Run):
         self.committed = {}
         self.takes = {}
         self.mutations = 0
+        for cid in self.caches:
+            self.env[cid] = {}
         for node in self.before:
             self.env[node.id] = self._exec(node)
         output = None
@@ -347,7 +371,7 @@ class Program(_Run):
             base, index, lifted = resolve(node.args, self.env.__getitem__, self.params.__getitem__)
             takes[node.id] = (base, index, lifted, self.mutations)
             return value
-        if is_mutation_node(node):
+        if node.id in self.mutating:
             target = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
             for tid, (base, index, lifted, _) in list(takes.items()):
                 if self.env.get(tid) is target and len(lifted) == 1:
@@ -405,7 +429,7 @@ class Program(_Run):
             return None
         if op in UNPREDICATED:
             raise NotImplementedError(f"{UNPREDICATED[op]} under a `tracer.cond` on a tensor is not compiled")
-        if is_mutation_node(node):
+        if node.id in self.mutating:
             target = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
             if not isinstance(target, torch.Tensor):
                 raise NotImplementedError(
@@ -426,6 +450,33 @@ class Program(_Run):
         return value
 
     def on_event(self, key: tuple, value: Any) -> Any:
+        captures = self.cache_events.get(key)
+        if captures is None:
+            return self._on_event(key, value)
+        if key[1] is SiteKind.OUTPUT and not self._in_place_member(key):
+            self._capture(captures, value)  # as the eager cache hook, registered before the sites' hooks
+            return self._on_event(key, value)
+        value = self._on_event(key, value)
+        self._capture(captures, value)  # inputs as the module receives them (after its pre-hook edits)
+        return value
+
+    def _in_place_member(self, key: tuple) -> bool:
+        """A site family member's event that writes its value in place only: the member runs on a copy (see
+        _on_member), so the value to cache is the one it returns (eager mode caches the original object, which
+        the in-place writes change)."""
+        fam = self.family_events.get(key)
+        return (
+            fam is not None
+            and self.region_writes[fam[0]]
+            and not any(n.op is Op.SET for n in self.region[fam[0]])
+        )
+
+    def _capture(self, captures: list[tuple], value: Any) -> None:
+        for cid, name, (start, stop), is_output in captures:
+            entry = self.env[cid].setdefault(name, [None, None])
+            entry[0 if is_output else 1] = narrow(value, start, stop, self.batch)
+
+    def _on_event(self, key: tuple, value: Any) -> Any:
         fam = self.family_events.get(key)
         if fam is not None:
             return self._on_member(key, fam[0], fam[1], value)
