@@ -595,7 +595,9 @@ class _Run:
 
         def hook(grad):
             key = ("grad", target)
-            part = grad if start is None else grad[start:stop]
+            # a copy: autograd hands one gradient tensor to every input of an add (the residual stream and the
+            # block), so `.grad[...] = v` in place on the original would change the other paths' gradient too
+            part = (grad if start is None else grad[start:stop]).clone()
             self.current[key] = part
             self.active[key] = True
             try:
@@ -603,8 +605,8 @@ class _Run:
             finally:
                 self.active.pop(key, None)
             new = self.current.pop(key)
-            if start is None or new is part:
-                return new if start is None else grad
+            if start is None:
+                return new
             return torch.cat([grad[:start], new.to(grad.dtype), grad[stop:]])
 
         self.grad_hooks[target] = tensor.register_hook(hook)
