@@ -1242,6 +1242,44 @@ def test_retain_grad_read_after_block(tiny, net, x):
     assert_close(hidden.grad, ref["l1"])
 
 
+@pytest.mark.parametrize("invokes", [False, True])
+def test_in_place_gradient_edit_stays_on_its_path(invokes):
+    """`.grad[...] = v` changes the gradient flowing into that value only: autograd gives the MLP output and the
+    residual stream of a block one shared gradient tensor, which the edit must not change (plain PyTorch: a
+    tensor hook returning an edited copy)."""
+    from intervene_compiler.testing import tiny_gpt2
+
+    net = tiny_gpt2(n_layer=2)
+    model = NNsight(net)
+    ids = torch.randint(0, 128, (3, 6))
+    rows = slice(1, 3) if invokes else slice(None)
+    steer = torch.zeros(32, requires_grad=True)
+    with model.trace() as tracer:
+        for part in (ids[:1], ids[1:]) if invokes else (ids,):
+            with tracer.invoke(part):
+                model.transformer.h[0].output = model.transformer.h[0].output + steer
+        model.transformer.h[1].mlp.output.grad[rows, 3:] = 0
+        model.lm_head.output[:, -1, 5].sum().backward()
+
+    def edit(g):
+        g = g.clone()
+        g[rows, 3:] = 0
+        return g
+
+    want = torch.zeros(32, requires_grad=True)
+    handles = [
+        net.transformer.h[0].register_forward_hook(lambda m, a, o: o + want),
+        net.transformer.h[1].mlp.register_forward_hook(lambda m, a, o: (o.register_hook(edit), o)[1]),
+    ]
+    try:
+        net(ids).logits[:, -1, 5].sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert_close(steer.grad, want.grad)
+    assert_clean(net)
+
+
 def test_grad_without_requires_grad_raises(tiny, x):
     with pytest.raises(ic.GradientError):
         with tiny.trace(x):

@@ -23,6 +23,7 @@ from .program import (
     UNPREDICATED,
     BackwardSplit,
     Dispatcher,
+    GradEdits,
     Program,
     effective_guards,
     family_gates,
@@ -170,34 +171,66 @@ def _run_after_backward(
 ) -> None:
     """Run the backward calls, then the nodes that read gradients, on the compiled forward's results
     (and host effects: logs, appends to outside lists). ``held(node id)``: False for a node a false
-    ``tracer.cond`` skips."""
-    from ...errors import GradientError, execution_error
+    ``tracer.cond`` skips. Gradient edits run during the backward, when it reaches their site (GradEdits)."""
+    from ...errors import InterventionError, execution_error
     from ...ir import format_node
     from ..eager.interpreter import VALUE_OPS, resolve
 
-    backward = [n for n in split.post if n.op is Op.BACKWARD]
-    rest = [n for n in split.post if n.op is not Op.BACKWARD]
-    for node in backward + rest:
+    def value_of(node):
+        a = resolve(node.args, env.__getitem__, params.__getitem__)
+        kw = {k: resolve(v, env.__getitem__, params.__getitem__) for k, v in node.kwargs}
+        return VALUE_OPS[node.op](node, a, kw)
+
+    def run(node) -> None:
         if held is not None and not held(node.id):
-            continue
+            return
         try:
             if node.op is Op.GRAD:
-                grad = probes[split.probes[node.args[0].id]].grad
-                if grad is None:
-                    raise GradientError(
-                        "`.grad` was read, but no backward pass reached this value",
-                        node.loc,
-                        "call `loss.backward()` in the block with a loss that depends on this value",
-                    )
-                env[node.id] = grad
-                continue
-            a = resolve(node.args, env.__getitem__, params.__getitem__)
-            kw = {k: resolve(v, env.__getitem__, params.__getitem__) for k, v in node.kwargs}
-            env[node.id] = VALUE_OPS[node.op](node, a, kw)
-        except GradientError:
+                env[node.id] = _probe_grad(node, probes[split.probes[node.args[0].id]])
+            elif node.op is Op.SET_GRAD:  # no backward reached its site: nothing to change
+                env[node.id] = None
+            else:
+                env[node.id] = value_of(node)
+        except InterventionError:
             raise
         except Exception as e:
             raise execution_error(e, node.loc, format_node(node)) from e
+
+    def edit_value(node):
+        try:
+            if node.op is Op.SET_GRAD:
+                return resolve(node.args[1], env.__getitem__, params.__getitem__)
+            return value_of(node)
+        except InterventionError:
+            raise
+        except Exception as e:
+            raise execution_error(e, node.loc, format_node(node)) from e
+
+    edits = GradEdits(split, env, edit_value, held) if split.edits else None
+    if edits is not None:
+        GradEdits.active.append(edits)
+    try:
+        for node in split.post:
+            if node.op is Op.BACKWARD:
+                run(node)
+    finally:
+        if edits is not None:
+            GradEdits.active.pop()
+    for node in split.post:
+        if node.op is not Op.BACKWARD and node.id not in env:  # not run by a gradient edit
+            run(node)
+
+
+def _probe_grad(node, probe: torch.Tensor) -> torch.Tensor:
+    from ...errors import GradientError
+
+    if probe.grad is None:
+        raise GradientError(
+            "`.grad` was read, but no backward pass reached this value",
+            node.loc,
+            "call `loss.backward()` in the block with a loss that depends on this value",
+        )
+    return probe.grad
 
 
 def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, family=None) -> Entry:

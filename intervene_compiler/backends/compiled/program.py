@@ -99,6 +99,8 @@ class BackwardSplit:
 
     ``probes`` maps a SITE node whose ``.grad`` is read to a zero tensor input added to that activation
     (``out + probe``): the probe's gradient is the activation's gradient, inside one graph (no ``retain_grad``).
+    ``edits`` maps a SITE node whose gradient is changed (``.grad = ...``, ``.grad[:] = 0``) to a slot of
+    :func:`grad_edit`, an identity op whose backward hands the gradient to the host (see ``GradEdits``).
     """
 
     forward: Graph
@@ -107,6 +109,7 @@ class BackwardSplit:
         default_factory=dict
     )  # SITE node id -> index of its probe among the probes
     needed: tuple[int, ...] = ()  # forward node ids whose values the post nodes read
+    edits: dict[int, int] = field(default_factory=dict)  # SITE node id -> grad_edit slot
 
 
 def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
@@ -119,24 +122,30 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
     """
     ops = {n.op for n in graph.nodes}
     host = _host_effects(graph)
-    if Op.GRAD not in ops and Op.BACKWARD not in ops and not host:
+    if Op.GRAD not in ops and Op.BACKWARD not in ops and Op.SET_GRAD not in ops and not host:
         return BackwardSplit(graph), None
-    if Op.SET_GRAD in ops:
-        return None, "setting gradients during backward (`.grad = ...`) is not compiled yet"
     by_id = {n.id: n for n in graph.nodes}
     post: set[int] = set()
     for n in graph.nodes:
-        if n.op in (Op.GRAD, Op.BACKWARD) or n.id in host or any(d in post for d in n.refs):
+        if n.op in _GRAD_OPS or n.id in host or any(d in post for d in n.refs):
             post.add(n.id)
     probes: dict[int, int] = {}
+    edits: dict[int, int] = {}
     for n in graph.nodes:
         if n.id in post and n.op in (Op.SITE, Op.SET, Op.UPDATE, Op.STOP, Op.MODULE):
             return None, "the model is read or changed after a backward pass"
-        if n.op is Op.GRAD:
+        if n.op is Op.GRAD or n.op is Op.SET_GRAD:
             target = by_id.get(n.args[0].id)
             if target is None or target.op is not Op.SITE:
                 return None, "only `.grad` of module inputs and outputs is compiled"
             probes.setdefault(target.id, len(probes))
+        edited = None
+        if n.op is Op.SET_GRAD:
+            edited = by_id[n.args[0].id]
+        elif is_mutation(n) and type(n.args[0]) is Ref and by_id[n.args[0].id].op is Op.GRAD:
+            edited = by_id[by_id[n.args[0].id].args[0].id]  # .grad[...] = v: in place on the gradient
+        if edited is not None:
+            edits.setdefault(edited.id, len(edits))
     needed = sorted({d for n in graph.nodes if n.id in post for d in n.refs if d not in post})
     # probes make the read activations require grad
     dropped = post | {n.id for n in graph.nodes if n.op is Op.SETATTR and n.target == "requires_grad"}
@@ -149,7 +158,94 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
             n = replace(n, after=after)
         forward.append(n)
     ordered_post = tuple(n for n in graph.nodes if n.id in post)
-    return BackwardSplit(graph.replace(nodes=tuple(forward)), ordered_post, probes, tuple(needed)), None
+    forward_graph = graph.replace(nodes=tuple(forward))
+    return BackwardSplit(forward_graph, ordered_post, probes, tuple(needed), edits), None
+
+
+_GRAD_OPS = (Op.GRAD, Op.SET_GRAD, Op.BACKWARD)
+
+
+@torch.library.custom_op("intervene_compiler::grad_edit", mutates_args=())
+def grad_edit(x: torch.Tensor, slot: int) -> torch.Tensor:
+    """Identity in the forward; in the backward, the gradient goes through the host's gradient edits for
+    ``slot`` (:class:`GradEdits`), so ``.grad = ...`` inside a compiled trace changes what flows further back."""
+    return x.clone()
+
+
+@grad_edit.register_fake
+def _grad_edit_fake(x: torch.Tensor, slot: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("intervene_compiler::grad_edit_backward", mutates_args=())
+def grad_edit_backward(grad: torch.Tensor, slot: int) -> torch.Tensor:
+    edits = GradEdits.active[-1] if GradEdits.active else None
+    if edits is None:  # a backward outside the trace: no edits apply (as the eager backend's removed hooks)
+        return grad.clone()
+    return edits(slot, grad)
+
+
+@grad_edit_backward.register_fake
+def _grad_edit_backward_fake(grad: torch.Tensor, slot: int) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
+def _grad_edit_setup(ctx, inputs, output) -> None:
+    ctx.slot = inputs[1]
+
+
+def _grad_edit_grad(ctx, grad):
+    return grad_edit_backward(grad, ctx.slot), None
+
+
+grad_edit.register_autograd(_grad_edit_grad, setup_context=_grad_edit_setup)
+
+
+class GradEdits:
+    """The host side of :func:`grad_edit` for one compiled call: when the backward reaches an edited site, run
+    the post nodes that are ready (in program order: reads of that site's ``.grad``, what they compute, its
+    ``.grad = ...``), as the eager backend's gradient hook does, and return the site's gradient as they left it.
+    """
+
+    active: list[GradEdits] = []  # the call whose backward runs now (innermost last)
+
+    def __init__(self, split: BackwardSplit, env: dict, value_of, held=None):
+        self.site_of = {slot: site for site, slot in split.edits.items()}
+        self.nodes = [n for n in split.post if n.op is not Op.BACKWARD]
+        self.post_ids = {n.id for n in split.post}
+        self.env = env
+        self.value_of = value_of  # (node) -> a value op's value, or the value a SET_GRAD sets
+        self.held = held
+
+    def __call__(self, slot: int, grad: torch.Tensor) -> torch.Tensor:
+        from ...tracing.tracer import check_set_shape
+
+        site = self.site_of[slot]
+        env = self.env
+        current = grad
+        for node in self.nodes:
+            if node.id in env:
+                continue
+            if node.op is Op.GRAD or node.op is Op.SET_GRAD:
+                if node.args[0].id != site:
+                    continue  # another site's gradient: runs when the backward reaches that site
+            if any(d not in env for d in node.refs if d != site) or any(
+                a not in env for a in node.after if a in self.post_ids
+            ):
+                continue
+            if self.held is not None and not self.held(node.id):
+                env[node.id] = None
+                continue
+            if node.op is Op.GRAD:
+                env[node.id] = current
+            elif node.op is Op.SET_GRAD:
+                value = self.value_of(node)
+                check_set_shape(current, value, node.loc, "the gradient")
+                current = value
+                env[node.id] = None
+            else:
+                env[node.id] = self.value_of(node)
+        return current.to(grad.dtype).clone()
 
 
 def _host_effects(graph: Graph) -> set[int]:
@@ -231,6 +327,7 @@ class Program(_Run):
         split = split or BackwardSplit(graph)
         self.n_params = len(graph.params)
         self.probes = {site: self.n_params + i for site, i in split.probes.items()}
+        self.edits = split.edits
         self.needed = split.needed
         by_id = {n.id: n for n in graph.nodes}
         self.before: list[Node] = []
@@ -446,6 +543,9 @@ class Program(_Run):
         if probe is None:
             return super()._exec(node)
         value = self._read_site(node.target) + self.params[probe]  # d loss / d probe = the activation's grad
+        slot = self.edits.get(node.id)
+        if slot is not None:
+            value = grad_edit(value, slot)
         self._write_site(node, value)
         return value
 
