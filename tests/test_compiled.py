@@ -7,6 +7,7 @@ structure per program; sweeps assert exactly one compile.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -600,3 +601,32 @@ def test_repeated_blocks_compile_as_regions_outside_the_program(monkeypatch):
     assert stats["compiles"] == 2 and stats["fallbacks"] == 0, stats
     model.clear_compiled()
     assert_clean(net)
+
+
+def test_a_kv_cache_passed_in_compiles_and_is_updated_like_eager(gpt):
+    """`trace(next_token, past_key_values=cache, compile=True)`: recording the schedule works on a copy (it once
+    wrote fake tensors into the user's cache, and the compiled call then crashed); the call updates the cache
+    as the eager backend does."""
+    prompt = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        prefix = gpt._model(prompt, use_cache=True).past_key_values
+    caches, saved = [], []
+    steer, token = torch.randn(32), torch.randint(0, 128, (1, 1))
+    for compile in (False, True, True):
+        cache = copy.deepcopy(prefix)
+        with gpt.trace(token, past_key_values=cache, compile=compile):
+            gpt.transformer.h[0].output[:, -1] += steer
+            out = gpt.transformer.h[1].output.save()
+        caches.append(cache)
+        saved.append(out.value)
+    torch.testing.assert_close(saved[1], saved[0])
+    torch.testing.assert_close(saved[2], saved[0])
+    for cache in caches:
+        assert cache.get_seq_length() == 7
+        for layer, want in zip(cache.layers, caches[0].layers):
+            torch.testing.assert_close(layer.keys, want.keys)
+            torch.testing.assert_close(layer.values, want.values)
+        assert all(not isinstance(layer.keys, torch._subclasses.FakeTensor) for layer in cache.layers)
+    stats = ic.compile_stats()
+    assert stats["compiled_calls"] == 2 and stats["fallbacks"] == 0, stats
+    assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["cache_hits"] == 1, stats

@@ -414,11 +414,22 @@ def _signature(value: Any) -> Any:
         return (t.__name__, *(_signature(v) for v in value))
     if t is dict:
         return ("{", *((k, _signature(v)) for k, v in value.items()))
+    layers = getattr(value, "layers", None)
+    if isinstance(layers, list) and hasattr(value, "get_seq_length"):  # a KV cache: by layout, not identity
+        return (t.__qualname__, tuple(_kv_layer_signature(layer) for layer in layers))
     try:
         hash(value)
     except TypeError:
         return (t.__qualname__, id(value))
     return value
+
+
+def _kv_layer_signature(layer: Any) -> tuple:
+    """A KV cache layer's type and tensors' signatures; Dynamo's own guards check the rest of the object."""
+    tensors = tuple(
+        _signature(v) for k, v in sorted(vars(layer).items()) if isinstance(v, torch.Tensor) and k != "device"
+    )
+    return (type(layer).__qualname__, getattr(layer, "is_initialized", None), tensors)
 
 
 def _param_signature(params: tuple, host_only: frozenset[int] = frozenset()) -> tuple:

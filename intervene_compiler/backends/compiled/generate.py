@@ -24,7 +24,6 @@ their reason in :func:`compile_stats` (never silent).
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,7 @@ from .cache import (
     _signature,
 )
 from .lowering import lift_values
-from .program import BackwardSplit, Dispatcher, Program, _Recorder
+from .program import BackwardSplit, Dispatcher, Program, _Recorder, fake_copy
 
 _SITE_OPS = (Op.SITE, Op.SET, Op.UPDATE)
 _CONTAINER_MAKERS = (list, dict, set)  # outer values that the Python part mutates (``ic.list()``, ...)
@@ -318,7 +317,7 @@ class _StepState:
             structure,
             _param_signature(params),
             _signature(args),
-            _step_signature(kwargs),
+            _signature(kwargs),  # a KV cache by its layout (see cache._signature)
             torch.is_grad_enabled(),
         )
         entry = cache.entries.get(key)
@@ -431,51 +430,8 @@ def _record(shim: _StepModel, graph: Graph, args: tuple, kwargs: dict) -> _Recor
     with mode, torch.no_grad():
         fake_graph = graph.replace(params=tuple(_to_fake(p, mode) for p in graph.params))
         recorder = _Recorder(shim, fake_graph)
-        recorder.execute(_to_fake(args, mode), _fake_copy(kwargs, mode))
+        recorder.execute(_to_fake(args, mode), fake_copy(kwargs, mode))
     return recorder
-
-
-def _fake_copy(value: Any, mode: FakeTensorMode) -> Any:
-    """A deep copy of ``value`` (a KV cache object included) whose tensors are fakes: recording cannot touch it."""
-    memo: dict[int, Any] = {}
-    seen: set[int] = set()
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if isinstance(v, torch.Tensor):
-            memo[id(v)] = mode.from_tensor(v)
-        elif isinstance(v, (list, tuple, set)):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif hasattr(v, "__dict__") and not isinstance(v, (type, torch.nn.Module)) and not callable(v):
-            stack.extend(vars(v).values())
-    return copy.deepcopy(value, memo)
-
-
-def _step_signature(kwargs: dict) -> tuple:
-    """The step inputs' signature, with a KV cache object abstracted to its type and layers (not its identity).
-
-    Dynamo's own guards check the rest of such an object; a guard failure shows up as a recompile.
-    """
-    out = []
-    for k, v in kwargs.items():
-        if v is None or isinstance(v, (bool, int, float, str, torch.Tensor, tuple, list, dict)):
-            out.append((k, _signature(v)))
-            continue
-        layers = tuple(
-            (
-                type(layer).__name__,
-                getattr(layer, "is_initialized", None),
-                getattr(layer, "max_cache_len", None),
-            )
-            for layer in getattr(v, "layers", ())
-        )
-        out.append((k, type(v).__qualname__, layers))
-    return tuple(out)
 
 
 __all__ = ["run_generate_compiled"]

@@ -10,6 +10,7 @@ the entry, so nothing after the last needed module is traced or compiled.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -89,8 +90,31 @@ def record_schedule(model, graph: Graph, args: tuple, kwargs: dict) -> _Recorder
     with mode, torch.no_grad():
         fake_graph = graph.replace(params=tuple(_to_fake(p, mode) for p in graph.params))
         recorder = _Recorder(model, fake_graph)
-        recorder.execute(_to_fake(args, mode), _to_fake(kwargs, mode))
+        # copies: a KV cache object passed in (past_key_values=) is updated by the forward, which must not write
+        # fake tensors into the user's object
+        recorder.execute(fake_copy(args, mode), fake_copy(kwargs, mode))
     return recorder
+
+
+def fake_copy(value: Any, mode: FakeTensorMode) -> Any:
+    """A deep copy of ``value`` (a KV cache object included) whose tensors are fakes: recording cannot touch it."""
+    memo: dict[int, Any] = {}
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            memo[id(v)] = mode.from_tensor(v)
+        elif isinstance(v, (list, tuple, set)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif hasattr(v, "__dict__") and not isinstance(v, (type, torch.nn.Module)) and not callable(v):
+            stack.extend(vars(v).values())
+    return copy.deepcopy(value, memo)
 
 
 @dataclass
