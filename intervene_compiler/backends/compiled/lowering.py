@@ -51,7 +51,7 @@ def take(x: torch.Tensor, index: tuple, lifted: tuple[int, ...]) -> torch.Tensor
 def put(x: torch.Tensor, index: tuple, lifted: tuple[int, ...], value: Any) -> None:
     """``x[index] = value`` in place, with one lifted int position (see :func:`take`)."""
     (pos,) = lifted
-    full = tuple(v % x.shape[pos] if i == pos else v for i, v in enumerate(index))
+    full = index[:pos] + (index[pos] % x.shape[pos],) + index[pos + 1 :]  # no generator: Dynamo inlines this
     if isinstance(value, torch.Tensor) and value.dim() >= x.dim() - pos - 1 and value.dim() > 0:
         value = value.unsqueeze(pos - x.dim())
     x[full] = value

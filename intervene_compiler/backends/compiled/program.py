@@ -381,6 +381,25 @@ class Program(_Run):
         self.take_ids = frozenset(n.id for n in graph.nodes if n.op is Op.CALL and n.target is take)
         # nodes that change args[0] in place, found here: Dynamo traces _exec, and need not trace this test
         self.mutating = frozenset(n.id for n in graph.nodes if is_mutation_node(n))
+        # straight-line code per plain value node (see _straight_line): what Dynamo inlines for it
+        self.fast: dict[int, Any] = {}
+        self.fast_target: dict[int, Any] = {}  # a mutating node's args[0], for the take bookkeeping
+        for n in graph.nodes:
+            if n.id in self.probes or n.id in self.guards:
+                continue
+            fn = _straight_line(n)
+            if fn is not None:
+                self.fast[n.id] = fn
+                if n.id in self.mutating:
+                    self.fast_target[n.id] = _straight_line(Node(n.id, Op.SAVE, None, n.args[:1]))
+        # fast nodes no take bookkeeping concerns (see _exec)
+        self.untracked = frozenset(
+            nid
+            for nid in self.fast
+            if nid not in self.mutating
+            and nid not in self.take_ids
+            and not any(d in self.take_ids for d in by_id[nid].refs)
+        )
         self.node_by_id = by_id
         self.takes: dict[int, tuple] = {}
         self.mutations = 0
@@ -427,6 +446,15 @@ class Program(_Run):
         self._hook_points = None
         self.region_writes = {
             key: any(n.op in (Op.SET, Op.SETITEM, Op.UPDATE) or is_mutation_node(n) for n in nodes)
+            for key, nodes in self.region.items()
+        }
+        # per recorded event: its nodes less stops, its stops, and whether any node is a take (see _exec)
+        self.region_plan = {
+            key: (
+                [n for n in nodes if n.op is not Op.STOP],
+                [n for n in nodes if n.op is Op.STOP],
+                any(n.id in self.take_ids or n.op is Op.SAVE for n in nodes) and bool(self.take_ids),
+            )
             for key, nodes in self.region.items()
         }
 
@@ -478,6 +506,9 @@ class Program(_Run):
         return saved, output if self.graph.needs_output else None
 
     def _exec(self, node: Node) -> Any:
+        fast = self.fast.get(node.id)
+        if fast is not None and (not self.take_ids or node.id in self.untracked):
+            return fast(self.env, self.params)
         if not self.take_ids:
             return self._exec_guarded(node)
         # Lifted ``x[:, p]`` (take) is a copy where eager mode has a view: keep the view's semantics. A take
@@ -487,13 +518,17 @@ class Program(_Run):
             t = takes.get(d)
             if t is not None and t[3] != self.mutations:
                 self._retake(d)
-        value = self._exec_guarded(node)
+        value = fast(self.env, self.params) if fast is not None else self._exec_guarded(node)
         if node.op is Op.CALL and node.target is take:
             base, index, lifted = resolve(node.args, self.env.__getitem__, self.params.__getitem__)
             takes[node.id] = (base, index, lifted, self.mutations)
             return value
         if node.id in self.mutating:
-            target = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+            target_of = self.fast_target.get(node.id)
+            if target_of is not None:
+                target = target_of(self.env, self.params)
+            else:
+                target = resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
             for tid, (base, index, lifted, _) in list(takes.items()):
                 if self.env.get(tid) is target and len(lifted) == 1:
                     put(base, index, lifted, target)
@@ -614,31 +649,104 @@ class Program(_Run):
 
     def _on_member(self, key: tuple, recorded: tuple, member: int, value: Any) -> Any:
         gate = self.params[self.gate_base + member]  # an input per member: one kernel serves every member
-        writes = self.writes(key)
-        working = _tree_map(torch.clone, value) if writes else value
+        writes = self.region_writes[recorded]
+        if not writes:
+            working = value
+        elif isinstance(value, torch.Tensor):
+            working = value.clone()
+        else:
+            working = _tree_map(torch.clone, value)
         self.current[recorded] = working
-        last = member == self.family.size - 1
-        nodes = [n for n in self.region[recorded] if n.op is not Op.STOP]
-        stops = [n for n in self.region[recorded] if n.op is Op.STOP] if last else []
+        nodes, stops, tracks_takes = self.region_plan[recorded]
+        env = self.env
         for node in nodes:
-            self.env[node.id] = self._exec(node)
+            env[node.id] = self._exec(node)
         new = self.current.pop(recorded)
-        if self.take_ids:  # committed values below are selections, not views: they stop tracking their base
+        if tracks_takes:  # committed values below are selections, not views: they stop tracking their base
             self._refresh_saved([n.id for n in nodes])
             for node in nodes:
                 self.takes.pop(node.id, None)
         committed = self.committed
         for node in nodes:
-            v = self.env[node.id]
+            v = env[node.id]
             if isinstance(v, torch.Tensor):
                 old = committed.get(node.id)
-                committed[node.id] = v if old is None else torch.where(gate, v, old)
-                self.env[node.id] = committed[node.id]
-        for node in stops:  # after committing: the stop ends the forward here
-            self._exec(node)
+                committed[node.id] = v = v if old is None else torch.where(gate, v, old)
+                env[node.id] = v
+        if member == self.family.size - 1:
+            for node in stops:  # after committing: the stop ends the forward here
+                self._exec(node)
         if not writes:
             return value
+        if isinstance(new, torch.Tensor) and isinstance(value, torch.Tensor):
+            return torch.where(gate, new, value)
         return _tree_zip(lambda a, b: torch.where(gate, a, b), new, value)
+
+
+def _straight_line(node: Node):
+    """``node`` as one generated function ``(env, params) -> value`` (``e[3].view(p[0], 2)``), or None.
+
+    Dynamo inlines every Python call a program makes while it traces: one small function per node, with the
+    arguments written out, costs it far less than the generic ``_exec`` / ``resolve`` path (recursive, one call
+    per argument leaf). Only ops whose meaning is the plain Python expression: calls, methods, getattr,
+    getitem, save.
+    """
+    consts: list[Any] = []
+
+    def const(value: Any) -> str:
+        consts.append(value)
+        return f"c[{len(consts) - 1}]"
+
+    def expr(value: Any) -> str:
+        t = type(value)
+        if t is Ref:
+            return f"e[{value.id}]"
+        if t is ParamRef:
+            return f"p[{value.index}]"
+        if t is tuple:
+            return "(" + "".join(expr(v) + ", " for v in value) + ")"
+        if t is list:
+            return "[" + ", ".join(expr(v) for v in value) + "]"
+        if t is slice:
+            return f"slice({expr(value.start)}, {expr(value.stop)}, {expr(value.step)})"
+        if value is None or t is bool or t is int:
+            return repr(value)
+        if t is dict or t is set:  # a fresh copy per call, as resolve builds one
+            return f"{t.__name__}({const(value)})" if not _has_refs(value) else _NO
+        return const(value)
+
+    op = node.op
+    args = [expr(a) for a in node.args]
+    kwargs = [(k, expr(v)) for k, v in node.kwargs]
+    if any(not k.isidentifier() for k, _ in kwargs):
+        return None
+    call = ", ".join(args + [f"{k}={v}" for k, v in kwargs])
+    if op is Op.CALL:
+        body = f"{const(node.target)}({call})"
+    elif op is Op.METHOD and type(node.target) is str and node.target.isidentifier() and args:
+        rest = ", ".join(args[1:] + [f"{k}={v}" for k, v in kwargs])
+        body = f"{args[0]}.{node.target}({rest})"
+    elif op is Op.GETATTR and type(node.target) is str and node.target.isidentifier() and not kwargs:
+        body = f"{args[0]}.{node.target}"
+    elif op is Op.GETITEM and len(args) == 2 and not kwargs:
+        body = f"{args[0]}[{args[1]}]"
+    elif op is Op.SAVE and len(args) == 1:
+        body = args[0]
+    else:
+        return None
+    if _NO in body:
+        return None
+    scope = {"slice": slice, "dict": dict, "set": set}
+    return eval(f"lambda e, p, c=c: {body}", scope, {"c": tuple(consts)})  # noqa: S307
+
+
+_NO = "<not straight-line>"
+
+
+def _has_refs(value: Any) -> bool:
+    found = []
+    map_args(value, lambda leaf: found.append(leaf) if type(leaf) in (Ref, ParamRef) else None)
+    return bool(found)
 
 
 UNPREDICATED = {
