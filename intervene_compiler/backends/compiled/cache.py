@@ -100,14 +100,23 @@ class CompileCache:
             self.dispatcher = None
 
 
+_HOST_ONLY: dict[Any, frozenset[int]] = {}  # structure -> host_only_params of graphs with that structure
+
+
 def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
     cache: CompileCache = model._state.compiled
     lowered = lift_values(graph)
     keyed, family = lift_family(lowered, model._module)  # a ModuleList member index becomes an input
+    structure = structure_tuple(keyed)
+    host_only = _HOST_ONLY.get(structure)
+    if host_only is None:  # a property of the structure: found once per structure, not per call
+        host_only = _HOST_ONLY[structure] = host_only_params(keyed)
+        if len(_HOST_ONLY) > 1024:
+            del _HOST_ONLY[next(iter(_HOST_ONLY))]
     key = (
-        structure_tuple(keyed),
-        _param_signature(keyed.params, host_only_params(keyed)),
+        structure,
+        _param_signature(keyed.params, host_only),
         _signature(args),
         _signature(kwargs),
         torch.is_grad_enabled(),
