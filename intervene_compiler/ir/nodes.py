@@ -229,6 +229,44 @@ class Node:
 )
 
 
+def make_node(
+    id: int,
+    op: Op,
+    target: Any,
+    args: tuple,
+    kwargs: tuple[tuple[str, Any], ...],
+    guards: tuple[tuple[int, bool], ...],
+    after: tuple[int, ...],
+    invoke: int | None,
+    loc: SourceLoc | None,
+    refs: tuple[int, ...],
+) -> Node:
+    """``Node(id, op, target, args, kwargs, guards, after, invoke, (), loc)`` when the caller already knows the
+    node's data dependencies ``refs`` (the ids of the ``Ref`` leaves of ``args`` then ``kwargs``, in order, as
+    ``Node`` collects them): what a tracer builds for every recorded operation, without walking the arguments
+    again."""
+    node = _new_node(Node)
+    _node_id(node, id)
+    _node_op(node, op)
+    _node_target(node, target)
+    _node_args(node, args)
+    _node_kwargs(node, kwargs)
+    _node_guards(node, guards)
+    _node_after(node, after)
+    _node_invoke(node, invoke)
+    _node_body(node, ())
+    _node_loc(node, loc)
+    _node_refs(node, refs)
+    if guards:
+        _node_deps(node, refs + after + tuple([g for g, _ in guards]))
+    else:
+        _node_deps(node, refs + after if after else refs)
+    return node
+
+
+_new_node = object.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class InvokeRows:
     """The batch rows [start, stop) that one invoke's input occupies."""
@@ -285,6 +323,13 @@ class Graph:
         return out
 
     def replace(self, **changes: Any) -> Graph:
+        own = self.__dict__
+        if len(own) == 5 and _GRAPH_FIELDS.issuperset(changes):  # only the fields: copy them as they are
+            graph = _new_graph(Graph)
+            fields = graph.__dict__
+            fields.update(own)
+            fields.update(changes)
+            return graph
         fields = {
             "nodes": self.nodes,
             "params": self.params,
@@ -294,6 +339,10 @@ class Graph:
         }
         fields.update(changes)
         return Graph(**fields)
+
+
+_GRAPH_FIELDS = frozenset({"nodes", "params", "invokes", "kind", "needs_output"})
+_new_graph = object.__new__
 
 
 def walk_nodes(nodes) -> Any:

@@ -14,15 +14,17 @@ if TYPE_CHECKING:
 class Invoker:
     """``with tracer.invoke(input):`` adds ``input`` to the batch; interventions inside see only its rows."""
 
+    # set when the invoke is entered (class-level defaults until then: every trace makes one)
+    index: int | None = None
+    inputs: tuple[tuple, dict] | None = None  # prepared (args, kwargs)
+    batch_size = 0
+    start = 0
+
     def __init__(self, tracer: Tracer, args: tuple, kwargs: dict, loc: SourceLoc | None):
         self.tracer = tracer
         self.args = args
         self.kwargs = kwargs
         self.loc = loc
-        self.index: int | None = None
-        self.inputs: tuple[tuple, dict] | None = None  # prepared (args, kwargs)
-        self.batch_size = 0
-        self.start = 0
 
     def __enter__(self) -> Invoker:
         self.tracer._enter_invoke(self)

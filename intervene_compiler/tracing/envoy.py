@@ -55,12 +55,38 @@ class Envoy:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_state", state)
-        object.__setattr__(self, "_children", None)
+        self.__dict__["_kids"] = None  # see _children
         object.__setattr__(self, "_aliases", None)
 
     @property
     def _envoy_module(self) -> torch.nn.Module:
         return self._module
+
+    @property
+    def _children(self) -> dict[str, Envoy] | None:
+        """The child envoys by name, None until built (then ``_child_envoys`` builds them).
+
+        Built children are also instance attributes (unless that name is the class's or already the instance's),
+        so ``model.layer1`` is found by plain attribute lookup: ``__getattr__`` runs only after Python has raised
+        and caught an AttributeError for the lookup, the larger part of an envoy access. Setting this (to None:
+        rebuild lazily) withdraws the previous children's attributes.
+        """
+        return self.__dict__["_kids"]
+
+    @_children.setter
+    def _children(self, children: dict[str, Envoy] | None) -> None:
+        own = self.__dict__
+        old = own.get("_kids")
+        if old:
+            for name, child in old.items():
+                if own.get(name) is child:
+                    del own[name]
+        own["_kids"] = children
+        if children:
+            cls = type(self)
+            for name, child in children.items():
+                if name not in own and not hasattr(cls, name) and not name.startswith("__"):
+                    own[name] = child
 
     # -- the tree ------------------------------------------------------------------------------------------------
     def _child_envoys(self) -> dict[str, Envoy]:
@@ -176,7 +202,8 @@ class Envoy:
     @property
     def output(self):
         """This module's output in the current call (a proxy inside a tracing block)."""
-        return self._tracer("output")._site(self._path, _OUTPUT)
+        tracers = self._state.tracers  # self._tracer("output"), inlined
+        return (tracers[-1] if tracers else self._tracer("output"))._site(self._path, _OUTPUT)
 
     @output.setter
     def output(self, value) -> None:
@@ -185,7 +212,8 @@ class Envoy:
     @property
     def input(self):
         """This module's first positional argument in the current call."""
-        return self._tracer("input")._site(self._path, _INPUT)
+        tracers = self._state.tracers
+        return (tracers[-1] if tracers else self._tracer("input"))._site(self._path, _INPUT)
 
     @input.setter
     def input(self, value) -> None:
@@ -194,7 +222,8 @@ class Envoy:
     @property
     def inputs(self):
         """This module's ``(args, kwargs)`` in the current call."""
-        return self._tracer("inputs")._site(self._path, _INPUTS)
+        tracers = self._state.tracers
+        return (tracers[-1] if tracers else self._tracer("inputs"))._site(self._path, _INPUTS)
 
     @inputs.setter
     def inputs(self, value) -> None:
@@ -202,8 +231,7 @@ class Envoy:
 
     def next(self, step: int = 1) -> Envoy:
         """Address this module's next call (e.g. the next generated token) from here on in the block."""
-        tracer = self._tracer("next()")
-        tracer._call_idx[self._path] = tracer._call_idx.get(self._path, 0) + step
+        self._tracer("next()")._next_call(self._path, step)
         return self
 
     def __call__(self, *args, **kwargs):

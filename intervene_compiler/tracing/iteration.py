@@ -65,6 +65,8 @@ class Iteration:
         if exc_type is not None or tracer._finished:
             return False
         inner = {n.id for n in body}
+        if not tracer._body_of:  # the tracer's class-level default is an empty read-only mapping
+            tracer._body_of = {}
         for nid in inner | {self.id}:
             tracer._body_of[nid] = self.id
         for obj, last in list(tracer._last_mut.items()):  # later readers of an object mutated inside wait for

@@ -120,12 +120,13 @@ class NNsight(Envoy):
     # -- hooks for subclasses ------------------------------------------------------------------------------------
     def _prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
         """Turn one invoke's input into model ``(args, kwargs)`` and its batch size."""
-        batch = None
-        for v in (*args, *kwargs.values()):
+        for v in args:  # the first tensor with a batch dimension, in args then kwargs
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                batch = v.shape[0]
-                break
-        return args, kwargs, batch if batch is not None else 1
+                return args, kwargs, v.shape[0]
+        for v in kwargs.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return args, kwargs, v.shape[0]
+        return args, kwargs, 1
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
         """Combine every invoke's prepared input into one batch (tensors concatenated along dim 0)."""

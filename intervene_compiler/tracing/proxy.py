@@ -70,8 +70,9 @@ class Proxy:
 
     def save(self) -> Proxy:
         """Keep this value after the block exits; returns the proxy itself."""
-        if self._live():
-            self._tracer._save(self)
+        tracer = self._tracer
+        if not tracer._finished:  # self._live()
+            tracer._save(self)
         return self
 
     def stop(self) -> None:
@@ -288,6 +289,17 @@ for _name in ("neg", "pos", "abs", "invert"):
     setattr(Proxy, f"__{_name}__", _unary(getattr(operator, _name)))
 Proxy.__hash__ = object.__hash__  # __eq__ above would otherwise drop hashing
 _set_tracer, _set_id, _set_base, _set_attr = (Proxy.__dict__[name].__set__ for name in Proxy.__slots__)
+_new_object = object.__new__
+
+
+def new_proxy(tracer: Tracer, node_id: int) -> Proxy:
+    """``Proxy(tracer, node_id)``, without the call of ``__init__`` (tracers make one per recorded value)."""
+    proxy = _new_object(Proxy)
+    _set_tracer(proxy, tracer)
+    _set_id(proxy, node_id)
+    _set_base(proxy, None)
+    _set_attr(proxy, None)
+    return proxy
 
 
 def _install_einops_backend() -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
+from collections.abc import Mapping
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,8 +23,11 @@ from ..errors import (
     InvokeError,
     MissedSiteError,
     SetShapeError,
+    SourceLoc,
     TracingError,
     ValueNotReadyError,
+    _locs,
+    _user_files,
     execution_error,
     user_location,
 )
@@ -38,11 +44,11 @@ from ..ir import (
     format_node,
     is_mutation,
 )
-from ..ir.nodes import walk_nodes
+from ..ir.nodes import make_node, walk_nodes
 from ..pipeline import optimize
 from .contexts import Barrier, Cond, Invoker, no_input_error
 from .iteration import Iteration, IterSelector, check_scope, nodes_for_fakes
-from .proxy import Proxy, _find_live_tracer
+from .proxy import Proxy, _find_live_tracer, new_proxy
 
 if TYPE_CHECKING:
     from .model import NNsight
@@ -51,6 +57,34 @@ _current: ContextVar[Tracer | None] = ContextVar("intervene_compiler_tracer", de
 # the session being recorded (tracing/session.py); traces opened inside it become part of it
 _current_session: ContextVar[Any] = ContextVar("intervene_compiler_session", default=None)
 _LITERALS = frozenset({int, float, str, bool, type(None), complex, bytes})
+_SITE, _SAVE = Op.SITE, Op.SAVE  # enum class attribute lookups are slow
+
+
+_environ_data = getattr(os.environ, "_data", None)  # what os.environ reads: looked up without its KeyError
+try:
+    _DEBUG_KEY = os.environ.encodekey("IC_DEBUG")  # type: ignore[attr-defined]
+except Exception:  # pragma: no cover - an os.environ without these internals
+    _environ_data = None
+
+
+def _debug() -> bool:
+    """``os.environ.get("IC_DEBUG")``, read on every trace (a missing key costs os.environ a raised KeyError)."""
+    if type(_environ_data) is dict:
+        return bool(_environ_data.get(_DEBUG_KEY))
+    return bool(os.environ.get("IC_DEBUG"))
+
+
+def _user_location_at(depth: int) -> SourceLoc | None:
+    """``user_location()`` for a caller whose ``depth`` innermost frames (its own included) are this package's:
+    the frame above them, when it is a user's line seen before (the common case), else the full walk."""
+    frame = sys._getframe(depth + 1)
+    code = frame.f_code
+    filename = code.co_filename
+    if _user_files.get(filename):
+        loc = _locs.get((filename, frame.f_lineno, code.co_name))
+        if loc is not None:
+            return loc
+    return user_location()
 
 
 def current_tracer() -> Tracer | None:
@@ -124,8 +158,12 @@ class Recorder:
     def _param(self, obj: Any) -> ParamRef:
         index = self._param_index.get(id(obj))
         if index is None:
-            index = len(self._params)
-            self._params.append(obj)
+            params = self._params
+            if type(params) is not list:  # a tracer's first param (its class-level default is empty)
+                self._params = params = []
+                self._param_index = {}
+            index = len(params)
+            params.append(obj)
             self._param_index[id(obj)] = index
         return ParamRef(index)
 
@@ -138,6 +176,38 @@ class Recorder:
 
 class Tracer(Recorder):
     """Records one tracing block. See the module docstring; users get it from ``model.trace()``."""
+
+    # State that starts out empty: class-level defaults, so a tracer sets only what it uses (tracing one block
+    # is on the hot path of a loop of traces). Containers here are immutable; a tracer that adds to one gets its
+    # own (barrier(), _defer_node(), iteration blocks).
+    _guards: tuple[tuple[int, bool], ...] = ()
+    _invoke: int | None = None
+    _batch_size = 0
+    _results: dict[int, Any] | None = None
+    _finished = False
+    _error: BaseException | None = None
+    _stop_loc = None
+    _skipped: Mapping = MappingProxyType({})
+    _barriers: tuple | list[Barrier] = ()
+    _deferred: Mapping[int, Node] = MappingProxyType({})
+    _frame = None  # the open `tracer.all()` / `tracer.iter[...]` block, if any (see iteration.py)
+    # node id inside a closed iteration block -> that block's ITER id
+    _body_of: Mapping[int, int] = MappingProxyType({})
+    _entry = None
+    _fakes = None
+    _token = None
+    _implicit: Invoker | None = None
+    graph: Graph | None = None
+    output: Any = None
+    # inside `model.session()`: the block records into the session (see session.py) and runs when it does
+    _session = None
+    _closed = False  # recorded and handed to the session, which has not run yet
+    _bound = None  # (graph, prepared inputs) the session runs this trace with
+    # Recorder._param makes a tracer's own list (and index) on its first param
+    _params: tuple | list[Any] = ()
+    _param_index: Mapping[int, int] = MappingProxyType({})
+    _call_idx: Mapping[str, int] = MappingProxyType({})  # path -> call addressed (.next()); see _next_call
+    _last_mut: Mapping[int, int] = MappingProxyType({})  # object node id -> its last mutation (see _record)
 
     def __init__(
         self,
@@ -155,44 +225,19 @@ class Tracer(Recorder):
         self.model = model
         self._state = model._state
         self._mode = mode
-        self._nodes: list[Node] = []
-        self._params: list[Any] = []
-        self._param_index: dict[int, int] = {}
+        self._node_list: list[Node] = []  # see _nodes
+        self._lazy: list[tuple] = []
         self._ids = itertools.count()
-        self._guards: tuple[tuple[int, bool], ...] = ()
-        self._invoke: int | None = None
         self._invokers: list[Invoker] = []
-        self._batch_size = 0
         self._site_cache: dict[tuple, Proxy] = {}
-        self._call_idx: dict[str, int] = {}
-        self._last_mut: dict[int, int] = {}
         self._saved_ids: set[int] = set()
-        self._results: dict[int, Any] | None = None
-        self._finished = False
-        self._error: BaseException | None = None
-        self._stop_loc = None
-        self._skipped: dict = {}
-        self._barriers: list[Barrier] = []
-        self._deferred: dict[int, Node] = {}
-        self._frame = None  # the open `tracer.all()` / `tracer.iter[...]` block, if any (see iteration.py)
-        self._body_of: dict[int, int] = {}  # node id inside a closed iteration block -> that block's ITER id
         self._needs_output = needs_output
         self._compile = compile
-        self._entry = None
-        self._validate = validate or scan or mode == "scan"
-        self._fakes = None
-        self._token = None
-        self._kwargs = dict(kwargs or {})
-        self._invoker_args = dict(invoker_args or {})
+        self._validate = validate = validate or scan or mode == "scan"
+        self._kwargs = dict(kwargs) if kwargs else {}
+        self._invoker_args = dict(invoker_args) if invoker_args else {}
         self._implicit_args = args
-        self._implicit: Invoker | None = None
-        self.graph: Graph | None = None
-        self.output: Any = None
-        # inside `model.session()`: the block records into the session (see session.py) and runs when it does
-        self._session = None
-        self._closed = False  # recorded and handed to the session, which has not run yet
-        self._bound = None  # (graph, prepared inputs) the session runs this trace with
-        if mode in ("trace", "generate") and not self._validate:
+        if not validate and (mode == "trace" or mode == "generate"):
             session = _current_session.get()
             if session is not None:
                 self._session = session
@@ -202,22 +247,22 @@ class Tracer(Recorder):
     # -- context protocol ---------------------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
         self._token = _current.set(self)
-        self._state.push(self)
-        try:
-            if self._implicit_args or self._kwargs:
-                self._implicit = Invoker(
+        self._state.tracers.append(self)  # ModelState.push
+        if self._implicit_args or self._kwargs:
+            try:
+                self._implicit = invoker = Invoker(
                     self, self._implicit_args, {**self._kwargs, **self._invoker_args}, None
                 )
-                self._implicit.__enter__()
-        except BaseException:
-            self._close()
-            raise
+                self._enter_invoke(invoker)  # Invoker.__enter__
+            except BaseException:
+                self._close()
+                raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             if self._implicit is not None and self._invoke is not None:
-                self._implicit.__exit__(None, None, None)
+                self._exit_invoke(self._implicit)  # Invoker.__exit__
         finally:
             self._close()
         if exc_type is not None:
@@ -239,13 +284,29 @@ class Tracer(Recorder):
             raise
         finally:
             self._finished = True
+            self._release()
         return False
 
     def _close(self) -> None:
-        self._state.pop(self)
+        tracers = self._state.tracers
+        if tracers and tracers[-1] is self:
+            tracers.pop()
+        else:
+            self._state.pop(self)
         if self._token is not None:
             _current.reset(self._token)
             self._token = None
+
+    def _release(self) -> None:
+        """Drop the references back to this tracer that only recording needed, once the block has run.
+
+        Proxies in the site cache and the implicit invoker point back at the tracer: without these cycles a
+        finished tracer is freed as soon as its last proxy is, instead of waiting for the cyclic garbage
+        collector (which made a loop of small traces measurably slower).
+        """
+        self._site_cache.clear()
+        if self._implicit is not None:
+            self._implicit.tracer = None
 
     # -- public API inside the block -----------------------------------------------------------------------------
     @property
@@ -291,6 +352,8 @@ class Tracer(Recorder):
     def barrier(self, n: int) -> Barrier:
         """A barrier ``n`` invokes call before exchanging values (see :class:`Barrier`)."""
         b = Barrier(self, n, user_location())
+        if not self._barriers:
+            self._barriers = []
         self._barriers.append(b)
         return b
 
@@ -316,8 +379,14 @@ class Tracer(Recorder):
     def next(self, step: int = 1) -> Tracer:
         """Move every module to its next call (e.g. the next generated token)."""
         for path in self.model._all_paths():
-            self._call_idx[path] = self._call_idx.get(path, 0) + step
+            self._next_call(path, step)
         return self
+
+    def _next_call(self, path: str, step: int) -> None:
+        """Address the call ``step`` after the current one of the module at ``path`` from here on."""
+        if type(self._call_idx) is not dict:  # the class-level default is an empty read-only mapping
+            self._call_idx = {}
+        self._call_idx[path] = self._call_idx.get(path, 0) + step
 
     # -- recording -----------------------------------------------------------------------------------------------
     def _record(
@@ -333,32 +402,77 @@ class Tracer(Recorder):
             )
         refs: list[int] = []
         enc_args = self._encode(args, refs) if args else ()
-        enc_kwargs = tuple((k, self._encode(v, refs)) for k, v in kwargs.items()) if kwargs else ()
-        last_mut = self._last_mut
-        deps = {last_mut[r] for r in refs if r in last_mut} if refs and last_mut else set()
-        if self._body_of and refs:
-            deps = check_scope(self, refs, deps)
-        if after:
-            deps.update(after)
+        enc_kwargs = tuple([(k, self._encode(v, refs)) for k, v in kwargs.items()]) if kwargs else ()
+        if refs:
+            last_mut = self._last_mut
+            deps = {last_mut[r] for r in refs if r in last_mut} if last_mut else set()
+            if self._body_of:
+                deps = check_scope(self, refs, deps)
+            if after:
+                deps.update(after)
+        else:
+            deps = after
         nid = next(self._ids)
-        node = Node(
+        # the encoding collected the Ref leaves' ids in the order Node would: no second walk of the arguments
+        node = make_node(
             nid,
             op,
             target,
             enc_args,
             enc_kwargs,
             self._guards,
-            tuple(sorted(deps)) if deps else (),
+            tuple(sorted(set(deps))) if deps else (),
             self._invoke,
-            (),
             user_location(),
+            tuple(refs),
         )
-        self._nodes.append(node)
+        if self._lazy:
+            self._flush()
+        self._node_list.append(node)
         if refs and is_mutation(node) and type(enc_args[0]) is Ref:
-            last_mut[enc_args[0].id] = nid
+            if type(self._last_mut) is not dict:  # the class-level default is an empty read-only mapping
+                self._last_mut = {}
+            self._last_mut[enc_args[0].id] = nid
         if self._fakes is not None:
             self._fakes.execute(node, strict=self._validate)
-        return Proxy(self, nid)
+        return new_proxy(self, nid)
+
+    # The nodes recorded so far. Site reads and saves on the plain path (``_site``, ``_save``) only note what their
+    # node is, in ``_lazy``: a repeated trace of nothing else never builds its nodes (``_optimized`` finds its
+    # graphs by a key of those notes). Reading ``_nodes`` builds them, after the ones built before, so the list
+    # is always every node in program order.
+    @property
+    def _nodes(self) -> list[Node]:
+        if self._lazy:
+            self._flush()
+        return self._node_list
+
+    @_nodes.setter
+    def _nodes(self, nodes: list[Node]) -> None:
+        """Record into ``nodes`` from here on (an iteration block records its body into a list of its own)."""
+        if self._lazy:
+            self._flush()
+        self._node_list = nodes
+
+    def _flush(self) -> None:
+        """Build the nodes of the notes in ``_lazy``: ``(id, site cache key, loc)`` for a SITE node, ``(id,
+        saved id, after, guards, invoke, loc)`` for a SAVE node (what ``_record`` would have built)."""
+        out = self._node_list
+        for entry in self._lazy:
+            if len(entry) == 3:
+                nid, (path, kind, call, invoke, guards), loc = entry
+                out.append(
+                    make_node(nid, _SITE, Site(path, kind, call, invoke), (), (), guards, (), invoke, loc, ())
+                )
+            else:
+                nid, ref, after, guards, invoke, loc = entry
+                out.append(make_node(nid, _SAVE, None, (Ref(ref),), (), guards, after, invoke, loc, (ref,)))
+        self._lazy = []
+
+    def _plain(self) -> bool:
+        """Does recording take the plain path: an open block of its own (not closed into a session), without
+        fake execution or closed iteration blocks? (The fast paths of ``_site``/``_save`` check this.)"""
+        return not (self._closed or self._finished or self._fakes is not None or self._body_of)
 
     def _call_of(self, path: str) -> int:
         """The call a site access addresses: counted from the run's start, or inside an iteration block from the
@@ -367,13 +481,47 @@ class Tracer(Recorder):
         return call if self._frame is None else -1 - call
 
     def _site(self, path: str, kind: SiteKind) -> Proxy:
-        call = self._call_of(path)
-        key = (path, kind, call, self._invoke, self._guards)
+        call = self._call_idx.get(path, 0)  # _call_of, inlined
+        if self._frame is not None:
+            call = -1 - call
+        invoke = self._invoke
+        guards = self._guards
+        key = (path, kind, call, invoke, guards)
         proxy = self._site_cache.get(key)
         if proxy is None:
-            proxy = self._record(Op.SITE, Site(path, kind, call, self._invoke))
+            if self._closed or self._finished or self._fakes is not None:
+                proxy = self._record(_SITE, Site(path, kind, call, invoke))
+            else:  # _record of a node without arguments, noted (see _nodes)
+                nid = next(self._ids)
+                # called by an envoy's .output/.input/.inputs, whose caller is the user's line
+                self._lazy.append((nid, key, _user_location_at(2)))
+                proxy = new_proxy(self, nid)
             self._site_cache[key] = proxy
         return proxy
+
+    def _save(self, proxy: Proxy) -> None:
+        nid = proxy._id
+        if nid is None:
+            nid = proxy._node_id()
+        saved = self._saved_ids
+        if nid in saved:
+            return
+        saved.add(nid)
+        if proxy._tracer is not self or not self._plain():
+            self._record(_SAVE, None, (proxy,))
+            return
+        # _record(Op.SAVE, None, (proxy,)), whose one argument is this tracer's value, noted (see _nodes)
+        last = self._last_mut.get(nid)
+        self._lazy.append(
+            (
+                next(self._ids),
+                nid,
+                () if last is None else (last,),
+                self._guards,
+                self._invoke,
+                _user_location_at(2),  # called by Proxy.save, whose caller is the user's line
+            )
+        )
 
     def _set_site(self, path: str, kind: SiteKind, value: Any) -> None:
         call = self._call_of(path)
@@ -387,6 +535,8 @@ class Tracer(Recorder):
             raise TracingError(
                 "`with loss.backward():` must directly follow the backward call", user_location()
             )
+        if not self._deferred:
+            self._deferred = {}
         self._deferred[node_id] = self._nodes.pop()
 
     def _undefer_node(self, node_id: int) -> None:
@@ -452,46 +602,67 @@ class Tracer(Recorder):
 
     # -- running ---------------------------------------------------------------------------------------------
     def _build_graph(self) -> Graph:
-        rows = tuple(InvokeRows(inv.start, inv.start + inv.batch_size) for inv in self._invokers)
-        graph = Graph(
-            nodes=tuple(self._nodes),
-            params=tuple(self._params),
-            invokes=rows,
-            kind=self._mode,
-            needs_output=self._needs_output,
-        )
-        return graph
+        rows = tuple([InvokeRows(inv.start, inv.start + inv.batch_size) for inv in self._invokers])
+        return Graph(tuple(self._nodes), tuple(self._params), rows, self._mode, self._needs_output)
 
     def _run(self) -> None:
+        model = self.model
         if self._bound is not None:  # run by a session, with its values bound (backends/session.py)
             graph, prepared = self._bound
+            traced = model._with_edits(graph)
+            graph, steps = optimize(traced, model._last_position_module())
         else:
             for barrier in self._barriers:
                 barrier.check()
-            graph = self._build_graph()
             if self._mode == "edit":
-                self.graph = graph
-                self.model._add_edit(graph)
+                self.graph = graph = self._build_graph()
+                model._add_edit(graph)
                 return
-            self._check_has_input()
-            prepared = [inv.inputs for inv in self._invokers]
-        graph = self.model._with_edits(graph)
-        traced = graph
-        graph, self._steps = optimize(graph, self.model._last_position_module())
+            invokers = self._invokers
+            if not invokers:
+                self._check_has_input()
+            prepared = [invokers[0].inputs] if len(invokers) == 1 else [inv.inputs for inv in invokers]
+            traced, graph, steps = self._optimized(model)
+        self._steps = steps
         self._traced = traced
         self.graph = graph
-        if os.environ.get("IC_DEBUG"):
+        if _debug():
             print(format_graph(graph))
         fake = self._mode == "scan"
-        args, kwargs, repeat = self.model._batch_for(graph, prepared, fake or self._compile)
-        options = {"repeat": repeat} if repeat else {}
-        result = self.model._execute_graph(graph, args, kwargs, fake=fake, compile=self._compile, **options)
-        if self._compile:
-            self._entry = self.model._state.compiled.last
+        compile = self._compile
+        args, kwargs, repeat = model._batch_for(graph, prepared, fake or compile)
+        if repeat:
+            result = model._execute_graph(graph, args, kwargs, fake=fake, compile=compile, repeat=repeat)
+        else:
+            result = model._execute_graph(graph, args, kwargs, fake=fake, compile=compile)
+        if compile:
+            self._entry = model._state.compiled.last
         self._results = result.values
         self._stop_loc = result.stop_loc
         self._skipped = result.skipped
         self.output = result.output
+
+    def _optimized(self, model: NNsight) -> tuple[Graph, Graph, tuple]:
+        """The graph as traced (with the model's edits), optimized, and the pass steps (see ``optimize``).
+
+        A trace of only site reads and saves (the common ``model.layer.output.save()``) has a cheap key of its
+        structure (``_simple_key``): repeating it reuses the graphs the first such trace built and optimized,
+        which are immutable and hold no params (nothing to bind per trace), instead of building a graph to have
+        the pass memo key it again.
+        """
+        last_module = model._last_position_module()
+        key = _simple_key(self, last_module) if model._edits is None and not self._params else None
+        if key is not None:
+            hit = _simple.get(key)
+            if hit is not None:
+                return hit
+        traced = model._with_edits(self._build_graph())
+        graph, steps = optimize(traced, last_module)
+        if key is not None:
+            if len(_simple) >= _SIMPLE_SIZE:
+                del _simple[next(iter(_simple))]  # the oldest entry
+            _simple[key] = (traced, graph, steps)
+        return traced, graph, steps
 
     def _check_has_input(self) -> None:
         if not self._invokers:
@@ -601,6 +772,38 @@ class Tracer(Recorder):
             if n.id == nid:
                 return n.loc
         return None
+
+
+# -- the pass memo, in front --------------------------------------------------------------------------------------
+# ``pipeline.optimize`` memoizes by a key covering every kind of node. Most traces only read module values and save
+# them (SITE and SAVE nodes, no params): for those, a key of the same facts (ids, sites, dependencies, guards,
+# invokes and the identity of source locations, which errors name) is built here from the tracer's notes of those
+# nodes (``Tracer._lazy``) for a fraction of the cost, and maps to the traced and optimized graphs and pass steps
+# of the first trace with that key. Entries keep that trace's nodes (and so the source locations whose ids are in
+# the key) alive, as optimize's memo does.
+_simple: dict[tuple, tuple[Graph, Graph, tuple]] = {}
+_SIMPLE_SIZE = 512
+
+
+def _simple_key(tracer: Tracer, last_module: str | None) -> tuple | None:
+    """The structure of a trace whose nodes are all noted site reads and saves (see ``Tracer._nodes``), None for
+    any other trace; see ``_simple``."""
+    if tracer._node_list:  # some node was recorded by the general path
+        return None
+    parts = []
+    for entry in tracer._lazy:
+        if len(entry) == 3:  # a site read: (id, (path, kind, call, invoke, guards), loc)
+            parts.append((entry[0], entry[1], id(entry[2])))
+        else:  # a save: (id, saved id, after, guards, invoke, loc)
+            nid, ref, after, guards, invoke, loc = entry
+            parts.append((nid, ref, after, guards, invoke, id(loc)))
+    invokers = tracer._invokers
+    if len(invokers) == 1:
+        inv = invokers[0]
+        rows = ((inv.start, inv.start + inv.batch_size),)
+    else:
+        rows = tuple([(inv.start, inv.start + inv.batch_size) for inv in invokers])
+    return (tuple(parts), rows, tracer._mode, tracer._needs_output, last_module)
 
 
 def check_set_shape(old: Any, new: Any, loc, what: Any) -> None:

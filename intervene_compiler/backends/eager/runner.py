@@ -9,7 +9,9 @@ nodes, one pass per event suffices. Hooks live only for the run and are removed 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ _LIVE = 5  # an ITER node while an instance of its body runs (body nodes read it
 _SITE, _SET, _UPDATE, _GRAD, _SET_GRAD = Op.SITE, Op.SET, Op.UPDATE, Op.GRAD, Op.SET_GRAD
 _SETATTR, _STOP, _MODULE, _CACHE, _ITER = Op.SETATTR, Op.STOP, Op.MODULE, Op.CACHE, Op.ITER
 _SAVE = Op.SAVE
-_INPUT = SiteKind.INPUT
+_INPUT, _INPUTS, _OUTPUT = SiteKind.INPUT, SiteKind.INPUTS, SiteKind.OUTPUT
 _SITE_OPS = frozenset({_SITE, _SET, _UPDATE})
 _GRAD_OPS = frozenset({_GRAD, _SET_GRAD})
 _WAITING_OPS = _SITE_OPS | _GRAD_OPS | {_ITER}  # ops that run only at their event (or are armed)
@@ -72,7 +74,8 @@ def run_graph(model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0) -
     identical invokes is computed once; see ``NNsight._batch_for``).
     """
     run = _Run(model, graph)
-    run.repeat = repeat
+    if repeat:
+        run.repeat = repeat
     return run.execute(args, kwargs)
 
 
@@ -94,6 +97,7 @@ class _Plan:
         "has_iter",
         "saved",
         "idle_before_forward",
+        "events",
     )
 
     def __init__(self, graph_nodes: tuple[Node, ...]):
@@ -128,6 +132,48 @@ class _Plan:
             if n.op in _SITE_OPS or any(d in waits for d in n.refs) or any(d in waits for d in n.after):
                 waits.add(n.id)
         self.idle_before_forward = not self.has_iter and len(waits) == len(graph_nodes)
+        self.events = (
+            None if self.has_iter or self.has_cache or self.has_grads else _event_schedule(graph_nodes)
+        )
+
+
+def _event_schedule(graph_nodes: tuple[Node, ...]) -> dict[tuple, tuple] | None:
+    """For a graph without guards, steps, caches or gradients: event key -> ``(node, others)`` for every node
+    that (transitively) waits for that event, in program order; ``others`` are the other events it waits for
+    (None when none). None for any other graph.
+
+    Without guards nothing is skipped, so once the drain before the forward is over, a node is ready exactly when
+    every event it waits for has been visited (a site access: while its own event is active). At a visit of
+    ``key`` during the forward that is not nested in another event (nor in a node that runs the model), the
+    runner runs the candidates whose ``others`` were all visited before (``_Run._visit_fast``) instead of trying
+    every pending node: what the general scheduler (``_drain``) would run at that event, in the same order.
+    """
+    waits: dict[int, frozenset] = {}
+    events: dict[tuple, list] = {}
+    empty = frozenset()
+    for n in graph_nodes:
+        if n.guards or n.body:
+            return None
+        w = empty
+        for d in n.deps:
+            wd = waits.get(d)
+            if wd is None:  # a dependency the graph does not define: leave it to the general scheduler
+                return None
+            if wd:
+                w = w | wd
+        own = n.target.key if n.op in _SITE_OPS else None
+        if own is not None:
+            w = w | {own}
+        waits[n.id] = w
+        for k in w:
+            # a site access runs only at its own event (its own key is never among the visited `others` while it
+            # waits: a visit of it that did not run it raised)
+            others = (w - {k}) or None if own is None or own == k else _NEVER
+            events.setdefault(k, []).append((n, others))
+    return {k: tuple(v) for k, v in events.items()}
+
+
+_NEVER = frozenset({object()})  # `others` of a node that cannot run at that event
 
 
 def _hook_paths(site_nodes: dict) -> tuple[tuple[str, bool, bool], ...]:
@@ -200,13 +246,25 @@ def _add_hook(mod: torch.nn.Module, fn, pre: bool):
 
 
 class _Run:
+    # Per-run state with class-level defaults (a run sets its own when they change): one run per trace.
+    repeat = 0  # see run_graph
+    adhoc = 0  # > 0 while a MODULE node calls a module ad hoc (its hooks do nothing)
+    stopped: Node | None = None
+    in_forward = False
+    steps = None  # per-step bodies (tracer.all(), tracer.iter[...]): see steps.py
+    # gradient bookkeeping, a run's own (empty) dicts only when its graph reads or sets gradients
+    grad_hooks: Mapping[int, Any] = MappingProxyType({})
+    # id(an invoke's rows of a site tensor) -> (those rows, the batch tensor, start, stop): a gradient of the
+    # rows is hooked on the batch tensor, the one the model's backward actually reaches
+    row_views: Mapping[int, tuple] = MappingProxyType({})
+
     def __init__(self, model, graph: Graph):
         self.model = model
-        self.repeat = 0  # see run_graph
         self.module: torch.nn.Module = model._module
         self.graph = graph
         self.params = graph.params
-        self.batch = graph.invokes[-1].stop if graph.invokes else 0
+        invokes = graph.invokes
+        self.batch = invokes[-1].stop if invokes else 0
         plan = self._plan = _plan_for(graph.nodes)
         if plan.has_iter:
             self.nodes = dict(plan.nodes)
@@ -219,17 +277,16 @@ class _Run:
         self.env: dict[int, Any] = {}
         self.active: dict = {}  # active event keys, innermost last (a grad hook runs inside a site event)
         self.current: dict = {}
-        self.adhoc = 0
         self.calls_in: dict[str, int] = {}
         self.calls_out: dict[str, int] = {}
-        self.grad_hooks: dict[int, Any] = {}
-        # id(an invoke's rows of a site tensor) -> (those rows, the batch tensor, start, stop): a gradient of
-        # the rows is hooked on the batch tensor, the one the model's backward actually reaches
-        self.row_views: dict[int, tuple] = {}
         self.has_grads = plan.has_grads
-        self.stopped: Node | None = None
-        self.in_forward = False
-        self.steps = None  # per-step bodies (tracer.all(), tracer.iter[...]): see steps.py
+        if plan.has_grads or plan.has_iter:  # (has_grads looks at the top-level nodes only)
+            self.grad_hooks = {}
+            self.row_views = {}
+        # the plan's per-event candidates when it has them (see _event_schedule); subclasses that change how nodes
+        # run keep the general scheduler
+        self._events = plan.events if type(self) is _Run else None
+        self.seen: set = set()  # event keys whose visit has finished
         if plan.has_iter:
             from .steps import Steps
 
@@ -266,12 +323,16 @@ class _Run:
         finally:
             for h in handles:
                 h.remove()
-            for h in self.grad_hooks.values():
-                h.remove()
+            if self.grad_hooks:
+                for h in self.grad_hooks.values():
+                    h.remove()
         state = self.state
         env = self.env
         saved = plan.saved if self.steps is None else set(saved_ids(self.nodes.values()))
-        values = {nid: env[nid] for nid in saved if state.get(nid) == _DONE}
+        values = {}
+        for nid in saved:
+            if state.get(nid) == _DONE:
+                values[nid] = env[nid]
         stopped = self.stopped
         stop_loc = stopped.loc if stopped is not None and stopped.target == "user" else None
         skipped = (
@@ -317,7 +378,7 @@ class _Run:
                 return None
             call = calls.get(path, 0)
             calls[path] = call + 1
-            key = (path, SiteKind.INPUTS, call)
+            key = (path, _INPUTS, call)
             if self.steps is None:
                 if key not in site_nodes:
                     return None
@@ -351,7 +412,7 @@ class _Run:
                 return None
             call = calls.get(path, 0)
             calls[path] = call + 1
-            key = (path, SiteKind.OUTPUT, call)
+            key = (path, _OUTPUT, call)
             if self.steps is None:
                 if key not in site_nodes:
                     return None
@@ -359,7 +420,10 @@ class _Run:
                     new = self._visit(key, repeat_rows(output, self.repeat))
                     self.repeat = 0
                     return new
-                new = self._visit(key, output)
+                if self._events is not None and self.in_forward and not self.active:  # _visit's test
+                    new = self._visit_fast(key, output)
+                else:
+                    new = self._visit(key, output)
             else:
                 new = output
                 for k in self._event_keys(key):
@@ -379,6 +443,10 @@ class _Run:
 
     def _visit(self, key: tuple, value: Any) -> Any:
         """Make ``key``'s site active with ``value``, run what is ready, and return the (possibly new) value."""
+        # the event schedule holds for events of the forward itself: not nested in another event, nor in a node
+        # run before the forward (a node that calls the model outside a MODULE op fires its hooks there)
+        if self._events is not None and self.in_forward and not self.active:
+            return self._visit_fast(key, value)
         current = self.current
         current[key] = value
         self.active[key] = True
@@ -391,6 +459,59 @@ class _Run:
                     self._site_not_ready(nodes[nid])
         finally:
             self.active.pop(key, None)
+        self.seen.add(key)
+        return current.pop(key)
+
+    def _visit_fast(self, key: tuple, value: Any) -> Any:
+        """``_visit`` for a graph with an event schedule: run the event's ready candidates, in program order."""
+        current = self.current
+        current[key] = value
+        active = self.active
+        active[key] = True
+        state = self.state
+        env = self.env
+        seen = self.seen
+        waiting = False
+        try:
+            for node, others in self._events[key]:
+                nid = node.id
+                if nid in state:  # done (or running: a nested event)
+                    continue
+                if others is not None and not others <= seen:
+                    waiting = True
+                    continue
+                # _run_node, with the common ops inlined
+                op = node.op
+                if op is _SITE:  # _read_site; this event's value is the site's (see _event_schedule)
+                    state[nid] = _RUNNING
+                    site = node.target
+                    try:
+                        read = current[key]
+                        if site.kind is _INPUT:
+                            args, kwargs = read
+                            read = args[0] if args else next(iter(kwargs.values()), None)
+                        if site.invoke is not None:
+                            rows = self.graph.invokes[site.invoke]
+                            read = narrow(read, rows.start, rows.stop, self.batch)
+                    except Exception as e:
+                        raise execution_error(e, node.loc, format_node(node)) from e
+                    env[nid] = read
+                    state[nid] = _DONE
+                elif op is _SAVE and type(node.args[0]) is Ref:
+                    env[nid] = env[node.args[0].id]
+                    state[nid] = _DONE
+                elif op is _STOP and self.in_forward:
+                    state[nid] = _DONE
+                    raise _EarlyStop(node)
+                else:
+                    self._run_node(node)
+            if waiting:
+                for nid in self.site_nodes[key]:
+                    if state.get(nid) is None:
+                        self._site_not_ready(self.nodes[nid])
+        finally:
+            active.pop(key, None)
+        seen.add(key)
         return current.pop(key)
 
     def _site_not_ready(self, node: Node) -> None:
