@@ -100,7 +100,7 @@ class CompileCache:
             self.dispatcher = None
 
 
-_HOST_ONLY: dict[Any, frozenset[int]] = {}  # structure -> host_only_params of graphs with that structure
+_HOST_ONLY: dict[Any, frozenset[int]] = {}  # (structure, tensor params) -> host_only_params
 
 
 def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
@@ -109,9 +109,11 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     lowered = lift_values(graph)
     keyed, family = lift_family(lowered, model._module)  # a ModuleList member index becomes an input
     structure = structure_tuple(keyed)
-    host_only = _HOST_ONLY.get(structure)
-    if host_only is None:  # a property of the structure: found once per structure, not per call
-        host_only = _HOST_ONLY[structure] = host_only_params(keyed)
+    # a property of the structure and which params are tensors: found once, not per call
+    host_key = (structure, tuple([isinstance(p, torch.Tensor) for p in keyed.params]))
+    host_only = _HOST_ONLY.get(host_key)
+    if host_only is None:
+        host_only = _HOST_ONLY[host_key] = host_only_params(keyed)
         if len(_HOST_ONLY) > 1024:
             del _HOST_ONLY[next(iter(_HOST_ONLY))]
     key = (
