@@ -8,6 +8,7 @@ structure per program; sweeps assert exactly one compile.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 
 import pytest
@@ -380,6 +381,26 @@ def test_gradient_edits_compile(mlp):
     torch.testing.assert_close(results[1][0], expected)
     stats = ic.compile_stats()
     assert stats["fallbacks"] == 0 and stats["compiled_calls"] == 2, stats
+
+
+def test_a_wrong_gradient_edit_names_the_line_and_the_next_trace_works(mlp):
+    x = torch.rand(2, 5)
+    with pytest.raises(ic.SetShapeError) as info:
+        with mlp.trace(x, compile=True):
+            mlp.layer1.output.requires_grad = True
+            line = inspect.currentframe().f_lineno + 1
+            mlp.layer2.output.grad = torch.zeros(3)
+            mlp.output.sum().backward()
+    assert info.value.loc is not None and info.value.loc.lineno == line, info.value
+    assert "the gradient" in str(info.value)
+    for compile in (True, False):  # the backward's edits are gone; the model runs as before
+        with mlp.trace(x, compile=compile):
+            out = mlp.output.save()
+        torch.testing.assert_close(out.value, mlp._model(x))
+    with torch.enable_grad():
+        y = mlp._model(x.requires_grad_())
+        y.sum().backward()  # a plain backward after the failed one: no edit applies
+    assert x.grad is not None
 
 
 def test_gradient_edit_reaches_a_trainable_parameter(gpt):
