@@ -651,3 +651,22 @@ def test_a_kv_cache_passed_in_compiles_and_is_updated_like_eager(gpt):
     stats = ic.compile_stats()
     assert stats["compiled_calls"] == 2 and stats["fallbacks"] == 0, stats
     assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["cache_hits"] == 1, stats
+
+
+def test_lifted_inputs_are_made_on_the_models_device(gpt):
+    """Indices, thresholds, the member index and the gates go where the model computes (a CPU index cannot index
+    a CUDA activation). Checked with the meta device, since CI has no GPU."""
+    from intervene_compiler.backends.compiled.lowering import lift_family, lift_values
+    from intervene_compiler.backends.compiled.program import family_gates
+
+    with gpt.trace(torch.randint(0, 128, (1, 6))) as tracer:
+        gpt.transformer.h[1].output[:, 2] = gpt.transformer.h[1].output[:, 3] * 0.5
+    graph = tracer.graph
+    meta = torch.device("meta")
+    lowered = lift_values(graph, meta)
+    added = lowered.params[len(graph.params) :]
+    assert added and all(p.device == meta for p in added)
+    keyed, family = lift_family(lowered, gpt._module, meta)
+    assert family is not None and keyed.params[family.param].device == meta
+    assert all(g.device == meta for g in family_gates(family.size, family.member, meta))
+    assert all(p.device.type == "cpu" for p in lift_values(graph).params[len(graph.params) :])

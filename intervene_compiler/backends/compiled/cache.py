@@ -72,7 +72,7 @@ class Entry:
     graphs: list = field(default_factory=list)  # FX graphs our backend received (the spliced program)
     calls: int = 0
     split: BackwardSplit | None = None
-    probe_specs: tuple = ()  # (shape, dtype) of each activation-gradient probe
+    probe_specs: tuple = ()  # (shape, dtype, device) of each activation-gradient probe
     # tracer.cond: node id -> its effective guards (see program.effective_guards); COND id -> value of each
     # condition on a Python value (fixed for the key); COND id -> its line
     guards: dict = field(default_factory=dict)
@@ -100,14 +100,25 @@ class CompileCache:
             self.dispatcher = None
 
 
+def model_device(module: torch.nn.Module) -> torch.device:
+    """Where the model computes (its first parameter's or buffer's device; the CPU for a model with neither):
+    lifted indices, family gates and probes are made there."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 _HOST_ONLY: dict[Any, frozenset[int]] = {}  # (structure, tensor params) -> host_only_params
 
 
 def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
     cache: CompileCache = model._state.compiled
-    lowered = lift_values(graph)
-    keyed, family = lift_family(lowered, model._module)  # a ModuleList member index becomes an input
+    device = model_device(model._module)
+    lowered = lift_values(graph, device)
+    keyed, family = lift_family(lowered, model._module, device)  # a ModuleList member index becomes an input
     structure = structure_tuple(keyed)
     # a property of the structure and which params are tensors: found once, not per call
     host_key = (structure, tuple([isinstance(p, torch.Tensor) for p in keyed.params]))
@@ -135,9 +146,12 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     if entry.fallback is not None:
         return run_graph(model, graph, args, kwargs)
     compiled_before = len(entry.graphs)
-    probes = tuple(torch.zeros(shape, dtype=dtype, requires_grad=True) for shape, dtype in entry.probe_specs)
+    probes = tuple(
+        torch.zeros(shape, dtype=dtype, device=where, requires_grad=True)
+        for shape, dtype, where in entry.probe_specs
+    )
     try:
-        gates = () if family is None else family_gates(family.size, family.member)
+        gates = () if family is None else family_gates(family.size, family.member, device)
         saved, output = _call(cache, entry, keyed.params + probes + gates, args, kwargs)
     except (
         Exception
@@ -268,7 +282,7 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
         cache.dispatcher = Dispatcher(model._module)
     entry.split = split
     entry.probe_specs = tuple(
-        (tuple(recorder.env[site].shape), recorder.env[site].dtype)
+        (tuple(recorder.env[site].shape), recorder.env[site].dtype, recorder.env[site].device)
         for site in sorted(split.probes, key=split.probes.get)
     )
     dynamic_conds = tuple(

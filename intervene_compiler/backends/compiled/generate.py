@@ -45,6 +45,7 @@ from .cache import (
     _fresh_entry,
     _param_signature,
     _signature,
+    model_device,
 )
 from .lowering import lift_values
 from .program import BackwardSplit, Dispatcher, Program, _Recorder, fake_copy
@@ -395,7 +396,7 @@ class _StepState:
         graph = plan.graph.replace(
             nodes=tuple(flat), params=plan.graph.params + placeholders, kind="trace", needs_output=True
         )
-        lowered = lift_values(graph)
+        lowered = lift_values(graph, model_device(self.model._module))
         got = (graph, lowered, len(plan.inputs), structure_tuple(lowered))
         plan.step_graphs[key] = got
         return got

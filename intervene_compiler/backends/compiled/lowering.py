@@ -67,12 +67,14 @@ def apply_writes(x: torch.Tensor, writes: tuple) -> torch.Tensor:
     return x
 
 
-def lift_values(graph: Graph) -> Graph:
-    """Return ``graph`` with index ints and arithmetic float operands turned into tensor params."""
+def lift_values(graph: Graph, device: torch.device | None = None) -> Graph:
+    """Return ``graph`` with index ints and arithmetic float operands turned into tensor params (on ``device``,
+    the model's: an index on the CPU cannot index a CUDA activation)."""
     params = list(graph.params)
+    move = device is not None and device.type != "cpu"
 
     def new_param(value: torch.Tensor) -> ParamRef:
-        params.append(value)
+        params.append(value.to(device) if move else value)
         return ParamRef(len(params) - 1)
 
     nodes = []
@@ -164,7 +166,9 @@ class Family:
     member: int  # the member the graph that built the program named (its schedule was recorded there)
 
 
-def lift_family(graph: Graph, module: torch.nn.Module) -> tuple[Graph, Family | None]:
+def lift_family(
+    graph: Graph, module: torch.nn.Module, device: torch.device | None = None
+) -> tuple[Graph, Family | None]:
     """Give a graph whose sites sit on one member of one ModuleList a runtime member index (see Family).
 
     Returns the graph unchanged (and None) when the sites touch no ModuleList member, several members, or
@@ -182,7 +186,7 @@ def lift_family(graph: Graph, module: torch.nn.Module) -> tuple[Graph, Family | 
         return graph, None
     ((prefix, index),) = members
     size = len(module.get_submodule(prefix))
-    params = graph.params + (torch.tensor([index], dtype=torch.long),)
+    params = graph.params + (torch.tensor([index], dtype=torch.long, device=device),)
     concrete = f"{prefix}.{index}"
 
     def wild(site: Site) -> Site:

@@ -796,14 +796,17 @@ def _tree_zip_strict(fn, a: Any, b: Any) -> Any:
     return fn(a, b)
 
 
-_GATES: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+_GATES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def family_gates(size: int, member: int) -> tuple[torch.Tensor, ...]:
-    """The gate inputs of a site family: ``tensor([i == member])`` for each of ``size`` members (cached)."""
-    gates = _GATES.get((size, member))
+def family_gates(size: int, member: int, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """The gate inputs of a site family: ``tensor([i == member])`` for each of ``size`` members, on the model's
+    device (cached)."""
+    gates = _GATES.get((size, member, device))
     if gates is None:
-        gates = _GATES[(size, member)] = tuple(torch.tensor([i == member]) for i in range(size))
+        gates = _GATES[(size, member, device)] = tuple(
+            torch.tensor([i == member], device=device) for i in range(size)
+        )
     return gates
 
 
