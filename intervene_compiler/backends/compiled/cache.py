@@ -354,10 +354,14 @@ def _call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs:
 def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
     for member, fn, _ in regions:
         member.__dict__["forward"] = fn
+    config = torch._dynamo.config
+    # hook guards on (a graph never outlives a hook change); set directly: config.patch() builds a class per call
+    skip = config.skip_nnmodule_hook_guards
+    config.skip_nnmodule_hook_guards = False
     try:
-        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-            return entry.fn(entry.program, params, args, kwargs)
+        return entry.fn(entry.program, params, args, kwargs)
     finally:
+        config.skip_nnmodule_hook_guards = skip
         for member, _, _ in regions:
             member.__dict__.pop("forward", None)
 
