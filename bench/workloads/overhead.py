@@ -49,44 +49,57 @@ class System:
     status: str = "ok"
 
 
-def _mlp_systems(settings: Settings) -> tuple[list[System], str]:
+def _systems(
+    settings: Settings,
+    module: torch.nn.Module,
+    inputs: torch.Tensor,
+    site: str,
+    output: Callable[[Any], Any],
+    tl_model: Callable[[torch.nn.Module], Any],
+    tl_hook: str,
+) -> list[System]:
+    """Every system on its own copy of ``module``, reading the output of the submodule at ``site``; ``output``
+    turns the model's return value into what is compared; TransformerLens wraps a copy with ``tl_model`` and
+    reads hook point ``tl_hook``."""
     import intervene_compiler as ic
-    from intervene_compiler.testing import tiny_mlp
 
-    net = tiny_mlp()
-    x = torch.rand(1, 5, generator=torch.Generator().manual_seed(0))
-    nets = [copy.deepcopy(net) for _ in range(7)]
-    systems = [System("raw forward", "baseline", lambda: nets[0](x), "output")]
+    copies = [copy.deepcopy(module) for _ in range(7)]
+    systems = [System("raw forward", "baseline", lambda: output(copies[0](inputs)), "output")]
     if settings.floors:
-        compiled = torch.compile(nets[1])
-        systems.append(System("raw forward, torch.compile", "floor", lambda: compiled(x), "output"))
+        compiled = torch.compile(copies[1])
+        systems.append(
+            System("raw forward, torch.compile", "floor", lambda: output(compiled(inputs)), "output")
+        )
 
     def hooked():
         box = []
-        handle = nets[2].layer1.register_forward_hook(lambda m, a, o: box.append(o))
+        handle = copies[2].get_submodule(site).register_forward_hook(lambda m, a, o: box.append(o))
         try:
-            nets[2](x)
+            copies[2](inputs)
         finally:
             handle.remove()
         return box[0]
 
     systems.append(System("raw forward + hook", "baseline-save", hooked))
     for i, compile in ((3, False), (4, True)):
-        model = ic.NNsight(nets[i])
+        model = ic.NNsight(copies[i])
 
         def ours(model=model, compile=compile):
-            with model.trace(x, compile=compile):
-                out = model.layer1.output.save()
+            with model.trace(inputs, compile=compile):
+                out = model.get(site).output.save()
             return out.value
 
         systems.append(System(f"ours {'compile=True' if compile else 'eager'}", "ours", ours))
     nnsight, why = peer("nnsight", settings)
     if nnsight is not None:
-        nn_model = models.nnsight_model(nets[5])
+        nn_model = models.nnsight_model(copies[5])
+        envoy = nn_model
+        for part in site.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
 
         def nn_trace():
-            with nn_model.trace(x):
-                out = nn_model.layer1.output.save()
+            with nn_model.trace(inputs):
+                out = envoy.output.save()
             return out
 
         systems.append(System("nnsight", "peer", nn_trace))
@@ -94,11 +107,11 @@ def _mlp_systems(settings: Settings) -> tuple[list[System], str]:
         systems.append(System("nnsight", "peer", None, status=f"{NOT_INSTALLED}: {why}"))
     tl, why = peer("transformer_lens", settings)
     if tl is not None:
-        hooked_mlp = models.tl_mlp(nets[6])
+        hooked_model = tl_model(copies[6])
 
         def tl_hooks():
             box = []
-            hooked_mlp.run_with_hooks(x, fwd_hooks=[("hook_layer1", lambda act, hook: box.append(act))])
+            hooked_model.run_with_hooks(inputs, fwd_hooks=[(tl_hook, lambda act, hook: box.append(act))])
             return box[0]
 
         systems.append(System("TransformerLens run_with_hooks", "peer", tl_hooks))
@@ -106,66 +119,25 @@ def _mlp_systems(settings: Settings) -> tuple[list[System], str]:
         systems.append(
             System("TransformerLens run_with_hooks", "peer", None, status=f"{NOT_INSTALLED}: {why}")
         )
+    return systems
+
+
+def _mlp_systems(settings: Settings) -> tuple[list[System], str]:
+    from intervene_compiler.testing import tiny_mlp
+
+    x = torch.rand(1, 5, generator=torch.Generator().manual_seed(0))
+    systems = _systems(settings, tiny_mlp(), x, "layer1", lambda out: out, models.tl_mlp, "hook_layer1")
     return systems, "tiny MLP (1x5 -> 10 -> 2), saves layer1"
 
 
 def _transformer_systems(settings: Settings) -> tuple[list[System], str]:
-    import intervene_compiler as ic
     from intervene_compiler.testing import tiny_gpt2
 
     hf = tiny_gpt2(n_layer=2).requires_grad_(False)
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
-    hfs = [copy.deepcopy(hf) for _ in range(7)]
-    systems = [System("raw forward", "baseline", lambda: hfs[0](ids).logits, "output")]
-    if settings.floors:
-        compiled = torch.compile(hfs[1])
-        systems.append(System("raw forward, torch.compile", "floor", lambda: compiled(ids).logits, "output"))
-
-    def hooked():
-        box = []
-        handle = hfs[2].transformer.h[0].register_forward_hook(lambda m, a, o: box.append(o))
-        try:
-            hfs[2](ids)
-        finally:
-            handle.remove()
-        return box[0]
-
-    systems.append(System("raw forward + hook", "baseline-save", hooked))
-    for i, compile in ((3, False), (4, True)):
-        model = ic.NNsight(hfs[i])
-
-        def ours(model=model, compile=compile):
-            with model.trace(ids, compile=compile):
-                out = model.transformer.h[0].output.save()
-            return out.value
-
-        systems.append(System(f"ours {'compile=True' if compile else 'eager'}", "ours", ours))
-    nnsight, why = peer("nnsight", settings)
-    if nnsight is not None:
-        nn_model = models.nnsight_model(hfs[5])
-
-        def nn_trace():
-            with nn_model.trace(ids):
-                out = nn_model.transformer.h[0].output.save()
-            return out
-
-        systems.append(System("nnsight", "peer", nn_trace))
-    else:
-        systems.append(System("nnsight", "peer", None, status=f"{NOT_INSTALLED}: {why}"))
-    tl, why = peer("transformer_lens", settings)
-    if tl is not None:
-        bridge = models.tl_bridge(hfs[6])
-
-        def tl_hooks():
-            box = []
-            bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_out", lambda act, hook: box.append(act))])
-            return box[0]
-
-        systems.append(System("TransformerLens run_with_hooks", "peer", tl_hooks))
-    else:
-        systems.append(
-            System("TransformerLens run_with_hooks", "peer", None, status=f"{NOT_INSTALLED}: {why}")
-        )
+    systems = _systems(
+        settings, hf, ids, "transformer.h.0", lambda out: out.logits, models.tl_bridge, "blocks.0.hook_out"
+    )
     return systems, "tiny GPT-2 (2 blocks, width 32, vocab 128, 8 tokens), saves block 0's output"
 
 

@@ -131,15 +131,20 @@ def _plain_batched_compiled(hf, clean, corrupt):
     return sweep
 
 
+def _ours_clean_run(model, clean, layers) -> dict:
+    """Our clean run: one eager trace saving the block outputs the sweep patches from."""
+    with model.trace(clean):
+        saved = [model.transformer.h[i].output.save() for i in layers]
+    return dict(zip(layers, (s.value for s in saved)))
+
+
 def _ours_loop(hf, clean, corrupt, compile):
     import intervene_compiler as ic
 
     model = ic.NNsight(hf)
 
     def sweep(layers, positions):
-        with model.trace(clean):
-            saved = [model.transformer.h[i].output.save() for i in layers]
-        cache = dict(zip(layers, (s.value for s in saved)))
+        cache = _ours_clean_run(model, clean, layers)
         out = torch.empty(len(layers), len(positions))
         for li, layer in enumerate(layers):
             for pi, pos in enumerate(positions):
@@ -159,9 +164,7 @@ def _ours_batched(hf, clean, corrupt, compile):
     model = ic.NNsight(hf)
 
     def sweep(layers, positions):
-        with model.trace(clean):
-            saved = [model.transformer.h[i].output.save() for i in layers]
-        cache = dict(zip(layers, (s.value for s in saved)))
+        cache = _ours_clean_run(model, clean, layers)
         out = torch.empty(len(layers), len(positions))
         for li, layer in enumerate(layers):
             diffs = []
