@@ -9,6 +9,7 @@ reason is recorded in :func:`compile_stats` and shown by ``tracer.explain()``, n
 from __future__ import annotations
 
 import types
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,14 +101,25 @@ class CompileCache:
             self.dispatcher = None
 
 
+_FIRST_TENSOR: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # module -> its first param/buffer, or None
+_CPU = torch.device("cpu")
+
+
 def model_device(module: torch.nn.Module) -> torch.device:
     """Where the model computes (its first parameter's or buffer's device; the CPU for a model with neither):
-    lifted indices, family gates and probes are made there."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
+    lifted indices, family gates and probes are made there. The tensor is found once per model (walking every
+    module for it cost more than the rest of a small compiled call); ``module.to(device)`` moves that same
+    Parameter object, so its ``.device`` stays current."""
+    try:
+        first = _FIRST_TENSOR[module]
+    except KeyError:
+        first = next(iter(module.parameters()), None)
+        if first is None:
+            first = next(iter(module.buffers()), None)
+        _FIRST_TENSOR[module] = first
+    return _CPU if first is None else first.device
 
 
 _HOST_ONLY: dict[Any, frozenset[int]] = {}  # (structure, tensor params) -> host_only_params
