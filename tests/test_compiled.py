@@ -233,6 +233,40 @@ def test_cond_in_a_layer_and_threshold_sweep(gpt):
     assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
 
 
+def test_cond_saves_in_a_layer_sweep(gpt):
+    """Values saved under a condition inside a site family (the layer is an input): each is kept or reported
+    skipped exactly as in eager mode, and a 0-d value keeps its shape through the member gating."""
+    ids = torch.randint(0, 128, (2, 6))
+    v = torch.randn(32)
+    seen = set()
+    for layer, threshold in [(0, -1e9), (1, 1e9), (1, -1e9), (0, 1e9)]:
+        results = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile) as tracer:
+                h = gpt.transformer.h[layer].output
+                with tracer.cond(h[:, -1].norm() > threshold) as c:
+                    h[:, 1] = v
+                    inside = h.sum(-1).save()
+                with c.else_():
+                    other = (h * 2).mean().save()  # 0-d
+                logits = gpt.lm_head.output[:, -1].save()
+            got = []
+            for saved in (inside, other, logits):
+                try:
+                    got.append(saved.value)
+                except ic.ValueNotReadyError:
+                    got.append(None)
+            results.append(got)
+        for c_value, e_value in zip(*results):
+            assert (c_value is None) == (e_value is None)
+            if e_value is not None:
+                torch.testing.assert_close(c_value, e_value)
+        seen.add(results[1][0] is None)
+    assert seen == {True, False}
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
+
+
 def test_cond_on_python_values_is_fixed_per_structure(mlp, capsys):
     """A condition on a Python value is known when the trace is recorded: its false branch is not compiled."""
     x = torch.rand(2, 5)

@@ -671,8 +671,11 @@ class Program(_Run):
             v = env[node.id]
             if isinstance(v, torch.Tensor):
                 old = committed.get(node.id)
-                committed[node.id] = v = v if old is None else torch.where(gate, v, old)
-                env[node.id] = v
+                if (
+                    old is not None
+                ):  # a 0-d value keeps its shape: the 1-element gate would broadcast it to (1,)
+                    v = torch.where(gate if v.dim() else gate.view(()), v, old)
+                committed[node.id] = env[node.id] = v
         if member == self.family.size - 1:
             for node in stops:  # after committing: the stop ends the forward here
                 self._exec(node)
