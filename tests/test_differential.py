@@ -125,6 +125,7 @@ class Step:
     x: str | None = None
     y: str | None = None
     reduce: bool = False
+    reduce_all: bool = False  # with reduce: ``.mean()`` to a 0-d value instead of ``.mean(-1)``
     k: int = 0
     float_value: bool = False
     src: str | None = None
@@ -220,17 +221,24 @@ def gen_structure(rng: random.Random, family: str, flavor: str) -> Structure:
 
 
 def _add_conds(st: Structure, rng: random.Random) -> Structure:
-    """Put some writes under a ``tracer.cond`` on a tensor computed earlier by the same invoke.
+    """Put some writes under a ``tracer.cond`` on a tensor computed earlier by the same invoke, and make every
+    other arithmetic step a full reduction (a 0-d value).
 
     The condition reads an arith result or a cloned read (a fresh tensor no later write changes), so eager mode
     (which evaluates it as soon as it can), the compiled program and the hooks (which evaluate it at the write)
     all see the same value."""
     defined: dict[str, tuple[int, int]] = {}  # register -> (invoke, event order)
+    sources = {s.src for s in st.steps if s.op == "copy"}
+    flip = False
     steps = []
     for s in st.steps:
         fresh = [r for r, (inv, order) in defined.items() if inv == s.invoke and order <= _order(s.site)]
         if s.op in ("set", "setitem", "iadd", "copy") and fresh and rng.random() < 0.5:
             s = Step(**{**s.__dict__, "cond": rng.choice(fresh)})
+        if s.op == "arith" and s.reg not in sources:
+            flip = not flip  # every other one, from the first: 0-d (later ariths broadcast it)
+            if flip:
+                s = Step(**{**s.__dict__, "reduce": True, "reduce_all": True})
         if s.reg is not None and (s.op == "arith" or s.clone):
             defined[s.reg] = (s.invoke, _order(s.site))
         steps.append(s)
@@ -314,7 +322,7 @@ def _exec_step(step: Step, val: dict, acc, regs: dict, saved: dict) -> None:
         x = regs[step.x] * val["c"]
         x = x - regs[step.y] if step.y is not None else x + val["d"]
         if step.reduce:
-            x = x.mean(-1)
+            x = x.mean() if step.reduce_all else x.mean(-1)
         regs[step.reg] = x
         saved[step.reg] = acc.save(x)
     elif op == "set":
@@ -519,7 +527,8 @@ def render(st: Structure, inst: Instance) -> str:
             line = f"{s.reg} = {expr}.save()"
         elif s.op == "arith":
             rhs = f"- {s.y}" if s.y else "+ d"
-            line = f"{s.reg} = ({s.x} * c {rhs})" + (".mean(-1)" if s.reduce else "") + ".save()"
+            mean = ".mean()" if s.reduce_all else ".mean(-1)" if s.reduce else ""
+            line = f"{s.reg} = ({s.x} * c {rhs}){mean}.save()"
         elif s.op == "set":
             line = f"{where} = {where} * a + b"
         elif s.op == "setitem":
@@ -605,6 +614,7 @@ def test_generator_covers_every_step_kind():
         assert kinds >= {"in", "attn", "mlp", "out", "logits"}, (name, kinds)
         assert any(s.op == "read" and s.sliced for s in steps)
         assert any(s.cond is not None for s in steps), name
+        assert any(s.reduce_all for s in steps), name
         assert any(st.invokes for st in structures) and any(st.invokes is None for st in structures)
 
 
