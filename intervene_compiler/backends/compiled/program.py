@@ -6,6 +6,10 @@ does for this structure. :class:`Program` replays it: persistent dispatcher hook
 inert outside a compiled call) hand each module event to the program, which runs that event's nodes in order.
 Dynamo inlines the hooks, so model and interventions become one FX graph; STOP raises inside it and is caught in
 the entry, so nothing after the last needed module is traced or compiled.
+
+What eager mode decides at run time the program turns into data flow: a ``tracer.cond`` on a tensor is
+predicated (both branches, ``torch.where``), a lifted ``x[:, p]`` keeps view semantics by re-taking, gradient
+edits run on the host from the backward of :func:`grad_edit`, and ``tracer.cache()`` captures at events.
 """
 
 from __future__ import annotations
