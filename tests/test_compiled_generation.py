@@ -154,3 +154,41 @@ def test_a_growing_cache_falls_back(compiled_lms, hf_models, steer):
     stats = ic.compile_stats()
     assert stats["compiles"] == 0 and "static KV cache" in stats["fallback_reasons"][0]
     assert torch.equal(out.value, hf_generate(hf, tok, "transformer.h.0", steer=steer)[0])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cond_inside_every_step_compiles_once(arch, compiled_lms, steer):
+    """`tracer.cond` on an activation inside `tracer.all()`: the steering applies at exactly the steps where the
+    condition holds, the appends under it happen at those steps only, and the step programs compile once."""
+    model, block = compiled_lms[arch], f"{BLOCKS[arch]}.1"
+
+    def run(threshold, compile):
+        with model.generate(
+            PROMPT, max_new_tokens=N, min_new_tokens=N, do_sample=False, compile=compile
+        ) as tracer:
+            taken = ic.list().save()
+            with tracer.all():
+                h = model.get(block).output
+                with tracer.cond(h[:, -1].norm() > threshold) as c:
+                    h[:, -1] += steer
+                    taken.append(h[:, -1].sum())
+                with c.else_():
+                    taken.append(torch.zeros(()))
+            out = model.generator.output.save()
+        return out.value, taken.value
+
+    with model.generate(PROMPT, max_new_tokens=N, min_new_tokens=N, do_sample=False, compile=False) as tracer:
+        norms = ic.list().save()
+        with tracer.all():
+            norms.append(model.get(block).output[:, -1].norm())
+    middle = float(torch.stack(norms.value).median())  # the condition holds at some steps only
+    for threshold in (-1.0, 1e9, middle):
+        eager_ids, eager_taken = run(threshold, False)
+        ids, taken = run(threshold, True)
+        assert torch.equal(ids, eager_ids)
+        assert len(taken) == len(eager_taken) == N
+        for got, want in zip(taken, eager_taken):
+            assert_close(got, want)
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 0, stats["fallback_reasons"]
+    assert stats["compiles"] == 2 and stats["recompiles"] == 0, stats

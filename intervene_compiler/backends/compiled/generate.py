@@ -48,7 +48,16 @@ from .cache import (
     model_device,
 )
 from .lowering import lift_values
-from .program import BackwardSplit, Dispatcher, Program, _Recorder, fake_copy
+from .program import (
+    BOTH,
+    UNPREDICATED,
+    BackwardSplit,
+    Dispatcher,
+    Program,
+    _Recorder,
+    effective_guards,
+    fake_copy,
+)
 
 _SITE_OPS = (Op.SITE, Op.SET, Op.UPDATE)
 _CONTAINER_MAKERS = (list, dict, set)  # outer values that the Python part mutates (``ic.list()``, ...)
@@ -122,8 +131,6 @@ def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
             return None, why
         if n.op in (Op.GRAD, Op.SET_GRAD, Op.BACKWARD):
             return None, "gradients in a generate block are not compiled"
-        if n.op is Op.COND:
-            return None, "`tracer.cond` in a generate block is not compiled"
         if n.op is Op.CACHE:
             return None, "`tracer.cache()` in a generate block is not compiled"
         if n.body and n.op is not Op.ITER:
@@ -154,8 +161,6 @@ def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
         for b in body:
             if b.body:
                 return None, "nested blocks inside an iteration block are not compiled"
-            if b.guards:
-                return None, "`tracer.cond` inside an iteration block is not compiled"
             outer_refs = [d for d in b.refs if d not in inside and d != n.id]
             reads_python = n.id in b.refs or any(d in python for d in b.refs)
             if b.op in _SITE_OPS or b.op is Op.MODULE:
@@ -183,17 +188,29 @@ def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
                     return None, f"{_describe(nodes[d])} is computed from the model outside the block"
                 if d not in inputs:
                     inputs.append(d)
+            if any(g not in inside or g in python for g, _ in b.guards):
+                return None, (
+                    f"{_describe(b)} is under a `tracer.cond` whose condition the compiled step cannot compute"
+                )
             compiled.append(b)
         compiled_ids = {b.id for b in compiled}  # none reads the Python part: such nodes joined it, or failed
         py_nodes = [b for b in body if b.id in python]
-        exported = sorted({d for b in py_nodes for d in (*b.refs, *b.after) if d in compiled_ids})
+        exported = sorted(
+            {d for b in py_nodes for d in (*b.refs, *b.after, *(g for g, _ in b.guards)) if d in compiled_ids}
+        )
+        # a fetched value is skipped where eager mode skips what it fetches (a false `tracer.cond`)
+        guards_of = effective_guards(body)
         new_body: list[Node] = []
         if py_nodes:
             site = Node(next_id, Op.SITE, Site("", SiteKind.OUTPUT, -1, None), invoke=None)
             next_id += 1
             new_body.append(site)
             for c in exported:
-                new_body.append(Node(c, Op.CALL, _Fetch(c, results), (Ref(site.id),), invoke=nodes[c].invoke))
+                fetch = _Fetch(c, results, as_bool=nodes[c].op is Op.COND)
+                guards = guards_of.get(c, ())
+                new_body.append(
+                    Node(c, Op.CALL, fetch, (Ref(site.id),), guards=guards, invoke=nodes[c].invoke)
+                )
             valid = outer_ids | python | set(exported) | {n.id}
             for b in py_nodes:
                 after = tuple(a for a in b.after if a in valid)
@@ -274,13 +291,15 @@ def _fall_back(model, cache: CompileCache, graph: Graph, args, kwargs, reason: s
 class _Fetch:
     """The target of a fetch node: the value the current step's compiled part computed for node ``nid``."""
 
-    def __init__(self, nid: int, results: dict):
+    def __init__(self, nid: int, results: dict, as_bool: bool = False):
         self.nid = nid
         self.results = results
+        self.as_bool = as_bool  # a condition: its flag as a Python bool, as the eager COND node gives it
         self.__name__ = f"fetch_{nid}"  # printed by format_node
 
     def __call__(self, _root_output: Any) -> Any:
-        return self.results[self.nid]
+        value = self.results[self.nid]
+        return bool(value) if self.as_bool else value
 
 
 class _StepModel:
@@ -347,11 +366,11 @@ class _StepState:
                     _STATS["cache_hits"] += 1
                 program = entry.program
                 values = dict(zip(program.saved_ids + program.needed, saved))
-                self._publish({c: values[c] for c in exported})
+                self._publish({c: values.get(c) for c in exported})
                 return output
         eager = _Run(shim, graph.replace(params=graph.params[:first] + values))
         result = eager.execute(args, kwargs)
-        self._publish({c: eager.env[c] for c in exported})
+        self._publish({c: eager.env.get(c) for c in exported})
         return result.output
 
     def _publish(self, values: dict) -> None:
@@ -385,7 +404,7 @@ class _StepState:
                     target,
                     map_args(n.args, remap),
                     tuple((k, map_args(v, remap)) for k, v in n.kwargs),
-                    (),
+                    n.guards,  # conditions of the same body: compiled nodes of this step graph too
                     tuple(a for a in n.after if a in ids),
                     n.invoke,
                     (),
@@ -418,7 +437,17 @@ def _build_step(
         cache.dispatcher = Dispatcher(shim._module)
     split = BackwardSplit(graph, needed=exported)  # the values the Python part of the block reads
     entry.split = split
-    entry.program = Program(shim, graph, recorder.order, split)
+    dynamic_conds = tuple(n.id for n in graph.nodes if n.op is Op.COND and recorder.env.get(n.id) is BOTH)
+    unpredicated = next(
+        (n for n in graph.nodes if n.op in UNPREDICATED and n.guards and dynamic_conds),
+        None,
+    )
+    if unpredicated is not None:
+        entry.fallback = f"{UNPREDICATED[unpredicated.op]} under a `tracer.cond` on a tensor is not compiled"
+        _STATS["fallbacks"] += 1
+        _STATS["fallback_reasons"].append(f"generate step: {entry.fallback}")
+        return entry
+    entry.program = Program(shim, graph, recorder.order, split, dynamic_conds)
     entry.fn = torch.compile(_fresh_entry(), fullgraph=True, dynamic=False, backend=_backend_for(entry))
     return entry
 

@@ -505,7 +505,8 @@ class Program(_Run):
             self.env[node.id] = self._exec(node)
         if self.take_ids:
             self._refresh_saved(self.saved_ids + self.needed)
-        saved = tuple(self.env[i] for i in self.saved_ids + self.needed + self.dynamic_conds)
+        env = self.env  # a needed value a condition on a Python value left out of the schedule is None
+        saved = tuple(env.get(i) for i in self.saved_ids + self.needed + self.dynamic_conds)
         self.env = None
         return saved, output if self.graph.needs_output else None
 
