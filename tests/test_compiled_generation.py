@@ -8,6 +8,8 @@ compiles are slow here, so each model is built once per module (its compiled pro
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -192,3 +194,20 @@ def test_cond_inside_every_step_compiles_once(arch, compiled_lms, steer):
     stats = ic.compile_stats()
     assert stats["fallbacks"] == 0, stats["fallback_reasons"]
     assert stats["compiles"] == 2 and stats["recompiles"] == 0, stats
+
+
+def test_log_inside_every_step_compiles(compiled_lms, capsys):
+    """`tracer.log` in `tracer.all()` prints each step's values after that step's compiled forward."""
+    model, block = compiled_lms["gpt2"], f"{BLOCKS['gpt2']}.0"
+    printed = []
+    for compile in (False, True):
+        with model.generate(PROMPT, max_new_tokens=3, do_sample=False, compile=compile) as tracer:
+            with tracer.all():
+                tracer.log("norm", model.get(block).output[:, -1].norm())
+        printed.append(capsys.readouterr().out)
+    assert printed[0].count("norm") == printed[1].count("norm") == 3
+    numbers = [[float(v) for v in re.findall(r"tensor\(([-\d.e]+)\)", out)] for out in printed]
+    assert len(numbers[0]) == 3
+    assert_close(torch.tensor(numbers[1]), torch.tensor(numbers[0]), rtol=1e-4, atol=1e-4)
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 0, stats["fallback_reasons"]

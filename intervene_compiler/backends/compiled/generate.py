@@ -180,7 +180,12 @@ def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
                     f"{_describe(b)} changes the model's values with a value computed from the step index (or "
                     "from a Python object the block changes), which the compiled step cannot take as an input"
                 )
-            elif reads_python or b.op is Op.SAVE or any(_is_container(nodes[d]) for d in outer_refs):
+            elif (
+                reads_python
+                or b.op is Op.SAVE
+                or b.op is Op.LOG  # prints after the step's compiled forward (a graph cannot print)
+                or any(_is_container(nodes[d]) for d in outer_refs)
+            ):
                 python.add(b.id)
                 continue
             for d in outer_refs:
