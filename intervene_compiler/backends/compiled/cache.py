@@ -20,17 +20,17 @@ from ...ir import Graph, Op, Ref, saved_ids, structure_tuple
 from ..eager.runner import CacheEntry, RunResult, run_graph
 from .lowering import lift_family, lift_values
 from .program import (
-    BOTH,
-    UNPREDICATED,
     BackwardSplit,
     Dispatcher,
     GradEdits,
     Program,
+    dynamic_conds_of,
     effective_guards,
     family_gates,
     host_only_params,
     record_schedule,
     split_backward,
+    unpredicated_reason,
 )
 
 _STATS: dict[str, Any] = {}
@@ -93,6 +93,19 @@ class CompileCache:
         self.dispatcher: Dispatcher | None = None
         self.last: Entry | None = None
 
+    def lookup(self, key: Any, build) -> Entry:
+        """The entry for ``key``, made by ``build()`` on a miss (evicting the oldest past ``size``); it becomes
+        ``last`` (what ``tracer.explain()`` reports)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = build()
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        self.last = entry
+        return entry
+
     def clear(self) -> None:
         self.entries.clear()
         self.last = None
@@ -146,15 +159,7 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
         _signature(kwargs),
         torch.is_grad_enabled(),
     )
-    entry = cache.entries.get(key)
-    if entry is None:
-        entry = _build(model, cache, lowered, key, args, kwargs, family)
-        cache.entries[key] = entry
-        if len(cache.entries) > cache.size:
-            cache.entries.popitem(last=False)
-    else:
-        cache.entries.move_to_end(key)
-    cache.last = entry
+    entry = cache.lookup(key, lambda: _build(model, cache, lowered, key, args, kwargs, family))
     if entry.fallback is not None:
         return run_graph(model, graph, args, kwargs)
     compiled_before = len(entry.graphs)
@@ -168,9 +173,7 @@ def run_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     except (
         Exception
     ) as e:  # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
-        entry.fallback = _reason(e)
-        _STATS["fallbacks"] += 1
-        _STATS["fallback_reasons"].append(entry.fallback)
+        record_fallback(entry, _reason(e))
         return run_graph(model, graph, args, kwargs)
     entry.calls += 1
     _STATS["compiled_calls"] += 1
@@ -285,9 +288,7 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
             reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})"
             reason = reason.splitlines()[0]
     if reason is not None:
-        entry.fallback = reason
-        _STATS["fallbacks"] += 1
-        _STATS["fallback_reasons"].append(reason)
+        record_fallback(entry, reason)
         return entry
     _prewarm_inductor()
     if cache.dispatcher is None:
@@ -297,9 +298,7 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
         (tuple(recorder.env[site].shape), recorder.env[site].dtype, recorder.env[site].device)
         for site in sorted(split.probes, key=split.probes.get)
     )
-    dynamic_conds = tuple(
-        n.id for n in split.forward.nodes if n.op is Op.COND and recorder.env.get(n.id) is BOTH
-    )
+    dynamic_conds = dynamic_conds_of(split.forward.nodes, recorder)
     if any(n.op is Op.COND for n in graph.nodes):
         entry.guards = effective_guards(graph.nodes)
         entry.cond_locs = {n.id: n.loc for n in graph.nodes if n.op is Op.COND}
@@ -308,26 +307,12 @@ def _build(model, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: d
             for n in split.forward.nodes
             if n.op is Op.COND and type(v := recorder.env.get(n.id)) is bool
         }
-        for n in split.post:
-            if n.op in (Op.BACKWARD, Op.GRAD) and entry.guards.get(n.id):
-                entry.fallback = "a backward pass or `.grad` under a `tracer.cond` is not compiled"
-                _STATS["fallbacks"] += 1
-                _STATS["fallback_reasons"].append(entry.fallback)
-                return entry
-        unpredicated = next(
-            (
-                n
-                for n in split.forward.nodes
-                if n.op in UNPREDICATED and any(g in dynamic_conds for g, _ in entry.guards.get(n.id, ()))
-            ),
-            None,
-        )
-        if unpredicated is not None:
-            entry.fallback = (
-                f"{UNPREDICATED[unpredicated.op]} under a `tracer.cond` on a tensor is not compiled"
-            )
-            _STATS["fallbacks"] += 1
-            _STATS["fallback_reasons"].append(entry.fallback)
+        if any(n.op in (Op.BACKWARD, Op.GRAD) and entry.guards.get(n.id) for n in split.post):
+            record_fallback(entry, "a backward pass or `.grad` under a `tracer.cond` is not compiled")
+            return entry
+        reason = unpredicated_reason(split.forward.nodes, entry.guards, dynamic_conds)
+        if reason is not None:
+            record_fallback(entry, reason)
             return entry
     caches = {n.id: tuple(recorder.env[n.id]) for n in split.forward.nodes if n.op is Op.CACHE}
     if caches:
@@ -436,6 +421,14 @@ def _backend_for(entry: Entry):
         return compile_fx(gm, example_inputs)
 
     return backend
+
+
+def record_fallback(entry: Entry | None, reason: str, prefix: str = "") -> None:
+    """Count a fallback and keep its reason (``prefix`` + reason in ``compile_stats``); ``entry`` runs eagerly."""
+    if entry is not None:
+        entry.fallback = reason
+    _STATS["fallbacks"] += 1
+    _STATS["fallback_reasons"].append(prefix + reason)
 
 
 def _reason(e: BaseException) -> str:

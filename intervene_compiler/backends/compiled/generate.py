@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ...ir import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, map_args, structure_tuple
 from ...ir.nodes import is_mutation, walk_nodes
@@ -44,19 +43,20 @@ from .cache import (
     _call,
     _fresh_entry,
     _param_signature,
+    _reason,
     _signature,
     model_device,
+    record_fallback,
 )
 from .lowering import lift_values
 from .program import (
-    BOTH,
-    UNPREDICATED,
     BackwardSplit,
     Dispatcher,
     Program,
-    _Recorder,
+    dynamic_conds_of,
     effective_guards,
-    fake_copy,
+    record_schedule,
+    unpredicated_reason,
 )
 
 _SITE_OPS = (Op.SITE, Op.SET, Op.UPDATE)
@@ -286,8 +286,7 @@ def _cache_reason(module: torch.nn.Module, options: dict) -> str | None:
 
 
 def _fall_back(model, cache: CompileCache, graph: Graph, args, kwargs, reason: str) -> RunResult:
-    _STATS["fallbacks"] += 1
-    _STATS["fallback_reasons"].append(f"generate: {reason}")
+    record_fallback(None, reason, "generate: ")
     cache.last = Entry(("generate", None), fallback=reason)
     return run_graph(model, graph, args, kwargs)
 
@@ -345,15 +344,9 @@ class _StepState:
             _signature(kwargs),  # a KV cache by its layout (see cache._signature)
             torch.is_grad_enabled(),
         )
-        entry = cache.entries.get(key)
-        if entry is None:
-            entry = _build_step(shim, cache, lowered.replace(params=params), key, args, kwargs, exported)
-            cache.entries[key] = entry
-            if len(cache.entries) > cache.size:
-                cache.entries.popitem(last=False)
-        else:
-            cache.entries.move_to_end(key)
-        cache.last = entry
+        entry = cache.lookup(
+            key, lambda: _build_step(shim, cache, lowered.replace(params=params), key, args, kwargs, exported)
+        )
         if entry.fallback is None:
             compiled_before = len(entry.graphs)
             try:
@@ -361,9 +354,7 @@ class _StepState:
             except (
                 Exception
             ) as e:  # a step Dynamo cannot capture as one graph: this key runs eagerly from now on
-                entry.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                _STATS["fallbacks"] += 1
-                _STATS["fallback_reasons"].append(f"generate step: {entry.fallback}")
+                record_fallback(entry, _reason(e), "generate step: ")
             else:
                 entry.calls += 1
                 _STATS["compiled_calls"] += 1
@@ -431,42 +422,23 @@ def _build_step(
 ) -> Entry:
     entry = Entry(key)
     try:
-        recorder = _record(shim, graph, args, kwargs)
+        recorder = record_schedule(shim, graph, args, kwargs)
     except Exception as e:
         reason = f"could not record the step on fake tensors ({type(e).__name__}: {e})".splitlines()[0]
-        entry.fallback = reason
-        _STATS["fallbacks"] += 1
-        _STATS["fallback_reasons"].append(f"generate step: {reason}")
+        record_fallback(entry, reason, "generate step: ")
         return entry
     if cache.dispatcher is None:
         cache.dispatcher = Dispatcher(shim._module)
     split = BackwardSplit(graph, needed=exported)  # the values the Python part of the block reads
     entry.split = split
-    dynamic_conds = tuple(n.id for n in graph.nodes if n.op is Op.COND and recorder.env.get(n.id) is BOTH)
-    unpredicated = next(
-        (n for n in graph.nodes if n.op in UNPREDICATED and n.guards and dynamic_conds),
-        None,
-    )
-    if unpredicated is not None:
-        entry.fallback = f"{UNPREDICATED[unpredicated.op]} under a `tracer.cond` on a tensor is not compiled"
-        _STATS["fallbacks"] += 1
-        _STATS["fallback_reasons"].append(f"generate step: {entry.fallback}")
+    dynamic_conds = dynamic_conds_of(graph.nodes, recorder)
+    reason = unpredicated_reason(graph.nodes, effective_guards(graph.nodes), dynamic_conds)
+    if reason is not None:
+        record_fallback(entry, reason, "generate step: ")
         return entry
     entry.program = Program(shim, graph, recorder.order, split, dynamic_conds)
     entry.fn = torch.compile(_fresh_entry(), fullgraph=True, dynamic=False, backend=_backend_for(entry))
     return entry
-
-
-def _record(shim: _StepModel, graph: Graph, args: tuple, kwargs: dict) -> _Recorder:
-    """``record_schedule`` for a step: the step's inputs (its KV cache included) are copied as fakes."""
-    from ...tracing.fakes import _to_fake
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode, torch.no_grad():
-        fake_graph = graph.replace(params=tuple(_to_fake(p, mode) for p in graph.params))
-        recorder = _Recorder(shim, fake_graph)
-        recorder.execute(_to_fake(args, mode), fake_copy(kwargs, mode))
-    return recorder
 
 
 __all__ = ["run_generate_compiled"]

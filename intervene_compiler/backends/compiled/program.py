@@ -767,6 +767,20 @@ UNPREDICATED = {
 }
 
 
+def dynamic_conds_of(nodes, recorder: _Recorder) -> tuple[int, ...]:
+    """The COND nodes the recorded schedule took both branches of: conditions on tensors."""
+    return tuple(n.id for n in nodes if n.op is Op.COND and recorder.env.get(n.id) is BOTH)
+
+
+def unpredicated_reason(nodes, guards: dict, dynamic_conds: tuple[int, ...]) -> str | None:
+    """Why a node cannot run under a condition on a tensor (see UNPREDICATED), or None. ``guards``: the
+    effective guards (:func:`effective_guards`)."""
+    for n in nodes:
+        if n.op in UNPREDICATED and any(g in dynamic_conds for g, _ in guards.get(n.id, ())):
+            return f"{UNPREDICATED[n.op]} under a `tracer.cond` on a tensor is not compiled"
+    return None
+
+
 def effective_guards(nodes) -> dict[int, tuple[tuple[int, bool], ...]]:
     """Node id -> every (COND id, branch) that must hold for it to run in eager mode: its own guards, its
     conditions' guards, and those of every value it reads (a node reading a skipped value is skipped)."""
