@@ -175,6 +175,23 @@ def save_tiny_lm(
     return folder
 
 
+def steered_generate(model, text, n, steer, block, compile=None):
+    """The steering program the generation tests compare with :func:`generate_with_hooks`: ``n`` greedy tokens of
+    ``text`` with ``steer`` added to ``block``'s last position at every step (``tracer.all()``). Returns the ids,
+    and per step the steered last position and the last-token logits."""
+    import intervene_compiler as ic
+
+    with model.generate(text, max_new_tokens=n, min_new_tokens=n, do_sample=False, compile=compile) as tracer:
+        hidden = ic.list().save()
+        logits = ic.list().save()
+        with tracer.all():
+            model.get(block).output[:, -1] += steer
+            hidden.append(model.get(block).output[:, -1])
+            logits.append(model.lm_head.output[:, -1])
+        out = model.generator.output.save()
+    return out.value, hidden.value, logits.value
+
+
 def generate_with_hooks(hf, tok, text, n, steer_at=None, steer=None, block=None, ablate_steps=None):
     """Plain greedy ``hf.generate`` of ``text`` (``n`` new tokens) with forward hooks: the reference that tests
     compare generation blocks against.

@@ -15,6 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import intervene_compiler as ic
+from intervene_compiler import testing
 from intervene_compiler.testing import assert_clean, generate_with_hooks
 
 BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
@@ -48,17 +49,7 @@ def hf_generate(hf, tok, block, steer=None, zero_steps=()):
 
 
 def steered_generate(model, steer, block, compile=None):
-    with model.generate(
-        PROMPT, max_new_tokens=N, min_new_tokens=N, do_sample=False, compile=compile
-    ) as tracer:
-        hidden = ic.list().save()
-        logits = ic.list().save()
-        with tracer.all():
-            model.get(block).output[:, -1] += steer
-            hidden.append(model.get(block).output[:, -1])
-            logits.append(model.lm_head.output[:, -1])
-        out = model.generator.output.save()
-    return out.value, hidden.value, logits.value
+    return testing.steered_generate(model, PROMPT, N, steer, block, compile)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

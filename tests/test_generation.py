@@ -14,7 +14,7 @@ from torch.testing import assert_close
 import intervene_compiler as ic
 from intervene_compiler.errors import MissedSiteError, TracingError
 from intervene_compiler.ir import Graph, Node, Op, format_graph, from_data, to_data, verify
-from intervene_compiler.testing import assert_clean, generate_with_hooks
+from intervene_compiler.testing import assert_clean, generate_with_hooks, steered_generate
 
 ARCHS = ("gpt2", "llama")
 BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
@@ -64,21 +64,14 @@ def test_generate_on_a_meta_model_loads_it(lm_dirs, hf_models):
 def test_steering_every_step_matches_hooks(arch, lms, hf_models, steer):
     model, (hf, tok) = lms[arch], hf_models[arch]
     block = f"{BLOCKS[arch]}.0"
-    with model.generate(PROMPT, max_new_tokens=N, min_new_tokens=N, do_sample=False) as tracer:
-        hidden = ic.list().save()
-        logits = ic.list().save()
-        with tracer.all():
-            model.get(block).output[:, -1] += steer
-            hidden.append(model.get(block).output[:, -1])
-            logits.append(model.lm_head.output[:, -1])
-        out = model.generator.output.save()
+    out, hidden, logits = steered_generate(model, PROMPT, N, steer, block)
     ids, want_logits, want_hidden = hf_generate(hf, tok, PROMPT, steer=steer, block=block)
-    assert torch.equal(out.value, ids)
+    assert torch.equal(out, ids)
     assert not torch.equal(ids, hf_generate(hf, tok, PROMPT)[0])  # the steering changes the text
     assert len(hidden) == len(logits) == N
-    for got, want in zip(logits.value, want_logits):
+    for got, want in zip(logits, want_logits):
         assert_close(got, want)
-    for got, want in zip(hidden.value, want_hidden):
+    for got, want in zip(hidden, want_hidden):
         assert_close(got, want)
 
 
