@@ -217,36 +217,29 @@ def _run_after_backward(
     from ..eager.interpreter import VALUE_OPS, resolve
 
     def value_of(node):
-        a = resolve(node.args, env.__getitem__, params.__getitem__)
-        kw = {k: resolve(v, env.__getitem__, params.__getitem__) for k, v in node.kwargs}
-        return VALUE_OPS[node.op](node, a, kw)
+        """A post node's value (a SET_GRAD's: the gradient it sets); an error names the user's line."""
+        try:
+            if node.op is Op.SET_GRAD:
+                return resolve(node.args[1], env.__getitem__, params.__getitem__)
+            a = resolve(node.args, env.__getitem__, params.__getitem__)
+            kw = {k: resolve(v, env.__getitem__, params.__getitem__) for k, v in node.kwargs}
+            return VALUE_OPS[node.op](node, a, kw)
+        except InterventionError:
+            raise
+        except Exception as e:
+            raise execution_error(e, node.loc, format_node(node)) from e
 
     def run(node) -> None:
         if held is not None and not held(node.id):
             return
-        try:
-            if node.op is Op.GRAD:
-                env[node.id] = _probe_grad(node, probes[split.probes[node.args[0].id]])
-            elif node.op is Op.SET_GRAD:  # no backward reached its site: nothing to change
-                env[node.id] = None
-            else:
-                env[node.id] = value_of(node)
-        except InterventionError:
-            raise
-        except Exception as e:
-            raise execution_error(e, node.loc, format_node(node)) from e
+        if node.op is Op.GRAD:
+            env[node.id] = _probe_grad(node, probes[split.probes[node.args[0].id]])
+        elif node.op is Op.SET_GRAD:  # no backward reached its site: nothing to change
+            env[node.id] = None
+        else:
+            env[node.id] = value_of(node)
 
-    def edit_value(node):
-        try:
-            if node.op is Op.SET_GRAD:
-                return resolve(node.args[1], env.__getitem__, params.__getitem__)
-            return value_of(node)
-        except InterventionError:
-            raise
-        except Exception as e:
-            raise execution_error(e, node.loc, format_node(node)) from e
-
-    edits = GradEdits(split, env, edit_value, held) if split.edits else None
+    edits = GradEdits(split, env, value_of, held) if split.edits else None
     if edits is not None:
         GradEdits.active.append(edits)
     try:
