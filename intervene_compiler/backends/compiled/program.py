@@ -26,7 +26,7 @@ from ...ir.nodes import map_args
 from ..eager.interpreter import resolve
 from ..eager.rows import narrow
 from ..eager.runner import _EarlyStop, _Run
-from .lowering import put, take
+from .lowering import apply_writes, put, take
 
 _BEFORE, _AFTER = "before", "after"
 
@@ -833,13 +833,8 @@ def family_gates(size: int, member: int, device: torch.device | None = None) -> 
 
 
 def is_mutation_node(node: Node) -> bool:
-    from ...ir import is_mutation
-
-    return (
-        is_mutation(node)
-        or node.op is Op.CALL
-        and getattr(node.target, "__name__", "") in ("put", "apply_writes")
-    )
+    """``is_mutation``, and the lowering's in-place writes (a lifted SETITEM / fused UPDATE)."""
+    return is_mutation(node) or node.op is Op.CALL and (node.target is put or node.target is apply_writes)
 
 
 def _tree_map(fn, value: Any) -> Any:
