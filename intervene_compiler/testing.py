@@ -192,12 +192,15 @@ def steered_generate(model, text, n, steer, block, compile=None):
     return out.value, hidden.value, logits.value
 
 
-def generate_with_hooks(hf, tok, text, n, steer_at=None, steer=None, block=None, ablate_steps=None):
+def generate_with_hooks(
+    hf, tok, text, n, steer_at=None, steer=None, block=None, ablate_steps=None, steer_if=None
+):
     """Plain greedy ``hf.generate`` of ``text`` (``n`` new tokens) with forward hooks: the reference that tests
     compare generation blocks against.
 
     At each step (one forward of ``hf``) the hook on ``block`` adds ``steer`` to the last position (at every step,
-    or at the steps in ``steer_at``) and zeroes the output at the steps in ``ablate_steps``. Returns the ids, the
+    or at the steps in ``steer_at``; with ``steer_if``, only when ``steer_if(output)`` holds) and zeroes the output
+    at the steps in ``ablate_steps``. Returns the ids, the
     per-step last-position logits and the per-step last-position outputs of ``block``.
     """
     step = {"k": -1}
@@ -208,7 +211,7 @@ def generate_with_hooks(hf, tok, text, n, steer_at=None, steer=None, block=None,
 
     def edit(m, a, out):
         k = step["k"]
-        if steer is not None and (steer_at is None or k in steer_at):
+        if steer is not None and (steer_at is None or k in steer_at) and (steer_if is None or steer_if(out)):
             out = out.clone()
             out[:, -1] += steer
         if ablate_steps is not None and k in ablate_steps:

@@ -76,6 +76,44 @@ def test_steering_every_step_matches_hooks(arch, lms, hf_models, steer):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_cond_inside_every_step_matches_hooks(arch, lms, hf_models, steer):
+    """`tracer.cond` on the step's activation inside `tracer.all()`: steered at exactly the steps where it holds,
+    as a plain hook that tests the same condition."""
+    model, (hf, tok) = lms[arch], hf_models[arch]
+    block = f"{BLOCKS[arch]}.1"
+
+    def reference(threshold):
+        norms = []  # the block's last position before the edit, per step
+
+        def holds(output):
+            norms.append(float(output[:, -1].norm()))
+            return norms[-1] > threshold
+
+        ids, _, hidden = hf_generate(hf, tok, PROMPT, steer=steer, block=block, steer_if=holds)
+        return ids, hidden, [n > threshold for n in norms], norms
+
+    # a threshold at which the condition holds at some steps only: between two norms seen when steering at every
+    # step or at none (steering moves later steps' norms)
+    seen = sorted(reference(float("-inf"))[3] + reference(float("inf"))[3])
+    candidates = [(a + b) / 2 for a, b in zip(seen, seen[1:])]
+    threshold, (ids, want_hidden, _, _) = next(
+        (t, got) for t in candidates if len(set((got := reference(t))[2])) == 2
+    )
+    with model.generate(PROMPT, max_new_tokens=N, min_new_tokens=N, do_sample=False) as tracer:
+        hidden = ic.list().save()
+        with tracer.all():
+            h = model.get(block).output
+            with tracer.cond(h[:, -1].norm() > threshold):
+                h[:, -1] += steer
+            hidden.append(h[:, -1])
+        out = model.generator.output.save()
+    assert torch.equal(out.value, ids)
+    assert len(hidden.value) == N
+    for got, want in zip(hidden.value, want_hidden):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_iter_slice_changes_exactly_those_steps(arch, lms, hf_models):
     model, (hf, tok) = lms[arch], hf_models[arch]
     block = f"{BLOCKS[arch]}.1"
