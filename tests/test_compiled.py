@@ -661,7 +661,7 @@ def test_repeated_blocks_compile_as_regions_outside_the_program(monkeypatch):
 def test_a_kv_cache_passed_in_compiles_and_is_updated_like_eager(gpt):
     """`trace(next_token, past_key_values=cache, compile=True)`: recording the schedule works on a copy (it once
     wrote fake tensors into the user's cache, and the compiled call then crashed); the call updates the cache
-    as the eager backend does."""
+    as the eager backend and plain forward hooks do."""
     prompt = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
         prefix = gpt._model(prompt, use_cache=True).past_key_values
@@ -674,9 +674,29 @@ def test_a_kv_cache_passed_in_compiles_and_is_updated_like_eager(gpt):
             out = gpt.transformer.h[1].output.save()
         caches.append(cache)
         saved.append(out.value)
+    # plain PyTorch: the same edit as forward hooks, on another copy of the cache
+    plain_cache, plain_out = copy.deepcopy(prefix), []
+    net = gpt._model
+
+    def add(m, a, o):
+        o = o.clone()
+        o[:, -1] += steer
+        return o
+
+    handles = [
+        net.transformer.h[0].register_forward_hook(add),
+        net.transformer.h[1].register_forward_hook(lambda m, a, o: plain_out.append(o)),
+    ]
+    try:
+        with torch.no_grad():
+            net(token, past_key_values=plain_cache)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(saved[0], plain_out[0])
     torch.testing.assert_close(saved[1], saved[0])
     torch.testing.assert_close(saved[2], saved[0])
-    for cache in caches:
+    for cache in caches + [plain_cache]:
         assert cache.get_seq_length() == 7
         for layer, want in zip(cache.layers, caches[0].layers):
             torch.testing.assert_close(layer.keys, want.keys)
