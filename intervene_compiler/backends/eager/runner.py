@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from ...errors import GradientError, InterventionError, SourceLoc, execution_error
 from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, saved_ids
 from ...ir.nodes import walk_nodes
+from . import packing
 from .interpreter import VALUE_OPS, resolve
 from .rows import narrow, repeat_rows, replace
 
@@ -76,6 +77,7 @@ def run_graph(model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0) -
     run = _Run(model, graph)
     if repeat:
         run.repeat = repeat
+        run.pack_plan = packing.pack_layers(model, [key[0] for key in run.site_nodes])
     return run.execute(args, kwargs)
 
 
@@ -248,6 +250,9 @@ def _add_hook(mod: torch.nn.Module, fn, pre: bool):
 class _Run:
     # Per-run state with class-level defaults (a run sets its own when they change): one run per trace.
     repeat = 0  # see run_graph
+    pack_plan = None  # (decoder layers' path, the layers) when a shared-prefix run may pack (packing.py)
+    pack: packing.Pack | None = None  # the packed layout while later layers run on it
+    pack_handles: list | tuple = ()
     adhoc = 0  # > 0 while a MODULE node calls a module ad hoc (its hooks do nothing)
     stopped: Node | None = None
     in_forward = False
@@ -323,6 +328,8 @@ class _Run:
         finally:
             for h in handles:
                 h.remove()
+            for h in self.pack_handles:
+                h.remove()
             if self.grad_hooks:
                 for h in self.grad_hooks.values():
                     h.remove()
@@ -391,6 +398,9 @@ class _Run:
                 args, kwargs = repeat_rows((args, kwargs), self.repeat)
                 self.repeat = 0
                 before = None  # the repeated inputs replace the originals
+            elif self.pack is not None and path in self.pack.paths:
+                args, kwargs = self._unpack_inputs(args, kwargs)
+                before = None
             else:
                 before = (args, kwargs)
             new = (args, kwargs)
@@ -419,7 +429,11 @@ class _Run:
                 if self.repeat:
                     new = self._visit(key, repeat_rows(output, self.repeat))
                     self.repeat = 0
+                    if self.pack_plan is not None and call == 0:
+                        return self._start_pack(path, output, new, args, kwargs)
                     return new
+                if self.pack is not None and path in self.pack.paths:
+                    return self._visit(key, self._end_pack(output))
                 if self._events is not None and self.in_forward and not self.active:  # _visit's test
                     new = self._visit_fast(key, output)
                 else:
@@ -431,6 +445,55 @@ class _Run:
             return None if new is output else new
 
         return hook
+
+    # -- suffix packing (packing.py) ----------------------------------------------------------------------------
+    def _start_pack(self, path: str, original, rows, args: tuple, kwargs: dict):
+        """At the shared prefix's end: the packed hidden state when ``path`` is a decoder layer and packing
+        pays (hooks on the later layers give them the packed mask and unpack after the last), else ``rows``."""
+        layers_path, layers = self.pack_plan
+        prefix = layers_path + "."
+        if (
+            not path.startswith(prefix)
+            or type(original) is not torch.Tensor
+            or not isinstance(rows, torch.Tensor)
+        ):
+            return rows
+        try:
+            index = int(path[len(prefix) :])
+        except ValueError:
+            return rows
+        built = packing.build(layers, index, original, rows, args, kwargs)
+        if built is None:
+            return rows
+        pack, hidden = built
+        pack.paths = frozenset(f"{prefix}{i}" for i in range(index + 1, len(layers)))
+        self.pack = pack
+        self.pack_handles = handles = []
+        for layer in pack.layers:
+            handles.append(_add_hook(layer, self._pack_pre_hook, pre=True))
+        handles.append(_add_hook(layers[-1], self._pack_post_hook, pre=False))
+        return hidden
+
+    def _pack_pre_hook(self, mod, args, kwargs):
+        if self.pack is None or self.adhoc:
+            return None
+        return self.pack.layer_inputs(args, kwargs)
+
+    def _pack_post_hook(self, mod, args, kwargs, output):
+        if self.pack is None or self.adhoc:
+            return None
+        return self._end_pack(output)
+
+    def _end_pack(self, hidden):
+        pack, self.pack = self.pack, None
+        return pack.unpack(hidden)
+
+    def _unpack_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (self._end_pack(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = self._end_pack(kwargs["hidden_states"])
+        return args, kwargs
 
     def _event_keys(self, key: tuple) -> list[tuple]:
         """The site keys a module event serves: its own, and its step-relative key inside a live step."""

@@ -1,0 +1,212 @@
+"""Suffix packing: after a shared prefix, run only the positions each invoke changed.
+
+In an activation-patching sweep every invoke runs the same prompt and writes one position ``p`` of one layer's
+output. The shared prefix (``run_graph``'s ``repeat``) already computes the layers before that once; after it,
+each invoke's rows would run the remaining layers on all ``T`` positions. In a causal model the positions before
+``p`` never see the write: they stay equal to the unedited run at every later layer. So from the edited layer
+on, the runner packs into one sequence the unedited row (all ``T`` positions) followed by each invoke's positions
+from its first changed one, and gives every later layer a 4-D attention mask under which
+
+- an unedited token attends to the unedited tokens at or before it (the model's own mask, gathered), and
+- an invoke's token attends to the unedited tokens before that invoke's first changed position, and to its own
+  packed tokens at or before it,
+
+with rotary position embeddings and position ids gathered to each packed token's position. At the next event a
+node touches among the layers, or at the last layer's output, the pack is unpacked into one row per invoke
+(positions before ``p`` taken from the unedited row), so nodes and later modules never see the packed layout.
+
+The first changed position is found by comparing each invoke's rows with the unedited value, so any edit (a
+setitem, a whole-value set, an in-place op) is handled; an invoke that changed nothing packs no tokens. Packing
+is used only when it is cheaper (per layer, about ``6 * width`` multiply-adds per token for the projections and
+MLP against one per query-key pair for attention) and the packed mask stays small.
+
+Requirements (``pack_layers``): a ``transformers`` family whose decoder layers are a ``ModuleList`` at a known
+path (GPT-2, Llama), eager or SDPA attention, eval mode, and no touched site inside a decoder layer (a layer's
+own input or output is fine: that is where the pack is unpacked). At run time: the shared prefix ends at a
+decoder layer's output (call 0) before the last layer, that output is one ``(1, T, D)`` tensor, the model's mask
+is absent or ``(..., T, T)``, and the KV cache (if any) held nothing before this forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+# model_type -> path of its decoder layers (a ModuleList)
+_LAYERS = {"gpt2": "transformer.h", "llama": "model.layers"}
+_ATTENTION = frozenset({"eager", "sdpa"})
+_MAX_TOKENS = 4096  # the packed mask is (P, P): 64 MiB in float32 at this length
+_SIDE_INPUTS = (
+    "position_embeddings",
+    "position_ids",
+    "cache_position",
+)  # per-position side inputs of a layer
+_GAIN = 0.85  # pack only when it costs at most this fraction of running every invoke's rows
+
+
+def pack_layers(model, site_paths) -> tuple[str, tuple[torch.nn.Module, ...]] | None:
+    """(the decoder layers' path, the layers) when a shared-prefix run on ``model`` may pack, else None."""
+    module = model._module
+    config = getattr(module, "config", None)
+    path = _LAYERS.get(getattr(config, "model_type", None))
+    if path is None or module.training or getattr(config, "_attn_implementation", None) not in _ATTENTION:
+        return None
+    if getattr(config, "add_cross_attention", False):
+        return None
+    try:
+        layers = module.get_submodule(path)
+    except AttributeError:
+        return None
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) < 2:
+        return None
+    prefix = path + "."
+    for p in site_paths:
+        if p.startswith(prefix) and "." in p[len(prefix) :]:
+            return None  # a site inside a decoder layer would see the packed layout
+    return path, tuple(layers)
+
+
+class Pack:
+    """The packed hidden state's layout and what later layers need to run on it."""
+
+    def __init__(self, layers, positions, unpack_index, n: int, length: int, mask, signature):
+        self.layers = layers  # the decoder layers after the packed one
+        self.paths = None  # their site paths (set by the runner)
+        self.positions = positions  # (P,) each packed token's position
+        self.unpack_index = unpack_index  # (n * T,) packed token of each invoke's position
+        self.n = n
+        self.length = length
+        self.mask = mask  # (1, 1, P, P) additive
+        self.signature = signature
+        self._gathered: dict[int, Any] = {}  # id(the model's side input) -> (it, its packed version)
+        self.var_keyword = next(
+            (p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+
+    def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(1, P, D) packed -> (n, T, D), one row per invoke."""
+        return hidden[0].index_select(0, self.unpack_index).view(self.n, self.length, hidden.shape[-1])
+
+    def layer_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A later layer's (args, kwargs) with the packed mask and its side inputs gathered to packed positions."""
+        bound = self.signature.bind(*args, **kwargs)
+        arguments = bound.arguments
+        extra = arguments.get(self.var_keyword) if self.var_keyword else None
+        for name in _SIDE_INPUTS:
+            if name in arguments:
+                arguments[name] = self._gather(arguments[name])
+            elif extra is not None and name in extra:
+                extra[name] = self._gather(extra[name])
+        arguments["attention_mask"] = self.mask
+        return bound.args, bound.kwargs
+
+    def _gather(self, value: Any) -> Any:
+        key = id(value)
+        got = self._gathered.get(key)
+        if got is not None and got[0] is value:
+            return got[1]
+        dim = -1 if getattr(value, "ndim", 0) <= 2 else -2
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[dim] == self.length:
+            out = value.index_select(dim, self.positions.to(value.device))
+        elif isinstance(value, tuple):
+            out = tuple(self._gather(v) for v in value)
+        else:
+            out = value
+        self._gathered[key] = (value, out)
+        return out
+
+
+def _bound(layer: torch.nn.Module, args: tuple, kwargs: dict):
+    signature = inspect.signature(layer.forward)
+    try:
+        return signature, signature.bind(*args, **kwargs).arguments
+    except TypeError:
+        return signature, None
+
+
+def build(
+    layers: tuple[torch.nn.Module, ...],
+    index: int,
+    original: torch.Tensor,
+    rows: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
+) -> tuple[Pack, torch.Tensor] | None:
+    """The pack after layer ``index`` (its unedited output ``original`` and the invokes' edited ``rows``), and
+    the packed hidden state; None when packing does not apply or would not pay."""
+    if index >= len(layers) - 1 or original.dim() != 3 or original.shape[0] != 1 or rows.dim() != 3:
+        return None
+    n, length, width = rows.shape
+    if tuple(original.shape[1:]) != (length, width) or length < 2:
+        return None
+    signature, arguments = _bound(layers[index], args, kwargs)
+    if arguments is None or "attention_mask" not in signature.parameters:
+        return None
+    extra = next(
+        (arguments.get(p.name) or {} for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), {}
+    )
+    mask = arguments.get("attention_mask", extra.get("attention_mask"))
+    if mask is not None and (
+        not isinstance(mask, torch.Tensor) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (length, length)
+    ):
+        return None
+    cache = arguments.get("past_key_values", extra.get("past_key_values"))
+    if cache is not None:
+        try:
+            if cache.get_seq_length(index + 1) != 0:
+                return None  # the cache held tokens before this forward: keys beyond the prompt
+        except (AttributeError, TypeError, IndexError):
+            return None
+    with torch.no_grad():
+        changed = (rows != original).any(-1)  # (n, T)
+        first = torch.where(changed.any(1), changed.int().argmax(1), length).tolist()
+    packed_tokens = length + sum(length - p for p in first)
+    cost_pack = 6 * width * packed_tokens + packed_tokens * packed_tokens
+    cost_rows = n * (6 * width * length + length * length)
+    if packed_tokens > _MAX_TOKENS or cost_pack > _GAIN * cost_rows:
+        return None
+
+    device = rows.device
+    positions = [*range(length)]
+    segment = [-1] * length
+    unpack = []
+    for i, p in enumerate(first):
+        start = len(positions)
+        unpack.extend(range(p))
+        unpack.extend(range(start, start + length - p))
+        positions.extend(range(p, length))
+        segment.extend([i] * (length - p))
+    pos = torch.tensor(positions, device=device)
+    seg = torch.tensor(segment, device=device)
+    limit = torch.tensor([p + 1 for p in range(length)] + [first[s] for s in segment[length:]], device=device)
+    plain_key = (seg == -1)[None, :] & (pos[None, :] < limit[:, None])
+    own_key = (seg[:, None] == seg[None, :]) & (seg[:, None] != -1) & (pos[None, :] <= pos[:, None])
+    allowed = plain_key | own_key
+    dtype = original.dtype if original.is_floating_point() else torch.float32
+    low = torch.finfo(dtype).min
+    if mask is None:
+        base = torch.zeros((), dtype=dtype, device=device)
+    else:
+        m = mask[:1, :1].to(device)
+        m = m.index_select(2, pos).index_select(3, pos)
+        base = torch.where(m, 0.0, low).to(dtype) if m.dtype == torch.bool else m.to(dtype)
+    packed_mask = torch.where(allowed, base, torch.tensor(low, dtype=dtype, device=device)).expand(
+        1, 1, -1, -1
+    )
+
+    hidden = torch.cat([original[0]] + [rows[i, p:] for i, p in enumerate(first)]).unsqueeze(0)
+    pack = Pack(
+        layers[index + 1 :],
+        pos,
+        torch.tensor(unpack, device=device),
+        n,
+        length,
+        packed_mask,
+        signature,
+    )
+    return pack, hidden
+
+
+__all__ = ["Pack", "build", "pack_layers"]
