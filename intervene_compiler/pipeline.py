@@ -7,6 +7,7 @@ Every graph is verified after tracing and after each pass; a failing pass is nam
 from __future__ import annotations
 
 import os
+import weakref
 from functools import partial
 from typing import Any
 
@@ -27,7 +28,7 @@ _MEMO_SIZE = 512
 
 
 def optimize(
-    graph: Graph, last_module: str | None = None
+    graph: Graph, last_module: str | None = None, unembedding: weakref.ref | None = None
 ) -> tuple[Graph, tuple[tuple[str, tuple[Node, ...]], ...]]:
     """Run every pass in order; return the optimized graph and ``(step name, nodes)`` after each step.
 
@@ -35,12 +36,14 @@ def optimize(
     so results are memoized by structure: a loop that traces the same code with new tensors (a sweep, a
     training loop) verifies and optimizes once. Source locations are part of the key, so errors keep naming
     the right line. ``last_module`` is the model's last, position-wise module (a causal LM's unembedding), for
-    last-position narrowing; None turns that pass off.
+    last-position narrowing; None turns that pass off. ``unembedding``, a weak reference to the model wrapper
+    (whose ``_unembedding_module()`` is that Linear), lets the pass compute only the vocabulary columns the
+    readers pick; it is part of the memo key (a dead reference equals no live one).
     """
-    key = (_memo_key(graph), last_module)
+    key = (_memo_key(graph), last_module, unembedding)
     hit = _memo.get(key)
     if hit is None:
-        steps = _optimize(graph, last_module)
+        steps = _optimize(graph, last_module, unembedding)
         hit = (steps, tuple(n.loc for n in graph.nodes))  # keeps the locations whose ids are in the key alive
         if len(_memo) >= _MEMO_SIZE:
             del _memo[next(iter(_memo))]  # the oldest entry
@@ -104,14 +107,16 @@ def _leaf_key(value: Any) -> Any:
     return value
 
 
-def _optimize(graph: Graph, last_module: str | None) -> tuple[tuple[str, tuple[Node, ...]], ...]:
+def _optimize(
+    graph: Graph, last_module: str | None, unembedding: weakref.ref | None = None
+) -> tuple[tuple[str, tuple[Node, ...]], ...]:
     debug = os.environ.get("IC_DEBUG", "") >= "2"
     steps = []
     graph = verify(graph, where="tracing")
     steps.append(("traced", graph.nodes))
     for name, run_pass in PIPELINE:
         if run_pass is narrow_to_last_position:
-            run_pass = partial(narrow_to_last_position, module=last_module)
+            run_pass = partial(narrow_to_last_position, module=last_module, unembedding=unembedding)
         result = run_pass(graph)
         graph = verify(result.graph, where=f"pass {name!r}")
         steps.append((name, graph.nodes))

@@ -13,11 +13,21 @@ the pass adds ``input = keep_last_position(input)`` at that module: its input sh
 it has a sequence dim: 3 or more dims), so its output has one position and ``[:, -1]`` reads the same values. The
 forward ends after that module (early-stop truncation runs after this pass), so nothing else sees the narrower
 output; gradients are the same (the loss never depended on other positions' logits).
+
+Columns: when, further, every reader picks fixed vocabulary entries (``logits[:, -1, A] - logits[:, -1, B]``, the
+usual patching metric; ``[0, -1, [A, B]]``) and the caller hands a way to reach the module (a Linear) at run
+time, the module does not run at all: each reader becomes ``unembed_columns(input, index)``, the picked
+rows of the weight applied to the last position of the module's input (2 of GPT-2's 50257 columns), and the
+readers' site becomes the module's input. Early-stop truncation then ends the forward before the module.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from typing import Any
+
+import torch
 
 from intervene_compiler.ir import Graph, Node, Op, Ref, Site, SiteKind
 
@@ -34,7 +44,54 @@ def keep_last_position(x: Any) -> Any:
     return x
 
 
-def narrow_to_last_position(graph: Graph, module: str | None) -> PassResult:
+class UnembedColumns:
+    """``linear(x)[index]`` for ``index = (rows, -1, tokens)``, computing only the picked output columns.
+
+    ``ref`` is a weak reference to an object whose ``_unembedding_module()`` returns the Linear when called (the
+    model wrapper: its module can be swapped when real weights load, and the pass memo must not keep a model
+    alive); equal for the same object.
+    """
+
+    __slots__ = ("ref",)
+    __name__ = "unembed_columns"
+
+    def __init__(self, ref: weakref.ref) -> None:
+        self.ref = ref
+
+    lifts_tokens = True  # the compiled lowering passes the tokens as a tensor param (sweeps do not recompile)
+
+    def __call__(self, x: torch.Tensor, index: tuple, tokens: Any = None, one: bool = False) -> torch.Tensor:
+        """``index`` is ``(rows, -1, tokens)``; or ``tokens`` is an int64 tensor of them (``one``: it stands for
+        one int, so the result drops that dim)."""
+        owner = self.ref()
+        if owner is None:
+            raise RuntimeError("the model this trace was optimized for no longer exists")
+        linear = owner._unembedding_module()
+        weight, bias = linear.weight, linear.bias
+        if tokens is None:
+            tokens = index[2]
+            weight = weight[tokens]
+            bias = bias[tokens] if bias is not None else None
+        else:
+            tokens = tokens % weight.shape[0]
+            weight = weight.index_select(0, tokens)
+            bias = bias.index_select(0, tokens) if bias is not None else None
+        out = torch.nn.functional.linear(x[index[0], -1], weight, bias)
+        return out.squeeze(-1) if one else out
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is UnembedColumns and other.ref == self.ref
+
+    def __hash__(self) -> int:
+        return hash(self.ref)
+
+    def __repr__(self) -> str:
+        return "unembed_columns"
+
+
+def narrow_to_last_position(
+    graph: Graph, module: str | None, unembedding: weakref.ref | None = None
+) -> PassResult:
     if module is None or graph.needs_output or not graph.nodes:
         return PassResult(graph, False)
     nodes = graph.nodes
@@ -53,9 +110,12 @@ def narrow_to_last_position(graph: Graph, module: str | None) -> PassResult:
             outputs.add(n.id)
     if not outputs:
         return PassResult(graph, False)
-    for n in nodes:
-        if outputs.intersection(n.deps) and not _reads_last_position(n, outputs):
+    readers = [n for n in nodes if outputs.intersection(n.deps)]
+    for n in readers:
+        if not _reads_last_position(n, outputs):
             return PassResult(graph, False)
+    if unembedding is not None and readers and all(_picks_tokens(n) for n in readers):
+        return PassResult(_columns_only(graph, module, unembedding, outputs), True)
     last = max(n.id for n in nodes)
     site = Site(module, SiteKind.INPUT, 0)
     added = (
@@ -64,6 +124,30 @@ def narrow_to_last_position(graph: Graph, module: str | None) -> PassResult:
         Node(last + 3, Op.SET, site, (Ref(last + 2),), (("resize", True),)),
     )
     return PassResult(graph.replace(nodes=nodes + added), True)
+
+
+def _picks_tokens(node: Node) -> bool:
+    """Is ``node``'s index ``(rows, -1, tokens)`` with tokens an int or a non-empty list of ints?"""
+    index = node.args[1]
+    if len(index) != 3:
+        return False
+    tokens = index[2]
+    if type(tokens) is int:
+        return True
+    return type(tokens) in (list, tuple) and len(tokens) > 0 and all(type(t) is int for t in tokens)
+
+
+def _columns_only(graph: Graph, module: str, unembedding: weakref.ref, outputs: set[int]) -> Graph:
+    """Readers of ``module``'s output become ``unembed_columns(input, index)``; its output sites, input sites."""
+    columns = UnembedColumns(unembedding)
+    nodes = []
+    for n in graph.nodes:
+        if n.id in outputs:  # the same invoke's rows, of the input
+            n = dataclasses.replace(n, target=dataclasses.replace(n.target, kind=SiteKind.INPUT))
+        elif outputs.intersection(n.deps):
+            n = dataclasses.replace(n, op=Op.CALL, target=columns)
+        nodes.append(n)
+    return graph.replace(nodes=tuple(nodes))
 
 
 def _reads_last_position(node: Node, outputs: set[int]) -> bool:

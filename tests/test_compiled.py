@@ -122,6 +122,27 @@ def test_position_sweep_compiles_once(gpt):
     assert stats["cache_hits"] == 7
 
 
+def test_picked_vocabulary_columns_compile_once_over_a_token_sweep(gpt):
+    """``logits[:, -1, a] - logits[:, -1, b]`` computes two weight rows, not the unembedding; the tokens are
+    runtime inputs, so sweeping them does not recompile."""
+    ids = torch.randint(0, 128, (2, 6))
+    for a, b in [(5, 7), (9, 3), (127, 0)]:
+        outs = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile) as tracer:
+                logits = gpt.lm_head.output
+                outs.append((logits[:, -1, a] - logits[:, -1, b]).save())
+            if compile:
+                code = tracer._entry.graphs[-1].code
+        torch.testing.assert_close(outs[0].value, outs[1].value)
+        with torch.no_grad():
+            ref = gpt._model(ids).logits[:, -1]
+        torch.testing.assert_close(outs[0].value, ref[:, a] - ref[:, b])
+    assert "h_1" in code and "lm_head" not in code  # the program ends at the unembedding's input
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 2 and stats["fallbacks"] == 0, stats
+
+
 def test_value_and_scale_sweep_compiles_once(gpt):
     ids = torch.randint(0, 128, (2, 6))
     for step in range(5):

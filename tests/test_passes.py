@@ -153,6 +153,55 @@ def test_last_position_narrows_the_unembedding(lm_dirs):
     torch.testing.assert_close(last.value, ref1)
 
 
+def test_last_position_picks_vocabulary_columns(lm_dirs):
+    """Readers picking fixed tokens at the last position (the patching metric): the unembedding never runs; each
+    reader applies the picked weight rows to the last position of its input. Values equal the HF model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = ic.LanguageModel(lm_dirs["gpt2"]).dispatch()
+    prompts = ["The Eiffel Tower is in", "Hello"]
+    ran = []
+    handle = lm._module.lm_head.register_forward_hook(lambda mod, args, out: ran.append(out.shape))
+    try:
+        with lm.trace() as tracer:
+            with tracer.invoke(prompts[0]):
+                logits = lm.lm_head.output
+                diff = (logits[0, -1, 5] - logits[0, -1, 7]).save()
+            with tracer.invoke(prompts[1]):
+                pair = lm.lm_head.output[:, -1, [3, 4]].save()
+    finally:
+        handle.remove()
+    after = _steps(tracer)["last_position"]
+    assert "call unembed_columns(%0, (0, -1, 5))" in after and "lm_head.output" not in after
+    assert ran == []  # early stop ends the forward at the unembedding's input
+    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"])
+    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
+    with torch.no_grad():
+        ref0 = hf(**tok(prompts[0], return_tensors="pt")).logits[0, -1]
+        ref1 = hf(**tok(prompts[1], return_tensors="pt")).logits[:, -1]
+    torch.testing.assert_close(diff.value, ref0[5] - ref0[7])
+    torch.testing.assert_close(pair.value, ref1[:, [3, 4]])
+    assert diff.value.shape == () and pair.value.shape == (1, 2)
+
+
+def test_picked_columns_do_not_keep_the_model_alive():
+    """The pass memo and the optimized graph hold the model by weak reference only."""
+    import gc
+    import weakref
+
+    from intervene_compiler.testing import tiny_gpt2
+
+    module = tiny_gpt2()
+    model = ic.NNsight(module)
+    with model.trace(torch.randint(0, 128, (1, 4))) as tracer:
+        d = (model.lm_head.output[0, -1, 5] - model.lm_head.output[0, -1, 7]).save()
+    assert "unembed_columns" in _steps(tracer)["last_position"] and d.value.shape == ()
+    refs = weakref.ref(module), weakref.ref(model)
+    del module, model, tracer, d
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
+
+
 def test_last_position_not_applied_when_other_positions_are_read(lm_dirs, tiny, x):
     lm = ic.LanguageModel(lm_dirs["gpt2"])
     with lm.trace("The Eiffel Tower is in") as tracer:

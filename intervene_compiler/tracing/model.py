@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -156,6 +157,16 @@ class NNsight(Envoy):
             path = _unembedding_path(self._module)
             object.__setattr__(self, "_unembed_path", path)
         return path
+
+    def _unembedding_ref(self) -> weakref.ref | None:
+        """A weak reference to this wrapper when it has a last position-wise module (``_unembedding_module``
+        reaches it at run time, after real weights load): lets the last-position pass pick vocabulary columns."""
+        if self._last_position_module() is None:
+            return None
+        return weakref.ref(self)
+
+    def _unembedding_module(self) -> torch.nn.Module:
+        return self._module.get_submodule(self._last_position_module())
 
     def _batch_for(self, graph: Graph, prepared: list[tuple[tuple, dict]], fake_or_compiled: bool):
         """``(args, kwargs, repeat)`` for a run: the batch of every invoke's input, or, when the invokes are

@@ -610,7 +610,7 @@ class Tracer(Recorder):
         if self._bound is not None:  # run by a session, with its values bound (backends/session.py)
             graph, prepared = self._bound
             traced = model._with_edits(graph)
-            graph, steps = optimize(traced, model._last_position_module())
+            graph, steps = optimize(traced, model._last_position_module(), model._unembedding_ref())
         else:
             for barrier in self._barriers:
                 barrier.check()
@@ -657,7 +657,7 @@ class Tracer(Recorder):
             if hit is not None:
                 return hit
         traced = model._with_edits(self._build_graph())
-        graph, steps = optimize(traced, last_module)
+        graph, steps = optimize(traced, last_module, model._unembedding_ref() if last_module else None)
         if key is not None:
             if len(_simple) >= _SIMPLE_SIZE:
                 del _simple[next(iter(_simple))]  # the oldest entry

@@ -108,6 +108,12 @@ def _lift_node(node: Node, new_param) -> Node:
                 index, lifted = _lift_index(index, lifted, new_param)
             writes.append((index, lifted, _lift_float(value, new_param)))
         return _as_call(node, apply_writes, (node.args[0], tuple(writes)))
+    elif op is Op.CALL and getattr(node.target, "lifts_tokens", False) is True:  # last_position's columns
+        x, index = node.args
+        tokens = index[2]
+        one = type(tokens) is int
+        lifted = new_param(torch.tensor([tokens] if one else list(tokens), dtype=torch.long))
+        return replace(node, args=(x, (index[0], -1, None), lifted, one))
     elif op is Op.CALL and node.target in _ARITHMETIC:
         args = tuple(_lift_float(a, new_param) for a in node.args)
         if args != node.args:
