@@ -67,6 +67,9 @@ class UnembedColumns:
         if owner is None:
             raise RuntimeError("the model this trace was optimized for no longer exists")
         linear = owner._unembedding_module()
+        if type(linear) is not torch.nn.Linear:  # a subclass (a quantized Linear) may store its weight packed
+            out = linear(x[index[0], -1])
+            return out[..., index[2] if tokens is None else tokens.squeeze(0) if one else tokens]
         weight, bias = linear.weight, linear.bias
         if tokens is None:
             tokens = index[2]

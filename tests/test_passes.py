@@ -184,6 +184,32 @@ def test_last_position_picks_vocabulary_columns(lm_dirs):
     assert diff.value.shape == () and pair.value.shape == (1, 2)
 
 
+def test_picked_columns_of_a_linear_subclass_run_the_module():
+    """A Linear subclass (a quantized head stores its weight packed) is called on the last position, then
+    indexed: its own forward decides the values."""
+    from intervene_compiler.testing import tiny_gpt2
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    module = tiny_gpt2()
+    head = Doubled(32, 128, bias=False)
+    head.weight = module.lm_head.weight
+    module.lm_head = head
+    model = ic.NNsight(module)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with model.trace(ids) as tracer:
+        logits = model.lm_head.output
+        diff = (logits[:, -1, 5] - logits[:, -1, 7]).save()
+        pair = logits[0, -1, [3, 4]].save()
+    assert "unembed_columns" in _steps(tracer)["last_position"]
+    with torch.no_grad():
+        ref = module(ids).logits[:, -1]
+    torch.testing.assert_close(diff.value, ref[:, 5] - ref[:, 7])
+    torch.testing.assert_close(pair.value, ref[0, [3, 4]])
+
+
 def test_picked_columns_do_not_keep_the_model_alive():
     """The pass memo and the optimized graph hold the model by weak reference only."""
     import gc
