@@ -166,7 +166,8 @@ class NNsight(Envoy):
         return weakref.ref(self)
 
     def _unembedding_module(self) -> torch.nn.Module:
-        return self._module.get_submodule(self._last_position_module())
+        """The last position-wise module now (the base lookup: LanguageModel's hides it while generating)."""
+        return self._module.get_submodule(NNsight._last_position_module(self))
 
     def _batch_for(self, graph: Graph, prepared: list[tuple[tuple, dict]], fake_or_compiled: bool):
         """``(args, kwargs, repeat)`` for a run: the batch of every invoke's input, or, when the invokes are
