@@ -233,3 +233,59 @@ def test_no_pack_where_it_cannot_hold():
         h.remove()
     torch.testing.assert_close(inner.value, seen[0])
     assert_clean(m)
+
+
+def _family(family: str, attn: str):
+    """A tiny seeded causal LM of ``family``; Mistral and Qwen2 with a sliding window shorter than the prompt
+    (Qwen2 on its last layer only, so the packed layers get different masks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=WIDTH // 4,
+        vocab_size=128,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    if family == "mistral":
+        kwargs["sliding_window"] = 3
+    if family == "qwen2":
+        kwargs.update(use_sliding_window=True, sliding_window=3, max_window_layers=3)
+    config = AutoConfig.for_model(family, **kwargs)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma"])
+def test_other_families_share_and_pack(family, attn):
+    m = _family(family, attn)
+    model = NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(10))
+    src = torch.randn(T, WIDTH, generator=torch.Generator().manual_seed(11))
+    later, first = [], []
+    handles = [_shapes(m.model.layers[2], later), _shapes(m.model.layers[0], first)]
+    positions = (2, 4, 5, 6, 7)
+    try:
+        with model.trace() as tracer:
+            outs = []
+            for pos in positions:
+                with tracer.invoke(ids):
+                    model.model.layers[1].output[:, pos] = src[pos]
+                    outs.append(model.lm_head.output[:, -1].save())
+    finally:
+        for h in handles:
+            h.remove()
+    assert first == [(1, T, WIDTH)]
+    assert later == [(1, T + sum(T - p for p in positions), WIDTH)]
+    for pos, out in zip(positions, outs):
+        ref, _ = _plain(m, ids, 1, lambda o, pos=pos: o.__setitem__((slice(None), pos), src[pos]))
+        torch.testing.assert_close(out.value, ref)
+    assert_clean(m)

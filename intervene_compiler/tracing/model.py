@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..backends.eager import run_graph
+from ..backends.eager.packing import DECODER_LAYERS
 from ..errors import InvokeError, TracingError, user_location
 from ..ir import Graph, Op, prepend
 from .envoy import Envoy, ModelState
@@ -272,7 +273,7 @@ class Editor:
 
 # transformers model types whose layers broadcast one-row masks and position embeddings against more rows
 # (checked: tests/test_tracing.py::test_identical_invokes_share_their_prefix)
-_SHARED_PREFIX_FAMILIES = frozenset({"gpt2", "llama"})
+_SHARED_PREFIX_FAMILIES = frozenset(DECODER_LAYERS)
 _NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.MODULE})
 
 

@@ -11,9 +11,12 @@ from its first changed one, and gives every later layer a 4-D attention mask und
 - an invoke's token attends to the unedited tokens before that invoke's first changed position, and to its own
   packed tokens at or before it,
 
-with rotary position embeddings and position ids gathered to each packed token's position. At the next event a
-node touches among the layers, or at the last layer's output, the pack is unpacked into one row per invoke
-(positions before ``p`` taken from the unedited row), so nodes and later modules never see the packed layout.
+built from the mask the model passes that layer (gathered to packed positions, so padding and per-layer masks
+such as sliding windows are kept), with rotary position embeddings and position ids gathered to each packed
+token's position. A later layer whose mask is not ``(..., T, T)`` gets the unpacked rows instead. At the next
+event a node touches among the layers, or at the last layer's output, the pack is unpacked into one row per
+invoke (positions before ``p`` taken from the unedited row), so nodes and later modules never see the packed
+layout.
 
 The first changed position is found by comparing each invoke's rows with the unedited value, so any edit (a
 setitem, a whole-value set, an in-place op) is handled; an invoke that changed nothing packs no tokens. Packing
@@ -21,8 +24,8 @@ is used only when it is cheaper (per layer, about ``6 * width`` multiply-adds pe
 MLP against one per query-key pair for attention) and the packed mask stays small.
 
 Requirements (``pack_layers``): a ``transformers`` family whose decoder layers are a ``ModuleList`` at a known
-path (GPT-2, Llama), eager or SDPA attention, eval mode, and no touched site inside a decoder layer (a layer's
-own input or output is fine: that is where the pack is unpacked). At run time: the shared prefix ends at a
+path (``DECODER_LAYERS``: GPT-2, Llama, Mistral, Qwen2/3, Gemma), eager or SDPA attention, eval mode, and no
+touched site inside a decoder layer (a layer's own input or output is fine: that is where the pack is unpacked). At run time: the shared prefix ends at a
 decoder layer's output (call 0) before the last layer, that output is one ``(1, T, D)`` tensor, the model's mask
 is absent or ``(..., T, T)``, and the KV cache (if any) held nothing before this forward.
 """
@@ -34,8 +37,17 @@ from typing import Any
 
 import torch
 
-# model_type -> path of its decoder layers (a ModuleList)
-_LAYERS = {"gpt2": "transformer.h", "llama": "model.layers"}
+# model_type -> path of its decoder layers (a ModuleList of layers taking (hidden_states, attention_mask=...,
+# position_embeddings/position_ids) and returning the hidden states): the families whose prefix the runner shares
+# (NNsight._batch_for) and packs
+DECODER_LAYERS = {
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+}
 _ATTENTION = frozenset({"eager", "sdpa"})
 _MAX_TOKENS = 4096  # the packed mask is (P, P): 64 MiB in float32 at this length
 _SIDE_INPUTS = (
@@ -50,7 +62,7 @@ def pack_layers(model, site_paths) -> tuple[str, tuple[torch.nn.Module, ...]] | 
     """(the decoder layers' path, the layers) when a shared-prefix run on ``model`` may pack, else None."""
     module = model._module
     config = getattr(module, "config", None)
-    path = _LAYERS.get(getattr(config, "model_type", None))
+    path = DECODER_LAYERS.get(getattr(config, "model_type", None))
     if path is None or module.training or getattr(config, "_attn_implementation", None) not in _ATTENTION:
         return None
     if getattr(config, "add_cross_attention", False):
@@ -71,40 +83,70 @@ def pack_layers(model, site_paths) -> tuple[str, tuple[torch.nn.Module, ...]] | 
 class Pack:
     """The packed hidden state's layout and what later layers need to run on it."""
 
-    def __init__(self, layers, positions, unpack_index, n: int, length: int, mask, signature):
+    def __init__(self, layers, positions, allowed, unpack_index, n: int, length: int, dtype, signature):
         self.layers = layers  # the decoder layers after the packed one
         self.paths = None  # their site paths (set by the runner)
         self.positions = positions  # (P,) each packed token's position
+        self.allowed = allowed  # (P, P) which packed keys each packed query may see (before the model's mask)
         self.unpack_index = unpack_index  # (n * T,) packed token of each invoke's position
         self.n = n
         self.length = length
-        self.mask = mask  # (1, 1, P, P) additive
+        self.dtype = dtype
         self.signature = signature
-        self._gathered: dict[int, Any] = {}  # id(the model's side input) -> (it, its packed version)
         self.var_keyword = next(
             (p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
         )
+        self._packed: dict[int, Any] = {}  # id(a side input or mask of the model) -> (it, its packed version)
 
     def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
         """(1, P, D) packed -> (n, T, D), one row per invoke."""
         return hidden[0].index_select(0, self.unpack_index).view(self.n, self.length, hidden.shape[-1])
 
-    def layer_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """A later layer's (args, kwargs) with the packed mask and its side inputs gathered to packed positions."""
+    def layer_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """A later layer's (args, kwargs) with its own mask packed and its side inputs gathered to packed
+        positions; None when its mask cannot be packed (the caller unpacks instead)."""
         bound = self.signature.bind(*args, **kwargs)
         arguments = bound.arguments
         extra = arguments.get(self.var_keyword) if self.var_keyword else None
+        mask = self._mask(arguments.get("attention_mask"))  # a named parameter (build checks)
+        if mask is None:
+            return None
         for name in _SIDE_INPUTS:
             if name in arguments:
                 arguments[name] = self._gather(arguments[name])
             elif extra is not None and name in extra:
                 extra[name] = self._gather(extra[name])
-        arguments["attention_mask"] = self.mask
+        arguments["attention_mask"] = mask
         return bound.args, bound.kwargs
+
+    def _mask(self, mask: Any) -> torch.Tensor | None:
+        """The packed additive mask from the model's ``(..., T, T)`` mask for this layer (layers may differ:
+        sliding-window ones), or None when that mask is not one."""
+        got = self._packed.get(id(mask))
+        if got is not None and got[0] is mask:
+            return got[1]
+        device, dtype = self.allowed.device, self.dtype
+        low = torch.finfo(dtype).min
+        if mask is None:
+            base = torch.zeros((), dtype=dtype, device=device)
+        elif (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 4
+            and tuple(mask.shape[-2:]) == (self.length,) * 2
+        ):
+            m = mask[:1, :1].to(device).index_select(2, self.positions).index_select(3, self.positions)
+            base = torch.where(m, 0.0, low).to(dtype) if m.dtype == torch.bool else m.to(dtype)
+        else:
+            return None
+        out = torch.where(self.allowed, base, torch.tensor(low, dtype=dtype, device=device)).expand(
+            1, 1, -1, -1
+        )
+        self._packed[id(mask)] = (mask, out)
+        return out
 
     def _gather(self, value: Any) -> Any:
         key = id(value)
-        got = self._gathered.get(key)
+        got = self._packed.get(key)
         if got is not None and got[0] is value:
             return got[1]
         dim = -1 if getattr(value, "ndim", 0) <= 2 else -2
@@ -114,7 +156,7 @@ class Pack:
             out = tuple(self._gather(v) for v in value)
         else:
             out = value
-        self._gathered[key] = (value, out)
+        self._packed[key] = (value, out)
         return out
 
 
@@ -147,7 +189,7 @@ def build(
     extra = next(
         (arguments.get(p.name) or {} for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), {}
     )
-    mask = arguments.get("attention_mask", extra.get("attention_mask"))
+    mask = arguments.get("attention_mask")
     if mask is not None and (
         not isinstance(mask, torch.Tensor) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (length, length)
     ):
@@ -185,27 +227,9 @@ def build(
     own_key = (seg[:, None] == seg[None, :]) & (seg[:, None] != -1) & (pos[None, :] <= pos[:, None])
     allowed = plain_key | own_key
     dtype = original.dtype if original.is_floating_point() else torch.float32
-    low = torch.finfo(dtype).min
-    if mask is None:
-        base = torch.zeros((), dtype=dtype, device=device)
-    else:
-        m = mask[:1, :1].to(device)
-        m = m.index_select(2, pos).index_select(3, pos)
-        base = torch.where(m, 0.0, low).to(dtype) if m.dtype == torch.bool else m.to(dtype)
-    packed_mask = torch.where(allowed, base, torch.tensor(low, dtype=dtype, device=device)).expand(
-        1, 1, -1, -1
-    )
-
     hidden = torch.cat([original[0]] + [rows[i, p:] for i, p in enumerate(first)]).unsqueeze(0)
-    pack = Pack(
-        layers[index + 1 :],
-        pos,
-        torch.tensor(unpack, device=device),
-        n,
-        length,
-        packed_mask,
-        signature,
-    )
+    unpack_index = torch.tensor(unpack, device=device)
+    pack = Pack(layers[index + 1 :], pos, allowed, unpack_index, n, length, dtype, signature)
     return pack, hidden
 
 

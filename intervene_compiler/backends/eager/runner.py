@@ -477,7 +477,8 @@ class _Run:
     def _pack_pre_hook(self, mod, args, kwargs):
         if self.pack is None or self.adhoc:
             return None
-        return self.pack.layer_inputs(args, kwargs)
+        packed = self.pack.layer_inputs(args, kwargs)
+        return packed if packed is not None else self._unpack_inputs(args, kwargs)
 
     def _pack_post_hook(self, mod, args, kwargs, output):
         if self.pack is None or self.adhoc:
