@@ -55,31 +55,46 @@ def _plain(m, ids, edit_layer: int, edit, read_layer: int | None = None, **kwarg
     return logits, (seen[0] if seen else None)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_position_patches_pack_and_match_plain_hooks(arch, attn):
-    m = _model(arch, attn)
+def _set_pos(src, pos):
+    return lambda o: o.__setitem__((slice(None), pos), src[pos])
+
+
+def _patch_sweep(m, ids, src, positions, watch=(0, 2), **invoke_kwargs):
+    """One trace, one invoke of ``ids`` per position: block 1's output there set to ``src[pos]``, the last
+    position's logits saved. Returns the saved values and, per block in ``watch``, the input shapes it saw."""
     model = NNsight(m)
-    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(0))
-    src = torch.randn(T, WIDTH, generator=torch.Generator().manual_seed(1))
-    later, first = [], []
-    handles = [_shapes(_blocks(m)[2], later), _shapes(_blocks(m)[0], first)]
+    seen = [[] for _ in watch]
+    handles = [_shapes(_blocks(m)[b], into) for b, into in zip(watch, seen)]
     try:
         with model.trace() as tracer:
             outs = []
-            for pos in range(T):
-                with tracer.invoke(ids):
+            for pos in positions:
+                with tracer.invoke(ids, **invoke_kwargs):
                     _envoy_blocks(model)[1].output[:, pos] = src[pos]
                     outs.append(model.lm_head.output[:, -1].save())
     finally:
         for h in handles:
             h.remove()
-    assert first == [(1, T, WIDTH)]  # the shared prefix
-    assert later == [(1, T + T * (T + 1) // 2, WIDTH)]  # the unedited row, then positions p.. of invoke p
-    for pos, out in enumerate(outs):
-        ref, _ = _plain(m, ids, 1, lambda o, pos=pos: o.__setitem__((slice(None), pos), src[pos]))
+    return outs, seen
+
+
+def _assert_plain(m, ids, src, positions, outs, **kwargs):
+    for pos, out in zip(positions, outs):
+        ref, _ = _plain(m, ids, 1, _set_pos(src, pos), **kwargs)
         torch.testing.assert_close(out.value, ref)
     assert_clean(m)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_position_patches_pack_and_match_plain_hooks(arch, attn):
+    m = _model(arch, attn)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(0))
+    src = torch.randn(T, WIDTH, generator=torch.Generator().manual_seed(1))
+    outs, (first, later) = _patch_sweep(m, ids, src, range(T))
+    assert first == [(1, T, WIDTH)]  # the shared prefix
+    assert later == [(1, T + T * (T + 1) // 2, WIDTH)]  # the unedited row, then positions p.. of invoke p
+    _assert_plain(m, ids, src, range(T), outs)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -146,7 +161,7 @@ def test_a_later_layer_read_unpacks_there(arch):
     assert packed == [(1, T + sum(T - p for p in positions), WIDTH)]
     assert unpacked == [(len(positions), T, WIDTH)]
     for pos, (mid, out) in zip(positions, outs):
-        ref, ref_mid = _plain(m, ids, 1, lambda o, pos=pos: o.__setitem__((slice(None), pos), src[pos]), 3)
+        ref, ref_mid = _plain(m, ids, 1, _set_pos(src, pos), 3)
         torch.testing.assert_close(mid.value, ref_mid)
         torch.testing.assert_close(out.value, ref)
     assert_clean(m)
@@ -155,30 +170,17 @@ def test_a_later_layer_read_unpacks_there(arch):
 def test_padding_in_the_models_mask_is_kept():
     """The packed mask is gathered from the model's own mask: a padded position stays hidden."""
     m = _model("llama", "eager")
-    model = NNsight(m)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(6))
     mask = torch.ones(1, T, dtype=torch.long)
     mask[0, 0] = 0
     src = torch.randn(T, WIDTH, generator=torch.Generator().manual_seed(7))
-    later = []
-    handle = _shapes(_blocks(m)[2], later)
-    try:
-        with model.trace() as tracer:
-            outs = []
-            for pos in (4, 5, 6, 7):
-                with tracer.invoke(ids, attention_mask=mask):
-                    _envoy_blocks(model)[1].output[:, pos] = src[pos]
-                    outs.append(model.lm_head.output[:, -1].save())
-    finally:
-        handle.remove()
+    positions = (4, 5, 6, 7)
+    outs, (_, later) = _patch_sweep(m, ids, src, positions, attention_mask=mask)
     assert later == [(1, T + 4 + 3 + 2 + 1, WIDTH)]
-    for pos, out in zip((4, 5, 6, 7), outs):
-        ref, _ = _plain(
-            m, ids, 1, lambda o, pos=pos: o.__setitem__((slice(None), pos), src[pos]), attention_mask=mask
-        )
-        torch.testing.assert_close(out.value, ref)
-        unmasked, _ = _plain(m, ids, 1, lambda o, pos=pos: o.__setitem__((slice(None), pos), src[pos]))
-        assert not torch.allclose(unmasked, ref)  # the padding matters, so the check above can fail
+    _assert_plain(m, ids, src, positions, outs, attention_mask=mask)
+    padded, _ = _plain(m, ids, 1, _set_pos(src, 7), attention_mask=mask)
+    unmasked, _ = _plain(m, ids, 1, _set_pos(src, 7))
+    assert not torch.allclose(unmasked, padded)  # the padding matters, so the check above can fail
 
 
 def test_no_pack_where_it_cannot_hold():
@@ -228,7 +230,7 @@ def test_no_pack_where_it_cannot_hold():
     seen = []
     h = m.transformer.h[2].mlp.register_forward_hook(lambda mod, a, o: seen.append(o[:, -1]))
     try:
-        _plain(m, ids, 1, lambda o: o.__setitem__((slice(None), 3), src[3]))
+        _plain(m, ids, 1, _set_pos(src, 3))
     finally:
         h.remove()
     torch.testing.assert_close(inner.value, seen[0])
@@ -267,25 +269,10 @@ def _family(family: str, attn: str):
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma"])
 def test_other_families_share_and_pack(family, attn):
     m = _family(family, attn)
-    model = NNsight(m)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(10))
     src = torch.randn(T, WIDTH, generator=torch.Generator().manual_seed(11))
-    later, first = [], []
-    handles = [_shapes(m.model.layers[2], later), _shapes(m.model.layers[0], first)]
     positions = (2, 4, 5, 6, 7)
-    try:
-        with model.trace() as tracer:
-            outs = []
-            for pos in positions:
-                with tracer.invoke(ids):
-                    model.model.layers[1].output[:, pos] = src[pos]
-                    outs.append(model.lm_head.output[:, -1].save())
-    finally:
-        for h in handles:
-            h.remove()
+    outs, (first, later) = _patch_sweep(m, ids, src, positions)
     assert first == [(1, T, WIDTH)]
     assert later == [(1, T + sum(T - p for p in positions), WIDTH)]
-    for pos, out in zip(positions, outs):
-        ref, _ = _plain(m, ids, 1, lambda o, pos=pos: o.__setitem__((slice(None), pos), src[pos]))
-        torch.testing.assert_close(out.value, ref)
-    assert_clean(m)
+    _assert_plain(m, ids, src, positions, outs)

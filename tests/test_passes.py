@@ -126,10 +126,21 @@ def test_pass_memo_tells_literals_of_equal_value_apart(tiny, x):
     assert dtypes == [torch.int64, torch.float32, torch.int64, torch.int64]
 
 
-def test_last_position_narrows_the_unembedding(lm_dirs):
-    """Logits read only at the last position: lm_head runs on the last position alone, same values."""
+def _hf_last_logits(folder: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The HF model's last-position logits for each prompt on its own: (prompt 0's row, prompt 1's (1, V))."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        return (
+            hf(**tok(prompts[0], return_tensors="pt")).logits[0, -1],
+            hf(**tok(prompts[1], return_tensors="pt")).logits[:, -1],
+        )
+
+
+def test_last_position_narrows_the_unembedding(lm_dirs):
+    """Logits read only at the last position: lm_head runs on the last position alone, same values."""
     lm = ic.LanguageModel(lm_dirs["gpt2"])
     prompts = ["The Eiffel Tower is in", "Hello"]
     with lm.trace() as tracer:
@@ -144,11 +155,7 @@ def test_last_position_narrows_the_unembedding(lm_dirs):
         "  %9 = call passes.last_position.keep_last_position(%8)\n"
         "  %10 = set model.lm_head.input(%9, resize=True)"
     )
-    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"])
-    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
-    with torch.no_grad():
-        ref0 = hf(**tok(prompts[0], return_tensors="pt")).logits[0, -1]
-        ref1 = hf(**tok(prompts[1], return_tensors="pt")).logits[:, -1]
+    ref0, ref1 = _hf_last_logits(lm_dirs["gpt2"], prompts)
     torch.testing.assert_close(diff.value, ref0[5] - ref0[7])
     torch.testing.assert_close(last.value, ref1)
 
@@ -156,8 +163,6 @@ def test_last_position_narrows_the_unembedding(lm_dirs):
 def test_last_position_picks_vocabulary_columns(lm_dirs):
     """Readers picking fixed tokens at the last position (the patching metric): the unembedding never runs; each
     reader applies the picked weight rows to the last position of its input. Values equal the HF model's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     lm = ic.LanguageModel(lm_dirs["gpt2"]).dispatch()
     prompts = ["The Eiffel Tower is in", "Hello"]
     ran = []
@@ -174,11 +179,7 @@ def test_last_position_picks_vocabulary_columns(lm_dirs):
     after = _steps(tracer)["last_position"]
     assert "call unembed_columns(%0, (0, -1, 5))" in after and "lm_head.output" not in after
     assert ran == []  # early stop ends the forward at the unembedding's input
-    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"])
-    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
-    with torch.no_grad():
-        ref0 = hf(**tok(prompts[0], return_tensors="pt")).logits[0, -1]
-        ref1 = hf(**tok(prompts[1], return_tensors="pt")).logits[:, -1]
+    ref0, ref1 = _hf_last_logits(lm_dirs["gpt2"], prompts)
     torch.testing.assert_close(diff.value, ref0[5] - ref0[7])
     torch.testing.assert_close(pair.value, ref1[:, [3, 4]])
     assert diff.value.shape == () and pair.value.shape == (1, 2)
