@@ -276,3 +276,41 @@ def test_other_families_share_and_pack(family, attn):
     assert first == [(1, T, WIDTH)]
     assert later == [(1, T + sum(T - p for p in positions), WIDTH)]
     _assert_plain(m, ids, src, positions, outs)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_language_model_prompts_pack_with_picked_logits(arch, lm_dirs):
+    """``LanguageModel`` with one text prompt per invoke (tokenized, position ids from the attention mask) and
+    the usual logit-difference metric: the prompt's layers after the edit run packed, the unembedding not at all,
+    and every invoke's difference equals a plain-hook forward of the HF model."""
+    import intervene_compiler as ic
+
+    lm = ic.LanguageModel(lm_dirs[arch]).dispatch()
+    m = lm._module
+    prompt = "The Eiffel Tower is in the city of"
+    ids = lm.tokenizer(prompt, return_tensors="pt")
+    length, width = ids["input_ids"].shape[1], m.config.hidden_size
+    src = torch.randn(length, width, generator=torch.Generator().manual_seed(12))
+    later, ran_head = [], []
+    handles = [
+        _shapes(_blocks(m)[1], later),
+        m.lm_head.register_forward_hook(lambda mod, a, o: ran_head.append(o.shape)),
+    ]
+    positions = range(2, length)
+    try:
+        with lm.trace() as tracer:
+            diffs = []
+            for pos in positions:
+                with tracer.invoke(prompt):
+                    _envoy_blocks(lm)[0].output[:, pos] = src[pos]
+                    logits = lm.lm_head.output
+                    diffs.append((logits[:, -1, 5] - logits[:, -1, 7]).save())
+    finally:
+        for h in handles:
+            h.remove()
+    assert later == [(1, length + sum(length - p for p in positions), width)]
+    assert ran_head == []
+    for pos, diff in zip(positions, diffs):
+        ref, _ = _plain(m, ids["input_ids"], 0, _set_pos(src, pos), attention_mask=ids["attention_mask"])
+        torch.testing.assert_close(diff.value, ref[:, 5] - ref[:, 7])
+    assert_clean(m)
