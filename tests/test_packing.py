@@ -139,13 +139,13 @@ def test_any_edit_packs_from_its_first_changed_position(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_later_layer_read_unpacks_there(arch):
-    """A node reading a later layer's output gets one row per invoke; the layers after it run unpacked."""
+    """A node reading a later layer's output gets one row per invoke; the layers after it run packed again."""
     m = _model(arch, "sdpa", n_layer=5)
     model = NNsight(m)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(4))
     src = torch.randn(T, WIDTH, generator=torch.Generator().manual_seed(5))
-    packed, unpacked = [], []
-    handles = [_shapes(_blocks(m)[2], packed), _shapes(_blocks(m)[4], unpacked)]
+    packed, again = [], []
+    handles = [_shapes(_blocks(m)[2], packed), _shapes(_blocks(m)[4], again)]
     positions = (3, 5, 7)
     try:
         with model.trace() as tracer:
@@ -158,8 +158,7 @@ def test_a_later_layer_read_unpacks_there(arch):
     finally:
         for h in handles:
             h.remove()
-    assert packed == [(1, T + sum(T - p for p in positions), WIDTH)]
-    assert unpacked == [(len(positions), T, WIDTH)]
+    assert packed == again == [(1, T + sum(T - p for p in positions), WIDTH)]
     for pos, (mid, out) in zip(positions, outs):
         ref, ref_mid = _plain(m, ids, 1, _set_pos(src, pos), 3)
         torch.testing.assert_close(mid.value, ref_mid)
@@ -313,4 +312,34 @@ def test_language_model_prompts_pack_with_picked_logits(arch, lm_dirs):
     for pos, diff in zip(positions, diffs):
         ref, _ = _plain(m, ids["input_ids"], 0, _set_pos(src, pos), attention_mask=ids["attention_mask"])
         torch.testing.assert_close(diff.value, ref[:, 5] - ref[:, 7])
+    assert_clean(m)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_invokes_editing_different_layers_pack_again_at_each(arch):
+    """One trace patching two layers (an invoke per layer and position): after the first edited layer only its
+    invokes have packed tokens; at the second, the pack is unpacked for the edit and packed again, now with
+    every invoke's positions from its first changed one."""
+    m = _model(arch, "eager", n_layer=5)
+    model = NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(13))
+    src = torch.randn(T, WIDTH, generator=torch.Generator().manual_seed(14))
+    plan = [(layer, pos) for layer in (1, 2) for pos in (4, 5, 6, 7)]
+    after_first, after_second = [], []
+    handles = [_shapes(_blocks(m)[2], after_first), _shapes(_blocks(m)[3], after_second)]
+    try:
+        with model.trace() as tracer:
+            outs = []
+            for layer, pos in plan:
+                with tracer.invoke(ids):
+                    _envoy_blocks(model)[layer].output[:, pos] = src[pos]
+                    outs.append(model.lm_head.output[:, -1].save())
+    finally:
+        for h in handles:
+            h.remove()
+    assert after_first == [(1, T + 4 + 3 + 2 + 1, WIDTH)]
+    assert after_second == [(1, T + 2 * (4 + 3 + 2 + 1), WIDTH)]
+    for (layer, pos), out in zip(plan, outs):
+        ref, _ = _plain(m, ids, layer, _set_pos(src, pos))
+        torch.testing.assert_close(out.value, ref)
     assert_clean(m)

@@ -158,24 +158,25 @@ def _ours_loop(hf, clean, corrupt, compile):
     return sweep
 
 
-def _ours_batched(hf, clean, corrupt, compile):
+def _ours_batched(hf, clean, corrupt, compile, layers_per_trace=1):
+    """One trace per ``layers_per_trace`` layers of the sweep, one invoke per (layer, position). Eager, a trace
+    covering a few layers packs again at each (the later ones' invokes join the pack there)."""
     import intervene_compiler as ic
 
     model = ic.NNsight(hf)
 
     def sweep(layers, positions):
         cache = _ours_clean_run(model, clean, layers)
-        out = torch.empty(len(layers), len(positions))
-        for li, layer in enumerate(layers):
-            diffs = []
+        diffs = []
+        for g in range(0, len(layers), layers_per_trace):
             with model.trace(compile=compile) as tracer:
-                for pos in positions:
-                    with tracer.invoke(corrupt):
-                        model.transformer.h[layer].output[:, pos] = cache[layer][:, pos]
-                        logits = model.lm_head.output
-                        diffs.append((logits[:, -1, A_TOKEN] - logits[:, -1, B_TOKEN]).save())
-            out[li] = torch.cat([d.value for d in diffs])
-        return out
+                for layer in layers[g : g + layers_per_trace]:
+                    for pos in positions:
+                        with tracer.invoke(corrupt):
+                            model.transformer.h[layer].output[:, pos] = cache[layer][:, pos]
+                            logits = model.lm_head.output
+                            diffs.append((logits[:, -1, A_TOKEN] - logits[:, -1, B_TOKEN]).save())
+        return torch.cat([d.value for d in diffs]).view(len(layers), len(positions))
 
     return sweep
 
@@ -277,8 +278,8 @@ def _systems(settings: Settings, hf, clean, corrupt) -> list[Sweep]:
         Sweep(
             "ours batched, eager",
             "ours",
-            _ours_batched(copies[3], clean, corrupt, False),
-            note="one trace per layer",
+            _ours_batched(copies[3], clean, corrupt, False, layers_per_trace=4),
+            note="one trace per 4 layers, one invoke per (layer, position)",
         ),
         Sweep(
             "ours batched, compile=True",

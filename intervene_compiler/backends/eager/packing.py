@@ -16,7 +16,8 @@ such as sliding windows are kept), with rotary position embeddings and position 
 token's position. A later layer whose mask is not ``(..., T, T)`` gets the unpacked rows instead. At the next
 event a node touches among the layers, or at the last layer's output, the pack is unpacked into one row per
 invoke (positions before ``p`` taken from the unedited row), so nodes and later modules never see the packed
-layout.
+layout. After a touched layer's visit the rows are packed again (against the pack's unedited row there), so a
+trace editing several layers keeps packing.
 
 The first changed position is found by comparing each invoke's rows with the unedited value, so any edit (a
 setitem, a whole-value set, an in-place op) is handled; an invoke that changed nothing packs no tokens. Packing
@@ -98,6 +99,10 @@ class Pack:
         )
         self._packed: dict[int, Any] = {}  # id(a side input or mask of the model) -> (it, its packed version)
 
+    def unedited(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The unedited row of packed ``hidden``: (1, T, D)."""
+        return hidden[:, : self.length]
+
     def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
         """(1, P, D) packed -> (n, T, D), one row per invoke."""
         return hidden[0].index_select(0, self.unpack_index).view(self.n, self.length, hidden.shape[-1])
@@ -168,32 +173,30 @@ def _bound(layer: torch.nn.Module, args: tuple, kwargs: dict):
         return signature, None
 
 
-def build(
-    layers: tuple[torch.nn.Module, ...],
-    index: int,
-    original: torch.Tensor,
-    rows: torch.Tensor,
-    args: tuple,
-    kwargs: dict,
-) -> tuple[Pack, torch.Tensor] | None:
-    """The pack after layer ``index`` (its unedited output ``original`` and the invokes' edited ``rows``), and
-    the packed hidden state; None when packing does not apply or would not pay."""
-    if index >= len(layers) - 1 or original.dim() != 3 or original.shape[0] != 1 or rows.dim() != 3:
-        return None
-    n, length, width = rows.shape
-    if tuple(original.shape[1:]) != (length, width) or length < 2:
+def check(layers: tuple[torch.nn.Module, ...], index: int, args: tuple, kwargs: dict):
+    """The signature of layer ``index`` when a pack can start at its output (its ``(args, kwargs)`` as the
+    model called it: a mask that is absent or ``(..., T, T)``, and a KV cache, if any, that held nothing before
+    this forward), else None."""
+    if index >= len(layers) - 1 or not args:
         return None
     signature, arguments = _bound(layers[index], args, kwargs)
     if arguments is None or "attention_mask" not in signature.parameters:
         return None
+    hidden = args[0]
+    length = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
+    mask = arguments.get("attention_mask")
+    if length is None or (
+        mask is not None
+        and (
+            not isinstance(mask, torch.Tensor)
+            or mask.dim() != 4
+            or tuple(mask.shape[-2:]) != (length, length)
+        )
+    ):
+        return None
     extra = next(
         (arguments.get(p.name) or {} for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), {}
     )
-    mask = arguments.get("attention_mask")
-    if mask is not None and (
-        not isinstance(mask, torch.Tensor) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (length, length)
-    ):
-        return None
     cache = arguments.get("past_key_values", extra.get("past_key_values"))
     if cache is not None:
         try:
@@ -201,6 +204,19 @@ def build(
                 return None  # the cache held tokens before this forward: keys beyond the prompt
         except (AttributeError, TypeError, IndexError):
             return None
+    return signature
+
+
+def build(
+    layers: tuple[torch.nn.Module, ...], index: int, original: torch.Tensor, rows: torch.Tensor, signature
+) -> tuple[Pack, torch.Tensor] | None:
+    """The pack after layer ``index`` (the unedited row ``original`` there and the invokes' edited ``rows``,
+    ``check``'s signature), and the packed hidden state; None when packing does not apply or would not pay."""
+    if index >= len(layers) - 1 or original.dim() != 3 or original.shape[0] != 1 or rows.dim() != 3:
+        return None
+    n, length, width = rows.shape
+    if tuple(original.shape[1:]) != (length, width) or length < 2:
+        return None
     with torch.no_grad():
         changed = (rows != original).any(-1)  # (n, T)
         first = torch.where(changed.any(1), changed.int().argmax(1), length).tolist()
@@ -233,4 +249,4 @@ def build(
     return pack, hidden
 
 
-__all__ = ["Pack", "build", "pack_layers"]
+__all__ = ["Pack", "build", "check", "pack_layers"]

@@ -432,8 +432,13 @@ class _Run:
                     if self.pack_plan is not None and call == 0:
                         return self._start_pack(path, output, new, args, kwargs)
                     return new
-                if self.pack is not None and path in self.pack.paths:
-                    return self._visit(key, self._end_pack(output))
+                if self.pack is not None and path in self.pack.paths:  # unpack; pack again after the visit
+                    pack = self.pack
+                    unedited = pack.unedited(output)
+                    new = self._visit(key, self._end_pack(output))
+                    if call == 0:
+                        return self._start_pack(path, unedited, new, args, kwargs, pack.signature)
+                    return new
                 if self._events is not None and self.in_forward and not self.active:  # _visit's test
                     new = self._visit_fast(key, output)
                 else:
@@ -447,9 +452,10 @@ class _Run:
         return hook
 
     # -- suffix packing (packing.py) ----------------------------------------------------------------------------
-    def _start_pack(self, path: str, original, rows, args: tuple, kwargs: dict):
-        """At the shared prefix's end: the packed hidden state when ``path`` is a decoder layer and packing
-        pays (hooks on the later layers give them the packed mask and unpack after the last), else ``rows``."""
+    def _start_pack(self, path: str, original, rows, args: tuple, kwargs: dict, signature=None):
+        """At the end of the shared prefix, or at a later touched layer's output while packed (``signature``
+        given): the packed hidden state when ``path`` is a decoder layer and packing pays, else ``rows``. The
+        first pack hooks every later layer (its packed mask) and the last one (unpack after it)."""
         layers_path, layers = self.pack_plan
         prefix = layers_path + "."
         if (
@@ -462,16 +468,21 @@ class _Run:
             index = int(path[len(prefix) :])
         except ValueError:
             return rows
-        built = packing.build(layers, index, original, rows, args, kwargs)
+        if signature is None:
+            signature = packing.check(layers, index, args, kwargs)
+            if signature is None:
+                return rows
+        built = packing.build(layers, index, original, rows, signature)
         if built is None:
             return rows
         pack, hidden = built
         pack.paths = frozenset(f"{prefix}{i}" for i in range(index + 1, len(layers)))
         self.pack = pack
-        self.pack_handles = handles = []
-        for layer in pack.layers:
-            handles.append(_add_hook(layer, self._pack_pre_hook, pre=True))
-        handles.append(_add_hook(layers[-1], self._pack_post_hook, pre=False))
+        if not self.pack_handles:  # a pack again later reuses these hooks (they read self.pack)
+            self.pack_handles = handles = []
+            for layer in pack.layers:
+                handles.append(_add_hook(layer, self._pack_pre_hook, pre=True))
+            handles.append(_add_hook(layers[-1], self._pack_post_hook, pre=False))
         return hidden
 
     def _pack_pre_hook(self, mod, args, kwargs):
