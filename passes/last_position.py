@@ -73,6 +73,8 @@ class UnembedColumns:
         weight, bias = linear.weight, linear.bias
         if tokens is None:
             tokens = index[2]
+            if type(tokens) is tuple:  # x[:, -1, (a, b)] picks two entries; weight[(a, b)] would be weight[a, b]
+                tokens = list(tokens)
             weight = weight[tokens]
             bias = bias[tokens] if bias is not None else None
         else:

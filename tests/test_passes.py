@@ -184,6 +184,10 @@ def test_last_position_picks_vocabulary_columns(lm_dirs):
     torch.testing.assert_close(pair.value, ref1[:, [3, 4]])
     assert diff.value.shape == () and pair.value.shape == (1, 2)
 
+    with lm.trace(prompts[1]):
+        as_tuple = lm.lm_head.output[:, -1, (3, 4)].save()  # a tuple of tokens indexes like a list
+    torch.testing.assert_close(as_tuple.value, ref1[:, [3, 4]])
+
 
 def test_picked_columns_of_a_linear_subclass_run_the_module():
     """A Linear subclass (a quantized head stores its weight packed) is called on the last position, then
