@@ -67,21 +67,21 @@ class UnembedColumns:
         if owner is None:
             raise RuntimeError("the model this trace was optimized for no longer exists")
         linear = owner._unembedding_module()
+        rows, _, picked = index
+        if tokens is not None:  # lifted by the compiled lowering (1-D: a 0-d index would be data-dependent)
+            picked = tokens % linear.out_features
+        elif (
+            type(picked) is tuple
+        ):  # x[:, -1, (a, b)] picks two entries; weight[(a, b)] would be weight[a, b]
+            picked = list(picked)
+        last = x[rows, -1]
         if type(linear) is not torch.nn.Linear:  # a subclass (a quantized Linear) may store its weight packed
-            out = linear(x[index[0], -1])
-            return out[..., index[2] if tokens is None else tokens.squeeze(0) if one else tokens]
-        weight, bias = linear.weight, linear.bias
-        if tokens is None:
-            tokens = index[2]
-            if type(tokens) is tuple:  # x[:, -1, (a, b)] picks two entries; weight[(a, b)] would be weight[a, b]
-                tokens = list(tokens)
-            weight = weight[tokens]
-            bias = bias[tokens] if bias is not None else None
+            out = linear(last)[..., picked]
         else:
-            tokens = tokens % weight.shape[0]
-            weight = weight.index_select(0, tokens)
-            bias = bias.index_select(0, tokens) if bias is not None else None
-        out = torch.nn.functional.linear(x[index[0], -1], weight, bias)
+            bias = linear.bias
+            out = torch.nn.functional.linear(
+                last, linear.weight[picked], None if bias is None else bias[picked]
+            )
         return out.squeeze(-1) if one else out
 
     def __eq__(self, other: object) -> bool:
