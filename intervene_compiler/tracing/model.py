@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import weakref
 from typing import Any
 
 import torch
@@ -158,13 +157,6 @@ class NNsight(Envoy):
             path = _unembedding_path(self._module)
             object.__setattr__(self, "_unembed_path", path)
         return path
-
-    def _unembedding_ref(self) -> weakref.ref | None:
-        """A weak reference to this wrapper when it has a last position-wise module (``_unembedding_module``
-        reaches it at run time, after real weights load): lets the last-position pass pick vocabulary columns."""
-        if self._last_position_module() is None:
-            return None
-        return weakref.ref(self)
 
     def _unembedding_module(self) -> torch.nn.Module:
         """The last position-wise module now (the base lookup: LanguageModel's hides it while generating)."""

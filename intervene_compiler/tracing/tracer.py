@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -85,6 +86,14 @@ def _user_location_at(depth: int) -> SourceLoc | None:
         if loc is not None:
             return loc
     return user_location()
+
+
+def _last_module(model: NNsight) -> tuple[str | None, weakref.ref | None]:
+    """``optimize``'s model arguments: the path of the model's last position-wise module, and a weak reference to
+    the wrapper (its ``_unembedding_module()`` reaches that module at run time, after real weights load) when
+    there is one."""
+    path = model._last_position_module()
+    return path, (weakref.ref(model) if path is not None else None)
 
 
 def current_tracer() -> Tracer | None:
@@ -610,7 +619,7 @@ class Tracer(Recorder):
         if self._bound is not None:  # run by a session, with its values bound (backends/session.py)
             graph, prepared = self._bound
             traced = model._with_edits(graph)
-            graph, steps = optimize(traced, model._last_position_module(), model._unembedding_ref())
+            graph, steps = optimize(traced, *_last_module(model))
         else:
             for barrier in self._barriers:
                 barrier.check()
@@ -650,14 +659,14 @@ class Tracer(Recorder):
         which are immutable and hold no params (nothing to bind per trace), instead of building a graph to have
         the pass memo key it again.
         """
-        last_module = model._last_position_module()
+        last_module, unembedding = _last_module(model)
         key = _simple_key(self, last_module) if model._edits is None and not self._params else None
         if key is not None:
             hit = _simple.get(key)
             if hit is not None:
                 return hit
         traced = model._with_edits(self._build_graph())
-        graph, steps = optimize(traced, last_module, model._unembedding_ref() if last_module else None)
+        graph, steps = optimize(traced, last_module, unembedding)
         if key is not None:
             if len(_simple) >= _SIMPLE_SIZE:
                 del _simple[next(iter(_simple))]  # the oldest entry
