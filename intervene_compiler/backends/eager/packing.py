@@ -51,11 +51,8 @@ DECODER_LAYERS = {
 }
 _ATTENTION = frozenset({"eager", "sdpa"})
 _MAX_TOKENS = 4096  # the packed mask is (P, P): 64 MiB in float32 at this length
-_SIDE_INPUTS = (
-    "position_embeddings",
-    "position_ids",
-    "cache_position",
-)  # per-position side inputs of a layer
+# a layer's per-position side inputs, gathered to the packed tokens' positions
+_SIDE_INPUTS = ("position_embeddings", "position_ids", "cache_position")
 _GAIN = 0.85  # pack only when it costs at most this fraction of running every invoke's rows
 
 
@@ -84,9 +81,11 @@ def pack_layers(model, site_paths) -> tuple[str, tuple[torch.nn.Module, ...]] | 
 class Pack:
     """The packed hidden state's layout and what later layers need to run on it."""
 
-    def __init__(self, layers, positions, allowed, unpack_index, n: int, length: int, dtype, signature):
+    def __init__(
+        self, layers, paths, positions, allowed, unpack_index, n: int, length: int, dtype, signature
+    ):
         self.layers = layers  # the decoder layers after the packed one
-        self.paths = None  # their site paths (set by the runner)
+        self.paths = paths  # their site paths
         self.positions = positions  # (P,) each packed token's position
         self.allowed = allowed  # (P, P) which packed keys each packed query may see (before the model's mask)
         self.unpack_index = unpack_index  # (n * T,) packed token of each invoke's position
@@ -94,9 +93,7 @@ class Pack:
         self.length = length
         self.dtype = dtype
         self.signature = signature
-        self.var_keyword = next(
-            (p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
-        )
+        self.var_keyword = _var_keyword(signature)
         self._packed: dict[int, Any] = {}  # id(a side input or mask of the model) -> (it, its packed version)
 
     def unedited(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -127,42 +124,49 @@ class Pack:
     def _mask(self, mask: Any) -> torch.Tensor | None:
         """The packed additive mask from the model's ``(..., T, T)`` mask for this layer (layers may differ:
         sliding-window ones), or None when that mask is not one."""
-        got = self._packed.get(id(mask))
-        if got is not None and got[0] is mask:
-            return got[1]
+        if mask is not None and not _square_mask(mask, self.length):
+            return None
+        return self._once(mask, self._pack_mask)
+
+    def _pack_mask(self, mask: torch.Tensor | None) -> torch.Tensor:
         device, dtype = self.allowed.device, self.dtype
         low = torch.finfo(dtype).min
         if mask is None:
             base = torch.zeros((), dtype=dtype, device=device)
-        elif (
-            isinstance(mask, torch.Tensor)
-            and mask.dim() == 4
-            and tuple(mask.shape[-2:]) == (self.length,) * 2
-        ):
+        else:
             m = mask[:1, :1].to(device).index_select(2, self.positions).index_select(3, self.positions)
             base = torch.where(m, 0.0, low).to(dtype) if m.dtype == torch.bool else m.to(dtype)
-        else:
-            return None
-        out = torch.where(self.allowed, base, torch.tensor(low, dtype=dtype, device=device)).expand(
-            1, 1, -1, -1
-        )
-        self._packed[id(mask)] = (mask, out)
-        return out
+        low_t = torch.tensor(low, dtype=dtype, device=device)
+        return torch.where(self.allowed, base, low_t).expand(1, 1, -1, -1)
 
     def _gather(self, value: Any) -> Any:
-        key = id(value)
-        got = self._packed.get(key)
-        if got is not None and got[0] is value:
-            return got[1]
+        return self._once(value, self._gather_positions)
+
+    def _gather_positions(self, value: Any) -> Any:
         dim = -1 if getattr(value, "ndim", 0) <= 2 else -2
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[dim] == self.length:
-            out = value.index_select(dim, self.positions.to(value.device))
-        elif isinstance(value, tuple):
-            out = tuple(self._gather(v) for v in value)
-        else:
-            out = value
-        self._packed[key] = (value, out)
+            return value.index_select(dim, self.positions.to(value.device))
+        if isinstance(value, tuple):
+            return tuple(self._gather(v) for v in value)
+        return value
+
+    def _once(self, value: Any, make) -> Any:
+        """``make(value)``, once per object the model passes (every layer gets the same mask and embeddings)."""
+        got = self._packed.get(id(value))
+        if got is not None and got[0] is value:
+            return got[1]
+        out = make(value)
+        self._packed[id(value)] = (value, out)
         return out
+
+
+def _square_mask(mask: Any, length: int) -> bool:
+    """Is ``mask`` a 4-D ``(..., T, T)`` attention mask (the form a pack gathers from)?"""
+    return isinstance(mask, torch.Tensor) and mask.dim() == 4 and tuple(mask.shape[-2:]) == (length, length)
+
+
+def _var_keyword(signature: inspect.Signature) -> str | None:
+    return next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
 
 def _bound(layer: torch.nn.Module, args: tuple, kwargs: dict):
@@ -185,18 +189,10 @@ def check(layers: tuple[torch.nn.Module, ...], index: int, args: tuple, kwargs: 
     hidden = args[0]
     length = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
     mask = arguments.get("attention_mask")
-    if length is None or (
-        mask is not None
-        and (
-            not isinstance(mask, torch.Tensor)
-            or mask.dim() != 4
-            or tuple(mask.shape[-2:]) != (length, length)
-        )
-    ):
+    if length is None or (mask is not None and not _square_mask(mask, length)):
         return None
-    extra = next(
-        (arguments.get(p.name) or {} for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), {}
-    )
+    var_keyword = _var_keyword(signature)
+    extra = (arguments.get(var_keyword) or {}) if var_keyword else {}
     cache = arguments.get("past_key_values", extra.get("past_key_values"))
     if cache is not None:
         try:
@@ -208,10 +204,16 @@ def check(layers: tuple[torch.nn.Module, ...], index: int, args: tuple, kwargs: 
 
 
 def build(
-    layers: tuple[torch.nn.Module, ...], index: int, original: torch.Tensor, rows: torch.Tensor, signature
+    layers: tuple[torch.nn.Module, ...],
+    layers_path: str,
+    index: int,
+    original: torch.Tensor,
+    rows: torch.Tensor,
+    signature,
 ) -> tuple[Pack, torch.Tensor] | None:
-    """The pack after layer ``index`` (the unedited row ``original`` there and the invokes' edited ``rows``,
-    ``check``'s signature), and the packed hidden state; None when packing does not apply or would not pay."""
+    """The pack after layer ``index`` of ``layers`` (at ``layers_path``; the unedited row ``original`` there and
+    the invokes' edited ``rows``, ``check``'s signature), and the packed hidden state; None when packing does
+    not apply or would not pay."""
     if index >= len(layers) - 1 or original.dim() != 3 or original.shape[0] != 1 or rows.dim() != 3:
         return None
     n, length, width = rows.shape
@@ -245,7 +247,8 @@ def build(
     dtype = original.dtype if original.is_floating_point() else torch.float32
     hidden = torch.cat([original[0]] + [rows[i, p:] for i, p in enumerate(first)]).unsqueeze(0)
     unpack_index = torch.tensor(unpack, device=device)
-    pack = Pack(layers[index + 1 :], pos, allowed, unpack_index, n, length, dtype, signature)
+    paths = frozenset(f"{layers_path}.{i}" for i in range(index + 1, len(layers)))
+    pack = Pack(layers[index + 1 :], paths, pos, allowed, unpack_index, n, length, dtype, signature)
     return pack, hidden
 
 

@@ -472,11 +472,10 @@ class _Run:
             signature = packing.check(layers, index, args, kwargs)
             if signature is None:
                 return rows
-        built = packing.build(layers, index, original, rows, signature)
+        built = packing.build(layers, layers_path, index, original, rows, signature)
         if built is None:
             return rows
         pack, hidden = built
-        pack.paths = frozenset(f"{prefix}{i}" for i in range(index + 1, len(layers)))
         self.pack = pack
         if not self.pack_handles:  # a pack again later reuses these hooks (they read self.pack)
             self.pack_handles = handles = []
