@@ -411,23 +411,27 @@ def test_backward_block_compiles(gpt):
 def test_gradient_edits_compile(mlp):
     """`.grad = ...` and `.grad[...] = v` change the gradient flowing further back, compiled as in eager mode."""
     x = torch.rand(2, 5)
-    results = []
-    for compile in (False, True):
-        with mlp.trace(x, compile=compile):
-            mlp.layer1.output.requires_grad = True
-            mlp.layer1.output.grad[:, 0] = 0  # in place on the gradient
-            mlp.layer2.output.grad = mlp.layer2.output.grad * 2
-            g1 = mlp.layer1.output.grad.save()
-            g2 = mlp.layer2.output.grad.save()
-            mlp.output.sum().backward()
-        with mlp.trace(x, compile=compile):
-            hidden = mlp.layer1.output
-            hidden.requires_grad = True
-            logits = mlp.output
-            with (logits * logits).sum().backward():
-                logits.grad = logits.grad * 2
-                hidden_grad = hidden.grad.save()
-        results.append((g1.value, g2.value, hidden_grad.value))
+
+    def edits(m, t):
+        m.layer1.output.requires_grad = True
+        m.layer1.output.grad[:, 0] = 0  # in place on the gradient
+        m.layer2.output.grad = m.layer2.output.grad * 2
+        saved = [m.layer1.output.grad.save(), m.layer2.output.grad.save()]
+        m.output.sum().backward()
+        return saved
+
+    def doubled_in_backward_block(m, t):
+        hidden = m.layer1.output
+        hidden.requires_grad = True
+        logits = m.output
+        with (logits * logits).sum().backward():
+            logits.grad = logits.grad * 2
+            hidden_grad = hidden.grad.save()
+        return [hidden_grad]
+
+    eager, compiled = _both(mlp, edits, x)
+    eager_block, compiled_block = _both(mlp, doubled_in_backward_block, x)
+    results = [eager + eager_block, compiled + compiled_block]
     for c, e in zip(results[1], results[0]):
         torch.testing.assert_close(c, e)
     torch.testing.assert_close(results[1][1], torch.full((2, 2), 2.0))
