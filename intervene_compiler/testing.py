@@ -63,11 +63,13 @@ def tiny_llama(seed: int = 0, n_layer: int = 2, hidden: int = 32, vocab_size: in
 
 
 def assert_clean(module: torch.nn.Module) -> None:
-    """Fail if any hook is left on ``module`` or its submodules (after a trace, successful or not)."""
+    """Fail if any hook, or a ``forward`` replaced on the instance, is left on ``module`` or its submodules (after
+    a trace, successful or not)."""
     for name, m in module.named_modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             hooks = getattr(m, attr)
             assert not hooks, f"{attr} left on module {name or '<root>'}: {hooks}"
+        assert "forward" not in m.__dict__, f"a replaced forward left on module {name or '<root>'}"
 
 
 # -- tiny language models saved to a folder, loaded through the real ``from_pretrained`` path ----------------------

@@ -28,6 +28,7 @@ class ModelState:
     def __init__(self, rename: dict[str, str] | None):
         self.rename = dict(rename or {})
         self.tracers: list[Tracer] = []
+        self.reuse_memo = None  # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
 
     def push(self, tracer: Tracer) -> None:
         self.tracers.append(tracer)

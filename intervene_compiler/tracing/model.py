@@ -59,6 +59,7 @@ class NNsight(Envoy):
         validate: bool = False,
         invoker_args: dict | None = None,
         compile: bool | None = None,
+        reuse: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Open a tracing block on ``inputs`` (the model runs when it exits).
@@ -67,7 +68,8 @@ class NNsight(Envoy):
         ``scan``/``validate`` run the interventions on fake tensors while recording, so mistakes surface at
         their line before the real run. ``compile=True`` runs the block through the compiled backend (model and
         interventions as one graph compiled by Inductor, cached by structure); the default is the model's
-        (``NNsight(module, compile=...)``).
+        (``NNsight(module, compile=...)``). ``reuse=False`` neither replays nor memoizes unedited decoder layers
+        (see :meth:`clear_reuse`).
         """
         compile = self._compile if compile is None else compile
         if not trace:
@@ -78,7 +80,14 @@ class NNsight(Envoy):
                 pass
             return tracer.output
         return Tracer(
-            self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args, compile=compile
+            self,
+            inputs,
+            kwargs,
+            scan=scan,
+            validate=validate,
+            invoker_args=invoker_args,
+            compile=compile,
+            reuse=reuse,
         )
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
@@ -101,6 +110,15 @@ class NNsight(Envoy):
         if kwargs:
             raise TypeError(f"session() got unexpected keyword arguments {sorted(kwargs)}")
         return Session(self)
+
+    def clear_reuse(self) -> None:
+        """Forget the unedited decoder-layer outputs kept for reuse across traces of one prompt.
+
+        Traces on the same prompt replay them only while every parameter and buffer is unchanged by its version
+        counter (``backends/eager/reuse.py``); a write through ``.data`` or a NumPy view bumps none, so call this
+        after one (or trace with ``reuse=False``).
+        """
+        self._state.reuse_memo = None
 
     def edit(self, inplace: bool = False) -> Editor:
         """``with model.edit() as edited:`` records interventions applied to every later trace of ``edited``.
@@ -172,10 +190,11 @@ class NNsight(Envoy):
         It needs the model's later layers to broadcast one-row side inputs (attention masks, position
         embeddings) against the repeated rows, which holds for the families in ``_SHARED_PREFIX_FAMILIES``; it is
         used on the eager backend only, and only for graphs that touch a site and need nothing else of the run.
+        One such invoke gives ``repeat`` = 1: nothing to share within the run, but its unedited layers can be
+        replayed from, and memoized for, other runs on the same prompt (``backends/eager/reuse.py``).
         """
         if (
             not fake_or_compiled
-            and len(prepared) > 1
             and self._shares_prefix()
             and _prefix_graph(graph)
             and _identical_rows(prepared)
@@ -204,13 +223,14 @@ class NNsight(Envoy):
         fake: bool = False,
         compile: bool = False,
         repeat: int = 0,
+        reuse: bool = False,
     ):
         if compile and not fake:
             from ..backends.compiled import run_compiled
 
             return run_compiled(self, graph, args, kwargs)
         if not fake:
-            return run_graph(self, graph, args, kwargs, repeat)
+            return run_graph(self, graph, args, kwargs, repeat, reuse)
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from .fakes import _to_fake

@@ -230,6 +230,7 @@ class Tracer(Recorder):
         validate: bool = False,
         invoker_args: dict | None = None,
         compile: bool = False,
+        reuse: bool = True,
     ):
         self.model = model
         self._state = model._state
@@ -242,6 +243,7 @@ class Tracer(Recorder):
         self._saved_ids: set[int] = set()
         self._needs_output = needs_output
         self._compile = compile
+        self._reuse = reuse
         self._validate = validate = validate or scan or mode == "scan"
         self._kwargs = dict(kwargs) if kwargs else {}
         self._invoker_args = dict(invoker_args) if invoker_args else {}
@@ -641,7 +643,9 @@ class Tracer(Recorder):
         compile = self._compile
         args, kwargs, repeat = model._batch_for(graph, prepared, fake or compile)
         if repeat:
-            result = model._execute_graph(graph, args, kwargs, fake=fake, compile=compile, repeat=repeat)
+            result = model._execute_graph(
+                graph, args, kwargs, fake=fake, compile=compile, repeat=repeat, reuse=self._reuse
+            )
         else:
             result = model._execute_graph(graph, args, kwargs, fake=fake, compile=compile)
         if compile:

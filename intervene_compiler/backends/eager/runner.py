@@ -21,6 +21,7 @@ from ...errors import GradientError, InterventionError, SourceLoc, execution_err
 from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, saved_ids
 from ...ir.nodes import walk_nodes
 from . import packing
+from . import reuse as _reuse
 from .interpreter import VALUE_OPS, resolve
 from .rows import narrow, repeat_rows, replace
 
@@ -67,17 +68,23 @@ class RunResult:
     skipped: dict[int, SourceLoc | None] = field(default_factory=dict)  # saved id -> line of the false cond
 
 
-def run_graph(model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0) -> RunResult:
+def run_graph(
+    model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0, reuse: bool = False
+) -> RunResult:
     """Run ``model`` (an NNsight wrapper) on ``args``/``kwargs`` with ``graph``'s interventions.
 
     ``repeat`` > 1: the invokes all have this same one-row input, given once; the forward runs on one row up to
     the first event any node touches, where the value is repeated to one row per invoke (the shared prefix of
-    identical invokes is computed once; see ``NNsight._batch_for``).
+    identical invokes is computed once; see ``NNsight._batch_for``). ``repeat`` = 1: one invoke whose prefix
+    could be shared. ``reuse`` (with ``repeat``): replay the unedited decoder layers an earlier run on an equal
+    input memoized, and memoize the ones this run computes (reuse.py).
     """
     run = _Run(model, graph)
-    if repeat:
+    if repeat > 1:
         run.repeat = repeat
         run.pack_plan = packing.pack_layers(model, [key[0] for key in run.site_nodes])
+    if repeat and reuse:
+        run.reuse = _reuse.plan(model, run, args, kwargs)
     return run.execute(args, kwargs)
 
 
@@ -253,6 +260,7 @@ class _Run:
     pack_plan = None  # (decoder layers' path, the layers) when a shared-prefix run may pack (packing.py)
     pack: packing.Pack | None = None  # the packed layout while later layers run on it
     pack_handles: list | tuple = ()
+    reuse: _reuse.Plan | None = None  # layers replayed from and recorded into the model's memo (reuse.py)
     adhoc = 0  # > 0 while a MODULE node calls a module ad hoc (its hooks do nothing)
     stopped: Node | None = None
     in_forward = False
@@ -303,7 +311,9 @@ class _Run:
         output = None
         plan = self._plan
         try:
-            handles = self._install_hooks()
+            if self.reuse is not None:  # before the runner's hooks: records see the layers' own outputs
+                self.reuse.install(handles, _add_hook)
+            handles += self._install_hooks()
             if self.steps is not None:
                 self.steps.install(handles)
             if plan.idle_before_forward:  # every node is still pending

@@ -1,0 +1,233 @@
+"""Reuse of the unedited decoder layers across traces.
+
+A patching loop runs one trace per (layer, position), each on the same corrupted prompt. Every trace that first
+touches layer ``L`` computes layers ``0..L`` exactly as the unedited model does, so a loop spends about half its
+time recomputing values an earlier trace already had. A shared-prefix run (``NNsight._batch_for``: a decoder
+family, every invoke the same one-row input, nothing read but module sites) keeps the decoder layers' outputs it
+computes before the first event any node touches (copies, taken before any node sees them) in a memo on the
+model's state, one prompt at a time. A later run on an equal input whose model is in the same state replays them:
+the layers up to the last memoized one before its first touched event return their memoized output instead of
+running (the forward is replaced on the layer instance for the run), and the forward goes on from there.
+
+The model's state is compared through a fingerprint taken at the start of each such run: every module's identity,
+training flag and hooks (keys, which torch never reuses), and every parameter's and buffer's
+storage, version counter and shape, plus grad mode, autocast and the float32 matmul precision. Version
+counters see every in-place change that autograd sees: optimizer steps, ``torch.no_grad()`` edits,
+``load_state_dict``, ``copy_``. Like autograd's own checks they do not see writes through ``.data`` or through
+NumPy views of a tensor: after such a write, call ``model.clear_reuse()`` (or trace with ``reuse=False``).
+Runs in training mode, with grad mode on while a parameter requires grad, or on a model with a module whose
+``forward`` is replaced on the instance (accelerate's dispatch hooks) neither use nor fill the memo; nor does a
+layer output other than a tensor or a tuple of tensors (and ``None``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.modules import module as _global_hooks
+
+from ...ir import SiteKind
+from .packing import DECODER_LAYERS
+
+_MAX_BYTES = 256 << 20  # memoized outputs per model, at most
+_INPUTS, _OUTPUT = SiteKind.INPUTS, SiteKind.OUTPUT
+
+
+class Memo:
+    """The unedited decoder-layer outputs of one input, and the model state they were computed in."""
+
+    __slots__ = ("inputs", "state", "outputs", "nbytes")
+
+    def __init__(self, inputs: list, state: tuple):
+        self.inputs = inputs  # the input's leaves (tensors cloned)
+        self.state = state
+        self.outputs: dict[int, Any] = {}  # decoder layer index -> its output, copied
+        self.nbytes = 0
+
+    def prefix(self) -> int:
+        """How many layers from the first are memoized."""
+        n = 0
+        while n in self.outputs:
+            n += 1
+        return n
+
+    def record(self, index: int, output: Any) -> None:
+        if index in self.outputs or not _plain(output):
+            return
+        copied = _clone(output)
+        size = sum(t.numel() * t.element_size() for t in _tensors(copied))
+        if self.nbytes + size <= _MAX_BYTES:
+            self.outputs[index] = copied
+            self.nbytes += size
+
+
+class Plan:
+    """What one run does with the memo: replay layers ``0..skip`` and record layers ``skip+1..last``."""
+
+    __slots__ = ("memo", "layers", "skip", "last")
+
+    def __init__(self, memo: Memo, layers, skip: int, last: int):
+        self.memo = memo
+        self.layers = layers
+        self.skip = skip
+        self.last = last
+
+    def install(self, handles: list, add_hook) -> None:
+        """Replace the replayed layers' forwards and hook the recorded ones (before the runner's own hooks)."""
+        layers, memo = self.layers, self.memo
+        for j in range(self.skip + 1):
+            handles.append(_Replay(layers[j], memo.outputs[j], copy=j == self.skip))
+        for j in range(self.skip + 1, self.last + 1):
+            handles.append(add_hook(layers[j], _recorder(memo, j), pre=False))
+
+
+class _Replay:
+    """A layer's forward replaced by its memoized output for one run (``remove`` gives it back)."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: torch.nn.Module, output: Any, copy: bool):
+        self.layer = layer
+        # the last replayed layer's output reaches the nodes and the next layer: a fresh copy per call
+        layer.forward = (lambda *a, **k: _clone(output)) if copy else (lambda *a, **k: output)
+
+    def remove(self) -> None:
+        self.layer.__dict__.pop("forward", None)
+
+
+def _recorder(memo: Memo, index: int):
+    def hook(mod, args, kwargs, output):
+        memo.record(index, output)
+
+    return hook
+
+
+def plan(model, run, args: tuple, kwargs: dict) -> Plan | None:
+    """The reuse plan of a shared-prefix run of ``model`` on one row ``args``/``kwargs``, or None."""
+    config = getattr(model._module, "config", None)
+    layers_path = DECODER_LAYERS.get(getattr(config, "model_type", None))
+    if layers_path is None:
+        return None
+    try:
+        layers = model._module.get_submodule(layers_path)
+    except AttributeError:
+        return None
+    last = _last_unedited(run.site_nodes, layers_path, len(layers), model._last_position_module())
+    if last < 0:
+        return None
+    state = fingerprint(model._module)
+    if state is None:
+        return None
+    inputs = _leaves((args, kwargs))
+    store = model._state
+    memo = store.reuse_memo
+    if memo is None or memo.state != state or not _same_inputs(memo.inputs, inputs):
+        memo = Memo([t.clone() if isinstance(t, torch.Tensor) else t for t in inputs], state)
+        store.reuse_memo = memo
+    skip = min(memo.prefix(), last + 1) - 1
+    return Plan(memo, layers, skip, last)
+
+
+def _last_unedited(site_nodes, layers_path: str, n: int, unembedding: str | None) -> int:
+    """The last decoder layer whose output no node sees edited (-1: none): every layer before the first event a
+    node touches. Events outside the decoder layers other than the unembedding's are of unknown order: -1."""
+    last = n - 1
+    prefix = layers_path + "."
+    for path, kind, call in site_nodes:
+        if call != 0 or (kind is not _INPUTS and kind is not _OUTPUT):
+            return -1
+        if path.startswith(prefix):
+            head, _, rest = path[len(prefix) :].partition(".")
+            if not head.isdigit():
+                return -1
+            i = int(head)
+            last = min(last, i if (not rest and kind is _OUTPUT) else i - 1)
+        elif path != unembedding:
+            return -1
+    return last
+
+
+def fingerprint(module: torch.nn.Module) -> tuple | None:
+    """The state the unedited layers' values depend on (see the module docstring); None when no reuse."""
+    grad = torch.is_grad_enabled()
+    parts: list = [
+        grad,
+        torch.is_autocast_enabled(),
+        torch.get_float32_matmul_precision(),
+        tuple(_global_hooks._global_forward_hooks),
+        tuple(_global_hooks._global_forward_pre_hooks),
+    ]
+    append = parts.append
+    stack = [module]
+    pop, push = stack.pop, stack.extend
+    while stack:  # (module.modules() builds every dotted name: twice the cost)
+        m = pop()
+        d = m.__dict__
+        if d["training"] or "forward" in d:  # a forward replaced on the instance: accelerate's hooks, a patch
+            return None
+        append(id(m))
+        hooks, pre = d["_forward_hooks"], d["_forward_pre_hooks"]
+        if hooks or pre:
+            append((tuple(hooks), tuple(pre)))
+        for table in (d["_parameters"], d["_buffers"]):
+            for t in table.values():
+                if t is None:
+                    append(None)
+                    continue
+                if grad and t.requires_grad:
+                    return None
+                append((t.data_ptr(), t._version, t.shape))
+        children = d["_modules"]
+        if children:
+            push([c for c in children.values() if c is not None])
+    return tuple(parts)
+
+
+def _same_inputs(old: list, new: list) -> bool:
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new):
+        if isinstance(a, torch.Tensor):
+            if not (
+                isinstance(b, torch.Tensor)
+                and a.shape == b.shape
+                and a.dtype == b.dtype
+                and a.device == b.device
+                and torch.equal(a, b)
+            ):
+                return False
+        elif type(a) is not type(b) or a != b:
+            return False
+    return True
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _leaves(v)]
+    if isinstance(value, dict):
+        return [k for k in value] + [x for v in value.values() for x in _leaves(v)]
+    return [value]
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    t = type(value)
+    if t is tuple or t is list:
+        return t(_clone(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return type(value) is tuple and all(v is None or isinstance(v, torch.Tensor) for v in value)
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif type(value) is tuple or type(value) is list:
+        for v in value:
+            yield from _tensors(v)
