@@ -126,7 +126,9 @@ def _probes(settings: Settings, hf, ids, layer: int) -> list[Probe]:
     ours = ic.NNsight(copies[0])
 
     def ours_one():
-        with ours.trace(ids):
+        # reuse=False: after the warm-up the same prompt would replay the blocks before this one instead of
+        # running them (backends/eager/reuse.py); this row measures a forward
+        with ours.trace(ids, reuse=False):
             out = ours.transformer.h[layer].output.save()
         return out.value
 

@@ -85,7 +85,9 @@ def _systems(
         model = ic.NNsight(copies[i])
 
         def ours(model=model, compile=compile):
-            with model.trace(inputs, compile=compile):
+            # reuse=False: with the same input every call, the GPT-2 trace would replay the block from the last
+            # call (backends/eager/reuse.py) instead of running it; this row measures the trace around a forward
+            with model.trace(inputs, compile=compile, reuse=False):
                 out = model.get(site).output.save()
             return out.value
 

@@ -180,7 +180,14 @@ class NNsight(Envoy):
         """The last position-wise module now (the base lookup: LanguageModel's hides it while generating)."""
         return self._module.get_submodule(NNsight._last_position_module(self))
 
-    def _batch_for(self, graph: Graph, prepared: list[tuple[tuple, dict]], fake_or_compiled: bool):
+    def _batch_for(
+        self,
+        graph: Graph,
+        prepared: list[tuple[tuple, dict]],
+        fake: bool,
+        compile: bool = False,
+        reuse: bool = True,
+    ):
         """``(args, kwargs, repeat)`` for a run: the batch of every invoke's input, or, when the invokes are
         identical one-row inputs to a model whose prefix can be shared, that one row and ``repeat`` = how many.
 
@@ -192,10 +199,12 @@ class NNsight(Envoy):
         used on the eager backend only, and only for graphs that touch a site and need nothing else of the run.
         One such invoke gives ``repeat`` = 1: nothing to share within the run, but its unedited layers can be
         replayed from, and memoized for, other runs on the same prompt (``backends/eager/reuse.py``).
+        ``compile=True`` shares the prefix only when the run can be layered (``backends/compiled/layered.py``).
         """
         if (
-            not fake_or_compiled
+            not fake
             and self._shares_prefix()
+            and (not compile or (reuse and _layered_applies(self)))
             and _prefix_graph(graph)
             and _identical_rows(prepared)
         ):
@@ -226,6 +235,10 @@ class NNsight(Envoy):
         reuse: bool = False,
     ):
         if compile and not fake:
+            if repeat:
+                from ..backends.compiled.layered import run_layered
+
+                return run_layered(self, graph, args, kwargs, repeat)
             from ..backends.compiled import run_compiled
 
             return run_compiled(self, graph, args, kwargs)
@@ -287,6 +300,12 @@ class Editor:
 # (checked: tests/test_tracing.py::test_identical_invokes_share_their_prefix)
 _SHARED_PREFIX_FAMILIES = frozenset(DECODER_LAYERS)
 _NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.MODULE})
+
+
+def _layered_applies(model) -> bool:
+    from ..backends.compiled.layered import applies
+
+    return applies(model)
 
 
 def _prefix_graph(graph: Graph) -> bool:

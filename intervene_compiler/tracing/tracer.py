@@ -641,7 +641,7 @@ class Tracer(Recorder):
             print(format_graph(graph))
         fake = self._mode == "scan"
         compile = self._compile
-        args, kwargs, repeat = model._batch_for(graph, prepared, fake or compile)
+        args, kwargs, repeat = model._batch_for(graph, prepared, fake, compile, self._reuse)
         if repeat:
             result = model._execute_graph(
                 graph, args, kwargs, fake=fake, compile=compile, repeat=repeat, reuse=self._reuse
@@ -719,6 +719,15 @@ class Tracer(Recorder):
         entry = self._entry
         if not self._compile:
             parts.append("-- backend: eager (hooks)")
+        elif entry is not None and entry.layered:
+            state = f"fell back to eager layers: {entry.fallback}" if entry.fallback else "compiled"
+            parts.append(
+                "-- backend: compiled, layered: the interventions run by the eager runner, unedited decoder layers"
+                f" replayed from earlier traces of this prompt, the others {state} ({len(entry.graphs)} graph(s)"
+                f" for the layers' forward, {entry.calls} call(s) so far)"
+            )
+            if entry.graphs:
+                parts.append("-- decoder layer FX graph:\n" + entry.graphs[-1].code.strip())
         elif entry is None or entry.fallback is not None:
             reason = entry.fallback if entry is not None else "unknown"
             parts.append(f"-- backend: compiled, fell back to eager: {reason}")

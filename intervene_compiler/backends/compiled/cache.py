@@ -70,6 +70,7 @@ class Entry:
     program: Program | None = None
     fn: Any = None
     fallback: str | None = None
+    layered: bool = False  # compiled decoder layers under the eager runner (layered.py), not one program
     graphs: list = field(default_factory=list)  # FX graphs our backend received (the spliced program)
     calls: int = 0
     split: BackwardSplit | None = None

@@ -77,23 +77,39 @@ class Plan:
         """Replace the replayed layers' forwards and hook the recorded ones (before the runner's own hooks)."""
         layers, memo = self.layers, self.memo
         for j in range(self.skip + 1):
-            handles.append(_Replay(layers[j], memo.outputs[j], copy=j == self.skip))
+            output = memo.outputs[j]
+            # the last replayed layer's output reaches the nodes and the next layer: a fresh copy per call
+            replay = (
+                (lambda *a, o=output, **k: _clone(o)) if j == self.skip else (lambda *a, o=output, **k: o)
+            )
+            handles.append(Swap(layers[j], replay))
         for j in range(self.skip + 1, self.last + 1):
             handles.append(add_hook(layers[j], _recorder(memo, j), pre=False))
 
 
-class _Replay:
-    """A layer's forward replaced by its memoized output for one run (``remove`` gives it back)."""
+class Swap:
+    """A module's ``forward`` replaced on the instance for one run (``remove`` gives the class's back)."""
 
-    __slots__ = ("layer",)
+    __slots__ = ("module",)
 
-    def __init__(self, layer: torch.nn.Module, output: Any, copy: bool):
-        self.layer = layer
-        # the last replayed layer's output reaches the nodes and the next layer: a fresh copy per call
-        layer.forward = (lambda *a, **k: _clone(output)) if copy else (lambda *a, **k: output)
+    def __init__(self, module: torch.nn.Module, forward):
+        self.module = module
+        module.forward = forward
 
     def remove(self) -> None:
-        self.layer.__dict__.pop("forward", None)
+        self.module.__dict__.pop("forward", None)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The decoder layers of a ``DECODER_LAYERS`` family model (an NNsight wrapper), else None."""
+    config = getattr(model._module, "config", None)
+    path = DECODER_LAYERS.get(getattr(config, "model_type", None))
+    if path is None:
+        return None
+    try:
+        return model._module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _recorder(memo: Memo, index: int):
@@ -105,14 +121,10 @@ def _recorder(memo: Memo, index: int):
 
 def plan(model, run, args: tuple, kwargs: dict) -> Plan | None:
     """The reuse plan of a shared-prefix run of ``model`` on one row ``args``/``kwargs``, or None."""
-    config = getattr(model._module, "config", None)
-    layers_path = DECODER_LAYERS.get(getattr(config, "model_type", None))
-    if layers_path is None:
+    layers = decoder_layers(model)
+    if layers is None:
         return None
-    try:
-        layers = model._module.get_submodule(layers_path)
-    except AttributeError:
-        return None
+    layers_path = DECODER_LAYERS[model._module.config.model_type]
     last = _last_unedited(run.site_nodes, layers_path, len(layers), model._last_position_module())
     if last < 0:
         return None

@@ -9,6 +9,7 @@ nodes, one pass per event suffices. Hooks live only for the run and are removed 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -69,7 +70,7 @@ class RunResult:
 
 
 def run_graph(
-    model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0, reuse: bool = False
+    model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0, reuse: bool = False, layer_forward=None
 ) -> RunResult:
     """Run ``model`` (an NNsight wrapper) on ``args``/``kwargs`` with ``graph``'s interventions.
 
@@ -77,7 +78,9 @@ def run_graph(
     the first event any node touches, where the value is repeated to one row per invoke (the shared prefix of
     identical invokes is computed once; see ``NNsight._batch_for``). ``repeat`` = 1: one invoke whose prefix
     could be shared. ``reuse`` (with ``repeat``): replay the unedited decoder layers an earlier run on an equal
-    input memoized, and memoize the ones this run computes (reuse.py).
+    input memoized, and memoize the ones this run computes (reuse.py). ``layer_forward(layer, *args, **kwargs)``
+    (with ``repeat``): what the decoder layers that are not replayed run instead of their ``forward`` (the
+    compiled backend's layered runs, ``backends/compiled/layered.py``).
     """
     run = _Run(model, graph)
     if repeat > 1:
@@ -85,6 +88,8 @@ def run_graph(
         run.pack_plan = packing.pack_layers(model, [key[0] for key in run.site_nodes])
     if repeat and reuse:
         run.reuse = _reuse.plan(model, run, args, kwargs)
+    if repeat and layer_forward is not None:
+        run.layer_forward = layer_forward
     return run.execute(args, kwargs)
 
 
@@ -261,6 +266,7 @@ class _Run:
     pack: packing.Pack | None = None  # the packed layout while later layers run on it
     pack_handles: list | tuple = ()
     reuse: _reuse.Plan | None = None  # layers replayed from and recorded into the model's memo (reuse.py)
+    layer_forward = None  # see run_graph
     adhoc = 0  # > 0 while a MODULE node calls a module ad hoc (its hooks do nothing)
     stopped: Node | None = None
     in_forward = False
@@ -313,6 +319,8 @@ class _Run:
         try:
             if self.reuse is not None:  # before the runner's hooks: records see the layers' own outputs
                 self.reuse.install(handles, _add_hook)
+            if self.layer_forward is not None:
+                self._swap_layers(handles)
             handles += self._install_hooks()
             if self.steps is not None:
                 self.steps.install(handles)
@@ -358,6 +366,13 @@ class _Run:
             else {}
         )
         return RunResult(values, output, stop_loc, skipped)
+
+    def _swap_layers(self, handles: list) -> None:
+        layers = _reuse.decoder_layers(self.model)
+        fn = self.layer_forward
+        start = 0 if self.reuse is None else self.reuse.skip + 1
+        for layer in layers[start:]:
+            handles.append(_reuse.Swap(layer, functools.partial(fn, layer)))
 
     def _false_cond_loc(self, nid: int) -> SourceLoc | None:
         """The line of the condition that made node ``nid`` skip (directly, or through what it reads)."""

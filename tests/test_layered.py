@@ -1,0 +1,182 @@
+"""Layered compiled runs (backends/compiled/layered.py): decoder layers compiled once, interventions by the eager
+runner, unedited layers replayed across traces of one prompt.
+
+The cost model sends only models with large layers there; these tests lower its threshold so the tiny models
+qualify. Every compiled result is compared with the eager backend (reuse off) and with plain PyTorch hooks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import intervene_compiler as ic
+from intervene_compiler.backends.compiled import layered
+from intervene_compiler.errors import InterventionError
+from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama
+
+T = 8
+
+
+@pytest.fixture(autouse=True)
+def _layered(monkeypatch):
+    monkeypatch.setattr(layered, "MIN_LAYER_PARAMS", 0)
+    ic.reset_compile_stats()
+    yield
+
+
+def _blocks(m):
+    return m.transformer.h if hasattr(m, "transformer") else m.model.layers
+
+
+def _envoy_blocks(model):
+    return model.transformer.h if hasattr(model._module, "transformer") else model.model.layers
+
+
+class _Calls:
+    """Which layers the layered runs' compiled forward is called for (a replayed layer is not)."""
+
+    def __init__(self, monkeypatch, m):
+        self.index = {id(b): i for i, b in enumerate(_blocks(m))}
+        self.calls: list[int] = []
+        original = layered._layer_forward
+
+        def counting(entry, cls):
+            forward = original(entry, cls)
+
+            def call(layer, *args, **kwargs):
+                self.calls.append(self.index[id(layer)])
+                return forward(layer, *args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(layered, "_layer_forward", counting)
+
+    def take(self) -> list[int]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _plain_patch(m, ids, layer, pos, value):
+    def patch(mod, args, output):
+        output = output.clone()
+        output[:, pos] = value
+        return output
+
+    h = _blocks(m)[layer].register_forward_hook(patch)
+    try:
+        return m(ids).logits[:, -1]
+    finally:
+        h.remove()
+
+
+def _patch(model, ids, layer, pos, value, **trace_kwargs):
+    with model.trace(ids, **trace_kwargs) as tracer:
+        _envoy_blocks(model)[layer].output[:, pos] = value
+        logits = model.lm_head.output
+        out = (logits[0, -1, 5] - logits[0, -1, 7]).save()
+    return out.value, tracer
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_patching_loop_compiles_the_layers_once(arch, monkeypatch):
+    m = tiny_gpt2(n_layer=3) if arch == "gpt2" else tiny_llama(n_layer=3)
+    model = ic.NNsight(m)
+    calls = _Calls(monkeypatch, m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(1))
+    value = torch.randn(32)
+    with torch.no_grad():
+        for layer in range(3):
+            for pos in (0, 4, T - 1):
+                got, tracer = _patch(model, ids, layer, pos, value, compile=True)
+                ran = calls.take()
+                # the first trace at a layer runs it; later ones replay it (and every layer before)
+                assert ran == list(range(layer if pos == 0 else layer + 1, 3))
+                eager, _ = _patch(model, ids, layer, pos, value, reuse=False)
+                torch.testing.assert_close(got, eager)
+                plain = _plain_patch(m, ids, layer, pos, value)
+                torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["fallbacks"] == 0
+    assert stats["compiled_calls"] == 9 and stats["cache_hits"] == 8
+    text = tracer.explain(file=None)
+    assert "layered" in text and "decoder layer FX graph" in text
+    assert_clean(m)
+
+
+def test_batched_invokes_pack_through_compiled_layers(monkeypatch):
+    m = tiny_gpt2(n_layer=4)
+    model = ic.NNsight(m)
+    calls = _Calls(monkeypatch, m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(2))
+    src = torch.randn(T, 32)
+    with torch.no_grad():
+        for rep in range(2):
+            with model.trace(compile=True) as tracer:
+                outs = []
+                for pos in range(T):
+                    with tracer.invoke(ids):
+                        model.transformer.h[1].output[:, pos] = src[pos]
+                        outs.append(model.lm_head.output[:, -1].save())
+            assert calls.take() == ([0, 1, 2, 3] if rep == 0 else [2, 3])
+            for pos, out in enumerate(outs):
+                torch.testing.assert_close(out.value, _plain_patch(m, ids, 1, pos, src[pos]))
+    assert ic.compile_stats()["fallbacks"] == 0
+    assert_clean(m)
+
+
+def test_a_layer_that_cannot_compile_runs_eagerly_with_the_reason(monkeypatch):
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(3))
+    value = torch.randn(32)
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.Unsupported("a construct Dynamo cannot trace")
+
+    # the entry is built on the first trace; make its compiled forward fail from the start
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    with torch.no_grad():
+        got, tracer = _patch(model, ids, 1, 2, value, compile=True)
+        eager, _ = _patch(model, ids, 1, 2, value, reuse=False)
+    torch.testing.assert_close(got, eager)
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 1
+    assert "GPT2Block layers" in stats["fallback_reasons"][0]
+    assert "fell back to eager layers" in tracer.explain(file=None)
+    assert_clean(m)
+
+
+def test_a_user_error_inside_a_layer_is_raised_not_a_fallback():
+    m = tiny_gpt2(n_layer=3)
+    model = ic.NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with pytest.raises(InterventionError), model.trace(ids, compile=True):
+            model.transformer.h[1].input = torch.zeros(1, T, 5)  # the layer's matmul fails on width 5
+        assert ic.compile_stats()["fallbacks"] == 0
+        assert_clean(m)
+        got, _ = _patch(model, ids, 1, 0, torch.zeros(32), compile=True)
+        eager, _ = _patch(model, ids, 1, 0, torch.zeros(32), reuse=False)
+    torch.testing.assert_close(got, eager)
+
+
+def test_cost_model_and_autograd_keep_one_program(monkeypatch):
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(5))
+    value = torch.randn(32)
+    assert not layered.applies(model)  # grad mode on, parameters require grad
+    with torch.no_grad():
+        assert layered.applies(model)
+        m.train()
+        assert not layered.applies(model)
+        m.eval()
+        monkeypatch.setattr(layered, "MIN_LAYER_PARAMS", 10**9)  # tiny layers: one whole-model program
+        assert not layered.applies(model)
+        got, tracer = _patch(model, ids, 1, 2, value, compile=True)
+        assert not tracer._entry.layered and ic.compile_stats()["compiled_calls"] == 1
+        eager, _ = _patch(model, ids, 1, 2, value, reuse=False)
+    torch.testing.assert_close(got, eager)
+    model.clear_compiled()
+    assert_clean(m)
