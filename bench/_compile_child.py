@@ -1,9 +1,12 @@
 """One compile-cost measurement in a fresh process (run by ``bench.workloads.compile_cost``; prints one JSON line).
 
-``python -m bench._compile_child --system ours|plain --mode quick`` builds the sweep model, times the eager patch
-step, then the first compiled call (cold or warm depending on ``TORCHINDUCTOR_CACHE_DIR``'s contents), the steady
+``python -m bench._compile_child --system ours|ours_program|plain --mode quick`` builds the sweep model, times the
+eager patch step, then the first compiled call (cold or warm depending on ``TORCHINDUCTOR_CACHE_DIR``'s contents), the steady
 compiled step over a layer x position sweep, and a compile of the same structure again in this process after
-dropping the compiled program (warm in-process caches).
+dropping the compiled program (warm in-process caches). ``ours`` traces with the default settings (on GPT-2-small
+shapes a patch trace is layered: one compiled decoder-layer forward, unedited layers replayed across traces, in the
+eager steps too); ``ours_program`` with ``reuse=False``, which compiles the whole model and interventions as one
+program.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import statistics  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--system", choices=("ours", "plain"), required=True)
+    ap.add_argument("--system", choices=("ours", "ours_program", "plain"), required=True)
     ap.add_argument("--mode", default="quick")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -50,13 +53,14 @@ def main() -> None:
     ]
     a, b = 5, 7
 
-    if args.system == "ours":
+    if args.system in ("ours", "ours_program"):
         import intervene_compiler as ic
 
         model = ic.NNsight(hf)
+        reuse = args.system == "ours"
 
         def step(layer, pos, compile):
-            with model.trace(corrupt, compile=compile):
+            with model.trace(corrupt, compile=compile, reuse=reuse):
                 model.transformer.h[layer].output[:, pos] = cache[layer][:, pos]
                 logits = model.lm_head.output
                 diff = (logits[0, -1, a] - logits[0, -1, b]).save()

@@ -121,7 +121,8 @@ def test_batched_invokes_pack_through_compiled_layers(monkeypatch):
             assert calls.take() == ([0, 1, 2, 3] if rep == 0 else [2, 3])
             for pos, out in enumerate(outs):
                 torch.testing.assert_close(out.value, _plain_patch(m, ids, 1, pos, src[pos]))
-    assert ic.compile_stats()["fallbacks"] == 0
+    stats = ic.compile_stats()  # two layouts: the shared prefix's one row, and the packed sequence after it
+    assert stats["compiles"] == 2 and stats["recompiles"] == 0 and stats["fallbacks"] == 0
     assert_clean(m)
 
 
@@ -166,17 +167,56 @@ def test_cost_model_and_autograd_keep_one_program(monkeypatch):
     model = ic.NNsight(m)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(5))
     value = torch.randn(32)
-    assert not layered.applies(model)  # grad mode on, parameters require grad
+    _, tracer = _patch(model, ids, 1, 2, value, reuse=False)
+    graph = tracer.graph
+    assert not layered.applies(model, graph)  # grad mode on, parameters require grad
     with torch.no_grad():
-        assert layered.applies(model)
+        assert layered.applies(model, graph)
         m.train()
-        assert not layered.applies(model)
+        assert not layered.applies(model, graph)
         m.eval()
         monkeypatch.setattr(layered, "MIN_LAYER_PARAMS", 10**9)  # tiny layers: one whole-model program
-        assert not layered.applies(model)
+        assert not layered.applies(model, graph)
         got, tracer = _patch(model, ids, 1, 2, value, compile=True)
         assert not tracer._entry.layered and ic.compile_stats()["compiled_calls"] == 1
         eager, _ = _patch(model, ids, 1, 2, value, reuse=False)
     torch.testing.assert_close(got, eager)
     model.clear_compiled()
+    assert_clean(m)
+
+
+def test_a_site_inside_a_layer_keeps_one_program():
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(6))
+    results = []
+    with torch.no_grad():
+        for compile in (False, True):
+            with model.trace(ids, compile=compile) as tracer:
+                model.transformer.h[1].mlp.output[:, 3] = 0
+                results.append(model.lm_head.output[:, -1].save())
+    assert not tracer._entry.layered
+    torch.testing.assert_close(results[1].value, results[0].value)
+    model.clear_compiled()
+    assert_clean(m)
+
+
+def test_a_plain_hook_added_inside_a_layer_is_seen(monkeypatch):
+    m = tiny_gpt2(n_layer=3)
+    model = ic.NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(7))
+    value = torch.randn(32)
+    with torch.no_grad():
+        _patch(model, ids, 1, 0, value, compile=True)  # compiles the layer forward without the hook
+        h = m.transformer.h[2].mlp.register_forward_hook(lambda mod, a, o: o * 0)
+        try:
+            got, _ = _patch(model, ids, 1, 0, value, compile=True)
+            plain = _plain_patch(m, ids, 1, 0, value)
+        finally:
+            h.remove()
+        torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
+        got, _ = _patch(model, ids, 1, 0, value, compile=True)
+        plain = _plain_patch(m, ids, 1, 0, value)
+    torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
+    assert ic.compile_stats()["fallbacks"] == 0
     assert_clean(m)

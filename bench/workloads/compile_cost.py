@@ -1,7 +1,9 @@
 """Workload 6 of the issue, compile cost: cold compile, warm on-disk cache in a new process, payback in sweep steps.
 
 One structure: the patching sweep's patch trace (``h[L].output[:, p] = clean[L][:, p]``, read a logit difference),
-``compile=True``; against it, plain ``torch.compile`` of the same model with a patch hook (layer and position as
+``compile=True``, with the default settings (on these shapes the trace is layered: one compiled decoder-layer
+forward, unedited layers replayed across traces) and with ``reuse=False`` (one program of the whole model and the
+interventions); against them, plain ``torch.compile`` of the same model with a patch hook (layer and position as
 tensors). Each measurement runs in a fresh process (``python -m bench._compile_child``): cold with an empty Inductor
 cache folder, then warm in a new process on the folder the cold run filled. Compile time = first compiled call
 minus a steady compiled step. Payback = compile time / (eager step - compiled step), in patch steps.
@@ -36,6 +38,12 @@ KEY = "compile"
 TITLE = "Compile cost"
 COMPILE = "compile s"
 NOTE_PAYBACK = "payback steps"
+SYSTEMS = ("ours", "ours_program", "plain")
+NAMES = {
+    "ours": "ours compile=True",
+    "ours_program": "ours compile=True, reuse=False (one program)",
+    "plain": "plain torch.compile + hook",
+}
 
 
 def _child(system: str, settings: Settings, cache_dir: str) -> dict:
@@ -76,10 +84,10 @@ def run(settings: Settings) -> WorkloadResult:
             )
         )
         runs = {}
-        for system in ("ours", "plain"):
+        for system in SYSTEMS:
             folder = tempfile.mkdtemp(prefix=f"bench_inductor_{system}_")
             try:
-                # quick mode skips plain torch.compile's warm run: no target reads it
+                # quick mode skips the warm runs no target reads
                 phases = ("cold", "warm") if system == "ours" or settings.mode == "full" else ("cold",)
                 for phase in phases:
                     log(f"{TITLE}: {system}, {phase} cache, new process")
@@ -95,8 +103,7 @@ def run(settings: Settings) -> WorkloadResult:
             check_same("patch-step logit differences", values, "plain cold eager", 1e-3, 1e-4)
         )
 
-        names = {"ours": "ours compile=True", "plain": "plain torch.compile + hook"}
-        for system in ("ours", "plain"):
+        for system in SYSTEMS:
             mine = [r for (sys_, _), r in runs.items() if sys_ == system]
             # per-step gain of compiling, pooled over this system's processes (single steps are noisy)
             eager_step = statistics.median([t for r in mine for t in r["eager_step_times"]])
@@ -121,24 +128,28 @@ def run(settings: Settings) -> WorkloadResult:
                     if payback is not None
                     else "never (compiled step not faster than eager)"
                 )
-                if system == "ours" and phase == "cold":
+                if system != "plain" and phase == "cold":
                     note += f"; compiles {r['compiles']}, recompiles {r['recompiles']}, fallbacks {r['fallbacks']}"
                 result.rows.append(
                     Row(
-                        names[system], label, metrics, note=note, role="ours" if system == "ours" else "floor"
+                        NAMES[system],
+                        label,
+                        metrics,
+                        note=note,
+                        role="floor" if system == "plain" else "ours",
                     )
                 )
             r = runs[(system, "cold")]
             result.rows.append(
                 Row(
-                    names[system],
+                    NAMES[system],
                     "warm, same process",
                     {
                         COMPILE: max(0.0, r["warm_same_process_s"] - compiled_step),
                         "first call s": r["warm_same_process_s"],
                     },
                     note="compiled program dropped (clear_compiled / dynamo.reset), compiled again",
-                    role="ours" if system == "ours" else "floor",
+                    role="floor" if system == "plain" else "ours",
                 )
             )
         result.notes.append(
@@ -151,16 +162,28 @@ def run(settings: Settings) -> WorkloadResult:
 
 
 def _targets(result: WorkloadResult, runs: dict) -> None:
-    ours_cold = result.value("ours compile=True", group="cold cache, new process")
-    plain_cold = result.value("plain torch.compile + hook", group="cold cache, new process")
-    ours_warm = result.value("ours compile=True", group="warm on-disk cache, new process")
+    ours_cold = result.value(NAMES["ours"], group="cold cache, new process")
+    plain_cold = result.value(NAMES["plain"], group="cold cache, new process")
+    ours_warm = result.value(NAMES["ours"], group="warm on-disk cache, new process")
+    program_cold = result.value(NAMES["ours_program"], group="cold cache, new process")
+    program_warm = result.value(NAMES["ours_program"], group="warm on-disk cache, new process")
     cold = runs[("ours", "cold")]
     r = ratio(ours_cold, plain_cold)
+    r_program = ratio(program_cold, plain_cold)
     result.targets.append(
-        Target("cold compile no slower than plain torch.compile of the model", fmt_ratio(r), r <= 1.0)
+        Target(
+            "cold compile no slower than plain torch.compile of the model",
+            f"{fmt_ratio(r)} (one program, reuse=False: {fmt_ratio(r_program)})",
+            r <= 1.0,
+        )
     )
+    warm_program = f"{program_warm:.1f} s" if program_warm is not None else "not run"
     result.targets.append(
-        Target("warm on-disk cache in a new process under 5 s", f"{ours_warm:.1f} s", ours_warm < 5)
+        Target(
+            "warm on-disk cache in a new process under 5 s",
+            f"{ours_warm:.1f} s (one program: {warm_program})",
+            ours_warm < 5,
+        )
     )
     result.targets.append(
         Target(
@@ -169,13 +192,11 @@ def _targets(result: WorkloadResult, runs: dict) -> None:
             cold["recompiles"] == 0 and cold["fallbacks"] == 0,
         )
     )
-    payback = result.row("ours compile=True", "cold cache, new process").metrics.get(NOTE_PAYBACK)
-    warm_payback = result.row("ours compile=True", "warm on-disk cache, new process").metrics.get(
-        NOTE_PAYBACK
-    )
+    payback = result.row(NAMES["ours"], "cold cache, new process").metrics.get(NOTE_PAYBACK)
+    warm_payback = result.row(NAMES["ours"], "warm on-disk cache, new process").metrics.get(NOTE_PAYBACK)
     result.summary = (
-        f"{TITLE}: ours cold {ours_cold:.1f} s vs plain torch.compile {plain_cold:.1f} s ({fmt_ratio(r)}), "
-        f"warm cache new process {ours_warm:.1f} s; pays back after "
+        f"{TITLE}: ours cold {ours_cold:.1f} s (one program {program_cold:.1f} s) vs plain torch.compile "
+        f"{plain_cold:.1f} s ({fmt_ratio(r)}), warm cache new process {ours_warm:.1f} s; pays back after "
         + (
             f"{payback} patch steps cold, {warm_payback} warm"
             if payback is not None

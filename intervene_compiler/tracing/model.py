@@ -204,8 +204,8 @@ class NNsight(Envoy):
         if (
             not fake
             and self._shares_prefix()
-            and (not compile or (reuse and _layered_applies(self)))
             and _prefix_graph(graph)
+            and (not compile or (reuse and _layered_applies(self, graph)))
             and _identical_rows(prepared)
         ):
             args, kwargs = prepared[0]
@@ -302,10 +302,10 @@ _SHARED_PREFIX_FAMILIES = frozenset(DECODER_LAYERS)
 _NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.MODULE})
 
 
-def _layered_applies(model) -> bool:
+def _layered_applies(model, graph: Graph) -> bool:
     from ..backends.compiled.layered import applies
 
-    return applies(model)
+    return applies(model, graph)
 
 
 def _prefix_graph(graph: Graph) -> bool:

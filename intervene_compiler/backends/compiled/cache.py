@@ -71,6 +71,7 @@ class Entry:
     fn: Any = None
     fallback: str | None = None
     layered: bool = False  # compiled decoder layers under the eager runner (layered.py), not one program
+    layouts: dict = field(default_factory=dict)  # layered: a layer call's layout -> its compiled forward
     graphs: list = field(default_factory=list)  # FX graphs our backend received (the spliced program)
     calls: int = 0
     split: BackwardSplit | None = None

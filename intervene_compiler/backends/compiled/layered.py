@@ -9,38 +9,55 @@ on the same prompt already computed (``backends/eager/reuse.py``), about half a 
 
 A layered run is the eager runner's shared-prefix run (replay, shared prefix, suffix packing) in which every
 decoder layer that runs calls one compiled ``forward`` of the layers' class instead of its own: all layers
-share it (their parameters are its inputs), so it compiles once per model class and input layout, in a few
-seconds, instead of the whole model. The model runs without a KV cache (``use_cache=False``: nothing reads it),
-so a layer's forward has no side effect to compile. The interventions run as in eager mode, so results agree
-with it by construction; the decoder layers are checked against eager layers by the parity tests.
+share it (their parameters are its inputs), so it compiles once per model and input layout (shapes, dtypes and
+the other arguments, as a one-program key; a packed layer call is another layout), in a few seconds, instead of
+the whole model. Each layout gets its own copy of the code object: its own Dynamo cache and recompile limit.
+The model runs without a KV cache (``use_cache=False``: nothing reads it), so a layer's forward has no side
+effect to compile. The interventions run as in eager mode, so results agree with it by construction; the compiled
+layers are checked against eager mode and plain hooks by the parity tests.
 
-A cost model picks it: layers of at least ``MIN_LAYER_PARAMS`` parameters, eval mode, and no autograd recording
-(where reuse is possible). A layer forward that fails to compile runs eagerly from then on (the reason is
-recorded, as for any fallback); an error that eager mode raises too is the user's and is raised as such.
+A cost model picks it: layers of at least ``MIN_LAYER_PARAMS`` parameters, eval mode, no autograd recording
+(where reuse is possible), and no node touching a module inside a decoder layer (the runner's hooks there would
+sit inside the compiled forward). Dynamo guards on the hooks of the modules inside a layer, as in one-program
+runs, so a plain hook added to one later recompiles instead of being ignored. A layer forward that fails to
+compile runs eagerly from then on (the reason is recorded, as for any fallback); an error that eager mode raises
+too is the user's and is raised as such.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any
 
 import torch
 
+from ...ir import Op
+from ..eager.packing import DECODER_LAYERS
 from ..eager.reuse import decoder_layers
 from ..eager.runner import RunResult, run_graph
-from .cache import _STATS, Entry, _backend_for, _reason, record_fallback
+from .cache import _STATS, Entry, _backend_for, _reason, _signature, record_fallback
 
 MIN_LAYER_PARAMS = 1_000_000  # GPT-2 small's layers have 7.1M; below, one whole-model program costs less
 
 
-def applies(model) -> bool:
-    """Should a shared-prefix ``compile=True`` trace of ``model`` (an NNsight wrapper) run layered?"""
+def applies(model, graph) -> bool:
+    """Should a shared-prefix ``compile=True`` trace of ``model`` (an NNsight wrapper) run ``graph`` layered?
+
+    Not when a node touches a module inside a decoder layer: the runner's hooks there would be inside the
+    compiled forward (new hooks every run: a recompile every run)."""
     module = model._module
     if module.training or not _takes_use_cache(module):
         return False
     layers = decoder_layers(model)
     if layers is None or not len(layers):
         return False
+    inside = DECODER_LAYERS[module.config.model_type] + "."
+    for node in graph.nodes:
+        if node.op is Op.SITE or node.op is Op.SET or node.op is Op.UPDATE:
+            path = node.target.path
+            if path.startswith(inside) and "." in path[len(inside) :]:
+                return False
     params = list(layers[0].parameters())
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return False
@@ -52,13 +69,18 @@ def run_layered(model, graph, args: tuple, kwargs: dict, repeat: int) -> RunResu
     layers = decoder_layers(model)
     cls = type(layers[0])
     entry = model._state.compiled.lookup(("layered", cls), lambda: Entry(key=("layered", cls), layered=True))
-    if entry.fn is None:
-        entry.fn = torch.compile(cls.forward, backend=_backend_for(entry), fullgraph=True)
     kwargs = {**kwargs, "use_cache": False}
     before = len(entry.graphs)
-    result = run_graph(
-        model, graph, args, kwargs, repeat, reuse=True, layer_forward=_layer_forward(entry, cls)
-    )
+    config = torch._dynamo.config
+    # guards on the hooks of the modules inside a layer (a hook added later recompiles instead of being ignored)
+    skip = config.skip_nnmodule_hook_guards
+    config.skip_nnmodule_hook_guards = False
+    try:
+        result = run_graph(
+            model, graph, args, kwargs, repeat, reuse=True, layer_forward=_layer_forward(entry, cls)
+        )
+    finally:
+        config.skip_nnmodule_hook_guards = skip
     entry.calls += 1
     if entry.fallback is None:
         _STATS["compiled_calls"] += 1
@@ -68,12 +90,21 @@ def run_layered(model, graph, args: tuple, kwargs: dict, repeat: int) -> RunResu
 
 
 def _layer_forward(entry: Entry, cls: type):
+    """The layers' forward for one run: the compiled function of the call's layout (input shapes, dtypes and
+    the other arguments; one layer call of a packed run differs from an unpacked one), made on first use."""
     eager = cls.forward
-    compiled = entry.fn
+    layouts = entry.layouts
 
     def forward(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if entry.fallback is not None:
             return eager(layer, *args, **kwargs)
+        key = (_signature(args), _signature(kwargs))
+        compiled = layouts.get(key)
+        if compiled is None:
+            layout = Entry(key=key)  # counts its own recompiles (a guard failure within one layout)
+            compiled = layouts[key] = torch.compile(
+                _fresh(cls.forward), backend=_backend(entry, layout), fullgraph=True
+            )
         try:
             return compiled(layer, *args, **kwargs)
         except Exception as e:
@@ -82,6 +113,28 @@ def _layer_forward(entry: Entry, cls: type):
             return out
 
     return forward
+
+
+def _backend(entry: Entry, layout: Entry):
+    inner = _backend_for(layout)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        entry.graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    return backend
+
+
+def _fresh(fn):
+    """``fn`` with its own copy of its code object: Dynamo keeps its cache and recompile limit per code object,
+    and every model of a layer class (and its decorators' wrappers) would otherwise share one."""
+    copy = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    copy.__qualname__ = fn.__qualname__
+    return copy
 
 
 _TAKES_USE_CACHE: dict[type, bool] = {}

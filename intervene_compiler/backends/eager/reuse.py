@@ -10,10 +10,10 @@ the layers up to the last memoized one before its first touched event return the
 running (the forward is replaced on the layer instance for the run), and the forward goes on from there.
 
 The model's state is compared through a fingerprint taken at the start of each such run: every module's identity,
-training flag and hooks (keys, which torch never reuses), and every parameter's and buffer's
-storage, version counter and shape, plus grad mode, autocast and the float32 matmul precision. Version
-counters see every in-place change that autograd sees: optimizer steps, ``torch.no_grad()`` edits,
-``load_state_dict``, ``copy_``. Like autograd's own checks they do not see writes through ``.data`` or through
+training flag and hooks (keys, which torch never reuses), and every parameter's and buffer's storage, version
+counter and shape, plus grad and inference mode, autocast, the float32 matmul precision and the config's attention
+implementation. Version counters see every in-place change that autograd sees: optimizer steps,
+``torch.no_grad()`` edits, ``load_state_dict``, ``copy_``. Like autograd's own checks they do not see writes through ``.data`` or through
 NumPy views of a tensor: after such a write, call ``model.clear_reuse()`` (or trace with ``reuse=False``).
 Runs in training mode, with grad mode on while a parameter requires grad, or on a model with a module whose
 ``forward`` is replaced on the instance (accelerate's dispatch hooks) neither use nor fill the memo; nor does a
@@ -165,7 +165,9 @@ def fingerprint(module: torch.nn.Module) -> tuple | None:
     grad = torch.is_grad_enabled()
     parts: list = [
         grad,
+        torch.is_inference_mode_enabled(),
         torch.is_autocast_enabled(),
+        getattr(getattr(module, "config", None), "_attn_implementation", None),
         torch.get_float32_matmul_precision(),
         tuple(_global_hooks._global_forward_hooks),
         tuple(_global_hooks._global_forward_pre_hooks),
