@@ -220,3 +220,19 @@ def test_a_plain_hook_added_inside_a_layer_is_seen(monkeypatch):
     torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
     assert ic.compile_stats()["fallbacks"] == 0
     assert_clean(m)
+
+
+def test_eager_traces_do_not_replay_compiled_layers():
+    m = tiny_gpt2(n_layer=3)
+    model = ic.NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(8))
+    value = torch.randn(32)
+    with torch.no_grad():
+        _patch(
+            model, ids, 2, 0, value, compile=True
+        )  # memoizes layers 0-2 as the compiled layers computed them
+        assert model._state.reuse_memo.state[0] is True
+        eager, _ = _patch(model, ids, 2, 1, value)
+        assert model._state.reuse_memo.state[0] is False  # a memo of its own
+        reference, _ = _patch(model, ids, 2, 1, value, reuse=False)
+    assert torch.equal(eager, reference)

@@ -196,7 +196,8 @@ class NNsight(Envoy):
         one row up to the first site any node touches and repeats the value there (``run_graph``'s ``repeat``).
         It needs the model's later layers to broadcast one-row side inputs (attention masks, position
         embeddings) against the repeated rows, which holds for the families in ``_SHARED_PREFIX_FAMILIES``; it is
-        used on the eager backend only, and only for graphs that touch a site and need nothing else of the run.
+        used by the eager runner only (compiled traces that are layered run on it), and only for graphs that
+        touch a site and need nothing else of the run.
         One such invoke gives ``repeat`` = 1: nothing to share within the run, but its unedited layers can be
         replayed from, and memoized for, other runs on the same prompt (``backends/eager/reuse.py``).
         ``compile=True`` shares the prefix only when the run can be layered (``backends/compiled/layered.py``).
@@ -214,11 +215,12 @@ class NNsight(Envoy):
         return args, kwargs, 0
 
     def _shares_prefix(self) -> bool:
+        if (
+            self._last_position_module() is None
+        ):  # (cached; a plain module's missing ``config`` raises inside)
+            return False
         config = getattr(self._module, "config", None)
-        return (
-            self._last_position_module() is not None
-            and getattr(config, "model_type", None) in _SHARED_PREFIX_FAMILIES
-        )
+        return getattr(config, "model_type", None) in _SHARED_PREFIX_FAMILIES
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped model (the forward pass interventions run alongside)."""

@@ -119,8 +119,10 @@ def _recorder(memo: Memo, index: int):
     return hook
 
 
-def plan(model, run, args: tuple, kwargs: dict) -> Plan | None:
-    """The reuse plan of a shared-prefix run of ``model`` on one row ``args``/``kwargs``, or None."""
+def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan | None:
+    """The reuse plan of a shared-prefix run of ``model`` on one row ``args``/``kwargs``, or None. ``compiled``:
+    the run's layers are compiled (layered runs); eager and compiled runs replay only their own layers' values,
+    so an eager trace stays bit-identical to one without reuse."""
     layers = decoder_layers(model)
     if layers is None:
         return None
@@ -131,6 +133,7 @@ def plan(model, run, args: tuple, kwargs: dict) -> Plan | None:
     state = fingerprint(model._module)
     if state is None:
         return None
+    state = (compiled, state)
     inputs = _leaves((args, kwargs))
     store = model._state
     memo = store.reuse_memo

@@ -87,7 +87,7 @@ def run_graph(
         run.repeat = repeat
         run.pack_plan = packing.pack_layers(model, [key[0] for key in run.site_nodes])
     if repeat and reuse:
-        run.reuse = _reuse.plan(model, run, args, kwargs)
+        run.reuse = _reuse.plan(model, run, args, kwargs, compiled=layer_forward is not None)
     if repeat and layer_forward is not None:
         run.layer_forward = layer_forward
     return run.execute(args, kwargs)
