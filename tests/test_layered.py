@@ -236,3 +236,20 @@ def test_eager_traces_do_not_replay_compiled_layers():
         assert model._state.reuse_memo.state[0] is False  # a memo of its own
         reference, _ = _patch(model, ids, 2, 1, value, reuse=False)
     assert torch.equal(eager, reference)
+
+
+def test_language_model_loads_before_the_choice(lm_dirs):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    assert not lm.dispatched  # on the meta device until the first trace
+    prompt = "The Eiffel Tower is in the city of"
+    results = []
+    with torch.no_grad():
+        for compile in (True, False):
+            with lm.trace(prompt, compile=compile, reuse=compile) as tracer:
+                lm.transformer.h[1].output[:, 2] = 0
+                logits = lm.lm_head.output
+                results.append((logits[0, -1, 5] - logits[0, -1, 7]).save())
+            if compile:
+                assert tracer._entry.layered
+    torch.testing.assert_close(results[0].value, results[1].value)
+    assert_clean(lm._module)

@@ -16,8 +16,8 @@ The model runs without a KV cache (``use_cache=False``: nothing reads it), so a 
 effect to compile. The interventions run as in eager mode, so results agree with it by construction; the compiled
 layers are checked against eager mode and plain hooks by the parity tests.
 
-A cost model picks it: layers of at least ``MIN_LAYER_PARAMS`` parameters, eval mode, no autograd recording
-(where reuse is possible), and no node touching a module inside a decoder layer (the runner's hooks there would
+A cost model picks it: a CPU model, layers of at least ``MIN_LAYER_PARAMS`` parameters, eval mode, no autograd
+recording (where reuse is possible), and no node touching a module inside a decoder layer (the runner's hooks there would
 sit inside the compiled forward). Dynamo guards on the hooks of the modules inside a layer, as in one-program
 runs, so a plain hook added to one later recompiles instead of being ignored. A layer forward that fails to
 compile runs eagerly from then on (the reason is recorded, as for any fallback); an error that eager mode raises
@@ -39,6 +39,9 @@ from ..eager.runner import RunResult, run_graph
 from .cache import _STATS, Entry, _backend_for, _reason, _signature, record_fallback
 
 MIN_LAYER_PARAMS = 1_000_000  # GPT-2 small's layers have 7.1M; below, one whole-model program costs less
+# where the cost model was measured (a GPU, where compiling fuses more and CUDA graphs remove the per-layer Python,
+# keeps one program until measured there)
+_DEVICES = frozenset({"cpu"})
 
 
 def applies(model, graph) -> bool:
@@ -46,6 +49,8 @@ def applies(model, graph) -> bool:
 
     Not when a node touches a module inside a decoder layer: the runner's hooks there would be inside the
     compiled forward (new hooks every run: a recompile every run)."""
+    if getattr(model, "dispatched", True) is False:  # a LanguageModel on the meta device: where will it run?
+        model.dispatch()  # (the run loads it anyway, right after)
     module = model._module
     if module.training or not _takes_use_cache(module):
         return False
@@ -59,6 +64,8 @@ def applies(model, graph) -> bool:
             if path.startswith(inside) and "." in path[len(inside) :]:
                 return False
     params = list(layers[0].parameters())
+    if not params or params[0].device.type not in _DEVICES:
+        return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return False
     return sum(p.numel() for p in params) >= MIN_LAYER_PARAMS
