@@ -15,6 +15,7 @@ import torch
 
 from ..backends.eager import run_graph
 from ..backends.eager.packing import DECODER_LAYERS
+from ..backends.eager.reuse import leaves, same_leaves
 from ..errors import InvokeError, TracingError, user_location
 from ..ir import Graph, Op, prepend
 from .envoy import Envoy, ModelState
@@ -327,31 +328,12 @@ def _prefix_graph(graph: Graph) -> bool:
 
 def _identical_rows(prepared: list[tuple[tuple, dict]]) -> bool:
     """Are all invokes' inputs the same one-row input?"""
-    first = prepared[0]
-    leaves = _leaves(first)
-    if not any(isinstance(v, torch.Tensor) for v in leaves):
+    first = leaves(prepared[0])
+    if not any(isinstance(v, torch.Tensor) for v in first):
         return False
-    if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 1) for v in leaves):
+    if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 1) for v in first):
         return False
-    for other in prepared[1:]:
-        ol = _leaves(other)
-        if len(ol) != len(leaves):
-            return False
-        for a, b in zip(leaves, ol):
-            if isinstance(a, torch.Tensor):
-                if not (isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)):
-                    return False
-            elif type(a) is not type(b) or a != b:
-                return False
-    return True
-
-
-def _leaves(value: Any) -> list:
-    if isinstance(value, (tuple, list)):
-        return [x for v in value for x in _leaves(v)]
-    if isinstance(value, dict):
-        return [k for k in value] + [x for v in value.values() for x in _leaves(v)]
-    return [value]
+    return all(same_leaves(first, leaves(other)) for other in prepared[1:])
 
 
 def _unembedding_path(module: torch.nn.Module) -> str | None:

@@ -134,10 +134,10 @@ def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan 
     if state is None:
         return None
     state = (compiled, state)
-    inputs = _leaves((args, kwargs))
+    inputs = leaves((args, kwargs))
     store = model._state
     memo = store.reuse_memo
-    if memo is None or memo.state != state or not _same_inputs(memo.inputs, inputs):
+    if memo is None or memo.state != state or not same_leaves(memo.inputs, inputs):
         memo = Memo([t.clone() if isinstance(t, torch.Tensor) else t for t in inputs], state)
         store.reuse_memo = memo
     skip = min(memo.prefix(), last + 1) - 1
@@ -201,7 +201,9 @@ def fingerprint(module: torch.nn.Module) -> tuple | None:
     return tuple(parts)
 
 
-def _same_inputs(old: list, new: list) -> bool:
+def same_leaves(old: list, new: list) -> bool:
+    """Are two inputs' leaves (``leaves``) equal: tensors of one shape, dtype and device with equal values, other
+    values of one type and equal?"""
     if len(old) != len(new):
         return False
     for a, b in zip(old, new):
@@ -219,11 +221,12 @@ def _same_inputs(old: list, new: list) -> bool:
     return True
 
 
-def _leaves(value: Any) -> list:
+def leaves(value: Any) -> list:
+    """The leaves of nested tuples, lists and dicts (dict keys included), in order."""
     if isinstance(value, (tuple, list)):
-        return [x for v in value for x in _leaves(v)]
+        return [x for v in value for x in leaves(v)]
     if isinstance(value, dict):
-        return [k for k in value] + [x for v in value.values() for x in _leaves(v)]
+        return [k for k in value] + [x for v in value.values() for x in leaves(v)]
     return [value]
 
 
