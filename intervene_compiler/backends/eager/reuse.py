@@ -77,14 +77,23 @@ class Plan:
         """Replace the replayed layers' forwards and hook the recorded ones (before the runner's own hooks)."""
         layers, memo = self.layers, self.memo
         for j in range(self.skip + 1):
-            output = memo.outputs[j]
-            # the last replayed layer's output reaches the nodes and the next layer: a fresh copy per call
-            replay = (
-                (lambda *a, o=output, **k: _clone(o)) if j == self.skip else (lambda *a, o=output, **k: o)
-            )
-            handles.append(Swap(layers[j], replay))
+            handles.append(Swap(layers[j], _Replay(memo.outputs[j], copy=j == self.skip)))
         for j in range(self.skip + 1, self.last + 1):
             handles.append(add_hook(layers[j], _recorder(memo, j), pre=False))
+
+
+class _Replay:
+    """A replayed layer's forward: its memoized output (a fresh copy for the last replayed layer, whose output
+    reaches the nodes and the next layer; the others' outputs only feed replayed layers)."""
+
+    __slots__ = ("output", "copy")
+
+    def __init__(self, output: Any, copy: bool):
+        self.output = output
+        self.copy = copy
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _clone(self.output) if self.copy else self.output
 
 
 class Swap:
@@ -181,13 +190,17 @@ def fingerprint(module: torch.nn.Module) -> tuple | None:
     while stack:  # (module.modules() builds every dotted name: twice the cost)
         m = pop()
         d = m.__dict__
-        if d["training"] or "forward" in d:  # a forward replaced on the instance: accelerate's hooks, a patch
+        if (
+            d.get("training", True) or "forward" in d
+        ):  # a forward set on the instance: accelerate's hooks, a patch
             return None
         append(id(m))
-        hooks, pre = d["_forward_hooks"], d["_forward_pre_hooks"]
+        hooks, pre = d.get("_forward_hooks"), d.get("_forward_pre_hooks")
         if hooks or pre:
             append((tuple(hooks), tuple(pre)))
-        for table in (d["_parameters"], d["_buffers"]):
+        for table in (d.get("_parameters"), d.get("_buffers")):
+            if table is None:  # not a plain nn.Module (a scripted one): unknown state
+                return None
             for t in table.values():
                 if t is None:
                     append(None)
@@ -195,7 +208,7 @@ def fingerprint(module: torch.nn.Module) -> tuple | None:
                 if grad and t.requires_grad:
                     return None
                 append((t.data_ptr(), t._version, t.shape))
-        children = d["_modules"]
+        children = d.get("_modules")
         if children:
             push([c for c in children.values() if c is not None])
     return tuple(parts)
