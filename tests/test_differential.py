@@ -598,6 +598,49 @@ def test_compiled_eager_hooks_agree(models, family, index):
     assert_clean(plain)
 
 
+SINGLE = [(f, i) for f, i in CASES if STRUCTURES[f][i].invokes is None]
+
+
+@pytest.mark.parametrize(
+    ("family", "index"), SINGLE, ids=[f"{f}-{i}-{STRUCTURES[f][i].flavor}" for f, i in SINGLE]
+)
+def test_reused_and_layered_runs_agree_with_hooks(models, family, index, monkeypatch):
+    """The same programs on a one-row prompt without autograd, after a trace that memoized every layer of it, each
+    run twice: the runs replay the unedited layers before their first site (backends/eager/reuse.py). A structure with sites only at block
+    boundaries and the logits also runs layered (backends/compiled/layered.py, its size threshold lowered),
+    twice."""
+    from intervene_compiler.backends.compiled import layered
+
+    monkeypatch.setattr(layered, "MIN_LAYER_PARAMS", 0)
+    fam = FAMILIES[family]
+    st = STRUCTURES[family][index]
+    model, plain = models(family)
+    layer_level = all(step.site is None or step.site[0] in ("in", "out", "logits") for step in st.steps)
+    with torch.no_grad():
+        for j in range(N_INSTANCES):
+            inst = gen_instance(st, f"{SEED}-{family}-{index}-{j}-one-row")
+            inst.inputs = [inst.inputs[0][:1]]
+            program = render(st, inst)
+            reference = run_hooks(plain, fam, st, inst)
+            with model.trace(
+                inst.inputs[0]
+            ):  # memoizes every layer: the programs replay up to their first site
+                model.get(f"{fam.blocks}.{N_LAYERS - 1}").output.save()
+            runs = {"eager": False, "eager, replayed": False}
+            if layer_level:
+                runs.update({"layered": True, "layered, replayed": True})
+            for name, compile in runs.items():
+                before = ic.compile_stats()
+                got = run_ic(model, fam, st, inst, compile=compile)
+                assert ic.compile_stats()["fallbacks"] == before["fallbacks"], program
+                assert set(got) == set(reference), program
+                for reg in reference:
+                    _assert_same(got[reg], reference[reg], f"{name} != hooks for {reg}", program)
+            if layer_level:
+                assert model._state.compiled.last.layered, program
+    assert_clean(plain)
+
+
 def _assert_same(actual, expected, what: str, program: str) -> None:
     assert_close(actual, expected, msg=lambda m: f"{what}: {m}\n{program}")
 
