@@ -7,6 +7,8 @@ hooks stay installed for a whole test, so the model state the memo compares is u
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -341,3 +343,26 @@ def test_memo_size_cap(monkeypatch):
     assert ran.counts == [1, 2, 2]  # the second trace replayed layer 0 only
     assert list(model._state.reuse_memo.outputs) == [0]
     torch.testing.assert_close(a.value, b.value)
+
+
+def test_explain_says_what_was_replayed_or_why_not():
+    m = tiny_gpt2(n_layer=3)
+    model = NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(10))
+
+    def explained(**trace_kwargs):
+        with model.trace(ids, **trace_kwargs) as tracer:
+            model.transformer.h[2].output[:, 1] = 0
+            model.lm_head.output.save()
+        return tracer.explain(file=io.StringIO())
+
+    assert "autograd records" in explained()  # parameters require grad
+    with torch.no_grad():
+        assert "memoized layers 0-2 for later traces" in explained()
+        assert "replayed decoder layers 0-2 memoized by an earlier trace" in explained()
+        assert "reuse across traces" not in explained(reuse=False)
+        m.train()
+        try:
+            assert "module <root> is in training mode" in explained()
+        finally:
+            m.eval()

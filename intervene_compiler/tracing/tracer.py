@@ -203,6 +203,7 @@ class Tracer(Recorder):
     # node id inside a closed iteration block -> that block's ITER id
     _body_of: Mapping[int, int] = MappingProxyType({})
     _entry = None
+    _reuse_note = None  # see RunResult.reuse
     _fakes = None
     _token = None
     _implicit: Invoker | None = None
@@ -653,6 +654,7 @@ class Tracer(Recorder):
         self._results = result.values
         self._stop_loc = result.stop_loc
         self._skipped = result.skipped
+        self._reuse_note = result.reuse
         self.output = result.output
 
     def _optimized(self, model: NNsight) -> tuple[Graph, Graph, tuple]:
@@ -716,6 +718,8 @@ class Tracer(Recorder):
                 "explain() needs a trace that has run", user_location(), "call it after the block"
             )
         parts = [f"-- {name}:\n{format_graph(graph)}" for name, graph in self.steps]
+        if self._reuse_note:
+            parts.append(f"-- reuse across traces: {self._reuse_note}")
         entry = self._entry
         if not self._compile:
             parts.append("-- backend: eager (hooks)")

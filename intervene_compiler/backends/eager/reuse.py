@@ -73,6 +73,14 @@ class Plan:
         self.skip = skip
         self.last = last
 
+    def describe(self) -> str:
+        parts = []
+        if self.skip >= 0:
+            parts.append(f"replayed decoder layers 0-{self.skip} memoized by an earlier trace of this prompt")
+        if self.last > self.skip:
+            parts.append(f"memoized layers {self.skip + 1}-{self.last} for later traces of it")
+        return "; ".join(parts)
+
     def install(self, handles: list, add_hook) -> None:
         """Replace the replayed layers' forwards and hook the recorded ones (before the runner's own hooks)."""
         layers, memo = self.layers, self.memo
@@ -128,20 +136,21 @@ def _recorder(memo: Memo, index: int):
     return hook
 
 
-def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan | None:
-    """The reuse plan of a shared-prefix run of ``model`` on one row ``args``/``kwargs``, or None. ``compiled``:
-    the run's layers are compiled (layered runs); eager and compiled runs replay only their own layers' values,
-    so an eager trace stays bit-identical to one without reuse."""
+def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan | str:
+    """The reuse plan of a shared-prefix run of ``model`` on one row ``args``/``kwargs``, or why there is none
+    (``tracer.explain()`` shows either). ``compiled``: the run's layers are compiled (layered runs); eager and
+    compiled runs replay only their own layers' values, so an eager trace stays bit-identical to one without
+    reuse."""
     layers = decoder_layers(model)
     if layers is None:
-        return None
+        return "off: the decoder layers were not found"
     layers_path = DECODER_LAYERS[model._module.config.model_type]
     last = _last_unedited(run.site_nodes, layers_path, len(layers), model._last_position_module())
     if last < 0:
-        return None
+        return "off: the first module the trace touches comes before the first decoder layer's output"
     state = fingerprint(model._module)
     if state is None:
-        return None
+        return "off: " + _why_not(model._module)
     state = (compiled, state)
     inputs = leaves((args, kwargs))
     store = model._state
@@ -151,6 +160,18 @@ def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan 
         store.reuse_memo = memo
     skip = min(memo.prefix(), last + 1) - 1
     return Plan(memo, layers, skip, last)
+
+
+def _why_not(module: torch.nn.Module) -> str:
+    """Why ``fingerprint(module)`` is None (only asked then)."""
+    for name, m in module.named_modules():
+        if m.training:
+            return f"module {name or '<root>'} is in training mode"
+        if "forward" in m.__dict__:
+            return f"module {name or '<root>'} has a forward set on the instance"
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        return "autograd records (parameters require grad): trace under torch.no_grad() to replay layers"
+    return "a module without nn.Module's state"
 
 
 def _last_unedited(site_nodes, layers_path: str, n: int, unembedding: str | None) -> int:

@@ -67,6 +67,7 @@ class RunResult:
     output: Any  # the model's output (None when the forward was stopped)
     stop_loc: SourceLoc | None  # where a user stop ended the forward, if one did
     skipped: dict[int, SourceLoc | None] = field(default_factory=dict)  # saved id -> line of the false cond
+    reuse: str | None = None  # what the run replayed and memoized across traces, or why not (reuse.py)
 
 
 def run_graph(
@@ -86,11 +87,21 @@ def run_graph(
     if repeat > 1:
         run.repeat = repeat
         run.pack_plan = packing.pack_layers(model, [key[0] for key in run.site_nodes])
+    note = None
     if repeat and reuse:
-        run.reuse = _reuse.plan(model, run, args, kwargs, compiled=layer_forward is not None)
+        found = _reuse.plan(model, run, args, kwargs, compiled=layer_forward is not None)
+        if isinstance(found, str):
+            note = found
+        else:
+            run.reuse = found
     if repeat and layer_forward is not None:
         run.layer_forward = layer_forward
-    return run.execute(args, kwargs)
+    result = run.execute(args, kwargs)
+    if run.reuse is not None:
+        note = run.reuse.describe()
+    if note:
+        result.reuse = note
+    return result
 
 
 class _Plan:
