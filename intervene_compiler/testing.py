@@ -72,6 +72,30 @@ def assert_clean(module: torch.nn.Module) -> None:
         assert "forward" not in m.__dict__, f"a replaced forward left on module {name or '<root>'}"
 
 
+def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """A tiny GPT-2's or Llama's decoder blocks."""
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def plain_patch_logits(
+    model: torch.nn.Module, ids: torch.Tensor, layer: int, pos: int, value
+) -> torch.Tensor:
+    """Reference for patching tests: the last position's logits with decoder block ``layer``'s output at ``pos``
+    set to ``value`` by a plain forward hook (no autograd)."""
+
+    def patch(mod, args, output):
+        output = output.clone()
+        output[:, pos] = value
+        return output
+
+    handle = decoder_blocks(model)[layer].register_forward_hook(patch)
+    try:
+        with torch.no_grad():
+            return model(ids).logits[:, -1]
+    finally:
+        handle.remove()
+
+
 # -- tiny language models saved to a folder, loaded through the real ``from_pretrained`` path ----------------------
 
 _CORPUS = (

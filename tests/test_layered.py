@@ -13,7 +13,13 @@ import torch
 import intervene_compiler as ic
 from intervene_compiler.backends.compiled import layered
 from intervene_compiler.errors import InterventionError
-from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama
+from intervene_compiler.testing import (
+    assert_clean,
+    decoder_blocks,
+    plain_patch_logits,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 T = 8
 
@@ -25,10 +31,6 @@ def _layered(monkeypatch):
     yield
 
 
-def _blocks(m):
-    return m.transformer.h if hasattr(m, "transformer") else m.model.layers
-
-
 def _envoy_blocks(model):
     return model.transformer.h if hasattr(model._module, "transformer") else model.model.layers
 
@@ -37,7 +39,7 @@ class _Calls:
     """Which layers the layered runs' compiled forward is called for (a replayed layer is not)."""
 
     def __init__(self, monkeypatch, m):
-        self.index = {id(b): i for i, b in enumerate(_blocks(m))}
+        self.index = {id(b): i for i, b in enumerate(decoder_blocks(m))}
         self.calls: list[int] = []
         original = layered._layer_forward
 
@@ -55,19 +57,6 @@ class _Calls:
     def take(self) -> list[int]:
         calls, self.calls = self.calls, []
         return calls
-
-
-def _plain_patch(m, ids, layer, pos, value):
-    def patch(mod, args, output):
-        output = output.clone()
-        output[:, pos] = value
-        return output
-
-    h = _blocks(m)[layer].register_forward_hook(patch)
-    try:
-        return m(ids).logits[:, -1]
-    finally:
-        h.remove()
 
 
 def _patch(model, ids, layer, pos, value, **trace_kwargs):
@@ -94,7 +83,7 @@ def test_patching_loop_compiles_the_layers_once(arch, monkeypatch):
                 assert ran == list(range(layer if pos == 0 else layer + 1, 3))
                 eager, _ = _patch(model, ids, layer, pos, value, reuse=False)
                 torch.testing.assert_close(got, eager)
-                plain = _plain_patch(m, ids, layer, pos, value)
+                plain = plain_patch_logits(m, ids, layer, pos, value)
                 torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
     stats = ic.compile_stats()
     assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["fallbacks"] == 0
@@ -120,7 +109,7 @@ def test_batched_invokes_pack_through_compiled_layers(monkeypatch):
                         outs.append(model.lm_head.output[:, -1].save())
             assert calls.take() == ([0, 1, 2, 3] if rep == 0 else [2, 3])
             for pos, out in enumerate(outs):
-                torch.testing.assert_close(out.value, _plain_patch(m, ids, 1, pos, src[pos]))
+                torch.testing.assert_close(out.value, plain_patch_logits(m, ids, 1, pos, src[pos]))
     stats = ic.compile_stats()  # two layouts: the shared prefix's one row, and the packed sequence after it
     assert stats["compiles"] == 2 and stats["recompiles"] == 0 and stats["fallbacks"] == 0
     assert_clean(m)
@@ -211,12 +200,12 @@ def test_a_plain_hook_added_inside_a_layer_is_seen(monkeypatch):
         h = m.transformer.h[2].mlp.register_forward_hook(lambda mod, a, o: o * 0)
         try:
             got, _ = _patch(model, ids, 1, 0, value, compile=True)
-            plain = _plain_patch(m, ids, 1, 0, value)
+            plain = plain_patch_logits(m, ids, 1, 0, value)
         finally:
             h.remove()
         torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
         got, _ = _patch(model, ids, 1, 0, value, compile=True)
-        plain = _plain_patch(m, ids, 1, 0, value)
+        plain = plain_patch_logits(m, ids, 1, 0, value)
     torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
     assert ic.compile_stats()["fallbacks"] == 0
     assert_clean(m)

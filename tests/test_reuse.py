@@ -14,13 +14,15 @@ import torch
 
 from intervene_compiler import LanguageModel, NNsight
 from intervene_compiler.errors import InterventionError
-from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama
+from intervene_compiler.testing import (
+    assert_clean,
+    decoder_blocks,
+    plain_patch_logits,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 T = 8
-
-
-def _blocks(m):
-    return m.transformer.h if hasattr(m, "transformer") else m.model.layers
 
 
 def _envoy_blocks(model):
@@ -31,10 +33,10 @@ class _Ran:
     """Counts, per decoder layer, how often its attention really ran."""
 
     def __init__(self, m):
-        self.counts = [0] * len(_blocks(m))
+        self.counts = [0] * len(decoder_blocks(m))
         self.handles = [
             (b.self_attn if hasattr(b, "self_attn") else b.attn).register_forward_hook(self._hook(i))
-            for i, b in enumerate(_blocks(m))
+            for i, b in enumerate(decoder_blocks(m))
         ]
 
     def _hook(self, i):
@@ -56,7 +58,7 @@ def _plain_outputs(m, ids, pre_hook=None):
     """Every block's output by plain forward hooks (``output_hidden_states`` would leave HF's capture hooks);
     ``pre_hook``: (layer, hook) also installed for the run."""
     outs = {}
-    blocks = _blocks(m)
+    blocks = decoder_blocks(m)
     handles = [
         b.register_forward_hook(lambda mod, a, o, i=i: outs.__setitem__(i, o)) for i, b in enumerate(blocks)
     ]
@@ -69,22 +71,6 @@ def _plain_outputs(m, ids, pre_hook=None):
         for h in handles:
             h.remove()
     return [outs[i] for i in range(len(blocks))]
-
-
-def _plain_patch(m, ids, layer, pos, value):
-    """Last-position logits with block ``layer``'s output at ``pos`` set to ``value`` by a plain hook."""
-
-    def patch(mod, args, output):
-        output = output.clone()
-        output[:, pos] = value
-        return output
-
-    h = _blocks(m)[layer].register_forward_hook(patch)
-    try:
-        with torch.no_grad():
-            return m(ids).logits[:, -1]
-    finally:
-        h.remove()
 
 
 def _patch(model, ids, layer, pos, value, **trace_kwargs):
@@ -108,7 +94,7 @@ def test_patching_loop_replays_the_unedited_layers(arch, attn):
             for layer in range(4):
                 for pos in (0, 3, T - 1):
                     got = _patch(model, ids, layer, pos, value)
-                    torch.testing.assert_close(got, _plain_patch(m, ids, layer, pos, value))
+                    torch.testing.assert_close(got, plain_patch_logits(m, ids, layer, pos, value))
                     # (the plain reference ran every layer once)
                     counts = ran.take()[: layer + 1]
                     if pos == 0:  # the first trace at a layer computes it (earlier ones were memoized)
@@ -188,7 +174,7 @@ def test_changed_model_state_or_input_is_recomputed():
     def check(ids, expect_runs):
         got = _patch(model, ids, 2, 1, value)
         assert ran.take() == expect_runs
-        torch.testing.assert_close(got, _plain_patch(m, ids, 2, 1, value))
+        torch.testing.assert_close(got, plain_patch_logits(m, ids, 2, 1, value))
         ran.take()
 
     try:
@@ -240,7 +226,7 @@ def test_writes_through_data_need_clear_reuse_or_reuse_false():
     with torch.no_grad():
         _patch(model, ids, 1, 2, value)
         m.transformer.h[0].mlp.c_fc.weight.data.mul_(3)  # bumps no version counter
-        fresh = _plain_patch(m, ids, 1, 2, value)
+        fresh = plain_patch_logits(m, ids, 1, 2, value)
         torch.testing.assert_close(_patch(model, ids, 1, 2, value, reuse=False), fresh)
         model.clear_reuse()
         torch.testing.assert_close(_patch(model, ids, 1, 2, value), fresh)
@@ -281,7 +267,7 @@ def test_batched_invokes_replay_then_pack():
                 counts = ran.take()
                 assert counts[:3] == ([1, 1, 1] if rep == 0 else [0, 0, 0])
                 for pos, out in enumerate(outs):
-                    torch.testing.assert_close(out.value, _plain_patch(m, ids, 2, pos, src[pos]))
+                    torch.testing.assert_close(out.value, plain_patch_logits(m, ids, 2, pos, src[pos]))
                 ran.take()
     finally:
         ran.remove()

@@ -654,7 +654,8 @@ class Tracer(Recorder):
         self._results = result.values
         self._stop_loc = result.stop_loc
         self._skipped = result.skipped
-        self._reuse_note = result.reuse
+        if result.reuse is not None:
+            self._reuse_note = result.reuse
         self.output = result.output
 
     def _optimized(self, model: NNsight) -> tuple[Graph, Graph, tuple]:
