@@ -7,6 +7,7 @@ hooks stay installed for a whole test, so the model state the memo compares is u
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -54,9 +55,9 @@ class _Ran:
             h.remove()
 
 
-def _plain_outputs(m, ids, pre_hook=None):
+def _plain_outputs(m, ids, pre_hook=None, **kwargs):
     """Every block's output by plain forward hooks (``output_hidden_states`` would leave HF's capture hooks);
-    ``pre_hook``: (layer, hook) also installed for the run."""
+    ``pre_hook``: (layer, hook) also installed for the run; ``kwargs`` go to the model."""
     outs = {}
     blocks = decoder_blocks(m)
     handles = [
@@ -66,7 +67,7 @@ def _plain_outputs(m, ids, pre_hook=None):
         handles.append(blocks[pre_hook[0]].register_forward_pre_hook(pre_hook[1]))
     try:
         with torch.no_grad():
-            m(ids)
+            m(ids, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -352,3 +353,24 @@ def test_explain_says_what_was_replayed_or_why_not():
             assert "module <root> is in training mode" in explained()
         finally:
             m.eval()
+
+
+def test_a_kv_cache_passed_in_is_never_reused():
+    from transformers import DynamicCache
+
+    m = tiny_gpt2(n_layer=2)
+    model = NNsight(m)
+    g = torch.Generator().manual_seed(11)
+    prefix, ids = torch.randint(1, 128, (1, 4), generator=g), torch.randint(1, 128, (1, T), generator=g)
+    with torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        m(prefix, past_key_values=cache)  # the cache holds the prefix; each trace below appends to it
+        outs = []
+        for _ in range(2):
+            snapshot = copy.deepcopy(cache)  # what this trace's forward starts from
+            with model.trace(ids, past_key_values=cache) as tracer:
+                outs.append(model.transformer.h[1].output.save())
+            assert "neither a tensor nor a plain value" in tracer.explain(file=io.StringIO())
+            plain = _plain_outputs(m, ids, past_key_values=snapshot)[1]
+            torch.testing.assert_close(outs[-1].value, plain)
+    assert not torch.allclose(outs[0].value, outs[1].value)  # the second trace saw a longer cache

@@ -15,7 +15,7 @@ import torch
 
 from ..backends.eager import run_graph
 from ..backends.eager.packing import DECODER_LAYERS
-from ..backends.eager.reuse import leaves, same_leaves
+from ..backends.eager.reuse import leaves, plain_values, same_leaves
 from ..errors import InvokeError, TracingError, user_location
 from ..ir import Graph, Op, prepend
 from .envoy import Envoy, ModelState
@@ -207,7 +207,7 @@ class NNsight(Envoy):
             not fake
             and self._shares_prefix()
             and _prefix_graph(graph)
-            and (not compile or (reuse and _layered_applies(self, graph)))
+            and (not compile or (reuse and _layered_applies(self, graph, prepared)))
             and _identical_rows(prepared)
         ):
             args, kwargs = prepared[0]
@@ -305,10 +305,10 @@ _SHARED_PREFIX_FAMILIES = frozenset(DECODER_LAYERS)
 _NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.MODULE})
 
 
-def _layered_applies(model, graph: Graph) -> bool:
+def _layered_applies(model, graph: Graph, prepared: list[tuple[tuple, dict]]) -> bool:
     from ..backends.compiled.layered import applies
 
-    return applies(model, graph)
+    return plain_values(leaves(prepared[0])) and applies(model, graph)
 
 
 def _prefix_graph(graph: Graph) -> bool:

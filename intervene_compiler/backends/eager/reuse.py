@@ -17,7 +17,8 @@ implementation. Version counters see every in-place change that autograd sees: o
 through ``.data`` or through NumPy views of a tensor: after such a write, call ``model.clear_reuse()`` (or trace
 with ``reuse=False``). Runs in training mode, with grad mode on while a parameter requires grad, or on a model
 with a module whose ``forward`` is replaced on the instance (accelerate's dispatch hooks) neither use nor fill the
-memo; nor does a layer output other than a tensor or a tuple of tensors (and ``None``). Eager runs and layered
+memo; nor does a layer output other than a tensor or a tuple of tensors (and ``None``), or an input that is
+neither a tensor nor a plain value (a KV cache passed in changes as the model runs). Eager runs and layered
 compiled runs (``backends/compiled/layered.py``) keep separate memos, so an eager trace stays bit-identical to one
 without reuse. ``tracer.explain()`` says what a run replayed and memoized, or why it could not.
 """
@@ -155,6 +156,8 @@ def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan 
         return "off: " + _why_not(model._module)
     state = (compiled, state)
     inputs = leaves((args, kwargs))
+    if not plain_values(inputs):  # a KV cache passed in changes as the model runs: equal is not the same
+        return "off: an input is neither a tensor nor a plain value (a KV cache passed in?)"
     store = model._state
     memo = store.reuse_memo
     if memo is None or memo.state != state or not same_leaves(memo.inputs, inputs):
@@ -235,6 +238,14 @@ def fingerprint(module: torch.nn.Module) -> tuple | None:
         if children:
             push([c for c in children.values() if c is not None])
     return tuple(parts)
+
+
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None))
+
+
+def plain_values(values: list) -> bool:
+    """Are all ``values`` (an input's leaves) tensors or immutable plain values?"""
+    return all(isinstance(v, _PLAIN) for v in values)
 
 
 def same_leaves(old: list, new: list) -> bool:
