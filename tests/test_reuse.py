@@ -374,3 +374,17 @@ def test_a_kv_cache_passed_in_is_never_reused():
             plain = _plain_outputs(m, ids, past_key_values=snapshot)[1]
             torch.testing.assert_close(outs[-1].value, plain)
     assert not torch.allclose(outs[0].value, outs[1].value)  # the second trace saw a longer cache
+
+
+def test_an_input_that_requires_grad_keeps_its_history():
+    m = tiny_gpt2(n_layer=2).requires_grad_(False)
+    model = NNsight(m)
+    embeds = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    grads = []
+    for _ in range(2):
+        with model.trace(inputs_embeds=embeds) as tracer:
+            out = model.transformer.h[1].output.save()
+        assert "an input requires grad" in tracer.explain(file=io.StringIO())
+        (grad,) = torch.autograd.grad(out.value.sum(), embeds)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0])
