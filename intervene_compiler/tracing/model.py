@@ -116,8 +116,8 @@ class NNsight(Envoy):
         """Forget the unedited decoder-layer outputs kept for reuse across traces of one prompt.
 
         Traces on the same prompt replay them only while every parameter and buffer is unchanged by its version
-        counter (``backends/eager/reuse.py``); a write through ``.data`` or a NumPy view bumps none, so call this
-        after one (or trace with ``reuse=False``).
+        counter (``backends/eager/reuse.py``); a write through ``.data`` or a NumPy view bumps none (and
+        ``p.data = t`` may land on a freed storage), so call this after one (or trace with ``reuse=False``).
         """
         self._state.reuse_memo = None
 

@@ -14,14 +14,14 @@ training flag and hooks (keys, which torch never reuses), and every parameter's 
 counter and shape, plus grad and inference mode, autocast, the float32 matmul precision and the config's attention
 implementation. Version counters see every in-place change that autograd sees: optimizer steps,
 ``torch.no_grad()`` edits, ``load_state_dict``, ``copy_``. Like autograd's own checks they do not see writes
-through ``.data`` or through NumPy views of a tensor: after such a write, call ``model.clear_reuse()`` (or trace
-with ``reuse=False``). Runs in training mode, with grad mode on while a parameter or an input requires grad (a
-replayed value has no history), or on a model with a module whose ``forward`` is replaced on the instance
-(accelerate's dispatch hooks) neither use nor fill the memo; nor does a layer output other than a tensor or a
-tuple of tensors (and ``None``), or an input that is neither a tensor nor a plain value (a KV cache passed in
-changes as the model runs). Eager runs and layered compiled runs (``backends/compiled/layered.py``) keep separate
-memos, so an eager trace stays bit-identical to one without reuse. ``tracer.explain()`` says what a run replayed
-and memoized, or why it could not.
+through ``.data`` or through NumPy views of a tensor, and ``p.data = t`` may land on the address of a freed
+storage: after such a write, call ``model.clear_reuse()`` (or trace with ``reuse=False``). Runs in training mode,
+with grad mode on while a parameter or an input requires grad (a replayed value has no history), or on a model
+with a module whose ``forward`` is replaced on the instance (accelerate's dispatch hooks) neither use nor fill the
+memo; nor does a layer output other than a tensor or a tuple of tensors (and ``None``), or an input that is
+neither a tensor nor a plain value (a KV cache passed in changes as the model runs). Eager runs and layered
+compiled runs (``backends/compiled/layered.py``) keep separate memos, so an eager trace stays bit-identical to one
+without reuse. ``tracer.explain()`` says what a run replayed and memoized, or why it could not.
 """
 
 from __future__ import annotations
