@@ -350,7 +350,9 @@ def run(settings: Settings) -> WorkloadResult:
             "traces. Ours with default settings: a trace on the corrupted prompt replays the unedited blocks an "
             "earlier trace of the same sweep computed (reuse; the clean run's trace replaces that memo, so every "
             "sweep starts without one), and compile=True on GPT-2-small blocks is layered (the blocks compiled "
-            "once, the interventions eager). Total = median sweep + first-use overhead (phase A time minus its "
+            "once, the interventions eager). Every system's model has parameters that do not require grad (as "
+            "after model.requires_grad_(False)); with grad mode on and parameters requiring grad, ours neither "
+            "replays nor layers. Total = median sweep + first-use overhead (phase A time minus its "
             "steady-state cost)"
         )
         systems = _systems(settings, hf, clean, corrupt)
