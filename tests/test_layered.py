@@ -242,3 +242,22 @@ def test_language_model_loads_before_the_choice(lm_dirs):
                 assert tracer._entry.layered
     torch.testing.assert_close(results[0].value, results[1].value)
     assert_clean(lm._module)
+
+
+def test_too_many_call_layouts_fall_back_to_eager_layers(monkeypatch):
+    monkeypatch.setattr(layered, "_MAX_LAYOUTS", 1)
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    g = torch.Generator().manual_seed(9)
+    value = torch.randn(32)
+    with torch.no_grad():
+        for length in (T, T + 2):  # a second prompt length is a second layout
+            ids = torch.randint(1, 128, (1, length), generator=g)
+            got, tracer = _patch(model, ids, 1, 0, value, compile=True)
+            plain = plain_patch_logits(m, ids, 1, 0, value)
+            torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["fallbacks"] == 1
+    assert "more than 1 call layouts" in stats["fallback_reasons"][0]
+    assert "fell back to eager layers" in tracer.explain(file=None)
+    assert_clean(m)

@@ -42,6 +42,7 @@ MIN_LAYER_PARAMS = 1_000_000  # GPT-2 small's layers have 7.1M; below, one whole
 # where the cost model was measured (a GPU, where compiling fuses more and CUDA graphs remove the per-layer Python,
 # keeps one program until measured there)
 _DEVICES = frozenset({"cpu"})
+_MAX_LAYOUTS = 32  # compiled layer forwards per model (prompt lengths x packed or not); then eager layers
 
 
 def applies(model, graph) -> bool:
@@ -108,6 +109,11 @@ def _layer_forward(entry: Entry, cls: type):
         key = (_signature(args), _signature(kwargs))
         compiled = layouts.get(key)
         if compiled is None:
+            if len(layouts) >= _MAX_LAYOUTS:  # (an argument keyed by identity would compile every call)
+                record_fallback(
+                    entry, f"more than {_MAX_LAYOUTS} call layouts", prefix=f"{cls.__name__} layers: "
+                )
+                return eager(layer, *args, **kwargs)
             layout = Entry(key=key)  # counts its own recompiles (a guard failure within one layout)
             compiled = layouts[key] = torch.compile(
                 _fresh(cls.forward), backend=_backend(entry, layout), fullgraph=True
