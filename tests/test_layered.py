@@ -261,3 +261,30 @@ def test_too_many_call_layouts_fall_back_to_eager_layers(monkeypatch):
     assert "more than 1 call layouts" in stats["fallback_reasons"][0]
     assert "fell back to eager layers" in tracer.explain(file=None)
     assert_clean(m)
+
+
+def test_a_forward_set_on_a_layer_instance_keeps_one_program_and_stays():
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(10))
+    layer = m.transformer.h[1]
+    patched = layer.forward  # as accelerate's dispatch hooks do: a wrapper set on the instance
+
+    def wrapper(*args, **kwargs):
+        return patched(*args, **kwargs)
+
+    layer.forward = wrapper
+    value = torch.randn(32)
+    try:
+        with torch.no_grad():
+            _, tracer = _patch(model, ids, 0, 1, value, reuse=False)
+            assert not layered.applies(model, tracer.graph)
+            got, tracer = _patch(model, ids, 0, 1, value, compile=True)
+            assert not tracer._entry.layered
+            assert layer.__dict__["forward"] is wrapper
+            plain = plain_patch_logits(m, ids, 0, 1, value)
+        torch.testing.assert_close(got, plain[0, 5] - plain[0, 7])
+    finally:
+        del layer.forward
+    model.clear_compiled()
+    assert_clean(m)

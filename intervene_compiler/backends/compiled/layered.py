@@ -17,11 +17,12 @@ effect to compile. The interventions run as in eager mode, so results agree with
 layers are checked against eager mode and plain hooks by the parity tests.
 
 A cost model picks it: a CPU model, layers of at least ``MIN_LAYER_PARAMS`` parameters, eval mode, no autograd
-recording (where reuse is possible), inputs that are tensors or plain values (no KV cache passed in), and no node
-touching a module inside a decoder layer (the runner's hooks there would sit inside the compiled forward). Dynamo
-guards on the hooks of the modules inside a layer, as in one-program runs, so a plain hook added to one later
-recompiles instead of being ignored. A layer forward that fails to compile runs eagerly from then on (the reason
-is recorded, as for any fallback); an error that eager mode raises too is the user's and is raised as such.
+recording (where reuse is possible), inputs that are tensors or plain values (no KV cache passed in), no layer
+whose ``forward`` is set on the instance (accelerate's dispatch hooks), and no node touching a module inside a
+decoder layer (the runner's hooks there would sit inside the compiled forward). Dynamo guards on the hooks of the
+modules inside a layer, as in one-program runs, so a plain hook added to one later recompiles instead of being
+ignored. A layer forward that fails to compile runs eagerly from then on (the reason is recorded, as for any
+fallback); an error that eager mode raises too is the user's and is raised as such.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def applies(model, graph) -> bool:
         return False
     layers = decoder_layers(model)
     if layers is None or not len(layers):
+        return False
+    if any("forward" in layer.__dict__ for layer in layers):  # accelerate's dispatch hooks, a user's patch
         return False
     inside = DECODER_LAYERS[module.config.model_type] + "."
     for node in graph.nodes:

@@ -109,16 +109,21 @@ class _Replay:
 
 
 class Swap:
-    """A module's ``forward`` replaced on the instance for one run (``remove`` gives the class's back)."""
+    """A module's ``forward`` replaced on the instance for one run (``remove`` puts back what was there: the
+    class's, or a forward an earlier patch had set on the instance)."""
 
-    __slots__ = ("module",)
+    __slots__ = ("module", "before")
 
     def __init__(self, module: torch.nn.Module, forward):
         self.module = module
+        self.before = module.__dict__.get("forward")
         module.forward = forward
 
     def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
+        if self.before is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.before
 
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:
