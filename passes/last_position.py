@@ -70,9 +70,7 @@ class UnembedColumns:
         rows, _, picked = index
         if tokens is not None:  # lifted by the compiled lowering (1-D: a 0-d index would be data-dependent)
             picked = tokens % linear.out_features
-        elif (
-            type(picked) is tuple
-        ):  # x[:, -1, (a, b)] picks two entries; weight[(a, b)] would be weight[a, b]
+        elif type(picked) is tuple:  # x[:, -1, (a, b)] picks two entries; weight[(a, b)] is weight[a, b]
             picked = list(picked)
         last = x[rows, -1]
         if type(linear) is not torch.nn.Linear:  # a subclass (a quantized Linear) may store its weight packed

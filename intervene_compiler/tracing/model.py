@@ -216,9 +216,8 @@ class NNsight(Envoy):
         return args, kwargs, 0
 
     def _shares_prefix(self) -> bool:
-        if (
-            self._last_position_module() is None
-        ):  # (cached; a plain module's missing ``config`` raises inside)
+        # the cached check first: a plain module's missing ``config`` raises (and is caught) inside getattr
+        if self._last_position_module() is None:
             return False
         config = getattr(self._module, "config", None)
         return getattr(config, "model_type", None) in _SHARED_PREFIX_FAMILIES

@@ -34,8 +34,7 @@ from typing import Any
 import torch
 
 from ...ir import Op
-from ..eager.packing import DECODER_LAYERS
-from ..eager.reuse import decoder_layers
+from ..eager.packing import decoder_layers, inside_a_layer
 from ..eager.runner import RunResult, run_graph
 from .cache import _STATS, Entry, _backend_for, _reason, _signature, record_fallback
 
@@ -56,17 +55,15 @@ def applies(model, graph) -> bool:
     module = model._module
     if module.training or not _takes_use_cache(module):
         return False
-    layers = decoder_layers(model)
-    if layers is None or not len(layers):
+    found = decoder_layers(model)
+    if found is None or not len(found[1]):
         return False
+    path, layers = found
     if any("forward" in layer.__dict__ for layer in layers):  # accelerate's dispatch hooks, a user's patch
         return False
-    inside = DECODER_LAYERS[module.config.model_type] + "."
-    for node in graph.nodes:
-        if node.op is Op.SITE or node.op is Op.SET or node.op is Op.UPDATE:
-            path = node.target.path
-            if path.startswith(inside) and "." in path[len(inside) :]:
-                return False
+    sites = (n.target.path for n in graph.nodes if n.op is Op.SITE or n.op is Op.SET or n.op is Op.UPDATE)
+    if inside_a_layer(path, sites):
+        return False
     params = list(layers[0].parameters())
     if not params or params[0].device.type not in _DEVICES:
         return False
@@ -77,7 +74,7 @@ def applies(model, graph) -> bool:
 
 def run_layered(model, graph, args: tuple, kwargs: dict, repeat: int) -> RunResult:
     """Run a shared-prefix trace's ``graph`` with compiled decoder layers (see the module docstring)."""
-    layers = decoder_layers(model)
+    _, layers = decoder_layers(model)
     cls = type(layers[0])
     entry = model._state.compiled.lookup(("layered", cls), lambda: Entry(key=("layered", cls), layered=True))
     kwargs = {**kwargs, "use_cache": False}

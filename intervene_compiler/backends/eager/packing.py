@@ -56,25 +56,40 @@ _SIDE_INPUTS = ("position_embeddings", "position_ids", "cache_position")
 _GAIN = 0.85  # pack only when it costs at most this fraction of running every invoke's rows
 
 
+def decoder_layers(model) -> tuple[str, torch.nn.Module] | None:
+    """(the path, the decoder layers) of a ``DECODER_LAYERS`` family model (an NNsight wrapper), else None."""
+    config = getattr(model._module, "config", None)
+    path = DECODER_LAYERS.get(getattr(config, "model_type", None))
+    if path is None:
+        return None
+    try:
+        return path, model._module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def inside_a_layer(layers_path: str, site_paths) -> bool:
+    """Is one of ``site_paths`` a module inside a decoder layer (not a layer itself)?"""
+    prefix = layers_path + "."
+    return any(p.startswith(prefix) and "." in p[len(prefix) :] for p in site_paths)
+
+
 def pack_layers(model, site_paths) -> tuple[str, tuple[torch.nn.Module, ...]] | None:
     """(the decoder layers' path, the layers) when a shared-prefix run on ``model`` may pack, else None."""
     module = model._module
     config = getattr(module, "config", None)
-    path = DECODER_LAYERS.get(getattr(config, "model_type", None))
-    if path is None or module.training or getattr(config, "_attn_implementation", None) not in _ATTENTION:
+    if module.training or getattr(config, "_attn_implementation", None) not in _ATTENTION:
         return None
     if getattr(config, "add_cross_attention", False):
         return None
-    try:
-        layers = module.get_submodule(path)
-    except AttributeError:
+    found = decoder_layers(model)
+    if found is None:
         return None
+    path, layers = found
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) < 2:
         return None
-    prefix = path + "."
-    for p in site_paths:
-        if p.startswith(prefix) and "." in p[len(prefix) :]:
-            return None  # a site inside a decoder layer would see the packed layout
+    if inside_a_layer(path, site_paths):  # a site inside a decoder layer would see the packed layout
+        return None
     return path, tuple(layers)
 
 

@@ -32,7 +32,7 @@ import torch
 from torch.nn.modules import module as _global_hooks
 
 from ...ir import SiteKind
-from .packing import DECODER_LAYERS
+from .packing import decoder_layers
 
 _MAX_BYTES = 256 << 20  # memoized outputs per model, at most
 _INPUTS, _OUTPUT = SiteKind.INPUTS, SiteKind.OUTPUT
@@ -126,18 +126,6 @@ class Swap:
             self.module.__dict__["forward"] = self.before
 
 
-def decoder_layers(model) -> torch.nn.ModuleList | None:
-    """The decoder layers of a ``DECODER_LAYERS`` family model (an NNsight wrapper), else None."""
-    config = getattr(model._module, "config", None)
-    path = DECODER_LAYERS.get(getattr(config, "model_type", None))
-    if path is None:
-        return None
-    try:
-        return model._module.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _recorder(memo: Memo, index: int):
     def hook(mod, args, kwargs, output):
         memo.record(index, output)
@@ -150,10 +138,10 @@ def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan 
     (``tracer.explain()`` shows either). ``compiled``: the run's layers are compiled (layered runs); eager and
     compiled runs replay only their own layers' values, so an eager trace stays bit-identical to one without
     reuse."""
-    layers = decoder_layers(model)
-    if layers is None:
+    found = decoder_layers(model)
+    if found is None:
         return "off: the decoder layers were not found"
-    layers_path = DECODER_LAYERS[model._module.config.model_type]
+    layers_path, layers = found
     last = _last_unedited(run.site_nodes, layers_path, len(layers), model._last_position_module())
     if last < 0:
         return "off: the first module the trace touches comes before the first decoder layer's output"

@@ -379,7 +379,7 @@ class _Run:
         return RunResult(values, output, stop_loc, skipped)
 
     def _swap_layers(self, handles: list) -> None:
-        layers = _reuse.decoder_layers(self.model)
+        _, layers = packing.decoder_layers(self.model)
         fn = self.layer_forward
         start = 0 if self.reuse is None else self.reuse.skip + 1
         for layer in layers[start:]:
