@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
 from ...errors import GradientError, InterventionError, SourceLoc, execution_error
@@ -83,6 +84,10 @@ def run_graph(
     (with ``repeat``): what the decoder layers that are not replayed run instead of their ``forward`` (the
     compiled backend's layered runs, ``backends/compiled/layered.py``).
     """
+    if not repeat:
+        plan = _plan_for(graph.nodes)
+        if plan.reads is not None:
+            return _run_reads(model, graph, plan.reads, args, kwargs)
     run = _Run(model, graph)
     if repeat > 1:
         run.repeat = repeat
@@ -123,6 +128,7 @@ class _Plan:
         "saved",
         "idle_before_forward",
         "events",
+        "reads",
     )
 
     def __init__(self, graph_nodes: tuple[Node, ...]):
@@ -160,6 +166,149 @@ class _Plan:
         self.events = (
             None if self.has_iter or self.has_cache or self.has_grads else _event_schedule(graph_nodes)
         )
+        self.reads = _Reads.of(graph_nodes, self.saved) if self.events is not None else None
+
+
+class _Reads:
+    """The schedule of a graph that only reads sites and saves them, with at most a stop after the last read (the
+    common ``model.layer.output.save()`` trace, truncated by ``passes/early_stop.py``): ``_run_reads`` runs it
+    with no scheduler at all. At each hooked event it fills its site reads and their saves; the stop ends the
+    forward once every event was seen, which is when the general scheduler runs it (it waits for every read).
+    """
+
+    __slots__ = ("events", "hooks", "stop", "saved", "nodes")
+
+    def __init__(self, events: dict, hooks: tuple, stop: Node | None, saved: tuple, nodes: tuple) -> None:
+        self.events = events  # event key -> ((site node, its saves' ids), ...) in program order
+        self.hooks = hooks  # as _Plan.hooks
+        self.stop = stop
+        self.saved = saved
+        self.nodes = nodes  # program order, for the error of a read that never happened
+
+    @classmethod
+    def of(cls, graph_nodes: tuple[Node, ...], saved: tuple) -> _Reads | None:
+        events: dict[tuple, list] = {}
+        reads: dict[int, tuple[Node, list]] = {}
+        stop = None
+        for n in graph_nodes:
+            if n.guards or n.body or stop is not None:
+                return None
+            op = n.op
+            if op is _SITE:
+                entry = (n, [])
+                reads[n.id] = entry
+                events.setdefault(n.target.key, []).append(entry)
+            elif (
+                op is _SAVE
+                and len(n.args) == 1
+                and type(n.args[0]) is Ref
+                and n.args[0].id in reads
+                and not n.kwargs
+                and all(d in reads for d in n.after)
+            ):
+                reads[n.args[0].id][1].append(n.id)
+            elif op is _STOP and n.deps and not n.args:
+                stop = n
+            else:
+                return None
+        if not reads:
+            return None  # nothing makes the forward run (the general runner decides whether it runs)
+        if stop is not None:
+            # the stop must wait for every read (transitively, through the saves it names): then it runs at the
+            # last event, as in the general scheduler
+            waits: set[tuple] = set()
+            by_save = {sid: rid for rid, (_, saves) in reads.items() for sid in saves}
+            for d in stop.deps:
+                rid = d if d in reads else by_save.get(d)
+                if rid is None:
+                    return None
+                waits.add(reads[rid][0].target.key)
+            if len(waits) != len(events):
+                return None
+        frozen = {k: tuple((node, tuple(saves)) for node, saves in v) for k, v in events.items()}
+        hooks = _hook_paths({k: () for k in frozen})
+        return cls(frozen, hooks, stop, saved, tuple(graph_nodes))
+
+
+def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) -> RunResult:
+    """Run a graph of site reads and saves (``_Reads``): hooks that store each read and its saves, the forward,
+    and the stop. Same values, errors and hooks left behind (none) as the general ``_Run``."""
+    env: dict[int, Any] = {}
+    calls_in: dict[str, int] = {}
+    calls_out: dict[str, int] = {}
+    events = reads.events
+    invokes = graph.invokes
+    batch = invokes[-1].stop if invokes else 0
+    stop = reads.stop
+    left = [len(events)]  # events not yet seen
+
+    def visit(key: tuple, value: Any) -> None:
+        entries = events.get(key)
+        if entries is None:
+            return
+        for node, saves in entries:
+            site = node.target
+            read = value
+            try:
+                if site.kind is _INPUT:
+                    a, k = read
+                    read = a[0] if a else next(iter(k.values()), None)
+                if site.invoke is not None:
+                    rows = invokes[site.invoke]
+                    read = narrow(read, rows.start, rows.stop, batch)
+            except Exception as e:
+                raise execution_error(e, node.loc, format_node(node)) from e
+            env[node.id] = read
+            for sid in saves:
+                env[sid] = read
+        left[0] -= 1
+        if stop is not None and not left[0]:
+            raise _EarlyStop(stop)
+
+    def pre_hook(path: str):
+        def hook(mod, args, kwargs):
+            call = calls_in.get(path, 0)
+            calls_in[path] = call + 1
+            visit((path, _INPUTS, call), (args, kwargs))
+
+        return hook
+
+    def post_hook(path: str):
+        def hook(mod, args, kwargs, output):
+            call = calls_out.get(path, 0)
+            calls_out[path] = call + 1
+            visit((path, _OUTPUT, call), output)
+
+        return hook
+
+    handles: list = []
+    output = None
+    stopped = None
+    try:
+        _hook_modules(model._module, reads.hooks, pre_hook, post_hook, handles, wrap=True)
+        try:
+            output = model._forward(*args, **kwargs)
+        except _EarlyStop as e:
+            stopped = e.node
+    finally:
+        for h in handles:
+            h.remove()
+    if stopped is None and left[0]:
+        for node in reads.nodes:
+            if node.id not in env:
+                calls = calls_out if node.target.kind is _OUTPUT else calls_in
+                raise _missed(node, calls.get(node.target.path, 0))
+    values = {nid: env[nid] for nid in reads.saved}
+    stop_loc = stopped.loc if stopped is not None and stopped.target == "user" else None
+    return RunResult(values, output, stop_loc)
+
+
+def _missed(node: Node, ran: int):
+    """The error of a site read whose event never came (the module ran ``ran`` times)."""
+    from ...tracing.tracer import missed_site_error
+
+    detail = f"the module ran {ran} time(s) in this forward pass" if ran else "the module never ran"
+    return missed_site_error(node, detail)
 
 
 def _event_schedule(graph_nodes: tuple[Node, ...]) -> dict[tuple, tuple] | None:
@@ -245,6 +394,64 @@ class _Hook:
         self.flags.pop(self.id, None)
 
 
+class _Wrap:
+    """The runner's pre- and post-hook of one module run by a ``forward`` set on the instance for the run, around
+    the class's own: what torch's hook dispatch (``Module._call_impl``'s slow path) would do with them, for about
+    2 us less per hooked call. Only for a module nothing else runs around (``_wrappable``), so everything that
+    sees the module's inputs and output sees them in the order hooks would. ``remove`` deletes the attribute."""
+
+    __slots__ = ("module", "forward")
+
+    def __init__(self, module: torch.nn.Module, pre, post) -> None:
+        self.module = module
+        own = module.forward
+
+        if pre is None:
+
+            def forward(*args, **kwargs):
+                output = own(*args, **kwargs)
+                new = post(module, args, kwargs, output)
+                return output if new is None else new
+
+        else:
+
+            def forward(*args, **kwargs):
+                new = pre(module, args, kwargs)
+                if new is not None:
+                    args, kwargs = new
+                output = own(*args, **kwargs)
+                if post is not None:
+                    new = post(module, args, kwargs, output)
+                    if new is not None:
+                        return new
+                return output
+
+        self.forward = forward
+        module.__dict__["forward"] = forward
+
+    def remove(self) -> None:
+        d = self.module.__dict__
+        if d.get("forward") is self.forward:
+            del d["forward"]
+
+
+def _wrappable(mod: torch.nn.Module) -> bool:
+    """May ``_Wrap`` stand in for hooks on ``mod``? Not when anything else runs around its forward: its own or
+    global forward hooks (ours would run before them, not after), backward hooks (torch wraps the inputs between
+    the pre-hooks and the forward), a forward already set on the instance (accelerate's, a reuse swap), or a
+    scripted module."""
+    return not (
+        mod._forward_hooks
+        or mod._forward_pre_hooks
+        or mod._backward_hooks
+        or mod._backward_pre_hooks
+        or "forward" in mod.__dict__
+        or _torch_module._global_forward_hooks
+        or _torch_module._global_forward_pre_hooks
+        or isinstance(mod, torch.jit.ScriptModule)
+    )
+
+
 def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
     """``module.get_submodule(path)``, walking the registered children directly when they are there."""
     mod = module
@@ -268,6 +475,24 @@ def _add_hook(mod: torch.nn.Module, fn, pre: bool):
         if pre:
             return mod.register_forward_pre_hook(fn, with_kwargs=True)
         return mod.register_forward_hook(fn, with_kwargs=True)
+
+
+def _hook_modules(
+    module: torch.nn.Module, hooks: tuple, pre_hook, post_hook, handles: list, wrap: bool
+) -> None:
+    """Hook the modules of ``hooks`` (``_Plan.hooks``) with ``pre_hook(path)``/``post_hook(path)``, adding their
+    handles to ``handles``; with ``wrap``, by a ``_Wrap`` where nothing else runs around the module
+    (``_wrappable``). Envoys address a module at one path (``named_modules``), so no module is wrapped twice."""
+    for path, hook_in, hook_out in hooks:
+        mod = _submodule(module, path)
+        if wrap and _wrappable(mod):
+            pre = pre_hook(path) if hook_in else None
+            handles.append(_Wrap(mod, pre, post_hook(path) if hook_out else None))
+            continue
+        if hook_in:
+            handles.append(_add_hook(mod, pre_hook(path), pre=True))
+        if hook_out:
+            handles.append(_add_hook(mod, post_hook(path), pre=False))
 
 
 class _Run:
@@ -403,13 +628,15 @@ class _Run:
                     self._start_cache(node, handles)
         # steps.py registers the ITER bodies' site keys in this run's site_nodes: derive the hooks from them
         hooks = self._plan.hooks if self.steps is None else _hook_paths(self.site_nodes)
-        module = self.module
-        for path, hook_in, hook_out in hooks:
-            mod = _submodule(module, path)
-            if hook_in:
-                handles.append(_add_hook(mod, self._pre_hook(path), pre=True))
-            if hook_out:
-                handles.append(_add_hook(mod, self._post_hook(path), pre=False))
+        # a plain run (one whose nodes use the event schedule, with no reuse, layer swaps or packing, which add
+        # hooks and forwards of their own) may wrap the hooked modules' forwards instead of hooking them
+        wrap = (
+            self._events is not None
+            and self.reuse is None
+            and self.layer_forward is None
+            and self.pack_plan is None
+        )
+        _hook_modules(self.module, hooks, self._pre_hook, self._post_hook, handles, wrap)
         return handles
 
     def _pre_hook(self, path: str):
@@ -878,19 +1105,12 @@ class _Run:
         pending = [self.nodes[n] for n in self.pending if self.state.get(n) not in _FINISHED]
         if not pending:
             return
-        from ...tracing.tracer import missed_site_error
-
         for node in pending:
             if node.op is Op.GRAD:
                 raise _no_backward_error(node)
             if node.op in _SITE_OPS:
-                ran = (self.calls_out if node.target.kind is SiteKind.OUTPUT else self.calls_in).get(
-                    node.target.path, 0
-                )
-                detail = (
-                    f"the module ran {ran} time(s) in this forward pass" if ran else "the module never ran"
-                )
-                raise missed_site_error(node, detail)
+                calls = self.calls_out if node.target.kind is SiteKind.OUTPUT else self.calls_in
+                raise _missed(node, calls.get(node.target.path, 0))
         raise InterventionError(
             f"{format_node(pending[0])} was never computed: a value it needs was not produced", pending[0].loc
         )

@@ -1,0 +1,236 @@
+"""The eager runner's fast paths for plain traces, checked against plain PyTorch hooks.
+
+A trace that only reads sites and saves them (with at most a stop after the last read) runs without the scheduler
+(``runner._run_reads``), and a plain run hooks a module by setting a ``forward`` on the instance around the class's
+own (``runner._Wrap``) when nothing else runs around that module. Each test checks the values against hooks, that
+the fast path really ran (or really did not, where it must not), and that nothing is left on the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.modules.module as torch_module
+from torch.testing import assert_close
+
+from intervene_compiler import NNsight
+from intervene_compiler.backends.eager import runner
+from intervene_compiler.errors import MissedSiteError
+from intervene_compiler.testing import assert_clean, tiny_mlp
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Counts of the runs that took the reads-only path and of the modules wrapped instead of hooked."""
+    seen = {"reads": 0, "wraps": 0}
+    run_reads, wrap_init = runner._run_reads, runner._Wrap.__init__
+
+    def reads(*args, **kwargs):
+        seen["reads"] += 1
+        return run_reads(*args, **kwargs)
+
+    def wrap(self, module, pre, post):
+        seen["wraps"] += 1
+        wrap_init(self, module, pre, post)
+
+    monkeypatch.setattr(runner, "_run_reads", reads)
+    monkeypatch.setattr(runner._Wrap, "__init__", wrap)
+    return seen
+
+
+def hooked(net: torch.nn.Module, x: torch.Tensor, names: list[str], inputs: bool = False) -> dict[str, list]:
+    """Every call's output (or first positional input) of the named submodules, by plain forward hooks."""
+    got: dict[str, list] = {n: [] for n in names}
+    handles = []
+    for n in names:
+        mod = net.get_submodule(n)
+        if inputs:
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=n: got[n].append(a[0])))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, a, o, n=n: got[n].append(o)))
+    try:
+        net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+class Twice(torch.nn.Module):
+    """Calls ``inner`` twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.inner = torch.nn.Linear(4, 4)
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.inner(torch.relu(self.inner(x))))
+
+
+def test_reads_and_inputs_match_hooks(paths):
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.rand(3, 5)
+    with model.trace(x):
+        h = model.layer1.output.save()
+        i = model.layer2.input.save()
+        args = model.layer2.inputs.save()
+        out = model.output.save()
+    ref = hooked(net, x, ["layer1"])
+    assert_close(h.value, ref["layer1"][0])
+    assert_close(i.value, ref["layer1"][0])
+    assert_close(args.value[0][0], ref["layer1"][0])
+    assert_close(out.value, net(x))
+    assert paths["reads"] == 1 and paths["wraps"] == 3  # layer1, layer2 and the root
+    assert_clean(net)
+
+
+def test_invokes_read_their_rows(paths):
+    net = tiny_mlp()
+    model = NNsight(net)
+    a, b = torch.rand(1, 5), torch.rand(2, 5)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            ha = model.layer1.output.save()
+        with tracer.invoke(b):
+            hb = model.layer2.output.save()
+    assert_close(ha.value, net.layer1(a))
+    assert_close(hb.value, net(b))
+    assert paths["reads"] == 1
+    assert_clean(net)
+
+
+def test_later_calls_of_a_module(paths):
+    net = Twice()
+    model = NNsight(net)
+    x = torch.rand(2, 4)
+    with model.trace(x):
+        first = model.inner.output.save()
+        second = model.inner.next().output.save()
+        second_in = model.inner.input.save()  # the address moved on: call 1's input
+    ref = hooked(net, x, ["inner"])["inner"]
+    ref_in = hooked(net, x, ["inner"], inputs=True)["inner"]
+    assert_close(first.value, ref[0])
+    assert_close(second.value, ref[1])
+    assert_close(second_in.value, ref_in[1])
+    assert paths["reads"] == 1 and paths["wraps"] == 1  # one wrap: the pre- and post-hook of `inner`
+    assert_clean(net)
+
+
+def test_stop_ends_the_forward_after_the_last_read(paths):
+    net = tiny_mlp()
+    model = NNsight(net)
+    ran = []
+    net.layer2.register_forward_pre_hook(
+        lambda m, a: ran.append(1)
+    )  # layer2 is hooked, layer1 stays wrappable
+    x = torch.rand(2, 5)
+    with model.trace(x) as tracer:
+        h = model.layer1.output.save()
+        tracer.stop()
+    assert_close(h.value, net.layer1(x))
+    assert ran == [] and paths["reads"] == 1 and paths["wraps"] == 1
+    net.layer2._forward_pre_hooks.clear()
+    assert_clean(net)
+
+
+def test_a_read_that_never_happens_names_the_calls(paths):
+    net = tiny_mlp()
+    model = NNsight(net)
+    with pytest.raises(MissedSiteError, match=r"model.layer1.call1.output.*ran 1 time\(s\)"):
+        with model.trace(torch.rand(1, 5)):
+            model.layer1.next().output.save()
+    assert paths["reads"] == 1
+    assert_clean(net)
+    with model.trace(torch.rand(1, 5)):  # the next trace works
+        h = model.layer1.output.save()
+    assert h.value.shape == (1, 10)
+
+
+def test_an_error_in_the_forward_leaves_no_wrap(paths):
+    net = tiny_mlp()
+    model = NNsight(net)
+    with pytest.raises(RuntimeError):
+        with model.trace(torch.rand(1, 7)):  # wrong width: layer1 raises inside the wrapped forward
+            model.layer1.output.save()
+    assert paths["wraps"] == 1
+    assert_clean(net)
+
+
+def test_a_users_hook_runs_before_the_read(paths):
+    """A module with its own forward hook is hooked, not wrapped: the read sees the hook's edit, as hooks would
+    (a wrap would read inside the forward, before the user's hook)."""
+    net = tiny_mlp()
+    model = NNsight(net)
+    handle = net.layer1.register_forward_hook(lambda m, a, o: o * 2)
+    try:
+        x = torch.rand(2, 5)
+        with model.trace(x):
+            h = model.layer1.output.save()
+            out = model.layer2.output.save()
+        assert_close(h.value, net.layer1(x))  # doubled by the user's hook
+        assert_close(out.value, net(x))
+        assert paths["wraps"] == 1  # layer2 only
+    finally:
+        handle.remove()
+    assert_clean(net)
+
+
+def test_global_hooks_and_instance_forwards_keep_hooks(paths):
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.rand(2, 5)
+    seen = []
+    handle = torch_module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    try:
+        with model.trace(x):
+            h = model.layer1.output.save()
+    finally:
+        handle.remove()
+    assert_close(h.value, net.layer1(x))
+    assert paths["wraps"] == 0 and "Linear" in seen
+    own = net.layer1.forward
+    net.layer1.forward = lambda inp: own(inp) + 1  # a patch set on the instance (as accelerate's hooks are)
+    try:
+        with model.trace(x):
+            h = model.layer1.output.save()
+        assert_close(h.value, own(x) + 1)
+        assert net.layer1.__dict__["forward"] is not None and paths["wraps"] == 0
+    finally:
+        del net.layer1.forward
+    assert_clean(net)
+
+
+def test_backward_hooks_keep_hooks(paths):
+    net = tiny_mlp().requires_grad_(True)
+    model = NNsight(net)
+    grads = []
+    handle = net.layer1.register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    try:
+        x = torch.rand(2, 5, requires_grad=True)
+        with model.trace(x):
+            h = model.layer1.output.save()
+            out = model.output.save()
+        out.value.sum().backward()
+        assert paths["wraps"] == 1  # the root only: layer1 has a backward hook
+        assert len(grads) == 1
+        assert_close(h.value, net.layer1(x))
+    finally:
+        handle.remove()
+    assert_clean(net)
+
+
+def test_edits_take_the_general_path(paths):
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x):
+        model.layer1.output[:, 0] = 0
+        out = model.output.save()
+    h = net.layer1(x)
+    h[:, 0] = 0
+    assert_close(out.value, net.layer2(h))
+    assert paths["reads"] == 0 and paths["wraps"] == 2
+    assert_clean(net)
