@@ -234,3 +234,33 @@ def test_edits_take_the_general_path(paths):
     assert_close(out.value, net.layer2(h))
     assert paths["reads"] == 0 and paths["wraps"] == 2
     assert_clean(net)
+
+
+class CallsForward(torch.nn.Module):
+    """Calls ``child.forward`` directly (no hooks run), then ``child(...)`` (hooks run)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.child = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.child(self.child.forward(x) * 2)
+
+
+def test_a_direct_forward_call_is_not_a_hooked_call(paths):
+    """Hooks see only calls through ``module(...)``; a wrap, set as the instance's ``forward``, also receives
+    ``child.forward(x)`` and must pass it through, or `.output` would address the wrong call."""
+    net = CallsForward()
+    model = NNsight(net)
+    x = torch.rand(2, 3)
+    with model.trace(x):
+        out = model.child.output.save()
+        inp = model.child.input.save()
+    assert_close(out.value, hooked(net, x, ["child"])["child"][0])
+    assert_close(inp.value, hooked(net, x, ["child"], inputs=True)["child"][0])
+    assert paths["wraps"] == 1 and paths["reads"] == 1
+    with pytest.raises(MissedSiteError, match="ran 1 time"):
+        with model.trace(x):
+            model.child.next().output.save()
+    assert_clean(net)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from sys import _getframe
 from types import MappingProxyType
 from typing import Any
 
@@ -409,6 +410,11 @@ class _Wrap:
         if pre is None:
 
             def forward(*args, **kwargs):
+                caller = _getframe(1).f_code
+                if (
+                    caller is not _CALL_IMPL and caller is not _SLOW_FORWARD
+                ):  # `module.forward(x)`: no hooks run
+                    return own(*args, **kwargs)
                 output = own(*args, **kwargs)
                 new = post(module, args, kwargs, output)
                 return output if new is None else new
@@ -416,6 +422,9 @@ class _Wrap:
         else:
 
             def forward(*args, **kwargs):
+                caller = _getframe(1).f_code
+                if caller is not _CALL_IMPL and caller is not _SLOW_FORWARD:
+                    return own(*args, **kwargs)
                 new = pre(module, args, kwargs)
                 if new is not None:
                     args, kwargs = new
@@ -435,11 +444,18 @@ class _Wrap:
             del d["forward"]
 
 
+# the code of the frames that call a module's forward on `module(...)`: only those calls run hooks (and a wrap's)
+_CALL_IMPL = torch.nn.Module._call_impl.__code__
+_SLOW_FORWARD = torch.nn.Module._slow_forward.__code__
+_call_impl = torch.nn.Module._call_impl
+
+
 def _wrappable(mod: torch.nn.Module) -> bool:
     """May ``_Wrap`` stand in for hooks on ``mod``? Not when anything else runs around its forward: its own or
     global forward hooks (ours would run before them, not after), backward hooks (torch wraps the inputs between
-    the pre-hooks and the forward), a forward already set on the instance (accelerate's, a reuse swap), or a
-    scripted module."""
+    the pre-hooks and the forward), a forward already set on the instance (accelerate's, a reuse swap), a
+    scripted module, or a class with its own ``_call_impl``. The wrap runs the hooks only when torch's
+    ``_call_impl`` calls it: a parent calling ``child.forward(x)`` runs no hooks, and so no wrap's."""
     return not (
         mod._forward_hooks
         or mod._forward_pre_hooks
@@ -449,6 +465,7 @@ def _wrappable(mod: torch.nn.Module) -> bool:
         or _torch_module._global_forward_hooks
         or _torch_module._global_forward_pre_hooks
         or isinstance(mod, torch.jit.ScriptModule)
+        or type(mod)._call_impl is not _call_impl
     )
 
 
