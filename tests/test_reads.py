@@ -8,6 +8,8 @@ the fast path really ran (or really did not, where it must not), and that nothin
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.modules.module as torch_module
@@ -263,4 +265,27 @@ def test_a_direct_forward_call_is_not_a_hooked_call(paths):
     with pytest.raises(MissedSiteError, match="ran 1 time"):
         with model.trace(x):
             model.child.next().output.save()
+    assert_clean(net)
+
+
+class ReadsItsSignature(torch.nn.Module):
+    """Reads its child's forward signature while running (as transformers' generate does with its own)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.child = torch.nn.Linear(3, 3)
+        self.seen: list = []
+
+    def forward(self, x):
+        self.seen.append(list(inspect.signature(self.child.forward).parameters))
+        return self.child(x)
+
+
+def test_a_wrapped_forward_keeps_its_signature(paths):
+    net = ReadsItsSignature()
+    model = NNsight(net)
+    with model.trace(torch.rand(1, 3)):
+        model.child.output.save()
+    assert net.seen == [["input"]] and paths["wraps"] == 1
     assert_clean(net)

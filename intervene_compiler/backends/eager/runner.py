@@ -435,6 +435,9 @@ class _Wrap:
                         return new
                 return output
 
+        forward.__wrapped__ = (
+            own  # inspect.signature(module.forward) (transformers reads it) sees the class's
+        )
         self.forward = forward
         module.__dict__["forward"] = forward
 
