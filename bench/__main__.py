@@ -1,4 +1,4 @@
-"""``python -m bench run --quick|--full [--out DIR] [--only overhead,patching,...]``: see bench/README.md.
+"""``python -m bench run --quick|--full [--out DIR] [--only overhead,...] [--device cuda]``: see bench/README.md.
 
 Exit status 1 when a workload errored or its systems disagreed; timings never fail a run.
 """
@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--threads", type=int, default=1, help="torch threads for the timed runs (default 1)")
     run.add_argument(
+        "--device",
+        default="cpu",
+        help="where models, inputs and timed calls live: cpu (default), cuda, cuda:N (timings synchronized)",
+    )
+    run.add_argument(
         "--no-peers", action="store_true", help="skip nnsight / TransformerLens even when installed"
     )
     run.add_argument("--no-floors", action="store_true", help="skip the compiled plain-PyTorch floors")
@@ -55,14 +60,21 @@ def run(
     peers: bool = True,
     floors: bool = True,
     fresh_cache: bool = True,
+    device: str = "cpu",
 ):
     """Run workloads; returns their results (and writes ``out`` unless it is None).
 
-    The process is left as found: torch's thread count and the environment variables set here are restored.
+    ``device``: cpu, cuda or cuda:N; a device this machine lacks raises ``SystemExit`` with the reason before
+    anything runs. The process is left as found: torch's thread count, the environment variables set here and
+    the timing helpers' synchronization are restored.
     """
     import warnings
 
     import torch
+
+    from .harness import check_device
+
+    check_device(device)
 
     saved_env = {
         k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
@@ -76,12 +88,14 @@ def run(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(threads)
     from . import report
-    from .harness import log, settings_for
+    from .harness import device_label, log, restore_sync, settings_for, use_device
     from .workloads import ALL
 
     settings = settings_for(mode)
     settings.peers = peers
     settings.floors = floors and settings.floors
+    settings.device = device
+    label = device_label(device)
     keys = only or list(ALL)
     unknown = [k for k in keys if k not in ALL]
     if unknown:
@@ -90,13 +104,17 @@ def run(
         report.protect(out)
     results = []
     start = time.perf_counter()
+    saved_sync = use_device(device)
     try:
+        if label != "cpu":
+            log(f"device {label}: timings synchronize it before every clock read")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             for key in keys:
                 log(f"workload {key} ({mode})")
                 result = ALL[key].run(settings)
+                result.device = label
                 results.append(result)
                 print(result.summary, flush=True)
                 if out is not None:
@@ -105,6 +123,7 @@ def run(
                 path = report.write(out, mode)
                 print(f"report: {path} ({time.perf_counter() - start:.0f} s)", flush=True)
     finally:
+        restore_sync(saved_sync)
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
         torch.set_num_threads(saved_threads)
@@ -132,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         peers=not args.no_peers,
         floors=not args.no_floors,
         fresh_cache=not args.warm_inductor_cache,
+        device=args.device,
     )
     failed = [r for r in results if r.failed]
     for r in failed:

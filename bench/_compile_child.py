@@ -1,6 +1,7 @@
 """One compile-cost measurement in a fresh process (run by ``bench.workloads.compile_cost``; prints one JSON line).
 
-``python -m bench._compile_child --system ours|ours_program|plain --mode quick`` builds the sweep model, times the
+``python -m bench._compile_child --system ours|ours_program|plain --mode quick [--device cuda]`` builds the sweep
+model (on ``--device``; on CUDA every step is synchronized before the clock is read), times the
 eager patch step, then the first compiled call (cold or warm depending on ``TORCHINDUCTOR_CACHE_DIR``'s contents), the steady
 compiled step over a layer x position sweep, and a compile of the same structure again in this process after
 dropping the compiled program (warm in-process caches). ``ours`` traces with the default settings (on GPT-2-small
@@ -25,16 +26,26 @@ def main() -> None:
     ap.add_argument("--system", choices=("ours", "ours_program", "plain"), required=True)
     ap.add_argument("--mode", default="quick")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     from . import models
-    from .harness import settings_for
+    from .harness import check_device, settings_for
 
-    settings = settings_for(args.mode)
     imported = time.perf_counter() - _START
+    check_device(args.device)
+    settings = settings_for(args.mode)
+    settings.device = args.device
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync():  # before every clock read: a step's queued CUDA kernels count in its time (nothing on CPU)
+        if cuda:
+            torch.cuda.synchronize(device)
+
     hf = models.gpt2(settings, settings.sweep_layers)
     clean = models.token_ids(settings, seed=1)
     corrupt = models.token_ids(settings, seed=2)
@@ -71,11 +82,15 @@ def main() -> None:
 
         stats = ic.compile_stats
     else:
-        state = {"layer": torch.zeros((), dtype=torch.long), "pos": torch.zeros(1, dtype=torch.long)}
+        state = {
+            "layer": torch.zeros((), dtype=torch.long, device=device),
+            "pos": torch.zeros(1, dtype=torch.long, device=device),
+        }
         stacked = torch.stack([cache[i] for i in range(len(blocks))])
 
         def gate(m, args_, o, i):
-            patched = o.index_put((torch.arange(o.shape[0]), state["pos"]), stacked[i][0, state["pos"]])
+            rows = torch.arange(o.shape[0], device=o.device)
+            patched = o.index_put((rows, state["pos"]), stacked[i][0, state["pos"]])
             return torch.where(state["layer"] == i, patched, o)
 
         for i in range(len(blocks)):
@@ -100,22 +115,30 @@ def main() -> None:
     eager_times, values = [], []
     step(*plan[0], False)  # warm-up
     for layer, pos in plan:
+        sync()
         t = time.perf_counter()
         values.append(float(step(layer, pos, False)))
+        sync()
         eager_times.append(time.perf_counter() - t)
     before = stats()
+    sync()
     t = time.perf_counter()
     first_value = float(step(*plan[0], True))
+    sync()
     first = time.perf_counter() - t
     compiled_times, compiled_values = [], [first_value]
     for layer, pos in plan[1:]:
+        sync()
         t = time.perf_counter()
         compiled_values.append(float(step(layer, pos, True)))
+        sync()
         compiled_times.append(time.perf_counter() - t)
     after = stats()
     drop()
+    sync()
     t = time.perf_counter()
     step(*plan[0], True)
+    sync()
     warm_same = time.perf_counter() - t
     print(
         json.dumps(

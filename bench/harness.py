@@ -49,6 +49,11 @@ class Settings:
     peers: bool = True  # run nnsight / TransformerLens rows when installed
     floors: bool = True  # run the compiled plain-PyTorch floors
     time_it: bool = True  # False: correctness checks only (the smoke test)
+    device: str = "cpu"  # where every model, input and timed call lives (--device; see check_device)
+
+    @property
+    def cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
 
     @property
     def full_shapes(self) -> bool:
@@ -147,14 +152,75 @@ def peer(name: str, settings: Settings | None = None) -> tuple[Any, str]:
     return mod, str(version)
 
 
+# -- device ------------------------------------------------------------------------------------------------------
+
+
+def check_device(device: str) -> None:
+    """Raise ``SystemExit`` with the reason when a run cannot use ``device`` (before any workload runs)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise SystemExit(f"bench: --device {device!r} is not a torch device ({error_line(e)})") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise SystemExit(f"bench: --device {device!r}: only cpu and cuda (cuda, cuda:N) are supported")
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            f"bench: --device {device}: CUDA is not available here (torch {torch.__version__}, built for "
+            f"CUDA {torch.version.cuda or 'none'}); run on a machine with an NVIDIA GPU and a CUDA build of "
+            "torch, or use --device cpu"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(
+            f"bench: --device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def device_label(device: str) -> str:
+    """What the report says the numbers were measured on: ``cpu``, or ``cuda:0 (<GPU name>, CUDA <version>)``."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return str(dev)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)}, CUDA {torch.version.cuda})"
+
+
 # -- timing ------------------------------------------------------------------------------------------------------
+
+# Set by ``bench.__main__.run`` (use_device) for a run on a CUDA device: every clock read of the timing helpers
+# waits for the kernels queued so far. None on CPU: no synchronization at all there.
+_sync: Callable[[], None] | None = None
+
+
+def use_device(device: str) -> Callable[[], None] | None:
+    """Make the timing helpers synchronize ``device`` (CUDA) around clock reads; returns the previous setting
+    (hand it to :func:`restore_sync`)."""
+    global _sync
+    previous = _sync
+    dev = torch.device(device)
+    _sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+    return previous
+
+
+def restore_sync(previous: Callable[[], None] | None) -> None:
+    global _sync
+    _sync = previous
+
+
+def sync() -> None:
+    """Wait for the kernels queued on the run's CUDA device; nothing on CPU. Call before every clock read."""
+    if _sync is not None:
+        _sync()
 
 
 def _sample(fn: Callable[[], Any], n: int) -> float:
     """Seconds per call of ``fn`` over ``n`` back-to-back calls."""
+    sync()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    sync()
     return (time.perf_counter() - start) / n
 
 
@@ -185,8 +251,10 @@ def interleaved(
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """``(seconds, result)`` of one call."""
     gc.collect()
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - start, out
 
 
@@ -287,6 +355,7 @@ class WorkloadResult:
     mode: str = ""
     when: str = ""
     plots: list[dict] = field(default_factory=list)  # {"metric", "title", "log"}: one panel each
+    device: str = "cpu"  # device_label() of the run (results saved before --device existed are CPU ones)
 
     def row(self, system: str, group: str = "") -> Row | None:
         for r in self.rows:
@@ -343,6 +412,22 @@ def compile_note(stats: dict) -> str:
 
 
 FELL_BACK = "FELL BACK TO EAGER"
+
+
+PEER_FAILED = "failed on this device"
+
+
+def peer_attempt(settings: Settings, role: str, fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(fn(), None)``; on a CUDA run a peer that errors gives ``(None, row status with the reason)`` instead of
+    failing the workload (a peer without CUDA support is reported in its row). On CPU, and for every system that
+    is not a peer, the error is raised as before."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a peer's on CUDA
+        if role != "peer" or not settings.cuda:
+            raise
+        traceback.print_exc()
+        return None, f"{PEER_FAILED} ({settings.device}): {error_line(e)}"
 
 
 def error_line(e: BaseException) -> str:

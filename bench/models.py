@@ -1,5 +1,8 @@
 """Models built from configs with seeded random weights, and the peers' wrappers around copies of them.
 
+Weights and inputs are generated on the CPU (the same values whatever the device) and then moved to
+``settings.device``; a wrapper of a peer wraps a module that is already there.
+
 Every system gets its own copy of the weights (``copy.deepcopy``): the compiled backend keeps inert dispatcher
 hooks installed between calls and peers may wrap modules, and neither may leak into another system's timing.
 """
@@ -20,7 +23,8 @@ from .harness import Settings
 
 
 def gpt2(settings: Settings, n_layer: int, seed: int = 0, init_range: float = 0.02):
-    """A ``GPT2LMHeadModel`` with GPT-2-small shapes (``settings``' width/heads/vocab), eager attention, eval."""
+    """A ``GPT2LMHeadModel`` with GPT-2-small shapes (``settings``' width/heads/vocab), eager attention, eval, on
+    ``settings.device``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -36,16 +40,17 @@ def gpt2(settings: Settings, n_layer: int, seed: int = 0, init_range: float = 0.
         initializer_range=init_range,
         attn_implementation="eager",
     )
-    return GPT2LMHeadModel(config).eval().requires_grad_(False)
+    return GPT2LMHeadModel(config).eval().requires_grad_(False).to(settings.device)
 
 
 def copies(model: torch.nn.Module, n: int) -> list[torch.nn.Module]:
-    return [copy.deepcopy(model) for _ in range(n)]
+    return [copy.deepcopy(model) for _ in range(n)]  # on the model's device
 
 
 def token_ids(settings: Settings, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    """Random prompt ids ``(batch, tokens)``, drawn on the CPU (same ids on every device), on ``settings.device``."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, settings.vocab, (batch, settings.tokens), generator=g)
+    return torch.randint(1, settings.vocab, (batch, settings.tokens), generator=g).to(settings.device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,8 +92,9 @@ def nnsight_model(module: torch.nn.Module, language: bool = False):
         return nnsight.NNsight(module)
 
 
-def tl_bridge(module: torch.nn.Module):
-    """TransformerLens 4's ``TransformerBridge`` around a (copied) HF GPT-2 (``HookedTransformer`` is gone in 4.x)."""
+def tl_bridge(module: torch.nn.Module, device: str):
+    """TransformerLens 4's ``TransformerBridge`` around a (copied) HF GPT-2 (``HookedTransformer`` is gone in 4.x)
+    already on ``device`` (the bridge records it as ``cfg.device``)."""
     import logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,7 +104,7 @@ def tl_bridge(module: torch.nn.Module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers(
-            "gpt2", hf_model=module, tokenizer=tokenizer(), device="cpu"
+            "gpt2", hf_model=module, tokenizer=tokenizer(), device=device
         )
 
 

@@ -98,13 +98,28 @@ def table(result: WorkloadResult) -> list[str]:
 
 
 def markdown(results: list[WorkloadResult], mode: str, plots: dict[str, str]) -> str:
-    info = machine()
-    out = [f"# Benchmarks ({mode} mode)", ""]
+    devices = list(dict.fromkeys(r.device for r in results)) or ["cpu"]
+    gpu = any(d != "cpu" for d in devices)
+    info = {"device": " + ".join(devices), **machine()}
+    out = [f"# Benchmarks ({mode} mode" + (f", {' + '.join(devices)})" if gpu else ")"), ""]
     out.append(
         f"Written {time.strftime('%Y-%m-%d %H:%M')}. Machine: "
         + ", ".join(f"{k} {v}" for k, v in info.items())
     )
     out.append("")
+    if len(devices) > 1:
+        out.append(
+            f"**These results come from more than one device ({', '.join(devices)}): each workload says which; "
+            "do not compare across them. Write each device's runs to its own --out folder.**"
+        )
+        out.append("")
+    if gpu:
+        out.append(
+            "On a CUDA device, models, inputs and every timed call live on the GPU; every timing synchronizes the "
+            "device (torch.cuda.synchronize) before it reads the clock, and the memory workload reads the CUDA "
+            "caching allocator's peak (torch.cuda.max_memory_allocated). Torch threads only affect CPU work."
+        )
+        out.append("")
     out.append(
         "Ratios divide a row's first metric (a time; peak memory in the memory workload) by the plain-PyTorch-"
         'eager baseline\'s of its table ("vs plain eager") and by the compiled plain floor\'s ("vs floor"): '
@@ -129,7 +144,8 @@ def markdown(results: list[WorkloadResult], mode: str, plots: dict[str, str]) ->
     for r in results:
         out.append(f"## {r.title}")
         out.append("")
-        out.append(f"Measures: {r.measures}. Measured {r.when}, {r.seconds:.0f} s.")
+        where = f" on {r.device}" if gpu else ""
+        out.append(f"Measures: {r.measures}. Measured {r.when}{where}, {r.seconds:.0f} s.")
         out.append("")
         if r.failed:
             out.append(f"**FAILED: {r.failed}**")
@@ -187,7 +203,9 @@ def plot(out: str, result: WorkloadResult) -> str | None:
         ax.set_title(spec["title"], fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(
-        f"{result.title} ({result.mode}): grey plain eager, olive compiled plain, blue ours, orange peers",
+        f"{result.title} ({result.mode}"
+        + (f", {result.device}" if result.device != "cpu" else "")
+        + "): grey plain eager, olive compiled plain, blue ours, orange peers",
         fontsize=9,
     )
     fig.tight_layout()

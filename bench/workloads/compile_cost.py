@@ -50,7 +50,7 @@ def _child(system: str, settings: Settings, cache_dir: str) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONWARNINGS="ignore")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench._compile_child", "--system", system, "--mode", settings.mode]
-    cmd += ["--threads", str(torch.get_num_threads())]
+    cmd += ["--threads", str(torch.get_num_threads()), "--device", settings.device]
     proc = subprocess.run(
         cmd, cwd=os.path.dirname(root), env=env, capture_output=True, text=True, timeout=1200
     )
@@ -77,6 +77,7 @@ def run(settings: Settings) -> WorkloadResult:
         result.notes.append(
             f"model: {settings.sweep_layers} blocks, width {settings.width}, vocab {settings.vocab}, "
             f"{settings.tokens}-token prompt"
+            + (f"; on {settings.device} in every process (steps synchronized)" if settings.cuda else "")
             + (
                 ""
                 if settings.full_shapes

@@ -32,6 +32,7 @@ from ..harness import (
     log,
     median,
     peer,
+    peer_attempt,
     ratio,
 )
 
@@ -134,7 +135,9 @@ def run(settings: Settings) -> WorkloadResult:
         ids = models.token_ids(settings, seed=3)
         n = settings.gen_tokens
         layer = int(n_layer * LAYER_FRACTION)
-        steer = torch.randn(settings.width, generator=torch.Generator().manual_seed(4)) * 8
+        steer = (torch.randn(settings.width, generator=torch.Generator().manual_seed(4)) * 8).to(
+            settings.device
+        )
         pad = models.pad_id()
         block = f"transformer.h.{layer}"
         result.notes.append(
@@ -161,7 +164,10 @@ def run(settings: Settings) -> WorkloadResult:
         if nnsight is None:
             systems.append(Gen("nnsight", "peer", None, status=f"{NOT_INSTALLED}: {why}"))
         else:
-            systems.append(Gen("nnsight", "peer", _nnsight(copies[4], ids, n, layer, steer, pad)))
+            fn, failed = peer_attempt(
+                settings, "peer", lambda: _nnsight(copies[4], ids, n, layer, steer, pad)
+            )
+            systems.append(Gen("nnsight", "peer", fn, status=failed or "ok"))
 
         outs = {}
         for s in systems:
@@ -170,12 +176,16 @@ def run(settings: Settings) -> WorkloadResult:
             log(f"{TITLE}: first run + check, {s.name}")
             before = ic.compile_stats()
             try:
-                outs[s.name] = s.fn()
+                out, failed = peer_attempt(settings, s.role, s.fn)
             except Exception as e:  # noqa: BLE001
                 if s.role == "ours":  # generation is being built: say what failed, do not fake a row
                     s.status, s.fn = f"{NOT_AVAILABLE}: {error_line(e)}", None
                     continue
                 raise
+            if failed:  # a peer that cannot run on this device (CUDA only): its row says why
+                s.status, s.fn = failed, None
+                continue
+            outs[s.name] = out
             if s.name == COMPILED:
                 after = ic.compile_stats()
                 add_compile_stats(s, before, after)
@@ -235,7 +245,7 @@ def _targets(result: WorkloadResult, settings: Settings) -> None:
     row = result.row("ours compile=True")
     result.targets.append(
         Target(
-            "ours compiled steered generation within 5% of raw HF generate (CPU)",
+            f"ours compiled steered generation within 5% of raw HF generate ({'CUDA' if settings.cuda else 'CPU'})",
             fmt_ratio(r) if r is not None else (row.status if row else "n/a"),
             None if r is None else r <= 1.05,
         )

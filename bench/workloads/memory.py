@@ -3,7 +3,9 @@
 Measured with ``torch.profiler`` (``profile_memory=True``): every CPU tensor allocation and free during one call,
 summed in time order; the peak is the most bytes alive at once above what was allocated before the call (the
 weights), the values the call hands back included. Python objects are not counted. Process RSS is not used: it
-never goes down, so it cannot separate systems measured in one process.
+never goes down, so it cannot separate systems measured in one process. On a CUDA device (``--device cuda``) the
+CUDA caching allocator's own counters are used instead: ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, minus ``memory_allocated`` before the call (block sizes as the allocator rounds them).
 
 Groups: saving one block's output (plain forward + one hook is the baseline; ours, nnsight), and caching every
 module's output (plain hooks on every module is the baseline; ours ``tracer.cache()``, nnsight ``tracer.cache()``,
@@ -30,6 +32,7 @@ from ..harness import (
     guarded,
     log,
     peer,
+    peer_attempt,
     ratio,
 )
 
@@ -49,6 +52,19 @@ class Probe:
     fn: Callable[[], object] | None  # one call; returns everything the user holds afterwards
     pick: Callable[[object], torch.Tensor] | None = None  # that object -> the block's output (for the check)
     status: str = "ok"
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: str) -> tuple[int, int, object]:
+    """``(peak, kept, result)`` on a CUDA device from the caching allocator's counters: the most bytes allocated at
+    once during ``fn()`` above what was allocated before it, and bytes still allocated after (``result`` alive)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    kept = torch.cuda.memory_allocated(device) - base
+    return peak, kept, out
 
 
 def peak_bytes(fn: Callable[[], object]) -> tuple[int, int, object]:
@@ -148,7 +164,7 @@ def _probes(settings: Settings, hf, ids, layer: int) -> list[Probe]:
         probes.append(Probe("nnsight", SAVE, "peer", None, status=f"{NOT_INSTALLED}: {why}"))
         probes.append(Probe("nnsight tracer.cache()", CACHE, "peer", None, status=f"{NOT_INSTALLED}: {why}"))
     else:
-        nn_model = models.nnsight_model(copies[1])
+        nn_model, failed = peer_attempt(settings, "peer", lambda: models.nnsight_model(copies[1]))
 
         def nn_one():
             with nn_model.trace(ids):
@@ -160,9 +176,17 @@ def _probes(settings: Settings, hf, ids, layer: int) -> list[Probe]:
                 cache = tracer.cache()
             return cache
 
-        probes.append(Probe("nnsight", SAVE, "peer", nn_one, lambda v: v))
+        ok = failed is None
+        probes.append(Probe("nnsight", SAVE, "peer", nn_one if ok else None, lambda v: v, failed or "ok"))
         probes.append(
-            Probe("nnsight tracer.cache()", CACHE, "peer", nn_all, lambda v: v[f"model.{path}"].output)
+            Probe(
+                "nnsight tracer.cache()",
+                CACHE,
+                "peer",
+                nn_all if ok else None,
+                lambda v: v[f"model.{path}"].output,
+                failed or "ok",
+            )
         )
     tl, why = peer("transformer_lens", settings)
     if tl is None:
@@ -170,7 +194,7 @@ def _probes(settings: Settings, hf, ids, layer: int) -> list[Probe]:
             Probe("TransformerLens run_with_cache", CACHE, "peer", None, status=f"{NOT_INSTALLED}: {why}")
         )
     else:
-        bridge = models.tl_bridge(copies[2])
+        bridge, failed = peer_attempt(settings, "peer", lambda: models.tl_bridge(copies[2], settings.device))
 
         def tl_all():
             return bridge.run_with_cache(ids)  # (logits, cache): what a user holds
@@ -180,23 +204,30 @@ def _probes(settings: Settings, hf, ids, layer: int) -> list[Probe]:
                 "TransformerLens run_with_cache",
                 CACHE,
                 "peer",
-                tl_all,
+                None if failed else tl_all,
                 lambda v: v[1][f"blocks.{layer}.hook_out"],
+                status=failed or "ok",
             )
         )
     return probes
 
 
 def run(settings: Settings) -> WorkloadResult:
-    result = WorkloadResult(
-        KEY,
-        TITLE,
-        measures="peak tensor memory of one call above the weights (torch.profiler allocation events), values "
-        "handed back included; ratios are peak / the plain-PyTorch baseline of the group",
-        primary=MB,
-        mode=settings.mode,
-    )
-    result.plots = [{"metric": MB, "title": "peak tensor memory of one call (MB)", "log": False}]
+    if settings.cuda:
+        measures = (
+            f"peak CUDA allocator memory of one call on {settings.device} above what was allocated before it "
+            "(the weights): torch.cuda.max_memory_allocated after reset_peak_memory_stats, values handed back "
+            "included; ratios are peak / the plain-PyTorch baseline of the group"
+        )
+        title = "peak CUDA allocator memory of one call (MB)"
+    else:
+        measures = (
+            "peak tensor memory of one call above the weights (torch.profiler allocation events), values "
+            "handed back included; ratios are peak / the plain-PyTorch baseline of the group"
+        )
+        title = "peak tensor memory of one call (MB)"
+    result = WorkloadResult(KEY, TITLE, measures=measures, primary=MB, mode=settings.mode)
+    result.plots = [{"metric": MB, "title": title, "log": False}]
 
     def body():
         n_layer = settings.memory_layers
@@ -210,15 +241,20 @@ def run(settings: Settings) -> WorkloadResult:
         probes = _probes(settings, hf, ids, layer)
         values: dict[str, dict[str, torch.Tensor]] = {SAVE: {}, CACHE: {}}
         for p in probes:
-            if p.fn is not None:
-                p.fn()  # warm-up (first-call allocations, nnsight's source cache)
+            if p.fn is not None:  # warm-up (first-call allocations, nnsight's source cache)
+                failed = peer_attempt(settings, p.role, p.fn)[1]  # the warm-up's result is not kept
+                if failed:  # a peer that cannot run on this device (CUDA only): its row says why
+                    p.fn, p.status = None, failed
         measured = {}
         for p in probes:
             if p.fn is None:
                 continue
             log(f"{TITLE}: {p.name}")
             gc.collect()
-            peak, kept, held = peak_bytes(p.fn)
+            if settings.cuda:
+                peak, kept, held = cuda_peak_bytes(p.fn, settings.device)
+            else:
+                peak, kept, held = peak_bytes(p.fn)
             values[p.group][p.name] = p.pick(held)
             measured[p.name] = (peak, kept, _count(held))
             del held

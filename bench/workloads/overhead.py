@@ -32,6 +32,7 @@ from ..harness import (
     log,
     median,
     peer,
+    peer_attempt,
     ratio,
 )
 
@@ -58,9 +59,9 @@ def _systems(
     tl_model: Callable[[torch.nn.Module], Any],
     tl_hook: str,
 ) -> list[System]:
-    """Every system on its own copy of ``module``, reading the output of the submodule at ``site``; ``output``
-    turns the model's return value into what is compared; TransformerLens wraps a copy with ``tl_model`` and
-    reads hook point ``tl_hook``."""
+    """Every system on its own copy of ``module`` (already on ``settings.device``, as ``inputs`` are), reading the
+    output of the submodule at ``site``; ``output`` turns the model's return value into what is compared;
+    TransformerLens wraps a copy with ``tl_model`` and reads hook point ``tl_hook``."""
     import intervene_compiler as ic
 
     copies = [copy.deepcopy(module) for _ in range(7)]
@@ -94,29 +95,40 @@ def _systems(
         systems.append(System(f"ours {'compile=True' if compile else 'eager'}", "ours", ours))
     nnsight, why = peer("nnsight", settings)
     if nnsight is not None:
-        nn_model = models.nnsight_model(copies[5])
-        envoy = nn_model
-        for part in site.split("."):
-            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
 
-        def nn_trace():
-            with nn_model.trace(inputs):
-                out = envoy.output.save()
-            return out
+        def nn_build():
+            envoy = nn_model = models.nnsight_model(copies[5])
+            for part in site.split("."):
+                envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
 
-        systems.append(System("nnsight", "peer", nn_trace))
+            def nn_trace():
+                with nn_model.trace(inputs):
+                    out = envoy.output.save()
+                return out
+
+            return nn_trace
+
+        nn_trace, failed = peer_attempt(settings, "peer", nn_build)
+        systems.append(System("nnsight", "peer", nn_trace, status=failed or "ok"))
     else:
         systems.append(System("nnsight", "peer", None, status=f"{NOT_INSTALLED}: {why}"))
     tl, why = peer("transformer_lens", settings)
     if tl is not None:
-        hooked_model = tl_model(copies[6])
+        hooked_model, failed = peer_attempt(settings, "peer", lambda: tl_model(copies[6]))
 
         def tl_hooks():
             box = []
             hooked_model.run_with_hooks(inputs, fwd_hooks=[(tl_hook, lambda act, hook: box.append(act))])
             return box[0]
 
-        systems.append(System("TransformerLens run_with_hooks", "peer", tl_hooks))
+        systems.append(
+            System(
+                "TransformerLens run_with_hooks",
+                "peer",
+                None if failed else tl_hooks,
+                status=failed or "ok",
+            )
+        )
     else:
         systems.append(
             System("TransformerLens run_with_hooks", "peer", None, status=f"{NOT_INSTALLED}: {why}")
@@ -127,18 +139,25 @@ def _systems(
 def _mlp_systems(settings: Settings) -> tuple[list[System], str]:
     from intervene_compiler.testing import tiny_mlp
 
-    x = torch.rand(1, 5, generator=torch.Generator().manual_seed(0))
-    systems = _systems(settings, tiny_mlp(), x, "layer1", lambda out: out, models.tl_mlp, "hook_layer1")
+    x = torch.rand(1, 5, generator=torch.Generator().manual_seed(0)).to(settings.device)
+    net = tiny_mlp().to(settings.device)
+    systems = _systems(settings, net, x, "layer1", lambda out: out, models.tl_mlp, "hook_layer1")
     return systems, "tiny MLP (1x5 -> 10 -> 2), saves layer1"
 
 
 def _transformer_systems(settings: Settings) -> tuple[list[System], str]:
     from intervene_compiler.testing import tiny_gpt2
 
-    hf = tiny_gpt2(n_layer=2).requires_grad_(False)
-    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    hf = tiny_gpt2(n_layer=2).requires_grad_(False).to(settings.device)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0)).to(settings.device)
     systems = _systems(
-        settings, hf, ids, "transformer.h.0", lambda out: out.logits, models.tl_bridge, "blocks.0.hook_out"
+        settings,
+        hf,
+        ids,
+        "transformer.h.0",
+        lambda out: out.logits,
+        lambda module: models.tl_bridge(module, settings.device),
+        "blocks.0.hook_out",
     )
     return systems, "tiny GPT-2 (2 blocks, width 32, vocab 128, 8 tokens), saves block 0's output"
 
@@ -163,7 +182,13 @@ def run(settings: Settings) -> WorkloadResult:
             live = [s for s in systems if s.fn is not None]
             before = ic.compile_stats()  # only "ours compile=True" runs our compiled backend in a group
             # 1. correctness before timing (this first call also compiles the compiled systems)
-            outs = {s.name: s.fn() for s in live}
+            outs = {}
+            for s in live:
+                outs[s.name], failed = peer_attempt(settings, s.role, s.fn)
+                if failed:  # a peer that cannot run on this device (CUDA only): its row says why
+                    s.fn, s.status = None, failed
+                    del outs[s.name]
+            live = [s for s in live if s.fn is not None]
             saved = {s.name: outs[s.name] for s in live if s.kind == "saved"}
             output = {s.name: outs[s.name] for s in live if s.kind == "output"}
             result.checks.append(check_same(f"{group}: saved value", saved, "raw forward + hook"))

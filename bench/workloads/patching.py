@@ -32,6 +32,7 @@ from ..harness import (
     log,
     median,
     peer,
+    peer_attempt,
     ratio,
     timed,
 )
@@ -69,7 +70,7 @@ def _plain_loop(hf, clean, corrupt):
         finally:
             for h in handles:
                 h.remove()
-        out = torch.empty(len(layers), len(positions))
+        out = torch.empty(len(layers), len(positions), device=corrupt.device)
         for li, layer in enumerate(layers):
             for pi, pos in enumerate(positions):
 
@@ -90,12 +91,12 @@ def _plain_loop(hf, clean, corrupt):
 def _plain_batched_compiled(hf, clean, corrupt):
     """The floor: plain hooks on every block gated by a layer tensor, one batched forward per layer, compiled."""
     blocks = hf.transformer.h
-    state = {"layer": torch.zeros((), dtype=torch.long), "pos": None, "clean": None}
+    state = {"layer": torch.zeros((), dtype=torch.long, device=corrupt.device), "pos": None, "clean": None}
 
     def gate(m, a, o, i):
         if state["pos"] is None:
             return None
-        rows = torch.arange(o.shape[0])
+        rows = torch.arange(o.shape[0], device=o.device)
         patched = o.index_put((rows, state["pos"]), state["clean"][i][0, state["pos"]])
         return torch.where(state["layer"] == i, patched, o)
 
@@ -116,9 +117,9 @@ def _plain_batched_compiled(hf, clean, corrupt):
             for h in handles:
                 h.remove()
         state["clean"] = torch.stack([cache[i] for i in every])
-        state["pos"] = torch.tensor(positions)
+        state["pos"] = torch.tensor(positions, device=corrupt.device)
         batch = corrupt.expand(len(positions), -1)
-        out = torch.empty(len(layers), len(positions))
+        out = torch.empty(len(layers), len(positions), device=corrupt.device)
         try:
             for li, layer in enumerate(layers):
                 state["layer"].fill_(layer)
@@ -145,7 +146,7 @@ def _ours_loop(hf, clean, corrupt, compile):
 
     def sweep(layers, positions):
         cache = _ours_clean_run(model, clean, layers)
-        out = torch.empty(len(layers), len(positions))
+        out = torch.empty(len(layers), len(positions), device=corrupt.device)
         for li, layer in enumerate(layers):
             for pi, pos in enumerate(positions):
                 with model.trace(corrupt, compile=compile):
@@ -189,7 +190,7 @@ def _nnsight_loop(hf, clean, corrupt):
         with lm.trace(clean):
             for i in layers:
                 cache.append(lm.transformer.h[i].output.save())
-        out = torch.empty(len(layers), len(positions))
+        out = torch.empty(len(layers), len(positions), device=corrupt.device)
         for li, layer in enumerate(layers):
             source = cache[li]
             for pi, pos in enumerate(positions):
@@ -211,7 +212,7 @@ def _nnsight_batched(hf, clean, corrupt):
         with lm.trace(clean):
             for i in layers:
                 cache.append(lm.transformer.h[i].output.save())
-        out = torch.empty(len(layers), len(positions))
+        out = torch.empty(len(layers), len(positions), device=corrupt.device)
         for li, layer in enumerate(layers):
             source = cache[li]
             diffs = []
@@ -228,12 +229,12 @@ def _nnsight_batched(hf, clean, corrupt):
 
 
 def _tl_loop(hf, clean, corrupt):
-    bridge = models.tl_bridge(hf)
+    bridge = models.tl_bridge(hf, str(corrupt.device))
 
     def sweep(layers, positions):
         names = {f"blocks.{i}.hook_out" for i in layers}
         _, cache = bridge.run_with_cache(clean, names_filter=lambda n: n in names)
-        out = torch.empty(len(layers), len(positions))
+        out = torch.empty(len(layers), len(positions), device=corrupt.device)
         for li, layer in enumerate(layers):
             source = cache[f"blocks.{layer}.hook_out"]
             for pi, pos in enumerate(positions):
@@ -294,16 +295,18 @@ def _systems(settings: Settings, hf, clean, corrupt) -> list[Sweep]:
         if nnsight is None:
             systems.append(Sweep(name, "peer", None, status=f"{NOT_INSTALLED}: {why}"))
         else:
-            systems.append(Sweep(name, "peer", build(copies[i], clean, corrupt)))
+            fn, failed = peer_attempt(
+                settings, "peer", lambda build=build, i=i: build(copies[i], clean, corrupt)
+            )
+            systems.append(Sweep(name, "peer", fn, status=failed or "ok"))
     tl, why = peer("transformer_lens", settings)
     if tl is None:
         systems.append(
             Sweep("TransformerLens run_with_hooks loop", "peer", None, status=f"{NOT_INSTALLED}: {why}")
         )
     else:
-        systems.append(
-            Sweep("TransformerLens run_with_hooks loop", "peer", _tl_loop(copies[7], clean, corrupt))
-        )
+        fn, failed = peer_attempt(settings, "peer", lambda: _tl_loop(copies[7], clean, corrupt))
+        systems.append(Sweep("TransformerLens run_with_hooks loop", "peer", fn, status=failed or "ok"))
     return systems
 
 
@@ -364,8 +367,15 @@ def run(settings: Settings) -> WorkloadResult:
         for s in live:
             log(f"{TITLE}: first use + check, {s.name}")
             before = ic.compile_stats()
-            first[s.name], outs[s.name] = timed(lambda s=s: s.fn(check_layers, positions))
+            took, failed = peer_attempt(
+                settings, s.role, lambda s=s: timed(lambda: s.fn(check_layers, positions))
+            )
+            if failed:  # a peer that cannot run on this device (CUDA only): its row says why
+                s.fn, s.status = None, failed
+                continue
+            first[s.name], outs[s.name] = took
             add_compile_stats(s, before, ic.compile_stats())
+        live = [s for s in live if s.fn is not None]
         result.checks.append(
             check_same(
                 f"logit differences, layers {check_layers} x {len(positions)} positions",

@@ -33,7 +33,9 @@ from ..harness import (
     log,
     median,
     peer,
+    peer_attempt,
     ratio,
+    sync,
 )
 
 KEY = "training"
@@ -140,7 +142,7 @@ def run(settings: Settings) -> WorkloadResult:
         ids = models.token_ids(settings, batch=settings.train_batch, seed=5)
         target = torch.randint(
             0, settings.vocab, (settings.train_batch,), generator=torch.Generator().manual_seed(6)
-        )
+        ).to(settings.device)
         layer = n_layer // 2
         result.notes.append(
             f"{settings.train_steps} Adam steps (lr {LR}), batch {settings.train_batch} x {settings.tokens} tokens, "
@@ -169,18 +171,23 @@ def run(settings: Settings) -> WorkloadResult:
         if nnsight is None:
             systems.append(Trainer("nnsight", "peer", None, status=f"{NOT_INSTALLED}: {why}"))
         else:
-            systems.append(Trainer("nnsight", "peer", _nnsight(copies[4], ids, target, layer)))
+            make, failed = peer_attempt(settings, "peer", lambda: _nnsight(copies[4], ids, target, layer))
+            systems.append(Trainer("nnsight", "peer", make, status=failed or "ok"))
         live = [s for s in systems if s.make is not None]
 
         # check before timing: first step's loss and gradient (also the compiles)
         firsts = {}
         for s in live:
             log(f"{TITLE}: first step + check, {s.name}")
-            vec = torch.zeros(settings.width, requires_grad=True)
+            vec = torch.zeros(settings.width, requires_grad=True, device=settings.device)
             before = ic.compile_stats()
-            loss = s.make(vec)()
+            loss, failed = peer_attempt(settings, s.role, lambda s=s, vec=vec: s.make(vec)())
+            if failed:  # a peer that cannot run on this device (CUDA only): its row says why
+                s.make, s.status = None, failed
+                continue
             add_compile_stats(s, before, ic.compile_stats())
             firsts[s.name] = (loss, vec.grad.clone())
+        live = [s for s in live if s.make is not None]
         result.checks.append(
             check_same(
                 "first step (loss, vector gradient)", firsts, "plain hooks eager", rtol=1e-3, atol=1e-5
@@ -190,7 +197,7 @@ def run(settings: Settings) -> WorkloadResult:
         # training, steps interleaved across systems
         vecs, opts, steps = {}, {}, {}
         for s in live:
-            vec = torch.zeros(settings.width, requires_grad=True)
+            vec = torch.zeros(settings.width, requires_grad=True, device=settings.device)
             vecs[s.name], opts[s.name] = vec, torch.optim.Adam([vec], lr=LR)
             steps[s.name] = s.make(vec)
         times: dict[str, list[float]] = {s.name: [] for s in live}
@@ -198,10 +205,12 @@ def run(settings: Settings) -> WorkloadResult:
         for _ in range(settings.train_steps):
             for s in live:
                 before = ic.compile_stats()
+                sync()  # CUDA: the queued kernels of the previous step are not this one's (no-op on CPU)
                 start = time.perf_counter()
                 opts[s.name].zero_grad()
                 steps[s.name]()
                 opts[s.name].step()
+                sync()
                 times[s.name].append(time.perf_counter() - start)
                 add_compile_stats(s, before, ic.compile_stats())
         trained = {k: v.detach() for k, v in vecs.items()}
