@@ -289,3 +289,16 @@ def test_a_wrapped_forward_keeps_its_signature(paths):
         model.child.output.save()
     assert net.seen == [["input"]] and paths["wraps"] == 1
     assert_clean(net)
+
+
+def test_a_module_compiled_in_place_is_hooked(paths):
+    net = tiny_mlp()
+    net.layer2.compile()  # Dynamo runs layer2's calls: it keeps the hooks it had (none), not a wrap
+    model = NNsight(net)
+    assert not runner._wrappable(net.layer2) and runner._wrappable(net.layer1)
+    x = torch.rand(2, 5)
+    with model.trace(x):
+        h = model.layer1.output.save()
+    assert_close(h.value, net.layer1(x))
+    assert paths["wraps"] == 1
+    assert_clean(net)

@@ -411,9 +411,8 @@ class _Wrap:
 
             def forward(*args, **kwargs):
                 caller = _getframe(1).f_code
-                if (
-                    caller is not _CALL_IMPL and caller is not _SLOW_FORWARD
-                ):  # `module.forward(x)`: no hooks run
+                # `module.forward(x)` called directly (not by `module(x)`): hooks would not run
+                if caller is not _CALL_IMPL and caller is not _SLOW_FORWARD:
                     return own(*args, **kwargs)
                 output = own(*args, **kwargs)
                 new = post(module, args, kwargs, output)
@@ -435,9 +434,8 @@ class _Wrap:
                         return new
                 return output
 
-        forward.__wrapped__ = (
-            own  # inspect.signature(module.forward) (transformers reads it) sees the class's
-        )
+        # inspect.signature(module.forward), which transformers reads, sees the class forward's signature
+        forward.__wrapped__ = own
         self.forward = forward
         module.__dict__["forward"] = forward
 
@@ -457,7 +455,7 @@ def _wrappable(mod: torch.nn.Module) -> bool:
     """May ``_Wrap`` stand in for hooks on ``mod``? Not when anything else runs around its forward: its own or
     global forward hooks (ours would run before them, not after), backward hooks (torch wraps the inputs between
     the pre-hooks and the forward), a forward already set on the instance (accelerate's, a reuse swap), a
-    scripted module, or a class with its own ``_call_impl``. The wrap runs the hooks only when torch's
+    module compiled in place (``module.compile()``), a scripted module, or a class with its own ``_call_impl``. The wrap runs the hooks only when torch's
     ``_call_impl`` calls it: a parent calling ``child.forward(x)`` runs no hooks, and so no wrap's."""
     return not (
         mod._forward_hooks
@@ -465,6 +463,7 @@ def _wrappable(mod: torch.nn.Module) -> bool:
         or mod._backward_hooks
         or mod._backward_pre_hooks
         or "forward" in mod.__dict__
+        or mod.__dict__.get("_compiled_call_impl") is not None  # module.compile(): Dynamo runs its calls
         or _torch_module._global_forward_hooks
         or _torch_module._global_forward_pre_hooks
         or isinstance(mod, torch.jit.ScriptModule)
