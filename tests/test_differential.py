@@ -593,7 +593,7 @@ def test_compiled_eager_hooks_agree(models, family, index):
         assert set(eager) == set(compiled) == set(reference), program
         for reg in reference:
             _assert_same(eager[reg], reference[reg], f"eager != hooks for {reg}", program)
-            _assert_same(compiled[reg], eager[reg], f"compiled != eager for {reg}", program)
+            _assert_same(compiled[reg], eager[reg], f"compiled != eager for {reg}", program, **COMPILED_TOL)
     assert ic.compile_stats()["compiles"] - start["compiles"] <= 1  # one structure, at most one compile
     assert_clean(plain)
 
@@ -641,8 +641,14 @@ def test_reused_and_layered_runs_agree_with_hooks(models, family, index, monkeyp
     assert_clean(plain)
 
 
-def _assert_same(actual, expected, what: str, program: str) -> None:
-    assert_close(actual, expected, msg=lambda m: f"{what}: {m}\n{program}")
+# Inductor fuses and reorders reductions, so compiled float32 rounds differently from eager. The default float32
+# tolerance (atol 1e-5) is too tight where a write leaves a large constant in a residual row that a layer norm then
+# cancels: seed 4242 found a logit 1.2e-5 off, with eager and compiled equally far (5e-6, 6e-6) from float64.
+COMPILED_TOL = {"atol": 5e-5, "rtol": 1e-4}
+
+
+def _assert_same(actual, expected, what: str, program: str, **tol) -> None:
+    assert_close(actual, expected, msg=lambda m: f"{what}: {m}\n{program}", **tol)
 
 
 def test_generator_covers_every_step_kind():
