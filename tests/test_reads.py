@@ -8,6 +8,7 @@ the fast path really ran (or really did not, where it must not), and that nothin
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -18,7 +19,7 @@ from torch.testing import assert_close
 from intervene_compiler import NNsight
 from intervene_compiler.backends.eager import runner
 from intervene_compiler.errors import MissedSiteError
-from intervene_compiler.testing import assert_clean, tiny_mlp
+from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_mlp
 
 
 @pytest.fixture
@@ -301,4 +302,220 @@ def test_a_module_compiled_in_place_is_hooked(paths):
         h = model.layer1.output.save()
     assert_close(h.value, net.layer1(x))
     assert paths["wraps"] == 1
+    assert_clean(net)
+
+
+class HooksItsChild(torch.nn.Module):
+    """Registers hooks while it runs: a forward hook on its child at the first call (as transformers' output
+    capture does) and a global forward hook around the child's call (as a profiler does)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.child = torch.nn.Linear(4, 4)
+        self.seen: list = []
+
+    def forward(self, x):
+        if not self.child._forward_hooks:
+            self.child.register_forward_hook(lambda m, a, o: self.seen.append(o.clone()))
+        handle = torch_module.register_module_forward_hook(lambda m, a, o: None)
+        try:
+            return self.child(x) + 1
+        finally:
+            handle.remove()
+
+
+def test_hooks_registered_during_the_run(paths):
+    """With any hook registered, torch calls ``forward`` from ``_call_impl``'s nested ``inner``: a wrap put on
+    before the hooks came still runs, and an edit is what hooks registered later see."""
+    x = torch.rand(2, 4)
+    net = HooksItsChild()
+    model = NNsight(net)
+    with model.trace(x):
+        h = model.child.output.save()
+    assert_close(h.value, net.child(x))
+    net = HooksItsChild()  # no hook yet: the one the edit run registers runs after the wrap, as after a hook
+    model = NNsight(net)
+    with model.trace(x):
+        model.child.output[:, 0] = 0
+        out = model.output.save()
+    seen = net.seen[-1]
+    expected = net.child(x)
+    expected[:, 0] = 0
+    assert_close(out.value, expected + 1)
+    assert_close(seen, expected)  # the model's own hook, registered after the wrap, runs after it
+    assert paths["wraps"] == 3 and paths["reads"] == 1
+    net.child._forward_hooks.clear()
+    assert_clean(net)
+
+
+def test_output_hidden_states_on_a_fresh_transformers_model(paths):
+    """transformers registers its output-capturing hooks on the blocks during the first such forward."""
+    net = tiny_gpt2()
+    ids = torch.randint(0, 128, (1, 6))
+    expected = hooked(net, ids, ["transformer.h.1"])["transformer.h.1"][0]
+    net = tiny_gpt2()  # fresh: no capture hooks yet
+    model = NNsight(net)
+    with torch.no_grad(), model.trace(ids, output_hidden_states=True):
+        h = model.transformer.h[1].output.save()
+        out = model.output.save()
+    assert_close(h.value, expected)
+    assert len(out.value.hidden_states) == 3 and paths["wraps"] >= 1
+    assert not any("forward" in m.__dict__ for m in net.modules())
+
+
+@pytest.mark.parametrize(
+    "register",
+    [torch_module.register_module_full_backward_hook, torch_module.register_module_full_backward_pre_hook],
+)
+def test_global_backward_hooks_keep_hooks(paths, register):
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.rand(2, 5)
+    handle = register(lambda *args: None)
+    try:
+        with model.trace(x):
+            h = model.layer1.output.save()
+        with model.trace(x):
+            model.layer1.output[:] = 0
+            out = model.output.save()
+    finally:
+        handle.remove()
+    assert_close(h.value, net.layer1(x))
+    assert_close(out.value, net.layer2(torch.zeros(2, 10)))
+    assert paths["wraps"] == 0
+    assert_clean(net)
+
+
+class SharedChild(torch.nn.Module):
+    """One Linear registered under two names, called once through each."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        lin = torch.nn.Linear(3, 3)
+        self.p = torch.nn.Sequential(lin)
+        self.q = torch.nn.Sequential(lin)
+
+    def forward(self, x):
+        return self.q(self.p(x))
+
+
+def test_a_module_under_two_names_is_hooked_at_both(paths):
+    net = SharedChild()
+    model = NNsight(net)
+    x = torch.rand(2, 3)
+    calls = hooked(net, x, ["p.0"])["p.0"]
+    with model.trace(x):
+        a = model.p[0].output.save()
+        b = model.q[0].next().output.save()
+    assert_close(a.value, calls[0])
+    assert_close(b.value, calls[1])  # the module's second call, whichever name reads it
+    with model.trace(x):
+        model.p[0].output[:] = 0
+        out = model.output.save()
+    assert_close(out.value, net.q(torch.zeros(2, 3)))  # call 0 edited, call 1 not
+    assert_clean(net)
+
+
+class TracesItsChild(torch.nn.Module):
+    """Runs a trace of its submodule (on ``x * 10``) inside its forward, then calls the submodule on ``x``."""
+
+    def __init__(self, edit: bool):
+        super().__init__()
+        self.sub = tiny_mlp()
+        object.__setattr__(self, "nested", NNsight(self.sub))  # not a registered child
+        self.edit = edit
+
+    def forward(self, x):
+        with self.nested.trace(x * 10):
+            if self.edit:  # the general path for the nested run
+                self.nested.layer2.output[:] = self.nested.layer2.output * 1
+            self.nested.layer1.output.save()
+        return self.sub(x)
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_a_trace_nested_in_the_forward(paths, edit):
+    """The outer read's call 0 is the nested trace's call, as with hooks, and the outer run's early stop (its
+    last read is there) passes through the nested run instead of ending it as its own."""
+    net = TracesItsChild(edit)
+    model = NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x):
+        h = model.sub.layer1.output.save()
+    assert_close(h.value, net.sub.layer1(x * 10))
+    with model.trace(x):
+        h = model.sub.layer1.next().output.save()
+        out = model.output.save()
+    assert_close(h.value, net.sub.layer1(x))
+    assert_close(out.value, net.sub(x))
+    assert_clean(net)
+
+
+def test_a_compiled_model_is_traced_by_dynamo_through_the_wrap(paths):
+    """Dynamo inlines ``_call_impl`` and cannot trace ``sys._getframe``: under compilation the wrap runs its
+    hooks without looking at its caller."""
+    net = tiny_mlp()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    model = NNsight(compiled)
+    x = torch.rand(2, 5)
+    with model.trace(x):
+        h = model._orig_mod.layer1.output.save()
+        out = model.output.save()  # no early stop: Dynamo cannot trace an exception out of a fullgraph
+    assert_close(h.value, net.layer1(x))
+    assert_close(out.value, net(x))
+    assert paths["wraps"] == 1  # layer1; the root, an OptimizedModule, has its forward set on the instance
+    assert_clean(net)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_an_install_that_fails_part_way_leaves_nothing(paths, edit):
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.rand(2, 5)
+    layer2 = net.layer2
+    with pytest.raises(Exception, match="layer2"):
+        with model.trace(x):
+            if edit:
+                model.layer1.output[:] = 0
+            model.layer1.output.save()
+            model.layer2.output.save()
+            net.layer2 = None  # the tree changes before the run: hooking layer1 works, layer2 fails
+    net.layer2 = layer2
+    assert_clean(net)
+    assert_close(net(x), layer2(net.layer1(x)))  # no wrap left editing layer1
+
+
+class CopiesItsChild(torch.nn.Module):
+    """Snapshots its child at every call (an EMA or teacher copy)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.child = torch.nn.Linear(3, 3)
+        self.snapshot = None
+
+    def forward(self, x):
+        self.snapshot = copy.deepcopy(self.child)
+        return self.child(x)
+
+
+def test_a_copy_made_during_the_run_is_its_own_module(paths):
+    net = CopiesItsChild()
+    model = NNsight(net)
+    x = torch.rand(2, 3)
+    with model.trace(x):
+        model.child.output[:] = 0
+        out = model.output.save()
+    assert_close(out.value, torch.zeros(2, 3))
+    snapshot = net.snapshot
+    with torch.no_grad():
+        snapshot.weight.mul_(2)
+    assert "forward" in snapshot.__dict__  # the wrap, bound to the copy
+    # its own weights, and no edit
+    assert_close(snapshot(x), torch.nn.functional.linear(x, snapshot.weight, snapshot.bias))
+    assert "forward" not in snapshot.__dict__  # dropped at its first call
+    assert paths["wraps"] >= 1
     assert_clean(net)

@@ -498,9 +498,12 @@ class Program(_Run):
         self.in_forward = True
         try:
             output = self.model._forward(*args, **kwargs)
-        except _EarlyStop:
+        except _EarlyStop as stop:
+            if stop.owner is not self:
+                raise
             output = None
-        self.in_forward = False
+        finally:
+            self.in_forward = False
         for node in self.after:
             self.env[node.id] = self._exec(node)
         if self.take_ids:

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from sys import _getframe
-from types import MappingProxyType
+from types import FunctionType, MappingProxyType, MethodType
 from typing import Any
 
 import torch
@@ -44,8 +44,12 @@ _FINISHED = (_DONE, _SKIPPED)
 
 
 class _EarlyStop(Exception):
-    def __init__(self, node: Node):
+    """A STOP node's early exit from the forward. ``owner`` is the run that raised it: a trace nested in a
+    forward (or run by a hook) must let an outer run's stop through, not take it for its own."""
+
+    def __init__(self, node: Node, owner: object):
         self.node = node
+        self.owner = owner
 
 
 @dataclass
@@ -264,7 +268,7 @@ def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) ->
                 env[sid] = read
         left[0] -= 1
         if stop is not None and not left[0]:
-            raise _EarlyStop(stop)
+            raise _EarlyStop(stop, env)
 
     def pre_hook(path: str):
         def hook(mod, args, kwargs):
@@ -290,6 +294,8 @@ def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) ->
         try:
             output = model._forward(*args, **kwargs)
         except _EarlyStop as e:
+            if e.owner is not env:
+                raise
             stopped = e.node
     finally:
         for h in handles:
@@ -399,45 +405,63 @@ class _Wrap:
     """The runner's pre- and post-hook of one module run by a ``forward`` set on the instance for the run, around
     the class's own: what torch's hook dispatch (``Module._call_impl``'s slow path) would do with them, for about
     2 us less per hooked call. Only for a module nothing else runs around (``_wrappable``), so everything that
-    sees the module's inputs and output sees them in the order hooks would. ``remove`` deletes the attribute."""
+    sees the module's inputs and output sees them in the order hooks would. ``remove`` deletes the attribute.
 
-    __slots__ = ("module", "forward")
+    The wrap runs the hooks when torch's call machinery calls it: ``_call_impl`` (no other hooks), its nested
+    ``inner`` (hooks registered during the run: a model's lazy capture hooks, a profiler's global ones, a nested
+    trace's) or ``_slow_forward`` (``torch.jit.trace``), and always while Dynamo traces it (a compiled parent:
+    Dynamo inlines ``_call_impl``; ``sys._getframe`` cannot be traced). A parent calling ``child.forward(x)``
+    directly runs no hooks, and so no wrap's. A forward pre-hook registered during the run runs before the wrap's
+    instead of after; post-hooks keep their order."""
+
+    __slots__ = ("module", "forward", "pre", "post")
 
     def __init__(self, module: torch.nn.Module, pre, post) -> None:
         self.module = module
-        own = module.forward
+        self.pre = pre
+        self.post = post
+        own = type(module).forward  # a plain function (``_wrappable``)
 
+        # Bound to the module, so a copy made during the run (copy.deepcopy binds it to the copy) computes with
+        # its own weights and runs no hooks of this run (``_unwrap_copy``).
         if pre is None:
 
-            def forward(*args, **kwargs):
-                caller = _getframe(1).f_code
-                # `module.forward(x)` called directly (not by `module(x)`): hooks would not run
-                if caller is not _CALL_IMPL and caller is not _SLOW_FORWARD:
-                    return own(*args, **kwargs)
-                output = own(*args, **kwargs)
+            def forward(self, *args, **kwargs):
+                if self is not module:
+                    return _unwrap_copy(self, forward, own, args, kwargs)
+                if not _is_compiling():
+                    caller = _getframe(1).f_code
+                    # `module.forward(x)` called directly (not by `module(x)`): hooks would not run
+                    if caller is not _CALL_IMPL and caller is not _INNER and caller is not _SLOW_FORWARD:
+                        return own(self, *args, **kwargs)
+                output = own(self, *args, **kwargs)
                 new = post(module, args, kwargs, output)
                 return output if new is None else new
 
         else:
 
-            def forward(*args, **kwargs):
-                caller = _getframe(1).f_code
-                if caller is not _CALL_IMPL and caller is not _SLOW_FORWARD:
-                    return own(*args, **kwargs)
+            def forward(self, *args, **kwargs):
+                if self is not module:
+                    return _unwrap_copy(self, forward, own, args, kwargs)
+                if not _is_compiling():
+                    caller = _getframe(1).f_code
+                    if caller is not _CALL_IMPL and caller is not _INNER and caller is not _SLOW_FORWARD:
+                        return own(self, *args, **kwargs)
                 new = pre(module, args, kwargs)
                 if new is not None:
                     args, kwargs = new
-                output = own(*args, **kwargs)
+                output = own(self, *args, **kwargs)
                 if post is not None:
                     new = post(module, args, kwargs, output)
                     if new is not None:
                         return new
                 return output
 
-        # inspect.signature(module.forward), which transformers reads, sees the class forward's signature
+        # inspect.signature(module.forward), which transformers reads, sees the class forward's signature (less
+        # `self`, as for any bound method)
         forward.__wrapped__ = own
-        self.forward = forward
-        module.__dict__["forward"] = forward
+        self.forward = bound = MethodType(forward, module)
+        module.__dict__["forward"] = bound
 
     def remove(self) -> None:
         d = self.module.__dict__
@@ -445,30 +469,73 @@ class _Wrap:
             del d["forward"]
 
 
+def _unwrap_copy(copy: torch.nn.Module, forward, own, args: tuple, kwargs: dict) -> Any:
+    """A copy of a wrapped module made during the run got the wrap bound to itself: it drops it (a plain module
+    from its first call) and runs the class forward."""
+    bound = copy.__dict__.get("forward")
+    if getattr(bound, "__func__", None) is forward:
+        del copy.__dict__["forward"]
+    return own(copy, *args, **kwargs)
+
+
 # the code of the frames that call a module's forward on `module(...)`: only those calls run hooks (and a wrap's)
 _CALL_IMPL = torch.nn.Module._call_impl.__code__
+# `_call_impl`'s nested function that runs hooks and the forward when any hook is registered
+_INNER = next((c for c in _CALL_IMPL.co_consts if getattr(c, "co_name", None) == "inner"), None)
 _SLOW_FORWARD = torch.nn.Module._slow_forward.__code__
 _call_impl = torch.nn.Module._call_impl
+_is_compiling = torch.compiler.is_compiling
 
 
 def _wrappable(mod: torch.nn.Module) -> bool:
     """May ``_Wrap`` stand in for hooks on ``mod``? Not when anything else runs around its forward: its own or
-    global forward hooks (ours would run before them, not after), backward hooks (torch wraps the inputs between
-    the pre-hooks and the forward), a forward already set on the instance (accelerate's, a reuse swap), a
-    module compiled in place (``module.compile()``), a scripted module, or a class with its own ``_call_impl``. The wrap runs the hooks only when torch's
-    ``_call_impl`` calls it: a parent calling ``child.forward(x)`` runs no hooks, and so no wrap's."""
+    global forward hooks (ours would run before them, not after), its own or global backward hooks (torch wraps
+    the inputs between the pre-hooks and the forward), a forward already set on the instance (accelerate's, a
+    reuse swap), a module compiled in place (``module.compile()``), or a class that is not plain (``_plain_class``)."""
+    return _may_wrap() and _wrappable_here(mod)
+
+
+def _may_wrap() -> bool:
+    """No global hooks (checked once per install), and a torch whose ``_call_impl`` has an ``inner`` (``_Wrap``)."""
     return not (
-        mod._forward_hooks
-        or mod._forward_pre_hooks
-        or mod._backward_hooks
-        or mod._backward_pre_hooks
-        or "forward" in mod.__dict__
-        or mod.__dict__.get("_compiled_call_impl") is not None  # module.compile(): Dynamo runs its calls
+        _INNER is None
         or _torch_module._global_forward_hooks
         or _torch_module._global_forward_pre_hooks
-        or isinstance(mod, torch.jit.ScriptModule)
-        or type(mod)._call_impl is not _call_impl
+        or _torch_module._global_backward_hooks
+        or _torch_module._global_backward_pre_hooks
     )
+
+
+def _wrappable_here(mod: torch.nn.Module) -> bool:
+    """``_wrappable`` less the global checks (``_may_wrap``)."""
+    d = mod.__dict__
+    plain = _plain.get(type(mod))
+    if plain is None:
+        plain = _plain_class(type(mod))
+    return plain and not (
+        d["_forward_hooks"]
+        or d["_forward_pre_hooks"]
+        or d["_backward_hooks"]
+        or d["_backward_pre_hooks"]
+        or "forward" in d
+        or d.get("_compiled_call_impl") is not None  # module.compile(): Dynamo runs its calls
+    )
+
+
+_plain: dict[type, bool] = {}
+
+
+def _plain_class(cls: type) -> bool:
+    """A class torch's ``_call_impl`` calls and whose ``forward`` is a plain function: not scripted, no
+    ``_call_impl`` of its own, no static or other descriptor for ``forward``. Memoized per class."""
+    forward = next((k.__dict__["forward"] for k in cls.__mro__ if "forward" in k.__dict__), None)
+    plain = (
+        not issubclass(cls, torch.jit.ScriptModule)
+        and cls._call_impl is _call_impl
+        and type(forward) is FunctionType
+    )
+    _plain[cls] = plain
+    return plain
 
 
 def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -501,13 +568,25 @@ def _hook_modules(
 ) -> None:
     """Hook the modules of ``hooks`` (``_Plan.hooks``) with ``pre_hook(path)``/``post_hook(path)``, adding their
     handles to ``handles``; with ``wrap``, by a ``_Wrap`` where nothing else runs around the module
-    (``_wrappable``). Envoys address a module at one path (``named_modules``), so no module is wrapped twice."""
+    (``_wrappable``). A module registered under two names has an envoy at each, and is hooked at each: it is
+    hooked, never wrapped, so its hooks run in the order they were added."""
+    wraps = {} if wrap and _may_wrap() else None  # id(module) -> its _Wrap
     for path, hook_in, hook_out in hooks:
         mod = _submodule(module, path)
-        if wrap and _wrappable(mod):
-            pre = pre_hook(path) if hook_in else None
-            handles.append(_Wrap(mod, pre, post_hook(path) if hook_out else None))
-            continue
+        if wraps is not None:
+            key = id(mod)
+            if key in wraps:  # a second name of a wrapped module: hook it at both, in order
+                w = wraps.pop(key)
+                w.remove()
+                if w.pre is not None:
+                    handles.append(_add_hook(mod, w.pre, pre=True))
+                if w.post is not None:
+                    handles.append(_add_hook(mod, w.post, pre=False))
+            elif _wrappable_here(mod):
+                w = _Wrap(mod, pre_hook(path) if hook_in else None, post_hook(path) if hook_out else None)
+                wraps[key] = w
+                handles.append(w)
+                continue
         if hook_in:
             handles.append(_add_hook(mod, pre_hook(path), pre=True))
         if hook_out:
@@ -576,7 +655,7 @@ class _Run:
                 self.reuse.install(handles, _add_hook)
             if self.layer_forward is not None:
                 self._swap_layers(handles)
-            handles += self._install_hooks()
+            self._install_hooks(handles)
             if self.steps is not None:
                 self.steps.install(handles)
             if plan.idle_before_forward:  # every node is still pending
@@ -590,6 +669,8 @@ class _Run:
                 try:
                     output = self.model._forward(*args, **kwargs)
                 except _EarlyStop as stop:
+                    if stop.owner is not self:
+                        raise
                     self.stopped = stop.node
                 finally:
                     self.in_forward = False
@@ -639,8 +720,9 @@ class _Run:
             node = next((self.nodes[d] for d in node.deps if self.state.get(d) == _SKIPPED), None)
         return None
 
-    def _install_hooks(self) -> list:
-        handles = []
+    def _install_hooks(self, handles: list) -> None:
+        """Add the run's hooks (and wraps) to ``handles`` as they go in: the caller removes whatever went in,
+        even when installing fails part-way."""
         if self._plan.has_cache:
             for node in self.graph.nodes:
                 if node.op is Op.CACHE:
@@ -656,7 +738,6 @@ class _Run:
             and self.pack_plan is None
         )
         _hook_modules(self.module, hooks, self._pre_hook, self._post_hook, handles, wrap)
-        return handles
 
     def _pre_hook(self, path: str):
         calls = self.calls_in
@@ -858,7 +939,7 @@ class _Run:
                     state[nid] = _DONE
                 elif op is _STOP and self.in_forward:
                     state[nid] = _DONE
-                    raise _EarlyStop(node)
+                    raise _EarlyStop(node, self)
                 else:
                     self._run_node(node)
             if waiting:
@@ -974,7 +1055,7 @@ class _Run:
                 return None
         if op is _STOP:
             if self.in_forward:
-                raise _EarlyStop(node)
+                raise _EarlyStop(node, self)
             return None
         if op is _MODULE:
             self.adhoc += 1
