@@ -453,21 +453,34 @@ def test_a_trace_nested_in_the_forward(paths, edit):
     assert_clean(net)
 
 
-def test_a_compiled_model_is_traced_by_dynamo_through_the_wrap(paths):
+@pytest.mark.parametrize("how", ["output", "stop", "user stop", "edit"])
+def test_a_compiled_model_is_traced_by_dynamo_through_the_wrap(paths, how):
     """Dynamo inlines ``_call_impl`` and cannot trace ``sys._getframe``: under compilation the wrap runs its
-    hooks without looking at its caller."""
+    hooks without looking at its caller. Nor can an exception leave a fullgraph: a stop (the one ``early_stop``
+    adds after the last read, or the user's) lets the forward run to its end there."""
     net = tiny_mlp()
     compiled = torch.compile(net, fullgraph=True, backend="eager")
     model = NNsight(compiled)
     x = torch.rand(2, 5)
-    with model.trace(x):
-        h = model._orig_mod.layer1.output.save()
-        out = model.output.save()  # no early stop: Dynamo cannot trace an exception out of a fullgraph
-    assert_close(h.value, net.layer1(x))
-    assert_close(out.value, net(x))
+    try:
+        with model.trace(x) as tracer:
+            if how == "edit":
+                model._orig_mod.layer1.output[:, 0] = 0
+            h = model._orig_mod.layer1.output.save()
+            if how == "output":
+                out = model.output.save()
+            if how == "user stop":
+                tracer.stop()
+    finally:
+        torch._dynamo.reset()
+    expected = net.layer1(x)
+    if how == "edit":
+        expected[:, 0] = 0
+    assert_close(h.value, expected)
+    if how == "output":
+        assert_close(out.value, net(x))
     assert paths["wraps"] == 1  # layer1; the root, an OptimizedModule, has its forward set on the instance
     assert_clean(net)
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("edit", [False, True])

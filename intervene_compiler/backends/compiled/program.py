@@ -342,6 +342,8 @@ def _param_indices(value: Any) -> list[int]:
 class Program(_Run):
     """Runs a graph by its recorded schedule; called by the dispatcher hooks during a compiled forward."""
 
+    stop_in_dynamo = True  # its STOP is caught inside the traced entry (``run``): nothing after it is traced
+
     def __init__(
         self,
         model,

@@ -267,7 +267,7 @@ def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) ->
             for sid in saves:
                 env[sid] = read
         left[0] -= 1
-        if stop is not None and not left[0]:
+        if stop is not None and not left[0] and not _is_compiling():  # see _Run._exec's STOP
             raise _EarlyStop(stop, env)
 
     def pre_hook(path: str):
@@ -596,6 +596,7 @@ def _hook_modules(
 class _Run:
     # Per-run state with class-level defaults (a run sets its own when they change): one run per trace.
     repeat = 0  # see run_graph
+    stop_in_dynamo = False  # a STOP raises while Dynamo traces (see _exec): a compiled Program's does
     pack_plan = None  # (decoder layers' path, the layers) when a shared-prefix run may pack (packing.py)
     pack: packing.Pack | None = None  # the packed layout while later layers run on it
     pack_handles: list | tuple = ()
@@ -939,7 +940,8 @@ class _Run:
                     state[nid] = _DONE
                 elif op is _STOP and self.in_forward:
                     state[nid] = _DONE
-                    raise _EarlyStop(node, self)
+                    if self.stop_in_dynamo or not _is_compiling():  # see _exec
+                        raise _EarlyStop(node, self)
                 else:
                     self._run_node(node)
             if waiting:
@@ -1054,7 +1056,10 @@ class _Run:
                 view[1].requires_grad = a[1]
                 return None
         if op is _STOP:
-            if self.in_forward:
+            # Under Dynamo (a user's model compiled with torch.compile), an exception cannot leave the traced
+            # region: the forward runs to its end instead, which only costs the layers the stop would skip. A
+            # compiled Program catches its stop inside its own traced entry (stop_in_dynamo).
+            if self.in_forward and (self.stop_in_dynamo or not _is_compiling()):
                 raise _EarlyStop(node, self)
             return None
         if op is _MODULE:
