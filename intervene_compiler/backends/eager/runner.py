@@ -424,38 +424,24 @@ class _Wrap:
 
         # Bound to the module, so a copy made during the run (copy.deepcopy binds it to the copy) computes with
         # its own weights and runs no hooks of this run (``_unwrap_copy``).
-        if pre is None:
-
-            def forward(self, *args, **kwargs):
-                if self is not module:
-                    return _unwrap_copy(self, forward, own, args, kwargs)
-                if not _is_compiling():
-                    caller = _getframe(1).f_code
-                    # `module.forward(x)` called directly (not by `module(x)`): hooks would not run
-                    if caller is not _CALL_IMPL and caller is not _INNER and caller is not _SLOW_FORWARD:
-                        return own(self, *args, **kwargs)
-                output = own(self, *args, **kwargs)
-                new = post(module, args, kwargs, output)
-                return output if new is None else new
-
-        else:
-
-            def forward(self, *args, **kwargs):
-                if self is not module:
-                    return _unwrap_copy(self, forward, own, args, kwargs)
-                if not _is_compiling():
-                    caller = _getframe(1).f_code
-                    if caller is not _CALL_IMPL and caller is not _INNER and caller is not _SLOW_FORWARD:
-                        return own(self, *args, **kwargs)
+        def forward(self, *args, **kwargs):
+            if self is not module:
+                return _unwrap_copy(self, forward, own, args, kwargs)
+            if not _is_compiling():
+                caller = _getframe(1).f_code
+                # `module.forward(x)` called directly (not by `module(x)`): hooks would not run
+                if caller is not _CALL_IMPL and caller is not _INNER and caller is not _SLOW_FORWARD:
+                    return own(self, *args, **kwargs)
+            if pre is not None:
                 new = pre(module, args, kwargs)
                 if new is not None:
                     args, kwargs = new
-                output = own(self, *args, **kwargs)
-                if post is not None:
-                    new = post(module, args, kwargs, output)
-                    if new is not None:
-                        return new
-                return output
+            output = own(self, *args, **kwargs)
+            if post is not None:
+                new = post(module, args, kwargs, output)
+                if new is not None:
+                    return new
+            return output
 
         # inspect.signature(module.forward), which transformers reads, sees the class forward's signature (less
         # `self`, as for any bound method)
