@@ -252,15 +252,8 @@ def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) ->
         if entries is None:
             return
         for node, saves in entries:
-            site = node.target
-            read = value
             try:
-                if site.kind is _INPUT:
-                    a, k = read
-                    read = a[0] if a else next(iter(k.values()), None)
-                if site.invoke is not None:
-                    rows = invokes[site.invoke]
-                    read = narrow(read, rows.start, rows.stop, batch)
+                read = _site_read(node.target, value, invokes, batch)
             except Exception as e:
                 raise execution_error(e, node.loc, format_node(node)) from e
             env[node.id] = read
@@ -308,6 +301,18 @@ def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) ->
     values = {nid: env[nid] for nid in reads.saved}
     stop_loc = stopped.loc if stopped is not None and stopped.target == "user" else None
     return RunResult(values, output, stop_loc)
+
+
+def _site_read(site: Site, value: Any, invokes: tuple, batch: int) -> Any:
+    """What a site read gives from its event's value: the first input of ``(args, kwargs)`` for ``.input``,
+    narrowed to the site's invoke rows (the fast paths' ``_Run._read_site``, which also notes row views)."""
+    if site.kind is _INPUT:
+        args, kwargs = value
+        value = args[0] if args else next(iter(kwargs.values()), None)
+    if site.invoke is not None:
+        rows = invokes[site.invoke]
+        value = narrow(value, rows.start, rows.stop, batch)
+    return value
 
 
 def _missed(node: Node, ran: int):
@@ -908,15 +913,8 @@ class _Run:
                 op = node.op
                 if op is _SITE:  # _read_site; this event's value is the site's (see _event_schedule)
                     state[nid] = _RUNNING
-                    site = node.target
                     try:
-                        read = current[key]
-                        if site.kind is _INPUT:
-                            args, kwargs = read
-                            read = args[0] if args else next(iter(kwargs.values()), None)
-                        if site.invoke is not None:
-                            rows = self.graph.invokes[site.invoke]
-                            read = narrow(read, rows.start, rows.stop, self.batch)
+                        read = _site_read(node.target, current[key], self.graph.invokes, self.batch)
                     except Exception as e:
                         raise execution_error(e, node.loc, format_node(node)) from e
                     env[nid] = read
