@@ -33,18 +33,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from . import models
-    from .harness import check_device, settings_for
+    from .harness import check_device, settings_for, sync, use_device
 
     imported = time.perf_counter() - _START
     check_device(args.device)
     settings = settings_for(args.mode)
     settings.device = args.device
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-
-    def sync():  # before every clock read: a step's queued CUDA kernels count in its time (nothing on CPU)
-        if cuda:
-            torch.cuda.synchronize(device)
+    use_device(args.device)  # sync() before every clock read: a step's queued CUDA kernels count in its time
 
     hf = models.gpt2(settings, settings.sweep_layers)
     clean = models.token_ids(settings, seed=1)

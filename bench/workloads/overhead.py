@@ -84,11 +84,11 @@ def _systems(
     systems.append(System("raw forward + hook", "baseline-save", hooked))
     for i, compile in ((3, False), (4, True)):
         model = ic.NNsight(copies[i])
+        envoy = model.get(site)  # looked up once, as the nnsight row's is
 
-        def ours(model=model, envoy=model.get(site), compile=compile):
+        def ours(model=model, envoy=envoy, compile=compile):
             # reuse=False: with the same input every call, the GPT-2 trace would replay the block from the last
             # call (backends/eager/reuse.py) instead of running it; this row measures the trace around a forward.
-            # The envoy is looked up once, as the nnsight row's is
             with model.trace(inputs, compile=compile, reuse=False):
                 out = envoy.output.save()
             return out.value
