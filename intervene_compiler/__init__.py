@@ -4,7 +4,6 @@
 """
 
 from .backends.compiled import compile_stats, reset_compile_stats
-from .backends.eager import CacheEntry
 from .errors import (
     BarrierError,
     GradientError,
@@ -18,6 +17,7 @@ from .errors import (
     ValueNotReadyError,
 )
 from .models import LanguageModel
+from .runtime import CacheEntry
 from .tracing import Envoy, NNsight, Proxy, Tracer
 from .tracing.builtins import (
     apply,

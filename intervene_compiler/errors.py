@@ -13,9 +13,11 @@ import linecache
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_PASSES_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "passes")
 
 
 def _module_dir(name: str) -> str | None:
@@ -31,7 +33,7 @@ def _skipped() -> tuple[str, ...]:
     """Directories whose frames are never the user's line: ours, torch's python wrappers, einops."""
     global _skip_prefixes
     if _skip_prefixes is None:
-        dirs = [_PACKAGE_DIR, _PASSES_DIR, os.path.dirname(os.__file__) + os.sep + "contextlib.py"]
+        dirs = [_PACKAGE_DIR, os.path.dirname(os.__file__) + os.sep + "contextlib.py"]
         dirs += [d for d in (_module_dir("torch"), _module_dir("einops")) if d]
         _skip_prefixes = tuple(dirs)
     return _skip_prefixes
@@ -94,6 +96,19 @@ def user_location() -> SourceLoc | None:
             return loc
         frame = frame.f_back
     return None
+
+
+def user_location_at(depth: int) -> SourceLoc | None:
+    """``user_location()`` for a caller whose ``depth`` innermost frames (its own included) are this package's:
+    the frame above them, when it is a user's line seen before (the common case), else the full walk."""
+    frame = sys._getframe(depth + 1)
+    code = frame.f_code
+    filename = code.co_filename
+    if _user_files.get(filename):
+        loc = _locs.get((filename, frame.f_lineno, code.co_name))
+        if loc is not None:
+            return loc
+    return user_location()
 
 
 class InterventionError(Exception):
@@ -164,6 +179,34 @@ class IRVerificationError(InterventionError, AssertionError):
 
 class SerializationError(InterventionError, TypeError):
     """A value or callable in the graph that has no plain-data form."""
+
+
+class PassError(InterventionError, RuntimeError):
+    """An optimization pass raised: a bug in the pass (the graph is the user's, the failure is ours)."""
+
+
+def check_set_shape(old: Any, new: Any, loc: SourceLoc | None, what: Any) -> None:
+    """Raise SetShapeError when a tensor replaces a tensor of another shape (0-d values broadcast).
+
+    ``what`` (a site or a string) is only formatted when raising: this also runs inside compiled programs.
+    """
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and new.dim() > 0:
+        if tuple(new.shape) != tuple(old.shape):
+            raise SetShapeError(
+                f"the value set into {what} has shape {tuple(new.shape)}, but the value it replaces has shape "
+                f"{tuple(old.shape)}",
+                loc,
+                "set a value of the same shape, or set part of it with indexing (e.g. `out[:, -1] = v`)",
+            )
+
+
+def missed_site_error(what: str, loc: SourceLoc | None, detail: str) -> MissedSiteError:
+    """The error for a module input or output (``what``, e.g. ``model.layer1.output``) the run never produced."""
+    return MissedSiteError(
+        f"{what} was never produced: {detail}",
+        loc,
+        "check the module runs for this input (and how often: `.next()` moves to a later call)",
+    )
 
 
 _wrapped_types: dict[type, type] = {}

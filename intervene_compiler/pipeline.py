@@ -1,54 +1,89 @@
-"""The IR pass pipeline: one straight-line function naming each step. The only importer of ``passes``.
+"""The IR pass pipeline: one straight-line list naming each step. The only importer of ``passes``.
 
-Every graph is verified after tracing and after each pass; a failing pass is named in the error.
-``IC_DEBUG=2`` prints the graph after each pass.
+Every graph is verified after tracing and after each pass; a pass that raises is named in the error, as a
+verifier failure is. ``IC_DEBUG=2`` prints the graph after each pass that changed it.
 """
 
 from __future__ import annotations
 
-import os
-import weakref
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
-from passes import eliminate_dead_values, fuse_setitems, narrow_to_last_position, truncate_after_last_use
+from . import debug
+from .errors import InterventionError, PassError
+from .ir import NO_FACTS, Graph, ModelFacts, Node, ParamRef, Ref, Site, format_graph, structure_tuple, verify
+from .passes import (
+    Pass,
+    eliminate_dead_values,
+    fuse_setitems,
+    narrow_to_last_position,
+    truncate_after_last_use,
+)
 
-from .ir import Graph, Node, ParamRef, Ref, Site, format_graph, structure_tuple, verify
-
-PIPELINE = (
+PIPELINE: tuple[tuple[str, Pass], ...] = (
     ("dead_values", eliminate_dead_values),
     ("setitem_fusion", fuse_setitems),
-    ("last_position", narrow_to_last_position),  # needs the model's last position-wise module (or None)
+    ("last_position", narrow_to_last_position),  # uses facts.last_module / facts.unembedding
     ("early_stop", truncate_after_last_use),
 )
 
+Steps = tuple[tuple[str, tuple[Node, ...]], ...]
 
-_memo: dict[tuple, tuple[tuple[tuple[str, tuple[Node, ...]], ...], tuple]] = {}
+
+@dataclass(frozen=True)
+class Optimized:
+    """A traced graph, the graph the pipeline made of it, and the nodes after each step (``("traced", ...)``
+    first), which ``tracer.explain()`` prints."""
+
+    traced: Graph
+    graph: Graph
+    steps: Steps
+
+
 _MEMO_SIZE = 512
 
 
-def optimize(
-    graph: Graph, last_module: str | None = None, unembedding: weakref.ref | None = None
-) -> tuple[Graph, tuple[tuple[str, tuple[Node, ...]], ...]]:
-    """Run every pass in order; return the optimized graph and ``(step name, nodes)`` after each step.
+def optimize(graph: Graph, facts: ModelFacts = NO_FACTS, memo: dict | None = None) -> Optimized:
+    """Run every pass in order on ``graph``.
 
     Passes read only a graph's structure (ops, targets, literals, which param a node uses), never param values,
-    so results are memoized by structure: a loop that traces the same code with new tensors (a sweep, a
-    training loop) verifies and optimizes once. Source locations are part of the key, so errors keep naming
-    the right line. ``last_module`` is the model's last, position-wise module (a causal LM's unembedding), for
-    last-position narrowing; None turns that pass off. ``unembedding``, a weak reference to the model wrapper
-    (whose ``_unembedding_module()`` is that Linear), lets the pass compute only the vocabulary columns the
-    readers pick; it is part of the memo key (a dead reference equals no live one).
+    so results are memoized by structure in ``memo`` (the model's ``ModelCaches.optimized``, when given): a loop
+    that traces the same code with new tensors (a sweep, a training loop) verifies and optimizes once. Source
+    locations are part of the key, so errors keep naming the right line; so are the ``facts``.
     """
-    key = (_memo_key(graph), last_module, unembedding)
-    hit = _memo.get(key)
+    key = (_memo_key(graph), facts)
+    hit = memo.get(key) if memo is not None else None
     if hit is None:
-        steps = _optimize(graph, last_module, unembedding)
+        steps = _optimize(graph, facts)
         hit = (steps, tuple(n.loc for n in graph.nodes))  # keeps the locations whose ids are in the key alive
-        if len(_memo) >= _MEMO_SIZE:
-            del _memo[next(iter(_memo))]  # the oldest entry
-        _memo[key] = hit
-    return graph.replace(nodes=hit[0][-1][1]), hit[0]
+        if memo is not None:
+            if len(memo) >= _MEMO_SIZE:
+                del memo[next(iter(memo))]  # the oldest entry
+            memo[key] = hit
+    steps = hit[0]
+    return Optimized(graph, graph.replace(nodes=steps[-1][1]), steps)
+
+
+def _optimize(graph: Graph, facts: ModelFacts) -> Steps:
+    steps = []
+    graph = verify(graph, where="tracing")
+    steps.append(("traced", graph.nodes))
+    for name, run_pass in PIPELINE:
+        try:
+            result = run_pass(graph, facts)
+        except InterventionError:
+            raise
+        except Exception as e:
+            raise PassError(
+                f"the optimization pass {name!r} failed on this trace ({type(e).__name__}: {e})",
+                None,
+                "this is a bug in intervene_compiler: please report it with the graph `IC_DEBUG=2` prints",
+            ) from e
+        graph = verify(result.graph, where=f"pass {name!r}")
+        steps.append((name, graph.nodes))
+        if debug.DEBUG >= 2 and result.modified:
+            print(f"-- after {name}:\n{format_graph(graph)}")
+    return tuple(steps)
 
 
 # -- the memo key -------------------------------------------------------------------------------------------------
@@ -105,21 +140,3 @@ def _leaf_key(value: Any) -> Any:
     if t is slice:
         return (_SLICE, _leaf_key(value.start), _leaf_key(value.stop), _leaf_key(value.step))
     return value
-
-
-def _optimize(
-    graph: Graph, last_module: str | None, unembedding: weakref.ref | None = None
-) -> tuple[tuple[str, tuple[Node, ...]], ...]:
-    debug = os.environ.get("IC_DEBUG", "") >= "2"
-    steps = []
-    graph = verify(graph, where="tracing")
-    steps.append(("traced", graph.nodes))
-    for name, run_pass in PIPELINE:
-        if run_pass is narrow_to_last_position:
-            run_pass = partial(narrow_to_last_position, module=last_module, unembedding=unembedding)
-        result = run_pass(graph)
-        graph = verify(result.graph, where=f"pass {name!r}")
-        steps.append((name, graph.nodes))
-        if debug and result.modified:
-            print(f"-- after {name}:\n{format_graph(graph)}")
-    return tuple(steps)

@@ -647,7 +647,7 @@ def test_repeated_blocks_compile_as_regions_outside_the_program(monkeypatch):
     """Opt-in (``cache.REGIONAL``): blocks no program looks inside compile as nested regions, set only during the
     compiled call; a block with an event inside it is traced inline; members with trainable parameters under
     grad mode are no regions."""
-    from intervene_compiler.backends.compiled import cache
+    from intervene_compiler.backends.compiled import entry as cache
 
     monkeypatch.setattr(cache, "REGIONAL", True)
     net = tiny_gpt2(n_layer=2).requires_grad_(False)
@@ -661,7 +661,7 @@ def test_repeated_blocks_compile_as_regions_outside_the_program(monkeypatch):
                 model.transformer.h[layer].output[:, 1] = 0
                 outs.append(model.lm_head.output.save())
         torch.testing.assert_close(outs[0].value, outs[1].value)
-    dispatcher = model._state.compiled.dispatcher
+    dispatcher = model._state.caches.compiled.dispatcher
     assert [m for m, _, _ in dispatcher.usable_regions()] == blocks
     assert all("forward" not in b.__dict__ for b in blocks)  # set only during a compiled call
     outs = []

@@ -637,7 +637,7 @@ def test_reused_and_layered_runs_agree_with_hooks(models, family, index, monkeyp
                 for reg in reference:
                     _assert_same(got[reg], reference[reg], f"{name} != hooks for {reg}", program)
             if layer_level:
-                assert model._state.compiled.last.layered, program
+                assert model._state.caches.compiled.last.layered, program
     assert_clean(plain)
 
 

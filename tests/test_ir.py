@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import intervene_compiler as ic
-from intervene_compiler.backends.eager import run_graph
 from intervene_compiler.errors import IRVerificationError, SerializationError
+from intervene_compiler.execute import execute
 from intervene_compiler.ir import (
     Graph,
     InvokeRows,
@@ -45,7 +45,7 @@ def test_serialized_graph_round_trips_and_reruns(tiny, x):
     again = loads(payload)
     assert format_graph(again) == format_graph(graph)
     assert structure_key(again) == structure_key(graph)
-    result = run_graph(tiny, again, (x,), {})
+    result = execute(again, [((x,), {})], tiny._target())  # the seam a remote backend serves
     torch.testing.assert_close(result.values[next(iter(result.values))], out.value)
 
 

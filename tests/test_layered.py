@@ -158,14 +158,14 @@ def test_cost_model_and_autograd_keep_one_program(monkeypatch):
     value = torch.randn(32)
     _, tracer = _patch(model, ids, 1, 2, value, reuse=False)
     graph = tracer.graph
-    assert not layered.applies(model, graph)  # grad mode on, parameters require grad
+    assert not layered.applies(model._target(), graph)  # grad mode on, parameters require grad
     with torch.no_grad():
-        assert layered.applies(model, graph)
+        assert layered.applies(model._target(), graph)
         m.train()
-        assert not layered.applies(model, graph)
+        assert not layered.applies(model._target(), graph)
         m.eval()
         monkeypatch.setattr(layered, "MIN_LAYER_PARAMS", 10**9)  # tiny layers: one whole-model program
-        assert not layered.applies(model, graph)
+        assert not layered.applies(model._target(), graph)
         got, tracer = _patch(model, ids, 1, 2, value, compile=True)
         assert not tracer._entry.layered and ic.compile_stats()["compiled_calls"] == 1
         eager, _ = _patch(model, ids, 1, 2, value, reuse=False)
@@ -220,9 +220,9 @@ def test_eager_traces_do_not_replay_compiled_layers():
         _patch(
             model, ids, 2, 0, value, compile=True
         )  # memoizes layers 0-2 as the compiled layers computed them
-        assert model._state.reuse_memo.state[0] is True
+        assert model._state.caches.reuse_memo.state[0] is True
         eager, _ = _patch(model, ids, 2, 1, value)
-        assert model._state.reuse_memo.state[0] is False  # a memo of its own
+        assert model._state.caches.reuse_memo.state[0] is False  # a memo of its own
         reference, _ = _patch(model, ids, 2, 1, value, reuse=False)
     assert torch.equal(eager, reference)
 
@@ -278,7 +278,7 @@ def test_a_forward_set_on_a_layer_instance_keeps_one_program_and_stays():
     try:
         with torch.no_grad():
             _, tracer = _patch(model, ids, 0, 1, value, reuse=False)
-            assert not layered.applies(model, tracer.graph)
+            assert not layered.applies(model._target(), tracer.graph)
             got, tracer = _patch(model, ids, 0, 1, value, compile=True)
             assert not tracer._entry.layered
             assert layer.__dict__["forward"] is wrapper

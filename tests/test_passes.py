@@ -6,7 +6,7 @@ import torch
 
 import intervene_compiler as ic
 from intervene_compiler.ir import Graph, Node, Op, Ref, Site, SiteKind, format_graph, verify
-from passes import eliminate_dead_values, fuse_setitems, truncate_after_last_use
+from intervene_compiler.passes import eliminate_dead_values, fuse_setitems, truncate_after_last_use
 
 
 def _steps(tracer) -> dict[str, str]:
@@ -152,7 +152,7 @@ def test_last_position_narrows_the_unembedding(lm_dirs):
     after = _steps(tracer)["last_position"]
     assert after.endswith(
         "  %8 = site model.lm_head.input\n"
-        "  %9 = call passes.last_position.keep_last_position(%8)\n"
+        "  %9 = call intervene_compiler.passes.last_position.keep_last_position(%8)\n"
         "  %10 = set model.lm_head.input(%9, resize=True)"
     )
     ref0, ref1 = _hf_last_logits(lm_dirs["gpt2"], prompts)

@@ -328,7 +328,7 @@ def test_memo_size_cap(monkeypatch):
     finally:
         ran.remove()
     assert ran.counts == [1, 2, 2]  # the second trace replayed layer 0 only
-    assert list(model._state.reuse_memo.outputs) == [0]
+    assert list(model._state.caches.reuse_memo.outputs) == [0]
     torch.testing.assert_close(a.value, b.value)
 
 

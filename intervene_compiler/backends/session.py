@@ -12,15 +12,28 @@ are stored under their session ids.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
-from ..errors import InterventionError, execution_error
+from ..errors import InterventionError, SourceLoc, execution_error
 from ..ir import Graph, InvokeRows, Node, Op, ParamRef, Ref, format_node
 from ..ir.nodes import map_args, walk_nodes
-from .eager.interpreter import VALUE_OPS, resolve
+from ..runtime import VALUE_OPS, resolve
 
-if TYPE_CHECKING:
-    from ..tracing.session import Session
+
+class SessionTrace(Protocol):
+    """One trace of a session (a TRACE node's ``target`` indexes them), as the front-end hands it over."""
+
+    loc: SourceLoc | None  # where the trace was opened, for errors
+
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
+        """One invoke's input as model ``(args, kwargs)`` and its batch size."""
+        ...
+
+    def run(self, graph: Graph, prepared: list[tuple[tuple, dict]]) -> dict[int, Any]:
+        """Run the trace's ``graph`` (ids from 0, session values bound as params) on the prepared invokes;
+        return its saved values by node id."""
+        ...
 
 
 class _Exit(Exception):
@@ -30,21 +43,20 @@ class _Exit(Exception):
         self.loop = loop
 
 
-def run_session(session: Session, graph: Graph) -> dict[int, Any]:
-    """Run ``graph`` (recorded by ``session``) and return the values of every node the user saved."""
-    run = _SessionRun(session, graph)
+def run_session(graph: Graph, traces: Sequence[SessionTrace], saved: Iterable[int]) -> dict[int, Any]:
+    """Run a session's ``graph`` whose TRACE nodes run ``traces[node.target]``; return the ``saved`` values."""
+    run = _SessionRun(traces, graph)
     try:
         run.block(graph.nodes)
     except _Exit as e:
         if e.loop is not None:  # an exit of a loop that is not running: a bug, not a user error
             raise RuntimeError(f"exit of loop %{e.loop} escaped its loop") from None
-    saved = session._all_saved()
     return {nid: run.env[nid] for nid in saved if nid in run.env}
 
 
 class _SessionRun:
-    def __init__(self, session: Session, graph: Graph):
-        self.session = session
+    def __init__(self, traces: Sequence[SessionTrace], graph: Graph):
+        self.traces = traces
         self.params = graph.params
         self.env: dict[int, Any] = {}
         self.skipped: set[int] = set()
@@ -111,31 +123,28 @@ class _SessionRun:
                 raise
 
     def _trace(self, node: Node) -> None:
-        tracer = self.session._tracers[node.target]
+        trace = self.traces[node.target]
         template, outer, base, hoisted = self._bind(node)
         for h in hoisted:
             self._value(h)
         inputs = resolve(node.args, self.lookup, self.param)
         prepared, rows, start = [], [], 0
         for args, kwargs in inputs:
-            p_args, p_kwargs, size = tracer.model._prepare_inputs(*args, **kwargs)
+            p_args, p_kwargs, size = trace.prepare(args, kwargs)
             prepared.append((p_args, p_kwargs))
             rows.append(InvokeRows(start, start + size))
             start += size
         graph = template.replace(
             params=template.params + tuple(self.env[i] for i in outer), invokes=tuple(rows)
         )
-        tracer._bound = (graph, prepared)
         try:
-            tracer._run()
+            results = trace.run(graph, prepared)
         except BaseException as e:
-            loc = self.session._trace_locs[node.target]
+            loc = trace.loc
             if loc is not None:
                 e.add_note(f"(in the session's trace opened at {loc.filename}:{loc.lineno})")
             raise
-        finally:
-            tracer._bound = None
-        for nid, value in (tracer._results or {}).items():
+        for nid, value in results.items():
             self.env[nid + base] = value
 
     def _bind(self, node: Node) -> tuple[Graph, tuple[int, ...], int, tuple[Node, ...]]:
@@ -206,4 +215,4 @@ def _self_contained(body: Graph) -> tuple[Graph, tuple[int, ...], int, tuple[Nod
     return graph, tuple(outer), base, tuple(hoisted)
 
 
-__all__ = ["run_session"]
+__all__ = ["SessionTrace", "run_session"]

@@ -1,5 +1,6 @@
 """The intervention graph (IR): nodes, sites, printer, verifier, serialization. Imports only torch and errors."""
 
+from .facts import NO_FACTS, ModelFacts
 from .nodes import (
     MUTATING_METHODS,
     Graph,
@@ -16,15 +17,17 @@ from .nodes import (
     saved_ids,
     structure_tuple,
 )
-from .printer import format_graph, format_node
+from .printer import format_graph, format_node, format_site
 from .serialize import dumps, from_data, loads, structure_key, to_data
 from .targets import display_name, resolve_target, target_name
 from .verifier import verify
 
 __all__ = [
     "MUTATING_METHODS",
+    "NO_FACTS",
     "Graph",
     "InvokeRows",
+    "ModelFacts",
     "Node",
     "Op",
     "ParamRef",
@@ -35,6 +38,7 @@ __all__ = [
     "dumps",
     "format_graph",
     "format_node",
+    "format_site",
     "from_data",
     "is_mutation",
     "loads",

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .nodes import Graph, Node, Op, ParamRef, Ref
+from .nodes import Graph, Node, Op, ParamRef, Ref, Site
 from .steps import format_steps
 from .targets import display_name
 
@@ -25,6 +25,11 @@ def format_graph(graph: Graph, indent: str = "") -> str:
         for sub in node.body:
             lines.append(format_graph(sub, indent + "    "))
     return "\n".join(lines)
+
+
+def format_site(node: Node) -> str:
+    """The site a node reads or writes as errors name it (``model.layer1.output``); other nodes as printed."""
+    return str(node.target) if isinstance(node.target, Site) else format_node(node)
 
 
 def format_node(node: Node, graph: Graph | None = None) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import InvokeError, user_location
+from ..runtime import Target
 from ..tracing import NNsight, Tracer
 
 # keyword arguments of ``tracer.invoke(text, ...)`` that go to the tokenizer; the rest go to the model's forward
@@ -277,14 +278,15 @@ class LanguageModel(NNsight):
         return out
 
     # -- running -------------------------------------------------------------------------------------------------
-    def _execute_graph(self, graph, args: tuple, kwargs: dict, fake: bool = False, **options: Any):
+    def _target(self, fake: bool = False) -> Target:
+        """A real run loads the weights first (``dispatch``); inside a generate block the target carries the
+        ``generate()`` arguments (and no last position-wise module: ``generate`` reads the logits itself)."""
         if not fake:
             self.dispatch()
-            if options.get("compile") and self._checkpoint.generating is not None:
-                from ..backends.compiled.generate import run_generate_compiled
-
-                return run_generate_compiled(self, graph, args, kwargs)
-        return super()._execute_graph(graph, args, kwargs, fake=fake, **options)
+        generating = self._checkpoint.generating
+        if generating is not None:
+            return self._build_target(self._module, None, generating)
+        return super()._target(fake)
 
     def _last_position_module(self) -> str | None:
         """The output embeddings (``lm_head``): a causal LM applies them last, to each position on its own."""

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import TracingError, UnknownModuleError, user_location
 from ..ir import Op, SiteKind
+from ..runtime import ModelCaches
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -23,12 +24,15 @@ _OUTPUT, _INPUT, _INPUTS = SiteKind.OUTPUT, SiteKind.INPUT, SiteKind.INPUTS  # e
 
 
 class ModelState:
-    """State shared by a model's envoy tree and every edited copy of it: the stack of open tracers."""
+    """State shared by a model's envoy tree and every edited copy of it: the stack of open tracers, the
+    front-end's memo of recorded structures, and the runtime's caches (``runtime.ModelCaches``)."""
 
     def __init__(self, rename: dict[str, str] | None):
         self.rename = dict(rename or {})
         self.tracers: list[Tracer] = []
-        self.reuse_memo = None  # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
+        self.caches = ModelCaches()
+        # a trace of only site reads and saves: the key of its notes -> (facts, Optimized); see Tracer._optimized
+        self.simple: dict[tuple, Any] = {}
 
     def push(self, tracer: Tracer) -> None:
         self.tracers.append(tracer)

@@ -19,10 +19,9 @@ from torch._subclasses.fake_tensor import (
     UnsupportedOperatorException,
 )
 
-from ..backends.eager.interpreter import VALUE_OPS, resolve
-from ..backends.eager.rows import narrow
-from ..errors import InterventionError, TracingError, execution_error
-from ..ir import Node, Op, Site, SiteKind, format_node
+from ..errors import InterventionError, TracingError, check_set_shape, execution_error, missed_site_error
+from ..ir import Node, Op, Site, SiteKind, format_node, format_site
+from ..runtime import VALUE_OPS, narrow, resolve, to_fake
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -76,8 +75,6 @@ class FakeTracker:
         a = resolve(node.args, self._lookup, self._param)
         kw = {k: resolve(v, self._lookup, self._param) for k, v in node.kwargs}
         if op is Op.SET:
-            from .tracer import check_set_shape
-
             old = self._site(node, strict)
             if not node.kwargs:  # resize=True: a pass's deliberate shape change (passes/last_position.py)
                 check_set_shape(old, a[0], node.loc, str(node.target))
@@ -112,9 +109,8 @@ class FakeTracker:
             key = (key[0], key[1], -1 - site.call)
         if key not in acts:
             if strict:
-                from .tracer import missed_site_error
-
-                raise missed_site_error(node, "the module does not run (that often) for this input")
+                detail = "the module does not run (that often) for this input"
+                raise missed_site_error(format_site(node), node.loc, detail)
             raise _UnknownInput(f"{site} is not produced by the model for this input")
         value = acts[key]
         if site.kind is SiteKind.INPUT:
@@ -168,25 +164,14 @@ def record_activations(model, mode: FakeTensorMode, args: tuple, kwargs: dict) -
             handles.append(mod.register_forward_pre_hook(pre(path), with_kwargs=True))
             handles.append(mod.register_forward_hook(post(path), with_kwargs=True))
         with mode:
-            fake_args = _to_fake(args, mode)
-            fake_kwargs = _to_fake(kwargs, mode)
+            fake_args = to_fake(args, mode)
+            fake_kwargs = to_fake(kwargs, mode)
             with torch.no_grad():
                 model._forward(*fake_args, **fake_kwargs)
     finally:
         for h in handles:
             h.remove()
     return acts
-
-
-def _to_fake(value: Any, mode: FakeTensorMode) -> Any:
-    if isinstance(value, torch.Tensor):
-        return mode.from_tensor(value)
-    t = type(value)
-    if t is tuple or t is list:
-        return t(_to_fake(v, mode) for v in value)
-    if t is dict:
-        return {k: _to_fake(v, mode) for k, v in value.items()}
-    return value
 
 
 __all__ = ["FakeTracker", "narrow", "record_activations"]

@@ -2,22 +2,22 @@
 
 The wrapper is the root envoy. It owns how inputs are prepared and batched across invokes (``_prepare_inputs``,
 ``_batch_inputs``: the base class concatenates tensors along dim 0; subclasses such as LanguageModel tokenize and
-pad), how the model is called (``_forward``) and which backend runs a graph (``_execute_graph``).
+pad), how the model is called (``_forward``), and the run's :class:`~intervene_compiler.runtime.Target`
+(``_target``: the module, its forward, its caches and facts) that ``execute`` hands to a backend. It never
+imports a backend.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
+import weakref
 from typing import Any
 
 import torch
 
-from ..backends.eager import run_graph
-from ..backends.eager.packing import DECODER_LAYERS
-from ..backends.eager.reuse import leaves, plain_values, same_leaves
 from ..errors import InvokeError, TracingError, user_location
-from ..ir import Graph, Op, prepend
+from ..ir import Graph, ModelFacts, prepend
+from ..runtime import Target, decoder_layers_path, unembedding_path
 from .envoy import Envoy, ModelState
 from .session import Session
 from .tracer import Tracer
@@ -43,9 +43,7 @@ class NNsight(Envoy):
         super().__init__(module, "", ModelState(rename))
         object.__setattr__(self, "_edits", None)
         object.__setattr__(self, "_compile", bool(compile))
-        from ..backends.compiled import CompileCache
-
-        self._state.compiled = CompileCache()
+        object.__setattr__(self, "_target_memo", None)
 
     @property
     def _model(self) -> torch.nn.Module:
@@ -119,7 +117,7 @@ class NNsight(Envoy):
         counter (``backends/eager/reuse.py``); a write through ``.data`` or a NumPy view bumps none (and
         ``p.data = t`` may land on a freed storage), so call this after one (or trace with ``reuse=False``).
         """
-        self._state.reuse_memo = None
+        self._state.caches.reuse_memo = None
 
     def edit(self, inplace: bool = False) -> Editor:
         """``with model.edit() as edited:`` records interventions applied to every later trace of ``edited``.
@@ -131,7 +129,7 @@ class NNsight(Envoy):
 
     def clear_compiled(self) -> None:
         """Drop this model's compiled programs and remove the compiled backend's dispatcher hooks."""
-        self._state.compiled.clear()
+        self._state.caches.clear_compiled()
 
     def clear_edits(self) -> None:
         """Remove every edit from this model."""
@@ -173,86 +171,39 @@ class NNsight(Envoy):
         """
         path = self.__dict__.get("_unembed_path", False)
         if path is False:
-            path = _unembedding_path(self._module)
+            path = unembedding_path(self._module)
             object.__setattr__(self, "_unembed_path", path)
         return path
-
-    def _unembedding_module(self) -> torch.nn.Module:
-        """The last position-wise module now (the base lookup: LanguageModel's hides it while generating)."""
-        return self._module.get_submodule(NNsight._last_position_module(self))
-
-    def _batch_for(
-        self,
-        graph: Graph,
-        prepared: list[tuple[tuple, dict]],
-        fake: bool,
-        compile: bool = False,
-        reuse: bool = True,
-    ):
-        """``(args, kwargs, repeat)`` for a run: the batch of every invoke's input, or, when the invokes are
-        identical one-row inputs to a model whose prefix can be shared, that one row and ``repeat`` = how many.
-
-        Activation patching puts the same corrupted prompt in every invoke and edits a different position of one
-        layer in each: the layers before the first edit compute the same rows. Sharing them runs the forward on
-        one row up to the first site any node touches and repeats the value there (``run_graph``'s ``repeat``).
-        It needs the model's later layers to broadcast one-row side inputs (attention masks, position
-        embeddings) against the repeated rows, which holds for the families in ``_SHARED_PREFIX_FAMILIES``; it is
-        used by the eager runner only (compiled traces that are layered run on it), and only for graphs that
-        touch a site and need nothing else of the run.
-        One such invoke gives ``repeat`` = 1: nothing to share within the run, but its unedited layers can be
-        replayed from, and memoized for, other runs on the same prompt (``backends/eager/reuse.py``).
-        ``compile=True`` shares the prefix only when the run can be layered (``backends/compiled/layered.py``).
-        """
-        if (
-            not fake
-            and self._shares_prefix()
-            and _prefix_graph(graph)
-            and (not compile or (reuse and _layered_applies(self, graph, prepared)))
-            and _identical_rows(prepared)
-        ):
-            args, kwargs = prepared[0]
-            return args, kwargs, len(prepared)
-        args, kwargs = self._batch_inputs(prepared)
-        return args, kwargs, 0
-
-    def _shares_prefix(self) -> bool:
-        # the cached check first: a plain module's missing ``config`` raises (and is caught) inside getattr
-        if self._last_position_module() is None:
-            return False
-        config = getattr(self._module, "config", None)
-        return getattr(config, "model_type", None) in _SHARED_PREFIX_FAMILIES
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped model (the forward pass interventions run alongside)."""
         return self._module(*args, **kwargs)
 
-    def _execute_graph(
-        self,
-        graph: Graph,
-        args: tuple,
-        kwargs: dict,
-        fake: bool = False,
-        compile: bool = False,
-        repeat: int = 0,
-        reuse: bool = False,
-    ):
-        if compile and not fake:
-            if repeat:
-                from ..backends.compiled.layered import run_layered
+    def _target(self, fake: bool = False) -> Target:
+        """The model as ``execute`` and the backends see it for one run (``fake``: on fake tensors, nothing
+        loads). Built once per wrapped module and reused: a repeated trace builds nothing."""
+        module = self._module
+        target = self._target_memo
+        if target is not None and target.module is module and target.forward.__self__ is self:
+            return target
+        target = self._build_target(module, self._last_position_module())
+        object.__setattr__(self, "_target_memo", target)
+        return target
 
-                return run_layered(self, graph, args, kwargs, repeat)
-            from ..backends.compiled import run_compiled
-
-            return run_compiled(self, graph, args, kwargs)
-        if not fake:
-            return run_graph(self, graph, args, kwargs, repeat, reuse)
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from .fakes import _to_fake
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode, torch.no_grad():
-            return run_graph(self, graph, _to_fake(args, mode), _to_fake(kwargs, mode))
+    def _build_target(self, module: torch.nn.Module, last: str | None, generating=None) -> Target:
+        head = module.get_submodule(last) if last is not None else None
+        facts = ModelFacts(last, weakref.ref(head) if isinstance(head, torch.nn.Linear) else None)
+        layers = decoder_layers_path(module)
+        return Target(
+            module,
+            self._forward,
+            self._state.caches,
+            self._batch_inputs,
+            facts,
+            layers,
+            shares_prefix=last is not None and layers is not None,
+            generating=generating,
+        )
 
     # -- edits ---------------------------------------------------------------------------------------------------
     def _add_edit(self, graph: Graph) -> None:
@@ -296,55 +247,6 @@ class Editor:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         return self.tracer.__exit__(exc_type, exc, tb)
-
-
-# transformers model types whose layers broadcast one-row masks and position embeddings against more rows
-# (checked: tests/test_tracing.py::test_identical_invokes_share_their_prefix)
-_SHARED_PREFIX_FAMILIES = frozenset(DECODER_LAYERS)
-_NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.MODULE})
-
-
-def _layered_applies(model, graph: Graph, prepared: list[tuple[tuple, dict]]) -> bool:
-    from ..backends.compiled.layered import applies
-
-    return plain_values(leaves(prepared[0])) and applies(model, graph)
-
-
-def _prefix_graph(graph: Graph) -> bool:
-    """Does ``graph`` touch a module site and need nothing else of the run (output, caches, gradients)?"""
-    if graph.needs_output:
-        return False
-    touches = False
-    for n in graph.nodes:
-        if n.op in _NOT_PREFIX_OPS:
-            return False
-        if n.op is Op.SITE or n.op is Op.SET or n.op is Op.UPDATE:
-            if n.target.path == "":
-                return False
-            touches = True
-    return touches
-
-
-def _identical_rows(prepared: list[tuple[tuple, dict]]) -> bool:
-    """Are all invokes' inputs the same one-row input?"""
-    first = leaves(prepared[0])
-    if not any(isinstance(v, torch.Tensor) for v in first):
-        return False
-    if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 1) for v in first):
-        return False
-    return all(same_leaves(first, leaves(other)) for other in prepared[1:])
-
-
-def _unembedding_path(module: torch.nn.Module) -> str | None:
-    transformers = sys.modules.get("transformers")
-    mixin = getattr(transformers, "GenerationMixin", None) if transformers is not None else None
-    if mixin is None or not isinstance(module, mixin):
-        return None
-    get = getattr(module, "get_output_embeddings", None)
-    head = get() if get is not None else None
-    if not isinstance(head, torch.nn.Linear):
-        return None
-    return next((name for name, m in module.named_modules() if m is head), None)
 
 
 def _concat(values: list, what: str) -> Any:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SourceLoc, TracingError, ValueNotReadyError, user_location
+from ..execute import run_session
 from ..ir import Graph, Node, Op, Ref, format_node
 from ..ir.nodes import walk_nodes
 from .contexts import Cond
@@ -88,10 +89,9 @@ class Session(Recorder):
             self._finish(exc)
             return False
         try:
-            from ..backends.session import run_session
-
             self.graph = self._build_graph()
-            self._results = run_session(self, self.graph)
+            traces = [_SessionTrace(t, loc) for t, loc in zip(self._tracers, self._trace_locs)]
+            self._results = run_session(self.graph, traces, self._all_saved())
         except BaseException as e:
             self._finish(e)
             raise
@@ -215,6 +215,22 @@ class Session(Recorder):
         for tracer in self._tracers:
             out |= tracer._saved_ids
         return out
+
+
+class _SessionTrace:
+    """A trace of the session as the session runner sees it (``execute.SessionTrace``)."""
+
+    __slots__ = ("loc", "tracer")
+
+    def __init__(self, tracer: Tracer, loc: SourceLoc | None):
+        self.tracer = tracer
+        self.loc = loc
+
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
+        return self.tracer.model._prepare_inputs(*args, **kwargs)
+
+    def run(self, graph: Graph, prepared: list[tuple[tuple, dict]]) -> dict[int, Any]:
+        return self.tracer._run_bound(graph, prepared)
 
 
 class Loop:

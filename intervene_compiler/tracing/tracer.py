@@ -10,9 +10,6 @@ process-level state is a context variable naming the innermost open tracer (for 
 from __future__ import annotations
 
 import itertools
-import os
-import sys
-import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -22,19 +19,16 @@ import torch
 
 from ..errors import (
     InvokeError,
-    MissedSiteError,
-    SetShapeError,
-    SourceLoc,
     TracingError,
     ValueNotReadyError,
-    _locs,
-    _user_files,
-    execution_error,
     user_location,
+    user_location_at,
 )
+from ..execute import RunOptions, execute
 from ..ir import (
     Graph,
     InvokeRows,
+    ModelFacts,
     Node,
     Op,
     ParamRef,
@@ -46,7 +40,8 @@ from ..ir import (
     is_mutation,
 )
 from ..ir.nodes import make_node, walk_nodes
-from ..pipeline import optimize
+from ..pipeline import Optimized, optimize
+from ..runtime import Target
 from .contexts import Barrier, Cond, Invoker, no_input_error
 from .iteration import Iteration, IterSelector, check_scope, nodes_for_fakes
 from .proxy import Proxy, _find_live_tracer, new_proxy
@@ -59,41 +54,6 @@ _current: ContextVar[Tracer | None] = ContextVar("intervene_compiler_tracer", de
 _current_session: ContextVar[Any] = ContextVar("intervene_compiler_session", default=None)
 _LITERALS = frozenset({int, float, str, bool, type(None), complex, bytes})
 _SITE, _SAVE = Op.SITE, Op.SAVE  # enum class attribute lookups are slow
-
-
-_environ_data = getattr(os.environ, "_data", None)  # what os.environ reads: looked up without its KeyError
-try:
-    _DEBUG_KEY = os.environ.encodekey("IC_DEBUG")  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - an os.environ without these internals
-    _environ_data = None
-
-
-def _debug() -> bool:
-    """``os.environ.get("IC_DEBUG")``, read on every trace (a missing key costs os.environ a raised KeyError)."""
-    if type(_environ_data) is dict:
-        return bool(_environ_data.get(_DEBUG_KEY))
-    return bool(os.environ.get("IC_DEBUG"))
-
-
-def _user_location_at(depth: int) -> SourceLoc | None:
-    """``user_location()`` for a caller whose ``depth`` innermost frames (its own included) are this package's:
-    the frame above them, when it is a user's line seen before (the common case), else the full walk."""
-    frame = sys._getframe(depth + 1)
-    code = frame.f_code
-    filename = code.co_filename
-    if _user_files.get(filename):
-        loc = _locs.get((filename, frame.f_lineno, code.co_name))
-        if loc is not None:
-            return loc
-    return user_location()
-
-
-def _last_module(model: NNsight) -> tuple[str | None, weakref.ref | None]:
-    """``optimize``'s model arguments: the path of the model's last position-wise module, and a weak reference to
-    the wrapper (its ``_unembedding_module()`` reaches that module at run time, after real weights load) when
-    there is one."""
-    path = model._last_position_module()
-    return path, (weakref.ref(model) if path is not None else None)
 
 
 def current_tracer() -> Tracer | None:
@@ -202,7 +162,8 @@ class Tracer(Recorder):
     _frame = None  # the open `tracer.all()` / `tracer.iter[...]` block, if any (see iteration.py)
     # node id inside a closed iteration block -> that block's ITER id
     _body_of: Mapping[int, int] = MappingProxyType({})
-    _entry = None
+    _entry = None  # what ran a compiled trace (``describe()`` for explain), from RunResult.explain
+    _optimized_graph: Optimized | None = None
     _reuse_note = None  # see RunResult.reuse
     _fakes = None
     _token = None
@@ -212,7 +173,6 @@ class Tracer(Recorder):
     # inside `model.session()`: the block records into the session (see session.py) and runs when it does
     _session = None
     _closed = False  # recorded and handed to the session, which has not run yet
-    _bound = None  # (graph, prepared inputs) the session runs this trace with
     # Recorder._param makes a tracer's own list (and index) on its first param
     _params: tuple | list[Any] = ()
     _param_index: Mapping[int, int] = MappingProxyType({})
@@ -506,7 +466,7 @@ class Tracer(Recorder):
             else:  # _record of a node without arguments, noted (see _nodes)
                 nid = next(self._ids)
                 # called by an envoy's .output/.input/.inputs, whose caller is the user's line
-                self._lazy.append((nid, key, _user_location_at(2)))
+                self._lazy.append((nid, key, user_location_at(2)))
                 proxy = new_proxy(self, nid)
             self._site_cache[key] = proxy
         return proxy
@@ -531,7 +491,7 @@ class Tracer(Recorder):
                 () if last is None else (last,),
                 self._guards,
                 self._invoke,
-                _user_location_at(2),  # called by Proxy.save, whose caller is the user's line
+                user_location_at(2),  # called by Proxy.save, whose caller is the user's line
             )
         )
 
@@ -619,38 +579,35 @@ class Tracer(Recorder):
 
     def _run(self) -> None:
         model = self.model
-        if self._bound is not None:  # run by a session, with its values bound (backends/session.py)
-            graph, prepared = self._bound
-            traced = model._with_edits(graph)
-            graph, steps = optimize(traced, *_last_module(model))
-        else:
-            for barrier in self._barriers:
-                barrier.check()
-            if self._mode == "edit":
-                self.graph = graph = self._build_graph()
-                model._add_edit(graph)
-                return
-            invokers = self._invokers
-            if not invokers:
-                self._check_has_input()
-            prepared = [invokers[0].inputs] if len(invokers) == 1 else [inv.inputs for inv in invokers]
-            traced, graph, steps = self._optimized(model)
-        self._steps = steps
-        self._traced = traced
-        self.graph = graph
-        if _debug():
-            print(format_graph(graph))
+        for barrier in self._barriers:
+            barrier.check()
+        if self._mode == "edit":
+            self.graph = graph = self._build_graph()
+            model._add_edit(graph)
+            return
+        invokers = self._invokers
+        if not invokers:
+            self._check_has_input()
+        prepared = [invokers[0].inputs] if len(invokers) == 1 else [inv.inputs for inv in invokers]
         fake = self._mode == "scan"
-        compile = self._compile
-        args, kwargs, repeat = model._batch_for(graph, prepared, fake, compile, self._reuse)
-        if repeat:
-            result = model._execute_graph(
-                graph, args, kwargs, fake=fake, compile=compile, repeat=repeat, reuse=self._reuse
-            )
-        else:
-            result = model._execute_graph(graph, args, kwargs, fake=fake, compile=compile)
-        if compile:
-            self._entry = model._state.compiled.last
+        target = model._target(fake)
+        self._execute(self._optimized(model, target), prepared, target, fake)
+
+    def _run_bound(self, graph: Graph, prepared: list[tuple[tuple, dict]]) -> dict[int, Any]:
+        """Run as a session's trace: ``graph`` has the session's values bound as params (backends/session.py).
+        Returns the saved values."""
+        model = self.model
+        target = model._target(False)
+        optimized = optimize(model._with_edits(graph), target.facts, target.caches.optimized)
+        self._execute(optimized, prepared, target, False)
+        return self._results or {}
+
+    def _execute(self, optimized: Optimized, prepared: list, target: Target, fake: bool) -> None:
+        self._optimized_graph = optimized
+        self.graph = optimized.graph
+        options = RunOptions(compile=self._compile, reuse=self._reuse, fake=fake)
+        result = execute(optimized, prepared, target, options)
+        self._entry = result.explain
         self._results = result.values
         self._stop_loc = result.stop_loc
         self._skipped = result.skipped
@@ -658,27 +615,28 @@ class Tracer(Recorder):
             self._reuse_note = result.reuse
         self.output = result.output
 
-    def _optimized(self, model: NNsight) -> tuple[Graph, Graph, tuple]:
-        """The graph as traced (with the model's edits), optimized, and the pass steps (see ``optimize``).
+    def _optimized(self, model: NNsight, target: Target) -> Optimized:
+        """The graph as traced (with the model's edits), optimized, with the pass steps (see ``optimize``).
 
         A trace of only site reads and saves (the common ``model.layer.output.save()``) has a cheap key of its
-        structure (``_simple_key``): repeating it reuses the graphs the first such trace built and optimized,
-        which are immutable and hold no params (nothing to bind per trace), instead of building a graph to have
-        the pass memo key it again.
+        structure (``_simple_key``): repeating it reuses what the first such trace built and optimized (graphs
+        that are immutable and hold no params: nothing to bind per trace) instead of building a graph to have the
+        pass memo key it again. That memo is the model's (``ModelState.simple``).
         """
-        last_module, unembedding = _last_module(model)
-        key = _simple_key(self, last_module) if model._edits is None and not self._params else None
+        facts = target.facts
+        key = _simple_key(self, facts) if model._edits is None and not self._params else None
+        memo = self._state.simple
         if key is not None:
-            hit = _simple.get(key)
+            hit = memo.get(key)
             if hit is not None:
                 return hit
         traced = model._with_edits(self._build_graph())
-        graph, steps = optimize(traced, last_module, unembedding)
+        optimized = optimize(traced, facts, target.caches.optimized)
         if key is not None:
-            if len(_simple) >= _SIMPLE_SIZE:
-                del _simple[next(iter(_simple))]  # the oldest entry
-            _simple[key] = (traced, graph, steps)
-        return traced, graph, steps
+            if len(memo) >= _SIMPLE_SIZE:
+                del memo[next(iter(memo))]  # the oldest entry
+            memo[key] = optimized
+        return optimized
 
     def _check_has_input(self) -> None:
         if not self._invokers:
@@ -724,25 +682,10 @@ class Tracer(Recorder):
         entry = self._entry
         if not self._compile:
             parts.append("-- backend: eager (hooks)")
-        elif entry is not None and entry.layered:
-            state = f"fell back to eager layers: {entry.fallback}" if entry.fallback else "compiled"
-            parts.append(
-                "-- backend: compiled, layered: the interventions run by the eager runner, unedited decoder layers"
-                f" replayed from earlier traces of this prompt, the others {state} ({len(entry.graphs)} graph(s)"
-                f" for the layers' forward, {entry.calls} call(s) so far)"
-            )
-            if entry.graphs:
-                parts.append("-- decoder layer FX graph:\n" + entry.graphs[-1].code.strip())
-        elif entry is None or entry.fallback is not None:
-            reason = entry.fallback if entry is not None else "unknown"
-            parts.append(f"-- backend: compiled, fell back to eager: {reason}")
+        elif entry is None:
+            parts.append("-- backend: compiled, fell back to eager: unknown")
         else:
-            parts.append(
-                f"-- backend: compiled; {len(entry.graphs)} graph(s) compiled for this structure, "
-                f"{entry.calls} call(s) so far"
-            )
-            if entry.graphs:
-                parts.append("-- spliced FX graph:\n" + entry.graphs[-1].code.strip())
+            parts.extend(entry.describe())
         text = "\n".join(parts)
         print(text, file=file)
         return text
@@ -750,7 +693,8 @@ class Tracer(Recorder):
     @property
     def steps(self) -> list[tuple[str, Graph]]:
         """The graph as traced and after each pass: ``[("traced", g), ("dead_values", g), ...]``."""
-        return [(name, self._traced.replace(nodes=nodes)) for name, nodes in self._steps]
+        optimized = self._optimized_graph
+        return [(name, optimized.traced.replace(nodes=nodes)) for name, nodes in optimized.steps]
 
     def _value_of(self, proxy: Proxy) -> Any:
         nid = proxy._node_id() if not self._finished else proxy._id
@@ -807,14 +751,13 @@ class Tracer(Recorder):
 # invokes and the identity of source locations, which errors name) is built here from the tracer's notes of those
 # nodes (``Tracer._lazy``) for a fraction of the cost, and maps to the traced and optimized graphs and pass steps
 # of the first trace with that key. Entries keep that trace's nodes (and so the source locations whose ids are in
-# the key) alive, as optimize's memo does.
-_simple: dict[tuple, tuple[Graph, Graph, tuple]] = {}
+# the key) alive, as optimize's memo does. The memo is the model's (``ModelState.simple``).
 _SIMPLE_SIZE = 512
 
 
-def _simple_key(tracer: Tracer, last_module: str | None) -> tuple | None:
+def _simple_key(tracer: Tracer, facts: ModelFacts) -> tuple | None:
     """The structure of a trace whose nodes are all noted site reads and saves (see ``Tracer._nodes``), None for
-    any other trace; see ``_simple``."""
+    any other trace; see ``Tracer._optimized``."""
     if tracer._node_list:  # some node was recorded by the general path
         return None
     parts = []
@@ -830,32 +773,7 @@ def _simple_key(tracer: Tracer, last_module: str | None) -> tuple | None:
         rows = ((inv.start, inv.start + inv.batch_size),)
     else:
         rows = tuple([(inv.start, inv.start + inv.batch_size) for inv in invokers])
-    return (tuple(parts), rows, tracer._mode, tracer._needs_output, last_module)
+    return (tuple(parts), rows, tracer._mode, tracer._needs_output, facts)
 
 
-def check_set_shape(old: Any, new: Any, loc, what: Any) -> None:
-    """Raise SetShapeError when a tensor replaces a tensor of another shape (0-d values broadcast).
-
-    ``what`` (a Site or a string) is only formatted when raising: this also runs inside compiled programs.
-    """
-    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and new.dim() > 0:
-        if tuple(new.shape) != tuple(old.shape):
-            raise SetShapeError(
-                f"the value set into {what} has shape {tuple(new.shape)}, but the value it replaces has shape "
-                f"{tuple(old.shape)}",
-                loc,
-                "set a value of the same shape, or set part of it with indexing (e.g. `out[:, -1] = v`)",
-            )
-
-
-def missed_site_error(node: Node, detail: str) -> MissedSiteError:
-    site = node.target if isinstance(node.target, Site) else None
-    what = str(site) if site is not None else format_node(node)
-    return MissedSiteError(
-        f"{what} was never produced: {detail}",
-        node.loc,
-        "check the module runs for this input (and how often: `.next()` moves to a later call)",
-    )
-
-
-__all__ = ["Shape", "Tracer", "check_set_shape", "current_tracer", "execution_error", "missed_site_error"]
+__all__ = ["Shape", "Tracer", "current_tracer"]

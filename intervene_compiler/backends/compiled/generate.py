@@ -30,23 +30,26 @@ from typing import Any
 
 import torch
 
-from ...ir import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, map_args, structure_tuple
+from ...ir import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, format_node, map_args, structure_tuple
 from ...ir.nodes import is_mutation, walk_nodes
 from ...ir.steps import step_matches
-from ..eager.runner import RunResult, _Run, run_graph
-from .cache import (
-    _STATS,
-    _UNSUPPORTED,
+from ...runtime import RunResult, Target
+from ..eager import run_graph
+from ..eager.runner import _Run
+from .entry import (
+    UNSUPPORTED,
     CompileCache,
     Entry,
-    _backend_for,
-    _call,
-    _fresh_entry,
-    _param_signature,
-    _reason,
-    _signature,
+    backend_for,
+    cache_of,
+    call,
+    count_call,
+    failure_reason,
+    fresh_entry,
     model_device,
+    param_signature,
     record_fallback,
+    signature,
 )
 from .lowering import lift_values
 from .program import (
@@ -63,22 +66,27 @@ _SITE_OPS = (Op.SITE, Op.SET, Op.UPDATE)
 _CONTAINER_MAKERS = (list, dict, set)  # outer values that the Python part mutates (``ic.list()``, ...)
 
 
-def run_generate_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
-    """Run a generate block's graph with every step's forward compiled (see the module docstring)."""
-    cache: CompileCache = model._state.compiled
-    checkpoint = model._checkpoint
-    options = dict(checkpoint.generating or {})
+def run_generate_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
+    """Run a generate block's graph with every step's forward compiled (see the module docstring).
+
+    ``target.generating`` holds the block's ``generate()`` arguments; a static KV cache and no transformers
+    auto-compile are added to the call unless the user chose otherwise."""
+    cache = cache_of(target)
+    options = dict(target.generating or {})
     plan, reason = _plan(graph)
     if reason is None:
-        reason = _cache_reason(model._module, options)
+        reason = _cache_reason(target.module, options)
     if reason is not None:
-        return _fall_back(model, cache, graph, args, kwargs, reason)
-    options.setdefault("cache_implementation", "static")
-    options.setdefault("disable_compile", True)  # transformers' own auto-compile would wrap ours
-    state = _StepState(model, plan)
-    run = _Run(model, plan.outer)
+        return _fall_back(target, graph, args, kwargs, reason)
+    extra = {}
+    if "cache_implementation" not in options:
+        extra["cache_implementation"] = "static"
+    if "disable_compile" not in options:
+        extra["disable_compile"] = True  # transformers' own auto-compile would wrap ours
+    state = _StepState(target, cache, plan)
+    run = _Run(target, plan.outer)
     state.run = run
-    module = model._module
+    module = target.module
     had_forward = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
     original = module.forward
@@ -88,17 +96,16 @@ def run_generate_compiled(model, graph: Graph, args: tuple, kwargs: dict) -> Run
     def forward(*a: Any, **kw: Any) -> Any:
         return state.step(a, kw)
 
-    generating = checkpoint.generating
-    checkpoint.generating = options
     module.forward = forward
     try:
-        return run.execute(args, kwargs)
+        result = run.execute(args, {**kwargs, **extra})
     finally:
-        checkpoint.generating = generating
         if had_forward:
             module.forward = previous
         else:
             del module.forward
+    result.explain = cache.last
+    return result
 
 
 # -- planning ----------------------------------------------------------------------------------------------------
@@ -126,7 +133,7 @@ def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
     nodes = {n.id: n for n in walk_nodes(graph.nodes)}
     outer_ids = {n.id for n in graph.nodes}
     for n in walk_nodes(graph.nodes):
-        why = _UNSUPPORTED.get(n.op)
+        why = UNSUPPORTED.get(n.op)
         if why is not None:
             return None, why
         if n.op in (Op.GRAD, Op.SET_GRAD, Op.BACKWARD):
@@ -262,8 +269,6 @@ def _mutates_outer(node: Node, inside: set[int]) -> bool:
 
 
 def _describe(node: Node) -> str:
-    from ...ir import format_node
-
     return format_node(node).split("  #")[0]
 
 
@@ -285,10 +290,11 @@ def _cache_reason(module: torch.nn.Module, options: dict) -> str | None:
     return None
 
 
-def _fall_back(model, cache: CompileCache, graph: Graph, args, kwargs, reason: str) -> RunResult:
+def _fall_back(target: Target, graph: Graph, args, kwargs, reason: str) -> RunResult:
     record_fallback(None, reason, "generate: ")
-    cache.last = Entry(("generate", None), fallback=reason)
-    return run_graph(model, graph, args, kwargs)
+    result = run_graph(target, graph, args, kwargs)
+    result.explain = Entry(("generate", None), fallback=reason)
+    return result
 
 
 # -- the steps ---------------------------------------------------------------------------------------------------
@@ -306,18 +312,10 @@ class _Fetch:
         return bool(value) if self.as_bool else value
 
 
-class _StepModel:
-    """What a step's Program and recorder see as the model: its ``_forward`` is the root's own forward."""
-
-    def __init__(self, model, forward):
-        self._module = model._module
-        self._model = model
-        self._forward = forward
-
-
 class _StepState:
-    def __init__(self, model, plan: _Plan):
-        self.model = model
+    def __init__(self, target: Target, cache: CompileCache, plan: _Plan):
+        self.target = target
+        self.cache = cache
         self.plan = plan
         self.k = -1
         self.run: _Run | None = None
@@ -333,15 +331,15 @@ class _StepState:
         first = len(self.plan.graph.params)
         values = tuple(env[i] for i in self.plan.inputs)
         params = lowered.params[:first] + values + lowered.params[first + n_inputs :]
-        shim = _StepModel(self.model, self.forward)
+        shim = self.target.with_forward(self.forward)  # a step's program calls the root's own forward
         exported = tuple(c for b in active for c in b.exported)
-        cache: CompileCache = self.model._state.compiled
+        cache = self.cache
         key = (
             "generate-step",
             structure,
-            _param_signature(params),
-            _signature(args),
-            _signature(kwargs),  # a KV cache by its layout (see cache._signature)
+            param_signature(params),
+            signature(args),
+            signature(kwargs),  # a KV cache by its layout (see entry.signature)
             torch.is_grad_enabled(),
         )
         entry = cache.lookup(
@@ -350,16 +348,14 @@ class _StepState:
         if entry.fallback is None:
             compiled_before = len(entry.graphs)
             try:
-                saved, output = _call(cache, entry, params, args, kwargs)
+                saved, output = call(cache, entry, params, args, kwargs)
             except (
                 Exception
             ) as e:  # a step Dynamo cannot capture as one graph: this key runs eagerly from now on
-                record_fallback(entry, _reason(e), "generate step: ")
+                record_fallback(entry, failure_reason(e), "generate step: ")
             else:
                 entry.calls += 1
-                _STATS["compiled_calls"] += 1
-                if len(entry.graphs) == compiled_before:
-                    _STATS["cache_hits"] += 1
+                count_call(entry, compiled_before)
                 program = entry.program
                 values = dict(zip(program.saved_ids + program.needed, saved))
                 self._publish({c: values.get(c) for c in exported})
@@ -411,14 +407,14 @@ class _StepState:
         graph = plan.graph.replace(
             nodes=tuple(flat), params=plan.graph.params + placeholders, kind="trace", needs_output=True
         )
-        lowered = lift_values(graph, model_device(self.model._module))
+        lowered = lift_values(graph, model_device(self.target.module))
         got = (graph, lowered, len(plan.inputs), structure_tuple(lowered))
         plan.step_graphs[key] = got
         return got
 
 
 def _build_step(
-    shim: _StepModel, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, exported: tuple
+    shim: Target, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, exported: tuple
 ) -> Entry:
     entry = Entry(key)
     try:
@@ -428,7 +424,7 @@ def _build_step(
         record_fallback(entry, reason, "generate step: ")
         return entry
     if cache.dispatcher is None:
-        cache.dispatcher = Dispatcher(shim._module)
+        cache.dispatcher = Dispatcher(shim.module)
     split = BackwardSplit(graph, needed=exported)  # the values the Python part of the block reads
     entry.split = split
     dynamic_conds = dynamic_conds_of(graph.nodes, recorder)
@@ -437,7 +433,7 @@ def _build_step(
         record_fallback(entry, reason, "generate step: ")
         return entry
     entry.program = Program(shim, graph, recorder.order, split, dynamic_conds)
-    entry.fn = torch.compile(_fresh_entry(), fullgraph=True, dynamic=False, backend=_backend_for(entry))
+    entry.fn = torch.compile(fresh_entry(), fullgraph=True, dynamic=False, backend=backend_for(entry))
     return entry
 
 

@@ -1,7 +1,7 @@
 """Layered compiled runs: the decoder layers compiled once, the interventions run by the eager runner.
 
-A ``compile=True`` trace normally becomes one program: model and interventions in one Dynamo graph (cache.py).
-For a shared-prefix trace (``NNsight._batch_for``: a decoder family, every invoke the same one-row prompt,
+A ``compile=True`` trace normally becomes one program: model and interventions in one Dynamo graph (run.py).
+For a shared-prefix trace (``execute._batch``: a decoder family, every invoke the same one-row prompt,
 nothing read but module sites) on a model whose decoder layers are large, that is the slower choice on a CPU:
 such a model is compute-bound, so compiling it barely speeds a forward (GPT-2 small, 16 tokens: 77 ms compiled
 against 84 ms eager), while a program that runs the whole model cannot skip the unedited layers an earlier trace
@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
-from ...ir import Op
-from ..eager.packing import decoder_layers, inside_a_layer
-from ..eager.runner import RunResult, run_graph
-from .cache import _STATS, Entry, _backend_for, _reason, _signature, record_fallback
+from ...ir import Graph, Op
+from ...runtime import RunResult, Target
+from ..eager import run_graph
+from ..eager.packing import inside_a_layer
+from .entry import Entry, backend_for, cache_of, count_call, failure_reason, record_fallback, signature
 
 MIN_LAYER_PARAMS = 1_000_000  # GPT-2 small's layers have 7.1M; below, one whole-model program costs less
 # where the cost model was measured (a GPU, where compiling fuses more and CUDA graphs remove the per-layer Python,
@@ -45,17 +46,15 @@ _DEVICES = frozenset({"cpu"})
 _MAX_LAYOUTS = 32  # compiled layer forwards per model (prompt lengths x packed or not); then eager layers
 
 
-def applies(model, graph) -> bool:
-    """Should a shared-prefix ``compile=True`` trace of ``model`` (an NNsight wrapper) run ``graph`` layered?
+def applies(target: Target, graph: Graph) -> bool:
+    """Should a shared-prefix ``compile=True`` trace of ``target`` run ``graph`` layered?
 
     Not when a node touches a module inside a decoder layer: the runner's hooks there would be inside the
     compiled forward (new hooks every run: a recompile every run)."""
-    if getattr(model, "dispatched", True) is False:  # a LanguageModel on the meta device: where will it run?
-        model.dispatch()  # (the run loads it anyway, right after)
-    module = model._module
+    module = target.module
     if module.training or not _takes_use_cache(module):
         return False
-    found = decoder_layers(model)
+    found = target.decoder_layers()
     if found is None or not len(found[1]):
         return False
     path, layers = found
@@ -72,11 +71,11 @@ def applies(model, graph) -> bool:
     return sum(p.numel() for p in params) >= MIN_LAYER_PARAMS
 
 
-def run_layered(model, graph, args: tuple, kwargs: dict, repeat: int) -> RunResult:
+def run_layered(target: Target, graph: Graph, args: tuple, kwargs: dict, repeat: int) -> RunResult:
     """Run a shared-prefix trace's ``graph`` with compiled decoder layers (see the module docstring)."""
-    _, layers = decoder_layers(model)
+    _, layers = target.decoder_layers()
     cls = type(layers[0])
-    entry = model._state.compiled.lookup(("layered", cls), lambda: Entry(key=("layered", cls), layered=True))
+    entry = cache_of(target).lookup(("layered", cls), lambda: Entry(key=("layered", cls), layered=True))
     kwargs = {**kwargs, "use_cache": False}
     before = len(entry.graphs)
     config = torch._dynamo.config
@@ -85,15 +84,14 @@ def run_layered(model, graph, args: tuple, kwargs: dict, repeat: int) -> RunResu
     config.skip_nnmodule_hook_guards = False
     try:
         result = run_graph(
-            model, graph, args, kwargs, repeat, reuse=True, layer_forward=_layer_forward(entry, cls)
+            target, graph, args, kwargs, repeat, reuse=True, layer_forward=_layer_forward(entry, cls)
         )
     finally:
         config.skip_nnmodule_hook_guards = skip
     entry.calls += 1
     if entry.fallback is None:
-        _STATS["compiled_calls"] += 1
-        if len(entry.graphs) == before:
-            _STATS["cache_hits"] += 1
+        count_call(entry, before)
+    result.explain = entry
     return result
 
 
@@ -106,7 +104,7 @@ def _layer_forward(entry: Entry, cls: type):
     def forward(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if entry.fallback is not None:
             return eager(layer, *args, **kwargs)
-        key = (_signature(args), _signature(kwargs))
+        key = (signature(args), signature(kwargs))
         compiled = layouts.get(key)
         if compiled is None:
             if len(layouts) >= _MAX_LAYOUTS:  # (an argument keyed by identity would compile every call)
@@ -122,14 +120,14 @@ def _layer_forward(entry: Entry, cls: type):
             return compiled(layer, *args, **kwargs)
         except Exception as e:
             out = eager(layer, *args, **kwargs)  # raises the user's error, if eager mode has one too
-            record_fallback(entry, _reason(e), prefix=f"{cls.__name__} layers: ")
+            record_fallback(entry, failure_reason(e), prefix=f"{cls.__name__} layers: ")
             return out
 
     return forward
 
 
 def _backend(entry: Entry, layout: Entry):
-    inner = _backend_for(layout)
+    inner = backend_for(layout)
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         entry.graphs.append(gm)

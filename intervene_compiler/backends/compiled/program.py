@@ -14,17 +14,16 @@ edits run on the host from the backward of :func:`grad_edit`, and ``tracer.cache
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ...errors import check_set_shape
 from ...ir import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, is_mutation, saved_ids
 from ...ir.nodes import map_args
-from ..eager.interpreter import resolve
-from ..eager.rows import narrow
+from ...runtime import Target, fake_copy, narrow, resolve, to_fake
 from ..eager.runner import _EarlyStop, _Run
 from .lowering import apply_writes, put, take
 
@@ -57,8 +56,8 @@ class _Recorder(_Run):
     so its false branch is left out of the schedule (those nodes are skipped, as in eager mode).
     """
 
-    def __init__(self, model, graph: Graph):
-        super().__init__(model, graph)
+    def __init__(self, target: Target, graph: Graph):
+        super().__init__(target, graph)
         self.order: list[tuple[Any, int]] = []
         self.started = False
 
@@ -86,39 +85,16 @@ class _Recorder(_Run):
         return super()._exec(node)
 
 
-def record_schedule(model, graph: Graph, args: tuple, kwargs: dict) -> _Recorder:
+def record_schedule(target: Target, graph: Graph, args: tuple, kwargs: dict) -> _Recorder:
     """Run ``graph`` eagerly on fake tensors; the recorder holds the (event, node id) order and fake values."""
-    from ...tracing.fakes import _to_fake
-
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, torch.no_grad():
-        fake_graph = graph.replace(params=tuple(_to_fake(p, mode) for p in graph.params))
-        recorder = _Recorder(model, fake_graph)
+        fake_graph = graph.replace(params=tuple(to_fake(p, mode) for p in graph.params))
+        recorder = _Recorder(target, fake_graph)
         # copies: a KV cache object passed in (past_key_values=) is updated by the forward, which must not write
         # fake tensors into the user's object
         recorder.execute(fake_copy(args, mode), fake_copy(kwargs, mode))
     return recorder
-
-
-def fake_copy(value: Any, mode: FakeTensorMode) -> Any:
-    """A deep copy of ``value`` (a KV cache object included) whose tensors are fakes: recording cannot touch it."""
-    memo: dict[int, Any] = {}
-    seen: set[int] = set()
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if isinstance(v, torch.Tensor):
-            memo[id(v)] = mode.from_tensor(v)
-        elif isinstance(v, (list, tuple, set)):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif hasattr(v, "__dict__") and not isinstance(v, (type, torch.nn.Module)) and not callable(v):
-            stack.extend(vars(v).values())
-    return copy.deepcopy(value, memo)
 
 
 @dataclass
@@ -246,8 +222,6 @@ class GradEdits:
         self.held = held
 
     def __call__(self, slot: int, grad: torch.Tensor) -> torch.Tensor:
-        from ...tracing.tracer import check_set_shape
-
         site = self.site_of[slot]
         env = self.env
         current = grad
@@ -346,14 +320,14 @@ class Program(_Run):
 
     def __init__(
         self,
-        model,
+        target: Target,
         graph: Graph,
         order: list[tuple[Any, int]],
         split: BackwardSplit | None = None,
         dynamic_conds: tuple[int, ...] = (),
         caches: dict[int, tuple[str, ...]] | None = None,
     ):
-        super().__init__(model, graph)
+        super().__init__(target, graph)
         split = split or BackwardSplit(graph)
         self.n_params = len(graph.params)
         self.probes = {site: self.n_params + i for site, i in split.probes.items()}
@@ -499,7 +473,7 @@ class Program(_Run):
         output = None
         self.in_forward = True
         try:
-            output = self.model._forward(*args, **kwargs)
+            output = self.target.forward(*args, **kwargs)
         except _EarlyStop as stop:
             if stop.owner is not self:
                 raise

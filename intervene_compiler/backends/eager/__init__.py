@@ -1,5 +1,6 @@
 """The eager backend: the reference semantics (hooks run the IR while the model runs)."""
 
-from .runner import CacheEntry, RunResult, run_graph
+from .reuse import leaves, plain_values, same_leaves
+from .runner import run_graph
 
-__all__ = ["CacheEntry", "RunResult", "run_graph"]
+__all__ = ["leaves", "plain_values", "run_graph", "same_leaves"]

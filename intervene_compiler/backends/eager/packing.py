@@ -25,7 +25,7 @@ is used only when it is cheaper (per layer, about ``6 * width`` multiply-adds pe
 MLP against one per query-key pair for attention) and the packed mask stays small.
 
 Requirements (``pack_layers``): a ``transformers`` family whose decoder layers are a ``ModuleList`` at a known
-path (``DECODER_LAYERS``: GPT-2, Llama, Mistral, Qwen2/3, Gemma), eager or SDPA attention, eval mode, and no
+path (``runtime.families.DECODER_LAYERS``: GPT-2, Llama, Mistral, Qwen2/3, Gemma), eager or SDPA attention, eval mode, and no
 touched site inside a decoder layer (a layer's own input or output is fine: that is where the pack is unpacked). At run time: the shared prefix ends at a
 decoder layer's output (call 0) before the last layer, that output is one ``(1, T, D)`` tensor, the model's mask
 is absent or ``(..., T, T)``, and the KV cache (if any) held nothing before this forward.
@@ -38,34 +38,13 @@ from typing import Any
 
 import torch
 
-# model_type -> path of its decoder layers (a ModuleList of layers taking (hidden_states, attention_mask=...,
-# position_embeddings/position_ids) and returning the hidden states): the families whose prefix the runner shares
-# (NNsight._batch_for) and packs
-DECODER_LAYERS = {
-    "gpt2": "transformer.h",
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-}
+from ...runtime import Target
+
 _ATTENTION = frozenset({"eager", "sdpa"})
 _MAX_TOKENS = 4096  # the packed mask is (P, P): 64 MiB in float32 at this length
 # a layer's per-position side inputs, gathered to the packed tokens' positions
 _SIDE_INPUTS = ("position_embeddings", "position_ids", "cache_position")
 _GAIN = 0.85  # pack only when it costs at most this fraction of running every invoke's rows
-
-
-def decoder_layers(model) -> tuple[str, torch.nn.Module] | None:
-    """(the path, the decoder layers) of a ``DECODER_LAYERS`` family model (an NNsight wrapper), else None."""
-    config = getattr(model._module, "config", None)
-    path = DECODER_LAYERS.get(getattr(config, "model_type", None))
-    if path is None:
-        return None
-    try:
-        return path, model._module.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def inside_a_layer(layers_path: str, site_paths) -> bool:
@@ -74,15 +53,15 @@ def inside_a_layer(layers_path: str, site_paths) -> bool:
     return any(p.startswith(prefix) and "." in p[len(prefix) :] for p in site_paths)
 
 
-def pack_layers(model, site_paths) -> tuple[str, tuple[torch.nn.Module, ...]] | None:
-    """(the decoder layers' path, the layers) when a shared-prefix run on ``model`` may pack, else None."""
-    module = model._module
+def pack_layers(target: Target, site_paths) -> tuple[str, tuple[torch.nn.Module, ...]] | None:
+    """(the decoder layers' path, the layers) when a shared-prefix run on ``target`` may pack, else None."""
+    module = target.module
     config = getattr(module, "config", None)
     if module.training or getattr(config, "_attn_implementation", None) not in _ATTENTION:
         return None
     if getattr(config, "add_cross_attention", False):
         return None
-    found = decoder_layers(model)
+    found = target.decoder_layers()
     if found is None:
         return None
     path, layers = found

@@ -2,7 +2,7 @@
 
 A patching loop runs one trace per (layer, position), each on the same corrupted prompt. Every trace that first
 touches layer ``L`` computes layers ``0..L`` exactly as the unedited model does, so a loop spends about half its
-time recomputing values an earlier trace already had. A shared-prefix run (``NNsight._batch_for``: a decoder
+time recomputing values an earlier trace already had. A shared-prefix run (``execute._batch``: a decoder
 family, every invoke the same one-row input, nothing read but module sites) keeps the decoder layers' outputs it
 computes before the first event any node touches (copies, taken before any node sees them) in a memo on the
 model's state, one prompt at a time. A later run on an equal input whose model is in the same state replays them:
@@ -32,7 +32,7 @@ import torch
 from torch.nn.modules import module as _global_hooks
 
 from ...ir import SiteKind
-from .packing import decoder_layers
+from ...runtime import Target
 
 _MAX_BYTES = 256 << 20  # memoized outputs per model, at most
 _INPUTS, _OUTPUT = SiteKind.INPUTS, SiteKind.OUTPUT
@@ -133,28 +133,28 @@ def _recorder(memo: Memo, index: int):
     return hook
 
 
-def plan(model, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan | str:
-    """The reuse plan of a shared-prefix run of ``model`` on one row ``args``/``kwargs``, or why there is none
+def plan(target: Target, run, args: tuple, kwargs: dict, compiled: bool = False) -> Plan | str:
+    """The reuse plan of a shared-prefix run of ``target`` on one row ``args``/``kwargs``, or why there is none
     (``tracer.explain()`` shows either). ``compiled``: the run's layers are compiled (layered runs); eager and
     compiled runs replay only their own layers' values, so an eager trace stays bit-identical to one without
     reuse."""
-    found = decoder_layers(model)
+    found = target.decoder_layers()
     if found is None:
         return "off: the decoder layers were not found"
     layers_path, layers = found
-    last = _last_unedited(run.site_nodes, layers_path, len(layers), model._last_position_module())
+    last = _last_unedited(run.site_nodes, layers_path, len(layers), target.facts.last_module)
     if last < 0:
         return "off: the first module the trace touches comes before the first decoder layer's output"
-    state = fingerprint(model._module)
+    state = fingerprint(target.module)
     if state is None:
-        return "off: " + _why_not(model._module)
+        return "off: " + _why_not(target.module)
     state = (compiled, state)
     inputs = leaves((args, kwargs))
     if not plain_values(inputs):  # a KV cache passed in changes as the model runs: equal is not the same
         return "off: an input is neither a tensor nor a plain value (a KV cache passed in?)"
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
         return "off: autograd records (an input requires grad)"
-    store = model._state
+    store = target.caches
     memo = store.reuse_memo
     if memo is None or memo.state != state or not same_leaves(memo.inputs, inputs):
         memo = Memo([t.clone() if isinstance(t, torch.Tensor) else t for t in inputs], state)

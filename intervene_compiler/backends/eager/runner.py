@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from sys import _getframe
 from types import FunctionType, MappingProxyType, MethodType
 from typing import Any
@@ -20,13 +19,19 @@ import torch
 import torch.nn.modules.module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
-from ...errors import GradientError, InterventionError, SourceLoc, execution_error
-from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, saved_ids
+from ...errors import (
+    GradientError,
+    InterventionError,
+    SourceLoc,
+    check_set_shape,
+    execution_error,
+    missed_site_error,
+)
+from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, format_site, saved_ids
 from ...ir.nodes import walk_nodes
+from ...runtime import VALUE_OPS, CacheEntry, RunResult, Target, narrow, repeat_rows, replace, resolve
 from . import packing
 from . import reuse as _reuse
-from .interpreter import VALUE_OPS, resolve
-from .rows import narrow, repeat_rows, replace
 
 _DONE, _SKIPPED, _ARMED, _RUNNING = 1, 2, 3, 4
 _LIVE = 5  # an ITER node while an instance of its body runs (body nodes read it as the step index)
@@ -52,54 +57,36 @@ class _EarlyStop(Exception):
         self.owner = owner
 
 
-@dataclass
-class CacheEntry:
-    """One module's values in ``tracer.cache()``: ``output`` and, when asked for, ``inputs`` (args, kwargs)."""
-
-    output: Any = None
-    inputs: Any = None
-
-    @property
-    def input(self) -> Any:
-        if self.inputs is None:
-            return None
-        args, kwargs = self.inputs
-        return args[0] if args else next(iter(kwargs.values()), None)
-
-
-@dataclass
-class RunResult:
-    values: dict[int, Any]  # saved node id -> value
-    output: Any  # the model's output (None when the forward was stopped)
-    stop_loc: SourceLoc | None  # where a user stop ended the forward, if one did
-    skipped: dict[int, SourceLoc | None] = field(default_factory=dict)  # saved id -> line of the false cond
-    reuse: str | None = None  # what the run replayed and memoized across traces, or why not (reuse.py)
-
-
 def run_graph(
-    model, graph: Graph, args: tuple, kwargs: dict, repeat: int = 0, reuse: bool = False, layer_forward=None
+    target: Target,
+    graph: Graph,
+    args: tuple,
+    kwargs: dict,
+    repeat: int = 0,
+    reuse: bool = False,
+    layer_forward=None,
 ) -> RunResult:
-    """Run ``model`` (an NNsight wrapper) on ``args``/``kwargs`` with ``graph``'s interventions.
+    """Run ``target``'s model on ``args``/``kwargs`` with ``graph``'s interventions.
 
     ``repeat`` > 1: the invokes all have this same one-row input, given once; the forward runs on one row up to
     the first event any node touches, where the value is repeated to one row per invoke (the shared prefix of
-    identical invokes is computed once; see ``NNsight._batch_for``). ``repeat`` = 1: one invoke whose prefix
+    identical invokes is computed once; see ``execute._batch``). ``repeat`` = 1: one invoke whose prefix
     could be shared. ``reuse`` (with ``repeat``): replay the unedited decoder layers an earlier run on an equal
     input memoized, and memoize the ones this run computes (reuse.py). ``layer_forward(layer, *args, **kwargs)``
     (with ``repeat``): what the decoder layers that are not replayed run instead of their ``forward`` (the
     compiled backend's layered runs, ``backends/compiled/layered.py``).
     """
     if not repeat:
-        plan = _plan_for(graph.nodes)
+        plan = _plan_for(graph.nodes, target.caches.plans)
         if plan.reads is not None:
-            return _run_reads(model, graph, plan.reads, args, kwargs)
-    run = _Run(model, graph)
+            return _run_reads(target, graph, plan.reads, args, kwargs)
+    run = _Run(target, graph)
     if repeat > 1:
         run.repeat = repeat
-        run.pack_plan = packing.pack_layers(model, [key[0] for key in run.site_nodes])
+        run.pack_plan = packing.pack_layers(target, [key[0] for key in run.site_nodes])
     note = None
     if repeat and reuse:
-        found = _reuse.plan(model, run, args, kwargs, compiled=layer_forward is not None)
+        found = _reuse.plan(target, run, args, kwargs, compiled=layer_forward is not None)
         if isinstance(found, str):
             note = found
         else:
@@ -235,7 +222,7 @@ class _Reads:
         return cls(frozen, hooks, stop, saved, tuple(graph_nodes))
 
 
-def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) -> RunResult:
+def _run_reads(target: Target, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) -> RunResult:
     """Run a graph of site reads and saves (``_Reads``): hooks that store each read and its saves, the forward,
     and the stop. Same values, errors and hooks left behind (none) as the general ``_Run``."""
     env: dict[int, Any] = {}
@@ -283,9 +270,9 @@ def _run_reads(model, graph: Graph, reads: _Reads, args: tuple, kwargs: dict) ->
     output = None
     stopped = None
     try:
-        _hook_modules(model._module, reads.hooks, pre_hook, post_hook, handles, wrap=True)
+        _hook_modules(target.module, reads.hooks, pre_hook, post_hook, handles, wrap=True)
         try:
-            output = model._forward(*args, **kwargs)
+            output = target.forward(*args, **kwargs)
         except _EarlyStop as e:
             if e.owner is not env:
                 raise
@@ -317,10 +304,8 @@ def _site_read(site: Site, value: Any, invokes: tuple, batch: int) -> Any:
 
 def _missed(node: Node, ran: int):
     """The error of a site read whose event never came (the module ran ``ran`` times)."""
-    from ...tracing.tracer import missed_site_error
-
     detail = f"the module ran {ran} time(s) in this forward pass" if ran else "the module never ran"
-    return missed_site_error(node, detail)
+    return missed_site_error(format_site(node), node.loc, detail)
 
 
 def _event_schedule(graph_nodes: tuple[Node, ...]) -> dict[tuple, tuple] | None:
@@ -368,20 +353,23 @@ def _hook_paths(site_nodes: dict) -> tuple[tuple[str, bool, bool], ...]:
     return tuple((path, path in paths_in, path in paths_out) for path in sorted(paths_in | paths_out))
 
 
-# id(nodes tuple) -> (that tuple, kept alive so the id is not reused while cached; its plan)
-_plans: dict[int, tuple[tuple[Node, ...], _Plan]] = {}
 _PLANS_SIZE = 256
 
 
-def _plan_for(graph_nodes: tuple[Node, ...]) -> _Plan:
-    hit = _plans.get(id(graph_nodes))
+def _plan_for(graph_nodes: tuple[Node, ...], plans: dict) -> _Plan:
+    """The plan of ``graph_nodes``, from ``plans`` (the model's ``ModelCaches.plans``) when made before.
+
+    Keyed by the tuple's id, and each entry holds the tuple itself (checked by identity): its id cannot be reused
+    while the entry exists, so an entry is never found for another tuple.
+    """
+    hit = plans.get(id(graph_nodes))
     if hit is not None and hit[0] is graph_nodes:
         return hit[1]
     plan = _Plan(graph_nodes)
     if type(graph_nodes) is tuple:  # immutable: safe to reuse for the same object
-        if len(_plans) >= _PLANS_SIZE:
-            del _plans[next(iter(_plans))]
-        _plans[id(graph_nodes)] = (graph_nodes, plan)
+        if len(plans) >= _PLANS_SIZE:
+            del plans[next(iter(plans))]
+        plans[id(graph_nodes)] = (graph_nodes, plan)
     return plan
 
 
@@ -603,14 +591,14 @@ class _Run:
     # rows is hooked on the batch tensor, the one the model's backward actually reaches
     row_views: Mapping[int, tuple] = MappingProxyType({})
 
-    def __init__(self, model, graph: Graph):
-        self.model = model
-        self.module: torch.nn.Module = model._module
+    def __init__(self, target: Target, graph: Graph):
+        self.target = target
+        self.module: torch.nn.Module = target.module
         self.graph = graph
         self.params = graph.params
         invokes = graph.invokes
         self.batch = invokes[-1].stop if invokes else 0
-        plan = self._plan = _plan_for(graph.nodes)
+        plan = self._plan = _plan_for(graph.nodes, target.caches.plans)
         if plan.has_iter:
             self.nodes = dict(plan.nodes)
             self.site_nodes = {k: list(v) for k, v in plan.site_nodes.items()}
@@ -659,7 +647,7 @@ class _Run:
             if self.graph.needs_output or plan.has_cache or not resolved:
                 self.in_forward = True
                 try:
-                    output = self.model._forward(*args, **kwargs)
+                    output = self.target.forward(*args, **kwargs)
                 except _EarlyStop as stop:
                     if stop.owner is not self:
                         raise
@@ -696,7 +684,7 @@ class _Run:
         return RunResult(values, output, stop_loc, skipped)
 
     def _swap_layers(self, handles: list) -> None:
-        _, layers = packing.decoder_layers(self.model)
+        _, layers = self.target.decoder_layers()
         fn = self.layer_forward
         start = 0 if self.reuse is None else self.reuse.skip + 1
         for layer in layers[start:]:
@@ -1027,8 +1015,6 @@ class _Run:
             return self.current[("grad", node.args[0].id)]
         if op is _SET_GRAD:
             key = ("grad", node.args[0].id)
-            from ...tracing.tracer import check_set_shape
-
             check_set_shape(self.current[key], a[1], node.loc, "the gradient")
             self.current[key] = a[1]
             return None
@@ -1090,8 +1076,6 @@ class _Run:
                 self._note_row_views(full.get(k), r, start, stop)
 
     def _write_site(self, node: Node, new: Any) -> None:
-        from ...tracing.tracer import check_set_shape
-
         site: Site = node.target
         key = site.key
         start, stop = self._rows(site)

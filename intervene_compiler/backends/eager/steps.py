@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import InterventionError, MissedSiteError
-from ...ir import Node, Op, SiteKind, format_node
+from ...errors import InterventionError, MissedSiteError, missed_site_error
+from ...ir import Node, Op, SiteKind, format_node, format_site
 from ...ir.nodes import walk_nodes
 from ...ir.steps import first_step, format_steps, last_step, step_matches
 from .runner import _ARMED, _DONE, _LIVE, _SITE_OPS, _SKIPPED
@@ -131,9 +131,8 @@ class Steps:
 
     def _unfinished(self, node: Node) -> InterventionError:
         if node.op in _SITE_OPS:
-            from ...tracing.tracer import missed_site_error
-
-            return missed_site_error(node, f"the module did not run (that often) during step {self.step}")
+            detail = f"the module did not run (that often) during step {self.step}"
+            return missed_site_error(format_site(node), node.loc, detail)
         return InterventionError(
             f"{format_node(node)} was not computed during step {self.step}: a value it needs was not produced "
             "in that step",

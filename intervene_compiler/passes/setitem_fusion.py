@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from intervene_compiler.ir import Graph, Node, Op, Ref
-
+from ..ir import NO_FACTS, Graph, ModelFacts, Node, Op, Ref
 from ._base import PassResult
 
 
-def fuse_setitems(graph: Graph) -> PassResult:
+def fuse_setitems(graph: Graph, facts: ModelFacts = NO_FACTS) -> PassResult:
     users = graph.users()
     by_id = {n.id: n for n in graph.nodes}
     fused: dict[int, Node] = {}  # id of the last setitem of a group -> the UPDATE node replacing the group

@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from intervene_compiler.ir import Graph, Node, Op, Ref, Site, SiteKind
-
+from ..ir import NO_FACTS, Graph, ModelFacts, Node, Op, Ref, Site, SiteKind
 from ._base import PassResult
 
 
@@ -47,9 +46,8 @@ def keep_last_position(x: Any) -> Any:
 class UnembedColumns:
     """``linear(x)[index]`` for ``index = (rows, -1, tokens)``, computing only the picked output columns.
 
-    ``ref`` is a weak reference to an object whose ``_unembedding_module()`` returns the Linear when called (the
-    model wrapper: its module can be swapped when real weights load, and the pass memo must not keep a model
-    alive); equal for the same object.
+    ``ref`` is a weak reference to the Linear (``ModelFacts.unembedding``: the pass memo must not keep a model
+    alive); equal for the same module.
     """
 
     __slots__ = ("ref",)
@@ -63,10 +61,9 @@ class UnembedColumns:
     def __call__(self, x: torch.Tensor, index: tuple, tokens: Any = None, one: bool = False) -> torch.Tensor:
         """``index`` is ``(rows, -1, tokens)``; or ``tokens`` is an int64 tensor of them (``one``: it stands for
         one int, so the result drops that dim)."""
-        owner = self.ref()
-        if owner is None:
+        linear = self.ref()
+        if linear is None:
             raise RuntimeError("the model this trace was optimized for no longer exists")
-        linear = owner._unembedding_module()
         rows, _, picked = index
         if tokens is not None:  # lifted by the compiled lowering (1-D: a 0-d index would be data-dependent)
             picked = tokens % linear.out_features
@@ -92,9 +89,8 @@ class UnembedColumns:
         return "unembed_columns"
 
 
-def narrow_to_last_position(
-    graph: Graph, module: str | None, unembedding: weakref.ref | None = None
-) -> PassResult:
+def narrow_to_last_position(graph: Graph, facts: ModelFacts = NO_FACTS) -> PassResult:
+    module = facts.last_module
     if module is None or graph.needs_output or not graph.nodes:
         return PassResult(graph, False)
     nodes = graph.nodes
@@ -117,8 +113,8 @@ def narrow_to_last_position(
     for n in readers:
         if not _reads_last_position(n, outputs):
             return PassResult(graph, False)
-    if unembedding is not None and readers and all(_picks_tokens(n) for n in readers):
-        return PassResult(_columns_only(graph, module, unembedding, outputs), True)
+    if facts.unembedding is not None and readers and all(_picks_tokens(n) for n in readers):
+        return PassResult(_columns_only(graph, facts.unembedding, outputs), True)
     last = max(n.id for n in nodes)
     site = Site(module, SiteKind.INPUT, 0)
     added = (
@@ -140,7 +136,7 @@ def _picks_tokens(node: Node) -> bool:
     return type(tokens) in (list, tuple) and len(tokens) > 0 and all(type(t) is int for t in tokens)
 
 
-def _columns_only(graph: Graph, module: str, unembedding: weakref.ref, outputs: set[int]) -> Graph:
+def _columns_only(graph: Graph, unembedding: weakref.ref, outputs: set[int]) -> Graph:
     """Readers of ``module``'s output become ``unembed_columns(input, index)``; its output sites, input sites."""
     columns = UnembedColumns(unembedding)
     nodes = []

@@ -8,13 +8,12 @@ when it already ends in a stop, or when it reads no module at all.
 
 from __future__ import annotations
 
-from intervene_compiler.ir import Graph, Node, Op
-from intervene_compiler.ir.nodes import walk_nodes
-
+from ..ir import NO_FACTS, Graph, ModelFacts, Node, Op
+from ..ir.nodes import walk_nodes
 from ._base import PassResult
 
 
-def truncate_after_last_use(graph: Graph) -> PassResult:
+def truncate_after_last_use(graph: Graph, facts: ModelFacts = NO_FACTS) -> PassResult:
     nodes = graph.nodes
     if graph.needs_output or not nodes:
         return PassResult(graph, False)

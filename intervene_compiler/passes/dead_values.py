@@ -7,8 +7,7 @@ fresh inside the graph (``ic.list()``, ``.clone()``, ``torch.zeros``) and that n
 
 from __future__ import annotations
 
-from intervene_compiler.ir import Graph, Node, Op, Ref, is_mutation
-
+from ..ir import NO_FACTS, Graph, ModelFacts, Node, Op, Ref, is_mutation
 from ._base import PassResult
 
 _ROOTS = frozenset({Op.SAVE, Op.SET, Op.SET_GRAD, Op.LOG, Op.STOP, Op.BACKWARD, Op.CACHE, Op.UPDATE, Op.ITER})
@@ -41,7 +40,7 @@ _FRESH_CALLS = frozenset(
 _VIEW_OPS = frozenset({Op.GETITEM, Op.GETATTR, Op.METHOD})
 
 
-def eliminate_dead_values(graph: Graph) -> PassResult:
+def eliminate_dead_values(graph: Graph, facts: ModelFacts = NO_FACTS) -> PassResult:
     by_id = {n.id: n for n in graph.nodes}
     mutations_of: dict[int, list[int]] = {}
     live: set[int] = set()

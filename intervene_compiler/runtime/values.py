@@ -1,4 +1,4 @@
-"""Value ops of the IR, one function per op, shared by the eager runner and fake-tensor validation.
+"""Value ops of the IR, one function per op, shared by every backend, the session runner and fake-tensor validation.
 
 Ops that touch the running model (SITE, SET, UPDATE's write-back, GRAD, SET_GRAD, STOP, CACHE, MODULE) are
 the runner's; everything here only computes on values.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ...ir import Node, Op, ParamRef, Ref
+from ..ir import Node, Op, ParamRef, Ref
 
 
 def resolve(value: Any, lookup: Callable[[int], Any], param: Callable[[int], Any]) -> Any:

@@ -1,0 +1,234 @@
+"""One compiled program per structure: ``run_compiled``, the compiled backend's entry for a plain trace.
+
+The key is the lowered graph's structure (params abstracted to dtype/shape), the model inputs' shapes and dtypes,
+and grad mode. Each key gets its own copy of the entry function's code object, so keys never share a Dynamo
+cache or its recompile limit. A structure that cannot compile as one graph falls back to the eager backend; the
+reason is recorded in :func:`compile_stats` and shown by ``tracer.explain()``, never silent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import GradientError, InterventionError, execution_error
+from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
+from ...runtime import VALUE_OPS, CacheEntry, RunResult, Target, resolve
+from ..eager import run_graph
+from .entry import (
+    UNSUPPORTED,
+    CompileCache,
+    Entry,
+    backend_for,
+    cache_of,
+    call,
+    count_call,
+    failure_reason,
+    fresh_entry,
+    model_device,
+    param_signature,
+    prewarm_inductor,
+    record_fallback,
+    signature,
+)
+from .lowering import lift_family, lift_values
+from .program import (
+    BackwardSplit,
+    Dispatcher,
+    GradEdits,
+    Program,
+    dynamic_conds_of,
+    effective_guards,
+    family_gates,
+    host_only_params,
+    record_schedule,
+    split_backward,
+    unpredicated_reason,
+)
+
+
+def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
+    """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
+    cache = cache_of(target)
+    device = model_device(target.module)
+    lowered = lift_values(graph, device)
+    keyed, family = lift_family(lowered, target.module, device)  # a ModuleList member index becomes an input
+    structure = structure_tuple(keyed)
+    # a property of the structure and which params are tensors: found once, not per call
+    host_key = (structure, tuple([isinstance(p, torch.Tensor) for p in keyed.params]))
+    host_only = cache.host_only.get(host_key)
+    if host_only is None:
+        host_only = cache.host_only[host_key] = host_only_params(keyed)
+        if len(cache.host_only) > 1024:
+            del cache.host_only[next(iter(cache.host_only))]
+    key = (
+        structure,
+        param_signature(keyed.params, host_only),
+        signature(args),
+        signature(kwargs),
+        torch.is_grad_enabled(),
+    )
+    entry = cache.lookup(key, lambda: _build(target, cache, lowered, key, args, kwargs, family))
+    if entry.fallback is not None:
+        return _eager(target, graph, args, kwargs, entry)
+    compiled_before = len(entry.graphs)
+    probes = tuple(
+        torch.zeros(shape, dtype=dtype, device=where, requires_grad=True)
+        for shape, dtype, where in entry.probe_specs
+    )
+    try:
+        gates = () if family is None else family_gates(family.size, family.member, device)
+        saved, output = call(cache, entry, keyed.params + probes + gates, args, kwargs)
+    except (
+        Exception
+    ) as e:  # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
+        record_fallback(entry, failure_reason(e))
+        return _eager(target, graph, args, kwargs, entry)
+    entry.calls += 1
+    count_call(entry, compiled_before)
+    program = entry.program
+    env = dict(zip(program.saved_ids + program.needed + program.dynamic_conds, saved))
+    wanted = saved_ids(graph.nodes)
+    skipped: dict = {}
+    held = None
+    if entry.guards:  # tracer.cond: drop what a false condition skipped (computed anyway, see Program)
+        flags = {**entry.static_conds, **{c: bool(env[c]) for c in program.dynamic_conds}}
+
+        def held(nid: int) -> bool:
+            for g, want in entry.guards.get(nid, ()):
+                if g in flags and flags[g] != want:
+                    skipped[nid] = entry.cond_locs.get(g)
+                    return False
+            return True
+
+        for nid in wanted:
+            held(nid)
+    if entry.split.post:
+        _run_after_backward(entry.split, program, env, probes, lowered.params, held)
+    values = {i: env[i] for i in wanted if i in env and i not in skipped}
+    for i, names in entry.cache_ids.items():
+        if i in values:
+            got = values[i]
+            values[i] = {name: CacheEntry(*got[name]) for name in names if name in got}
+    skipped = {i: skipped[i] for i in wanted if i in skipped}
+    return RunResult(values, output, None, skipped, explain=entry)
+
+
+def _eager(target: Target, graph: Graph, args: tuple, kwargs: dict, entry: Entry) -> RunResult:
+    """The eager run of a structure that fell back (``entry.fallback`` says why; explain shows it)."""
+    result = run_graph(target, graph, args, kwargs)
+    result.explain = entry
+    return result
+
+
+def _run_after_backward(
+    split: BackwardSplit, program: Program, env: dict, probes: tuple, params: tuple, held=None
+) -> None:
+    """Run the backward calls, then the nodes that read gradients, on the compiled forward's results
+    (and host effects: logs, appends to outside lists). ``held(node id)``: False for a node a false
+    ``tracer.cond`` skips. Gradient edits run during the backward, when it reaches their site (GradEdits)."""
+
+    def value_of(node):
+        """A post node's value (a SET_GRAD's: the gradient it sets); an error names the user's line."""
+        try:
+            if node.op is Op.SET_GRAD:
+                return resolve(node.args[1], env.__getitem__, params.__getitem__)
+            a = resolve(node.args, env.__getitem__, params.__getitem__)
+            kw = {k: resolve(v, env.__getitem__, params.__getitem__) for k, v in node.kwargs}
+            return VALUE_OPS[node.op](node, a, kw)
+        except InterventionError:
+            raise
+        except Exception as e:
+            raise execution_error(e, node.loc, format_node(node)) from e
+
+    def run(node) -> None:
+        if held is not None and not held(node.id):
+            return
+        if node.op is Op.GRAD:
+            env[node.id] = _probe_grad(node, probes[split.probes[node.args[0].id]])
+        elif node.op is Op.SET_GRAD:  # no backward reached its site: nothing to change
+            env[node.id] = None
+        else:
+            env[node.id] = value_of(node)
+
+    edits = GradEdits(split, env, value_of, held) if split.edits else None
+    if edits is not None:
+        GradEdits.active.append(edits)
+    try:
+        for node in split.post:
+            if node.op is Op.BACKWARD:
+                run(node)
+    finally:
+        if edits is not None:
+            GradEdits.active.pop()
+    for node in split.post:
+        if node.op is not Op.BACKWARD and node.id not in env:  # not run by a gradient edit
+            run(node)
+
+
+def _probe_grad(node, probe: torch.Tensor) -> torch.Tensor:
+    if probe.grad is None:
+        raise GradientError(
+            "`.grad` was read, but no backward pass reached this value",
+            node.loc,
+            "call `loss.backward()` in the block with a loss that depends on this value",
+        )
+    return probe.grad
+
+
+def _build(
+    target: Target, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, family=None
+) -> Entry:
+    entry = Entry(key)
+    reason = next((why for n in graph.nodes if (why := UNSUPPORTED.get(n.op)) is not None), None)
+    if reason is None and any(n.body for n in graph.nodes):
+        reason = "nested graphs are not compiled yet"
+    split = None
+    if reason is None:
+        split, reason = split_backward(graph)
+    if reason is None:
+        try:
+            recorder = record_schedule(target, split.forward, args, kwargs)
+        except Exception as e:  # the eager run will raise the user's error, or run what fakes cannot
+            reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})"
+            reason = reason.splitlines()[0]
+    if reason is not None:
+        record_fallback(entry, reason)
+        return entry
+    prewarm_inductor()
+    if cache.dispatcher is None:
+        cache.dispatcher = Dispatcher(target.module)
+    entry.split = split
+    entry.probe_specs = tuple(
+        (tuple(recorder.env[site].shape), recorder.env[site].dtype, recorder.env[site].device)
+        for site in sorted(split.probes, key=split.probes.get)
+    )
+    dynamic_conds = dynamic_conds_of(split.forward.nodes, recorder)
+    if any(n.op is Op.COND for n in graph.nodes):
+        entry.guards = effective_guards(graph.nodes)
+        entry.cond_locs = {n.id: n.loc for n in graph.nodes if n.op is Op.COND}
+        entry.static_conds = {
+            n.id: v
+            for n in split.forward.nodes
+            if n.op is Op.COND and type(v := recorder.env.get(n.id)) is bool
+        }
+        if any(n.op in (Op.BACKWARD, Op.GRAD) and entry.guards.get(n.id) for n in split.post):
+            record_fallback(entry, "a backward pass or `.grad` under a `tracer.cond` is not compiled")
+            return entry
+        reason = unpredicated_reason(split.forward.nodes, entry.guards, dynamic_conds)
+        if reason is not None:
+            record_fallback(entry, reason)
+            return entry
+    caches = {n.id: tuple(recorder.env[n.id]) for n in split.forward.nodes if n.op is Op.CACHE}
+    if caches:
+        entry.cache_ids = dict(caches)
+        for n in graph.nodes:
+            if n.op is Op.SAVE and type(n.args[0]) is Ref and n.args[0].id in caches:
+                entry.cache_ids[n.id] = caches[n.args[0].id]
+    entry.program = Program(target, split.forward, recorder.order, split, dynamic_conds, caches)
+    # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
+    entry.regional = True
+    if family is not None:
+        entry.program.set_family(family, int(family.member))
+    # static shapes: the key already holds them, and automatic-dynamic state is shared by name across copies
+    entry.fn = torch.compile(fresh_entry(), fullgraph=True, dynamic=False, backend=backend_for(entry))
+    return entry

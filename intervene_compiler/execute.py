@@ -1,0 +1,166 @@
+"""The seam between the front-end and the backends: ``execute(graph, inputs, target, options) -> RunResult``.
+
+The front-end (``tracing``) records an intervention graph and describes the model it runs on as a
+:class:`~intervene_compiler.runtime.Target`; this function does the rest in a straight line:
+
+1. optimize the graph (``pipeline.optimize``, memoized per model), unless the caller hands an optimized one;
+2. batch the invokes' inputs, or, for identical one-row invokes of a model whose prefix can be shared, keep one
+   row and a repeat count;
+3. pick the backend (fake tensors, compiled generation, layered compile, one compiled program, or eager hooks);
+4. run it and hand back a :class:`~intervene_compiler.runtime.RunResult` carrying the optimized graph and the
+   pass steps.
+
+Backends never import the front-end and the front-end never imports a backend: this module is the only place
+that knows both sides. A third backend (remote execution) plugs in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import debug
+from .backends.compiled import run_compiled, run_generate_compiled, run_layered
+from .backends.compiled.layered import applies as layered_applies
+from .backends.eager import leaves, plain_values, run_graph, same_leaves
+from .backends.session import SessionTrace, run_session
+from .ir import Graph, Op, format_graph
+from .pipeline import Optimized, optimize
+from .runtime import RunResult, Target, to_fake
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a graph.
+
+    Attributes:
+        compile: run through the compiled backend (Dynamo + Inductor), falling back to eager with a recorded
+            reason for what cannot compile.
+        reuse: let shared-prefix runs replay (and memoize) the unedited decoder layers of earlier runs on the
+            same prompt (``backends/eager/reuse.py``).
+        fake: run on fake tensors (``model.scan``): shapes and dtypes, no compute.
+    """
+
+    compile: bool = False
+    reuse: bool = True
+    fake: bool = False
+
+
+EAGER = RunOptions()
+
+
+def execute(
+    graph: Graph | Optimized,
+    inputs: list[tuple[tuple, dict]],
+    target: Target,
+    options: RunOptions = EAGER,
+) -> RunResult:
+    """Optimize ``graph``, run it on ``target`` with every invoke's prepared ``(args, kwargs)`` in ``inputs``.
+
+    Args:
+        graph: the recorded graph (with the model's edits prepended), or an ``Optimized`` one the caller
+            memoized.
+        inputs: one ``(args, kwargs)`` per invoke, as the model wrapper prepared them; batched here.
+        target: the model, as the wrapper describes it for this run.
+        options: see :class:`RunOptions`.
+
+    Returns:
+        The saved values, the model's output and what the run decided (graph, steps, compiled entry).
+
+    Raises:
+        InterventionError: any error of the user's interventions, naming their line (the same type eager and
+            compiled).
+    """
+    optimized = (
+        graph if isinstance(graph, Optimized) else optimize(graph, target.facts, target.caches.optimized)
+    )
+    graph = optimized.graph
+    if debug.DEBUG >= 1:
+        print(format_graph(graph))
+    args, kwargs, repeat = _batch(graph, inputs, target, options)
+    if options.fake:
+        result = _run_fake(target, graph, args, kwargs)
+    elif options.compile and target.generating is not None:
+        result = run_generate_compiled(target, graph, args, kwargs)
+    elif options.compile and repeat:
+        result = run_layered(target, graph, args, kwargs, repeat)
+    elif options.compile:
+        result = run_compiled(target, graph, args, kwargs)
+    else:
+        result = run_graph(target, graph, args, kwargs, repeat, options.reuse and repeat > 0)
+    result.graph = graph
+    result.steps = optimized.steps
+    return result
+
+
+def _run_fake(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, torch.no_grad():
+        return run_graph(target, graph, to_fake(args, mode), to_fake(kwargs, mode))
+
+
+# -- batching ----------------------------------------------------------------------------------------------------
+def _batch(graph: Graph, inputs: list[tuple[tuple, dict]], target: Target, options: RunOptions):
+    """``(args, kwargs, repeat)``: the batch of every invoke's input, or, when the invokes are identical one-row
+    inputs to a model whose prefix can be shared, that one row and ``repeat`` = how many.
+
+    Activation patching puts the same corrupted prompt in every invoke and edits a different position of one
+    layer in each: the layers before the first edit compute the same rows. Sharing them runs the forward on one
+    row up to the first site any node touches and repeats the value there (``run_graph``'s ``repeat``). It needs
+    the model's later layers to broadcast one-row side inputs (attention masks, position embeddings) against the
+    repeated rows, which holds for the families in ``runtime.families.DECODER_LAYERS`` (``target.shares_prefix``);
+    it is used by the eager runner only (compiled traces that are layered run on it), and only for graphs that
+    touch a site and need nothing else of the run. One such invoke gives ``repeat`` = 1: nothing to share within
+    the run, but its unedited layers can be replayed from, and memoized for, other runs on the same prompt
+    (``backends/eager/reuse.py``). A compiled run shares the prefix only when it can be layered
+    (``backends/compiled/layered.py``).
+    """
+    if (
+        not options.fake
+        and target.shares_prefix
+        and _prefix_graph(graph)
+        and (not options.compile or (options.reuse and _layered(target, graph, inputs)))
+        and _identical_rows(inputs)
+    ):
+        args, kwargs = inputs[0]
+        return args, kwargs, len(inputs)
+    args, kwargs = target.batch(inputs)
+    return args, kwargs, 0
+
+
+_NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.MODULE})
+
+
+def _layered(target: Target, graph: Graph, inputs: list[tuple[tuple, dict]]) -> bool:
+    return plain_values(leaves(inputs[0])) and layered_applies(target, graph)
+
+
+def _prefix_graph(graph: Graph) -> bool:
+    """Does ``graph`` touch a module site and need nothing else of the run (output, caches, gradients)?"""
+    if graph.needs_output:
+        return False
+    touches = False
+    for n in graph.nodes:
+        if n.op in _NOT_PREFIX_OPS:
+            return False
+        if n.op is Op.SITE or n.op is Op.SET or n.op is Op.UPDATE:
+            if n.target.path == "":
+                return False
+            touches = True
+    return touches
+
+
+def _identical_rows(inputs: list[tuple[tuple, dict]]) -> bool:
+    """Are all invokes' inputs the same one-row input?"""
+    first = leaves(inputs[0])
+    if not any(isinstance(v, torch.Tensor) for v in first):
+        return False
+    if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 1) for v in first):
+        return False
+    return all(same_leaves(first, leaves(other)) for other in inputs[1:])
+
+
+__all__ = ["EAGER", "RunOptions", "SessionTrace", "execute", "run_session"]

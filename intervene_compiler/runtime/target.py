@@ -1,0 +1,96 @@
+"""The target: the model a graph runs on, as the passes and backends see it.
+
+The front-end (``tracing``) builds a :class:`Target` for each run from its model wrapper and hands it to
+:func:`~intervene_compiler.execute.execute` with the graph. Backends read the model only through it: the module,
+how to call it, the per-model caches they keep between runs, and the facts about the model that passes and fast
+paths need. Nothing here knows about envoys, tracers or proxies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..ir import NO_FACTS, ModelFacts
+
+
+class ModelCaches:
+    """What the runtime keeps per model between runs; shared by a model and its edited copies.
+
+    Owned by the model (nothing here is process-wide), so entries die with it. Keys hold the objects they are
+    about (graphs' node tuples, source locations), so an entry can never be found for an object it was not made
+    for.
+    """
+
+    def __init__(self) -> None:
+        self.optimized: dict[Any, Any] = {}  # pipeline.optimize's memo: structure and facts -> pass results
+        self.plans: dict[int, tuple[Any, Any]] = {}  # the eager runner's plans: id(nodes) -> (nodes, plan)
+        self.compiled: Any = None  # the compiled backend's CompileCache, made on its first use
+        self.reuse_memo: Any = (
+            None  # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
+        )
+
+    def clear_compiled(self) -> None:
+        """Drop the compiled programs and the compiled backend's dispatcher hooks."""
+        if self.compiled is not None:
+            self.compiled.clear()
+
+
+class Target:
+    """The model one run executes on.
+
+    Attributes:
+        module: the ``torch.nn.Module`` (with real weights, except in fake runs).
+        forward: ``forward(*args, **kwargs)`` runs the model on the batched inputs (a language model's adds
+            position ids, or calls ``generate`` while ``generating``).
+        caches: the model's :class:`ModelCaches`.
+        facts: what the passes may know (``ir.ModelFacts``: the last position-wise module).
+        layers: the path of the decoder layers of a known causal-LM family (``runtime.families``), else None.
+        shares_prefix: identical one-row invokes may share the layers before the first edit (a known family
+            whose last module is known).
+        batch: ``batch(prepared)`` combines every invoke's ``(args, kwargs)`` into one batch (a language model
+            left-pads).
+        generating: the ``generate()`` keyword arguments while a generate block runs, else None.
+    """
+
+    __slots__ = ("batch", "caches", "facts", "forward", "generating", "layers", "module", "shares_prefix")
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        forward: Callable[..., Any],
+        caches: ModelCaches,
+        batch: Callable[[list[tuple[tuple, dict]]], tuple[tuple, dict]],
+        facts: ModelFacts = NO_FACTS,
+        layers: str | None = None,
+        shares_prefix: bool = False,
+        generating: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.module = module
+        self.forward = forward
+        self.caches = caches
+        self.batch = batch
+        self.facts = facts
+        self.layers = layers
+        self.shares_prefix = shares_prefix
+        self.generating = generating
+
+    def decoder_layers(self) -> tuple[str, torch.nn.Module] | None:
+        """``(path, the ModuleList)`` of the decoder layers, or None (see ``layers``)."""
+        path = self.layers
+        return None if path is None else (path, self.module.get_submodule(path))
+
+    def with_forward(self, forward: Callable[..., Any]) -> Target:
+        """This target, called through ``forward`` instead (a compiled generation step runs the root's own)."""
+        return Target(
+            self.module,
+            forward,
+            self.caches,
+            self.batch,
+            self.facts,
+            self.layers,
+            self.shares_prefix,
+            self.generating,
+        )
