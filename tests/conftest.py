@@ -8,6 +8,16 @@ import torch
 from intervene_compiler import NNsight
 from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama, tiny_mlp
 
+# test tiers (tests/README.md): a test with none of these markers belongs to the fast `eager` tier
+SLOW_TIERS = ("compiled", "differential", "bench", "device")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in SLOW_TIERS):
+            item.add_marker(pytest.mark.eager)
+
 
 @pytest.fixture
 def net():

@@ -18,11 +18,15 @@ ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:  # `bench/` is a folder at the repository root, not an installed package
     sys.path.insert(0, ROOT)
 
-pytestmark = pytest.mark.filterwarnings("ignore")  # peers' deprecation chatter is not ours to fail on
+pytestmark = [
+    pytest.mark.bench,
+    pytest.mark.filterwarnings("ignore"),  # peers' deprecation chatter is not ours to fail on
+]
 
 WORKLOADS = ["overhead", "patching", "generation", "training", "memory"]
 
 
+@pytest.mark.compiled  # the overhead and generation workloads run compile=True and torch.compile
 def test_every_workload_checks_agree_on_tiny_shapes(tmp_path):
     from bench.__main__ import run
 

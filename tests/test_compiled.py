@@ -17,6 +17,8 @@ import torch
 import intervene_compiler as ic
 from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_mlp
 
+pytestmark = pytest.mark.compiled
+
 
 @pytest.fixture(scope="module")
 def mlp():

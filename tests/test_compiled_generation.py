@@ -18,6 +18,8 @@ import intervene_compiler as ic
 from intervene_compiler import testing
 from intervene_compiler.testing import assert_clean, generate_with_hooks
 
+pytestmark = pytest.mark.compiled
+
 BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
 PROMPT = "The Eiffel Tower is in the city of"
 N = 6  # new tokens

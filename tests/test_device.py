@@ -18,6 +18,8 @@ import torch
 import intervene_compiler as ic
 from intervene_compiler.testing import assert_clean, plain_patch_logits, tiny_gpt2
 
+pytestmark = pytest.mark.device
+
 DEVICE = torch.device(os.environ.get("IC_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -67,6 +69,7 @@ def test_eager_reads_and_a_patch_match_hooks(gpt, hf):
     torch.testing.assert_close(logits.value, plain_patch_logits(hf, ids, 1, 3, v))
 
 
+@pytest.mark.compiled
 def test_compiled_position_value_and_layer_sweeps_compile_once(gpt):
     ids = _ids()
     for layer in range(3):
@@ -82,6 +85,7 @@ def test_compiled_position_value_and_layer_sweeps_compile_once(gpt):
     assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["fallbacks"] == 0, stats
 
 
+@pytest.mark.compiled
 def test_batched_patches_compiled_match_eager(gpt):
     ids = _ids()
     clean = _ids(seed=1)
@@ -120,6 +124,7 @@ def test_reuse_across_traces_on_the_device(gpt, hf):
     torch.testing.assert_close(outs[1].value, plain_patch_logits(hf, ids, 2, 1, v))
 
 
+@pytest.mark.compiled
 def test_steering_vector_training_compiled_matches_eager(gpt):
     ids = _ids(4, 6)
     trained = []
@@ -139,6 +144,7 @@ def test_steering_vector_training_compiled_matches_eager(gpt):
     assert ic.compile_stats()["fallbacks"] == 0
 
 
+@pytest.mark.compiled
 def test_steered_generation_compiled_matches_eager_and_hooks(lm_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

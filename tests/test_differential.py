@@ -41,6 +41,8 @@ from torch.testing import assert_close
 import intervene_compiler as ic
 from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama, tiny_mlp
 
+pytestmark = pytest.mark.differential
+
 # Deterministic by default; raise the counts (or change the seed) for a longer fuzzing run.
 SEED = int(os.environ.get("IC_DIFFERENTIAL_SEED", "20240611"))
 N_STRUCTURES = int(os.environ.get("IC_DIFFERENTIAL_STRUCTURES", "4"))  # per family; one compile each
@@ -567,6 +569,7 @@ def models():
 CASES = [(name, i) for name in FAMILIES for i in range(N_STRUCTURES)]
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize(
     ("family", "index"), CASES, ids=[f"{f}-{i}-{STRUCTURES[f][i].flavor}" for f, i in CASES]
 )
@@ -601,6 +604,7 @@ def test_compiled_eager_hooks_agree(models, family, index):
 SINGLE = [(f, i) for f, i in CASES if STRUCTURES[f][i].invokes is None]
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize(
     ("family", "index"), SINGLE, ids=[f"{f}-{i}-{STRUCTURES[f][i].flavor}" for f, i in SINGLE]
 )
@@ -667,6 +671,7 @@ def test_generator_covers_every_step_kind():
         assert any(st.invokes for st in structures) and any(st.invokes is None for st in structures)
 
 
+@pytest.mark.compiled
 def test_slices_alias_their_base_like_views():
     """``out[:, p]`` is a view in eager mode and plain PyTorch; the compiled take (an ``index_select``, since ``p``
     is a runtime input) behaves as one: a saved slice reads later writes to its base, and a write to the slice

@@ -21,6 +21,8 @@ from intervene_compiler.testing import (
     tiny_llama,
 )
 
+pytestmark = pytest.mark.compiled
+
 T = 8
 
 

@@ -292,6 +292,7 @@ def test_a_wrapped_forward_keeps_its_signature(paths):
     assert_clean(net)
 
 
+@pytest.mark.compiled  # Module.compile() calls torch.compile
 def test_a_module_compiled_in_place_is_hooked(paths):
     net = tiny_mlp()
     net.layer2.compile()  # Dynamo runs layer2's calls: it keeps the hooks it had (none), not a wrap
@@ -453,6 +454,7 @@ def test_a_trace_nested_in_the_forward(paths, edit):
     assert_clean(net)
 
 
+@pytest.mark.compiled  # torch.compile (Dynamo; backend="eager": no Inductor)
 @pytest.mark.parametrize("how", ["output", "stop", "user stop", "edit"])
 def test_a_compiled_model_is_traced_by_dynamo_through_the_wrap(paths, how):
     """Dynamo inlines ``_call_impl`` and cannot trace ``sys._getframe``: under compilation the wrap runs its

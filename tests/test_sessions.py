@@ -402,6 +402,7 @@ def test_walkthrough_lora_training_in_a_session(llama_lm, lm_dirs):
     assert not torch.equal(steered.value, plain.value)
 
 
+@pytest.mark.compiled
 def test_steering_training_in_a_session_eager_and_compiled(lm_dirs):
     """The same session trains a steering vector eagerly and compiled; both match a plain-PyTorch loop, and the
     compiled trace inside the loop compiles once for every step (and once across two sessions)."""
@@ -462,6 +463,7 @@ def test_steering_training_in_a_session_eager_and_compiled(lm_dirs):
     assert stats["cache_hits"] == 3, stats
 
 
+@pytest.mark.compiled
 def test_lora_training_as_a_plain_loop_of_compiled_traces(llama_lm, lm_dirs):
     """The walkthrough's LoRA experiment as a Python loop of ``trace(batch, compile=True)`` steps with the
     optimizer outside the trace: it compiles once, reuses the program every step and trains like plain PyTorch."""
@@ -494,7 +496,7 @@ def test_lora_training_as_a_plain_loop_of_compiled_traces(llama_lm, lm_dirs):
     assert_close(WB.detach(), want_b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.compiled)])
 def test_lora_on_the_tiny_network_in_a_session(compile):
     """A LoRA on the walkthrough's network trained inside a session (Parameters, SGD and a DataLoader created in
     the session), eager and compiled, equals the same loop in plain PyTorch with a hook."""
