@@ -1,8 +1,8 @@
 """The eager runner's fast paths for plain traces, checked against plain PyTorch hooks.
 
 A trace that only reads sites and saves them (with at most a stop after the last read) runs without the scheduler
-(``runner._run_reads``), and a plain run hooks a module by setting a ``forward`` on the instance around the class's
-own (``runner._Wrap``) when nothing else runs around that module. Each test checks the values against hooks, that
+(``reads.run_reads``), and a plain run hooks a module by setting a ``forward`` on the instance around the class's
+own (``hooks._Wrap``) when nothing else runs around that module. Each test checks the values against hooks, that
 the fast path really ran (or really did not, where it must not), and that nothing is left on the model.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.modules.module as torch_module
 from torch.testing import assert_close
 
 from intervene_compiler import NNsight
-from intervene_compiler.backends.eager import runner
+from intervene_compiler.backends.eager import hooks, runner
 from intervene_compiler.errors import MissedSiteError
 from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_mlp
 
@@ -26,7 +26,7 @@ from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_mlp
 def paths(monkeypatch):
     """Counts of the runs that took the reads-only path and of the modules wrapped instead of hooked."""
     seen = {"reads": 0, "wraps": 0}
-    run_reads, wrap_init = runner._run_reads, runner._Wrap.__init__
+    run_reads, wrap_init = runner.run_reads, hooks._Wrap.__init__
 
     def reads(*args, **kwargs):
         seen["reads"] += 1
@@ -36,8 +36,8 @@ def paths(monkeypatch):
         seen["wraps"] += 1
         wrap_init(self, module, pre, post)
 
-    monkeypatch.setattr(runner, "_run_reads", reads)
-    monkeypatch.setattr(runner._Wrap, "__init__", wrap)
+    monkeypatch.setattr(runner, "run_reads", reads)  # the name run_graph calls
+    monkeypatch.setattr(hooks._Wrap, "__init__", wrap)
     return seen
 
 
@@ -297,7 +297,7 @@ def test_a_module_compiled_in_place_is_hooked(paths):
     net = tiny_mlp()
     net.layer2.compile()  # Dynamo runs layer2's calls: it keeps the hooks it had (none), not a wrap
     model = NNsight(net)
-    assert not runner._wrappable(net.layer2) and runner._wrappable(net.layer1)
+    assert not hooks.wrappable(net.layer2) and hooks.wrappable(net.layer1)
     x = torch.rand(2, 5)
     with model.trace(x):
         h = model.layer1.output.save()

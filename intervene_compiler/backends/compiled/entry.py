@@ -20,7 +20,9 @@ import torch
 
 from ...ir import Op
 from ...runtime import Target
-from .program import BackwardSplit, Dispatcher, Program
+from .backward import BackwardSplit
+from .dispatcher import Dispatcher
+from .program import Program
 
 STATS: dict[str, Any] = {}
 
@@ -75,7 +77,7 @@ class Entry:
     calls: int = 0
     split: BackwardSplit | None = None
     probe_specs: tuple = ()  # (shape, dtype, device) of each activation-gradient probe
-    # tracer.cond: node id -> its effective guards (see program.effective_guards); COND id -> value of each
+    # tracer.cond: node id -> its effective guards (see predication.effective_guards); COND id -> value of each
     # condition on a Python value (fixed for the key); COND id -> its line
     guards: dict = field(default_factory=dict)
     static_conds: dict = field(default_factory=dict)
@@ -117,7 +119,7 @@ class CompileCache:
         self.last: Entry | None = None
         self.host_only: dict[
             Any, frozenset[int]
-        ] = {}  # (structure, tensor params) -> program.host_only_params
+        ] = {}  # (structure, tensor params) -> backward.host_only_params
 
     def lookup(self, key: Any, build) -> Entry:
         """The entry for ``key``, made by ``build()`` on a miss (evicting the oldest past ``size``); it becomes

@@ -34,8 +34,9 @@ from ...ir import Graph, Node, Op, ParamRef, Ref, Site, SiteKind, format_node, m
 from ...ir.nodes import is_mutation, walk_nodes
 from ...ir.steps import step_matches
 from ...runtime import RunResult, Target
-from ..eager import run_graph
-from ..eager.runner import _Run
+from ..eager import Interpreter, run_graph
+from .backward import BackwardSplit
+from .dispatcher import Dispatcher
 from .entry import (
     UNSUPPORTED,
     CompileCache,
@@ -52,15 +53,9 @@ from .entry import (
     signature,
 )
 from .lowering import lift_values
-from .program import (
-    BackwardSplit,
-    Dispatcher,
-    Program,
-    dynamic_conds_of,
-    effective_guards,
-    record_schedule,
-    unpredicated_reason,
-)
+from .predication import effective_guards, unpredicated_reason
+from .program import Program
+from .schedule import dynamic_conds_of, record_schedule
 
 _SITE_OPS = (Op.SITE, Op.SET, Op.UPDATE)
 _CONTAINER_MAKERS = (list, dict, set)  # outer values that the Python part mutates (``ic.list()``, ...)
@@ -84,7 +79,7 @@ def run_generate_compiled(target: Target, graph: Graph, args: tuple, kwargs: dic
     if "disable_compile" not in options:
         extra["disable_compile"] = True  # transformers' own auto-compile would wrap ours
     state = _StepState(target, cache, plan)
-    run = _Run(target, plan.outer)
+    run = Interpreter(target, plan.outer)
     state.run = run
     module = target.module
     had_forward = "forward" in module.__dict__
@@ -318,7 +313,7 @@ class _StepState:
         self.cache = cache
         self.plan = plan
         self.k = -1
-        self.run: _Run | None = None
+        self.run: Interpreter | None = None
         self.forward = None
 
     def step(self, args: tuple, kwargs: dict) -> Any:
@@ -360,7 +355,7 @@ class _StepState:
                 values = dict(zip(program.saved_ids + program.needed, saved))
                 self._publish({c: values.get(c) for c in exported})
                 return output
-        eager = _Run(shim, graph.replace(params=graph.params[:first] + values))
+        eager = Interpreter(shim, graph.replace(params=graph.params[:first] + values))
         result = eager.execute(args, kwargs)
         self._publish({c: eager.env.get(c) for c in exported})
         return result.output

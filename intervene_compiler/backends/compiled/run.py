@@ -14,6 +14,8 @@ from ...errors import GradientError, InterventionError, execution_error
 from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
 from ...runtime import VALUE_OPS, CacheEntry, RunResult, Target, resolve
 from ..eager import run_graph
+from .backward import BackwardSplit, host_only_params, split_backward
+from .dispatcher import Dispatcher
 from .entry import (
     UNSUPPORTED,
     CompileCache,
@@ -30,20 +32,11 @@ from .entry import (
     record_fallback,
     signature,
 )
+from .grad_edits import GradEdits
 from .lowering import lift_family, lift_values
-from .program import (
-    BackwardSplit,
-    Dispatcher,
-    GradEdits,
-    Program,
-    dynamic_conds_of,
-    effective_guards,
-    family_gates,
-    host_only_params,
-    record_schedule,
-    split_backward,
-    unpredicated_reason,
-)
+from .predication import effective_guards, unpredicated_reason
+from .program import Program, family_gates
+from .schedule import dynamic_conds_of, record_schedule
 
 
 def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:

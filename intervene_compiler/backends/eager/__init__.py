@@ -1,6 +1,14 @@
-"""The eager backend: the reference semantics (hooks run the IR while the model runs)."""
+"""The eager backend: the reference semantics (hooks run the IR while the model runs).
 
+``run_graph`` (runner.py) is the backend's entry. :class:`Interpreter` (interpreter.py), its :class:`NodeState`
+and :class:`EarlyStop` (states.py) are public for the other backends: the compiled backend records and replays
+the interpreter's schedule by subclassing it, and compiled generation runs a block's outer nodes on it. See
+runner.py's docstring for the modules and what each owns.
+"""
+
+from .interpreter import Interpreter
 from .reuse import leaves, plain_values, same_leaves
 from .runner import run_graph
+from .states import EarlyStop, NodeState
 
-__all__ = ["leaves", "plain_values", "run_graph", "same_leaves"]
+__all__ = ["EarlyStop", "Interpreter", "NodeState", "leaves", "plain_values", "run_graph", "same_leaves"]

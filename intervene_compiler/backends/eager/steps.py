@@ -17,11 +17,14 @@ from ...errors import InterventionError, MissedSiteError, missed_site_error
 from ...ir import Node, Op, SiteKind, format_node, format_site
 from ...ir.nodes import walk_nodes
 from ...ir.steps import first_step, format_steps, last_step, step_matches
-from .runner import _ARMED, _DONE, _LIVE, _SITE_OPS, _SKIPPED
+from .plan import _SITE_OPS
+from .states import NodeState
+
+_DONE, _SKIPPED, _ARMED, _LIVE = NodeState.DONE, NodeState.SKIPPED, NodeState.ARMED, NodeState.LIVE
 
 
 class Steps:
-    """Per-run step state of one :class:`~intervene_compiler.backends.eager.runner._Run`."""
+    """Per-run step state of one :class:`~intervene_compiler.backends.eager.interpreter.Interpreter`."""
 
     def __init__(self, run: Any, iters: list[Node]):
         self.run = run
@@ -69,10 +72,10 @@ class Steps:
         state = run.state
         for node in self.iters:
             if state.get(node.id) is None:
-                run._try(node)  # arms it once its guards are known
+                run.try_node(node)  # arms it once its guards are known
             if state.get(node.id) == _ARMED and step_matches(node.target, self.step):
                 self._instantiate(node)
-        run._drain()
+        run.drain()
 
     def _instantiate(self, node: Node) -> None:
         run = self.run
@@ -91,7 +94,7 @@ class Steps:
         run = self.run
         if run.adhoc:
             return
-        run._drain()
+        run.drain()
         for iter_id, body in list(self.live.items()):
             missing = [n for n in body if run.state.get(n.id) not in (_DONE, _SKIPPED)]
             if missing:
@@ -103,7 +106,7 @@ class Steps:
             done = last_step(run.nodes[iter_id].target) == self.step
             run.state[iter_id] = _DONE if done else _ARMED
         self.in_step = False
-        run._drain()
+        run.drain()
 
     def finish(self) -> None:
         """After the forward: close open-ended blocks; a block whose steps never all came is an error."""

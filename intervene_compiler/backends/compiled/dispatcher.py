@@ -1,0 +1,141 @@
+"""The persistent hooks that hand module events to the running compiled program (and the opt-in regions).
+
+A :class:`Dispatcher` is installed once per model and stays: its hooks are inert outside a compiled call, so
+Dynamo's guards on the hook dicts hold from call to call. A module of its own: it owns the model-side hooks, while
+:class:`~.program.Program` owns what runs at an event.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...ir import SiteKind
+
+if TYPE_CHECKING:
+    from .program import Program
+
+
+class Dispatcher:
+    """Hooks that forward module events to the program of the running entry, on the modules programs need.
+
+    A module gets its pre-/post-hook the first time a program has an event there (:meth:`ensure`), and keeps it
+    (so Dynamo's guards on the hook dicts of the entries compiled since stay valid); modules no program touches
+    get none, so Dynamo traces their plain ``forward`` instead of inlining an inert hook at each of them. Inert
+    when no program runs: outside a compiled call the model computes exactly what it computed before.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.program: Program | None = None
+        self.handles = []
+        self.hooked: set[tuple[str, bool]] = set()  # (module path, pre-hook?)
+        self._regions: tuple | None = None  # see regions()
+        self._region_fns: dict[type, Any] = {}
+
+    def ensure(self, program: Program) -> None:
+        """Hook the modules ``program`` has events on (a no-op once they are)."""
+        points = program.hook_points
+        if points <= self.hooked:
+            return
+        for path, pre in sorted(points - self.hooked):
+            mod = self.module.get_submodule(path)
+            if pre:
+                self.handles.append(mod.register_forward_pre_hook(self._pre(path), with_kwargs=True))
+            else:
+                self.handles.append(mod.register_forward_hook(self._post(path), with_kwargs=True))
+            self.hooked.add((path, pre))
+        self._regions = None
+
+    def regions(self) -> tuple:
+        """(member, its forward as a nested compile region, its parameters) for each repeated block no program
+        looks inside.
+
+        A member of a ModuleList of two or more modules of one class, with children, none of which (at any depth)
+        is hooked: its hooks (events on the member itself) stay outside its ``forward``, so the region holds only
+        model code. During a compiled call the member's ``forward`` is this region (``torch.compiler.
+        nested_compile_region``): Inductor compiles the identical bodies once instead of once per member. Stable
+        objects, so Dynamo's guards on them hold from call to call; recomputed when hooks are added.
+        """
+        if self._regions is not None:
+            return self._regions
+        hooked = {path for path, _ in self.hooked}
+        found = []
+        for path, mod in self.module.named_modules():
+            if not isinstance(mod, torch.nn.ModuleList) or len(mod) < 2:
+                continue
+            members = list(mod)
+            cls = type(members[0])
+            if any(type(m) is not cls for m in members) or not any(True for _ in members[0].children()):
+                continue
+            if any(path == f or path.startswith(f + ".") for f, _ in found):
+                continue  # inside a region already
+            for i, member in enumerate(members):
+                name = f"{path}.{i}" if path else str(i)
+                inside = any(h.startswith(name + ".") for h in hooked)
+                if inside or "forward" in member.__dict__:
+                    continue
+                found.append((name, member))
+        self._regions = tuple(
+            (member, self._region_fn(type(member), len(found)).__get__(member), tuple(member.parameters()))
+            for _, member in found
+        )
+        return self._regions
+
+    def usable_regions(self) -> tuple:
+        """:meth:`regions`, less members with trainable parameters while grad mode is on: torch 2.13 computes
+        wrong gradients through a nested compile region whose parameters require grad."""
+        regions = self.regions()
+        if regions and torch.is_grad_enabled():
+            regions = tuple(r for r in regions if not any(p.requires_grad for p in r[2]))
+        return regions
+
+    def _region_fn(self, cls: type, count: int):
+        fn = self._region_fns.get(cls)
+        if fn is None:
+            fn = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=max(8, count + 1))
+            self._region_fns[cls] = fn
+        return fn
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.hooked = set()
+        self._regions = None
+
+    def _pre(self, path: str):
+        def hook(mod, args, kwargs):
+            program = self.program
+            if program is None or program.adhoc:
+                return None
+            call = program.calls_in.get(path, 0)
+            program.calls_in[path] = call + 1
+            key = (path, SiteKind.INPUTS, call)
+            if not program.handles(key):
+                return None
+            new = program.on_event(key, (args, kwargs))
+            if not program.writes(key):
+                return None
+            return tuple(new[0]), dict(new[1])
+
+        return hook
+
+    def _post(self, path: str):
+        def hook(mod, args, kwargs, output):
+            program = self.program
+            if program is None or program.adhoc:
+                return None
+            call = program.calls_out.get(path, 0)
+            program.calls_out[path] = call + 1
+            key = (path, SiteKind.OUTPUT, call)
+            if not program.handles(key):
+                return None
+            new = program.on_event(key, output)
+            return new if program.writes(key) else None
+
+        return hook
+
+
+__all__ = ["Dispatcher"]

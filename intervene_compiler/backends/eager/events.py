@@ -1,0 +1,188 @@
+"""How module events reach the interpreter: the run's forward hooks (or wraps) on the modules its graph touches.
+
+Each hook counts the module's calls (a site's ``call`` index), skips calls the graph does not touch, and hands the
+event's value to :meth:`Interpreter.visit` (or, for a plain run's output events, to its fast visit). Around the
+visit it does what a shared-prefix run needs at its first touched event (repeat the one row to one per invoke,
+start packing) and while packed (unpack, pack again), and inside a generation step it serves the event's
+step-relative key too. ``tracer.cache()``'s hooks live here as well. A mixin (methods on the run itself): these
+hooks are the per-event hot path, so they reach the run's state and visit without an extra object.
+
+Mixed into :class:`~.interpreter.Interpreter`; uses its scheduler state and the ``SharedPrefix`` methods.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...ir import Graph, Node, Op, Site, SiteKind
+from ...runtime import CacheEntry, narrow, repeat_rows
+from .hooks import hook_modules
+from .plan import _INPUTS, _OUTPUT, GraphPlan, hook_paths
+from .prefix import SharedPrefix
+
+if TYPE_CHECKING:
+    from .steps import Steps
+
+
+class ModuleEvents(SharedPrefix):
+    """The run's module hooks (see the module docstring). Derives from ``SharedPrefix``: the hooks repeat, pack
+    and unpack the shared prefix at the event."""
+
+    # the interpreter's
+    module: torch.nn.Module
+    graph: Graph
+    batch: int
+    env: dict[int, Any]
+    active: dict
+    calls_in: dict[str, int]
+    calls_out: dict[str, int]
+    site_nodes: dict[tuple, list[int]]
+    steps: Steps | None
+    in_forward: bool
+    _plan: GraphPlan
+    _events: dict | None
+
+    if TYPE_CHECKING:
+
+        def visit(self, key: tuple, value: Any) -> Any: ...
+        def _visit_fast(self, key: tuple, value: Any) -> Any: ...
+        def site_rows(self, site: Site) -> tuple[int, int]: ...
+
+    def _install_hooks(self, handles: list) -> None:
+        """Add the run's hooks (and wraps) to ``handles`` as they go in: the caller removes whatever went in,
+        even when installing fails part-way."""
+        if self._plan.has_cache:
+            for node in self.graph.nodes:
+                if node.op is Op.CACHE:
+                    self._start_cache(node, handles)
+        # steps.py registers the ITER bodies' site keys in this run's site_nodes: derive the hooks from them
+        hooks = self._plan.hooks if self.steps is None else hook_paths(self.site_nodes)
+        # a plain run (one whose nodes use the event schedule, with no reuse, layer swaps or packing, which add
+        # hooks and forwards of their own) may wrap the hooked modules' forwards instead of hooking them
+        wrap = (
+            self._events is not None
+            and self.reuse is None
+            and self.layer_forward is None
+            and self.pack_plan is None
+        )
+        hook_modules(self.module, hooks, self._pre_hook, self._post_hook, handles, wrap)
+
+    def _pre_hook(self, path: str):
+        """The forward pre-hook of module ``path``: its ``.input``/``.inputs`` event."""
+        calls = self.calls_in
+        site_nodes = self.site_nodes
+
+        def hook(mod, args, kwargs):
+            if self.adhoc:
+                return None
+            call = calls.get(path, 0)
+            calls[path] = call + 1
+            key = (path, _INPUTS, call)
+            if self.steps is None:
+                if key not in site_nodes:
+                    return None
+                keys = (key,)
+            else:
+                keys = self._event_keys(key)
+                if not keys:
+                    return None
+            if self.repeat:
+                args, kwargs = repeat_rows((args, kwargs), self.repeat)
+                self.repeat = 0
+                before = None  # the repeated inputs replace the originals
+            elif self.pack is not None and path in self.pack.paths:
+                args, kwargs = self._unpack_inputs(args, kwargs)
+                before = None
+            else:
+                before = (args, kwargs)
+            new = (args, kwargs)
+            for k in keys:
+                new = self.visit(k, new)
+            if new is before:
+                return None
+            new_args, new_kwargs = new
+            return tuple(new_args), dict(new_kwargs)
+
+        return hook
+
+    def _post_hook(self, path: str):
+        """The forward hook of module ``path``: its ``.output`` event."""
+        calls = self.calls_out
+        site_nodes = self.site_nodes
+
+        def hook(mod, args, kwargs, output):
+            if self.adhoc:
+                return None
+            call = calls.get(path, 0)
+            calls[path] = call + 1
+            key = (path, _OUTPUT, call)
+            if self.steps is None:
+                if key not in site_nodes:
+                    return None
+                if self.repeat:
+                    new = self.visit(key, repeat_rows(output, self.repeat))
+                    self.repeat = 0
+                    if self.pack_plan is not None and call == 0:
+                        return self._start_pack(path, output, new, args, kwargs)
+                    return new
+                if self.pack is not None and path in self.pack.paths:  # unpack; pack again after the visit
+                    pack = self.pack
+                    unedited = pack.unedited(output)
+                    new = self.visit(key, self._end_pack(output))
+                    if call == 0:
+                        return self._start_pack(path, unedited, new, args, kwargs, pack.signature)
+                    return new
+                if self._events is not None and self.in_forward and not self.active:  # visit's test
+                    new = self._visit_fast(key, output)
+                else:
+                    new = self.visit(key, output)
+            else:
+                new = output
+                for k in self._event_keys(key):
+                    new = self.visit(k, new)
+            return None if new is output else new
+
+        return hook
+
+    def _event_keys(self, key: tuple) -> list[tuple]:
+        """The site keys a module event serves: its own, and its step-relative key inside a live step."""
+        keys = [key] if key in self.site_nodes else []
+        if self.steps is not None:
+            rel = self.steps.relative(key)
+            if rel is not None and self.site_nodes.get(rel):
+                keys.append(rel)
+        return keys
+
+    def _start_cache(self, node: Node, handles: list) -> None:
+        """``tracer.cache()``: hook the modules CACHE ``node`` names, filling its dict of ``CacheEntry``s at
+        each module's first call (hooks registered before the run's own, so before any node sees the value)."""
+        options = dict(node.kwargs)
+        cache: dict[str, CacheEntry] = {}
+        self.env[node.id] = cache
+        start, stop = (
+            (0, self.batch)
+            if node.invoke is None
+            else self.site_rows(Site("", SiteKind.OUTPUT, 0, node.invoke))
+        )
+        paths = node.target
+        for path, mod in self.module.named_modules():
+            if paths is not None and path not in paths:
+                continue
+            name = "model" + ("." + path if path else "")
+
+            def post(mod, args, kwargs, output, name=name):
+                if self.adhoc or name in cache:
+                    return
+                entry = CacheEntry()
+                if options.get("include_output", True):
+                    entry.output = narrow(output, start, stop, self.batch)
+                if options.get("include_inputs", False):
+                    entry.inputs = narrow((args, kwargs), start, stop, self.batch)
+                cache[name] = entry
+
+            handles.append(mod.register_forward_hook(post, with_kwargs=True))
+
+
+__all__ = ["ModuleEvents"]
