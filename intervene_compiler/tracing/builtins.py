@@ -10,8 +10,8 @@ import builtins
 from typing import Any
 
 from ..ir import Op
+from .current import current_tracer
 from .proxy import Proxy, _find_live_tracer
-from .tracer import current_tracer
 
 
 def apply(fn, *args: Any, **kwargs: Any) -> Any:

@@ -31,16 +31,12 @@ from ..execute import run_session
 from ..ir import Graph, Node, Op, Ref, format_node
 from ..ir.nodes import walk_nodes
 from .contexts import Cond
+from .current import _current, _current_session, current_session
 from .proxy import Proxy, _find_live_tracer
-from .tracer import Recorder, _current, _current_session
+from .recorder import Recorder
 
 if TYPE_CHECKING:
     from .tracer import Tracer
-
-
-def current_session() -> Session | None:
-    """The session being recorded in this context, if any."""
-    return _current_session.get()
 
 
 class Session(Recorder):

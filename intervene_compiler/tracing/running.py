@@ -1,0 +1,154 @@
+"""Running a recorded block: build its graph, optimize it, hand it to ``execute``, keep what comes back.
+
+:class:`Running` is the part of :class:`~intervene_compiler.tracing.Tracer` that runs when a block exits:
+``_run`` (an edit block adds its graph to the model instead; a scan runs on fakes), the optimized graph for the run
+(``_optimized``, with the front-end's memo of simple traces, ``_simple_key``, in front of the pass pipeline's own),
+``_execute`` (the seam: ``execute(graph, inputs, target, options)``; the result's values, output and notes stay on
+the tracer), and the session path: ``_defer_to_session`` hands the block to the open session instead of running
+it, which runs it with ``_run_bound`` and hands its values back with ``_finish_in_session``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvokeError
+from ..execute import RunOptions, execute
+from ..ir import Graph, InvokeRows, ModelFacts
+from ..pipeline import Optimized, optimize
+from ..runtime import Target
+
+if TYPE_CHECKING:
+    from .model import NNsight
+    from .tracer import Tracer
+
+
+class Running:
+    """Running a tracer's recorded block (a part of :class:`~intervene_compiler.tracing.Tracer`)."""
+
+    def _build_graph(self) -> Graph:
+        rows = tuple([InvokeRows(inv.start, inv.start + inv.batch_size) for inv in self._invokers])
+        return Graph(tuple(self._nodes), tuple(self._params), rows, self._mode, self._needs_output)
+
+    def _run(self) -> None:
+        model = self.model
+        for barrier in self._barriers:
+            barrier.check()
+        if self._mode == "edit":
+            self.graph = graph = self._build_graph()
+            model._add_edit(graph)
+            return
+        invokers = self._invokers
+        if not invokers:
+            self._check_has_input()
+        prepared = [invokers[0].inputs] if len(invokers) == 1 else [inv.inputs for inv in invokers]
+        fake = self._mode == "scan"
+        target = model._target(fake)
+        self._execute(self._optimized(model, target), prepared, target, fake)
+
+    def _run_bound(self, graph: Graph, prepared: list[tuple[tuple, dict]]) -> dict[int, Any]:
+        """Run as a session's trace: ``graph`` has the session's values bound as params (backends/session.py).
+        Returns the saved values."""
+        model = self.model
+        target = model._target(False)
+        optimized = optimize(model._with_edits(graph), target.facts, target.caches.optimized)
+        self._execute(optimized, prepared, target, False)
+        return self._results or {}
+
+    def _execute(self, optimized: Optimized, prepared: list, target: Target, fake: bool) -> None:
+        self._optimized_graph = optimized
+        self.graph = optimized.graph
+        options = RunOptions(compile=self._compile, reuse=self._reuse, fake=fake)
+        result = execute(optimized, prepared, target, options)
+        self._entry = result.explain
+        self._results = result.values
+        self._stop_loc = result.stop_loc
+        self._skipped = result.skipped
+        if result.reuse is not None:
+            self._reuse_note = result.reuse
+        self.output = result.output
+
+    def _optimized(self, model: NNsight, target: Target) -> Optimized:
+        """The graph as traced (with the model's edits), optimized, with the pass steps (see ``optimize``).
+
+        A trace of only site reads and saves (the common ``model.layer.output.save()``) has a cheap key of its
+        structure (``_simple_key``): repeating it reuses what the first such trace built and optimized (graphs
+        that are immutable and hold no params: nothing to bind per trace) instead of building a graph to have the
+        pass memo key it again. That memo is the model's (``ModelState.simple``).
+        """
+        facts = target.facts
+        key = _simple_key(self, facts) if model._edits is None and not self._params else None
+        memo = self._state.simple
+        if key is not None:
+            hit = memo.get(key)
+            if hit is not None:
+                return hit
+        traced = model._with_edits(self._build_graph())
+        optimized = optimize(traced, facts, target.caches.optimized)
+        if key is not None:
+            if len(memo) >= _SIMPLE_SIZE:
+                del memo[next(iter(memo))]  # the oldest entry
+            memo[key] = optimized
+        return optimized
+
+    def _check_has_input(self) -> None:
+        if not self._invokers:
+            raise InvokeError(
+                "the trace has no input",
+                None,
+                "pass the input to `model.trace(x)`, or add `with tracer.invoke(x):` blocks",
+            )
+
+    def _defer_to_session(self) -> None:
+        """Hand the recorded block to the open session as one TRACE node; it runs when the session does."""
+        for barrier in self._barriers:
+            barrier.check()
+        self._check_has_input()
+        graph = self._build_graph()
+        inputs = tuple((inv.args, inv.kwargs) for inv in self._invokers)
+        self._closed = True
+        self._session._add_trace(self, graph, inputs, self._loc)
+
+    def _finish_in_session(self, results: dict[int, Any], error: BaseException | None) -> None:
+        """The session ran (or failed): saved values are the session's, keyed by this trace's node ids."""
+        self._closed = False
+        self._finished = True
+        self._results = results
+        self._skipped = {}
+        self._stop_loc = None
+        if error is not None and self._error is None:
+            self._error = error
+
+
+# -- the pass memo, in front --------------------------------------------------------------------------------------
+# ``pipeline.optimize`` memoizes by a key covering every kind of node. Most traces only read module values and save
+# them (SITE and SAVE nodes, no params): for those, a key of the same facts (ids, sites, dependencies, guards,
+# invokes and the identity of source locations, which errors name) is built here from the tracer's notes of those
+# nodes (``Tracer._lazy``) for a fraction of the cost, and maps to the traced and optimized graphs and pass steps
+# of the first trace with that key. Entries keep that trace's nodes (and so the source locations whose ids are in
+# the key) alive, as optimize's memo does. The memo is the model's (``ModelState.simple``).
+_SIMPLE_SIZE = 512
+
+
+def _simple_key(tracer: Tracer, facts: ModelFacts) -> tuple | None:
+    """The structure of a trace whose nodes are all noted site reads and saves (see ``Tracer._nodes``), None for
+    any other trace; see ``Tracer._optimized``."""
+    if tracer._node_list:  # some node was recorded by the general path
+        return None
+    parts = []
+    for entry in tracer._lazy:
+        if len(entry) == 3:  # a site read: (id, (path, kind, call, invoke, guards), loc)
+            parts.append((entry[0], entry[1], id(entry[2])))
+        else:  # a save: (id, saved id, after, guards, invoke, loc)
+            nid, ref, after, guards, invoke, loc = entry
+            parts.append((nid, ref, after, guards, invoke, id(loc)))
+    invokers = tracer._invokers
+    if len(invokers) == 1:
+        inv = invokers[0]
+        rows = ((inv.start, inv.start + inv.batch_size),)
+    else:
+        rows = tuple([(inv.start, inv.start + inv.batch_size) for inv in invokers])
+    return (tuple(parts), rows, tracer._mode, tracer._needs_output, facts)
+
+
+__all__ = ["Running"]
