@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -49,8 +50,8 @@ def activation_patching(model: LanguageModel, clean: str, corrupted: str) -> tor
 
 
 def _check_against_hooks(model: LanguageModel, clean: str, corrupted: str, layer: int, pos: int) -> None:
-    module = model._model  # the plain transformers model, loaded by the first trace
-    stash = {}
+    module: Any = model._model  # the plain transformers model, loaded by the first trace
+    stash: dict[str, torch.Tensor] = {}
     handle = module.transformer.h[layer].register_forward_hook(lambda m, a, out: stash.setdefault("h", out))
     with torch.no_grad():
         module(**model.tokenizer(clean, return_tensors="pt"))

@@ -13,6 +13,7 @@ import linecache
 import os
 import sys
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -78,7 +79,7 @@ def user_location() -> SourceLoc | None:
     Runs for every recorded operation, so it is kept cheap: which files are the user's is decided once per file,
     and each line's SourceLoc is built once and shared (they are immutable).
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     user_files = _user_files
     while frame is not None:
         code = frame.f_code
@@ -220,7 +221,7 @@ def execution_error(original: BaseException, loc: SourceLoc | None, what: str) -
     base = type(original)
     if isinstance(original, InterventionError):
         return original
-    cls = _wrapped_types.get(base)
+    cls: type[InterventionError] | None = _wrapped_types.get(base)
     if cls is None:
         try:
             # BaseException.__str__: types like KeyError would otherwise print the repr of the whole message
@@ -241,7 +242,7 @@ def execution_error(original: BaseException, loc: SourceLoc | None, what: str) -
         try:
             err = cls.__new__(cls)
             err.message, err.loc, err.hint = message, loc, hint
-            BaseException.__init__(err, err._format())
+            BaseException.__init__(err, err._format())  # noqa: SLF001 - our class, built without its __init__
         except TypeError:
             err = InterventionError(message, loc, hint)
     return err

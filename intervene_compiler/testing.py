@@ -7,6 +7,7 @@ walkthrough's two-layer network.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -14,10 +15,14 @@ import torch
 def tiny_mlp(seed: int = 0, input_size: int = 5, hidden: int = 10, output: int = 2) -> torch.nn.Sequential:
     """The walkthrough's network: ``layer1`` (Linear) then ``layer2`` (Linear), grads off."""
     torch.manual_seed(seed)
-    layers = OrderedDict(
+    layers: OrderedDict[str, torch.nn.Module] = OrderedDict(
         [("layer1", torch.nn.Linear(input_size, hidden)), ("layer2", torch.nn.Linear(hidden, output))]
     )
     return torch.nn.Sequential(layers).requires_grad_(False)
+
+
+# a keyword every transformers config takes (``PretrainedConfig``), not in the typed signature of each config class
+_EAGER_ATTENTION: dict[str, Any] = {"attn_implementation": "eager"}
 
 
 def tiny_gpt2(
@@ -36,7 +41,7 @@ def tiny_gpt2(
         bos_token_id=0,
         eos_token_id=0,
         initializer_range=init_range,
-        attn_implementation="eager",
+        **_EAGER_ATTENTION,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -57,7 +62,7 @@ def tiny_llama(seed: int = 0, n_layer: int = 2, hidden: int = 32, vocab_size: in
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
-        attn_implementation="eager",
+        **_EAGER_ATTENTION,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -72,7 +77,7 @@ def assert_clean(module: torch.nn.Module) -> None:
         assert "forward" not in m.__dict__, f"a replaced forward left on module {name or '<root>'}"
 
 
-def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+def decoder_blocks(model: Any) -> torch.nn.ModuleList:
     """A tiny GPT-2's or Llama's decoder blocks."""
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
@@ -168,6 +173,8 @@ def save_tiny_lm(
     vocab = len(tokenizer)
     eos = tokenizer.convert_tokens_to_ids(EOS)
     torch.manual_seed(seed)
+    config: Any
+    model: Any
     if arch == "gpt2":
         config = GPT2Config(
             n_layer=n_layer,

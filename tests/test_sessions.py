@@ -536,3 +536,24 @@ def test_lora_on_the_tiny_network_in_a_session(compile):
     if compile:
         stats = nnsight.compile_stats()
         assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
+
+
+def test_a_backward_block_at_session_level_behaves_like_a_backward_call(net):
+    """``with loss.backward():`` on a session value records the backward in program order (nothing to hook at
+    session level); reading ``.grad`` there is the same clear error as after a plain ``loss.backward()``."""
+    model = NNsight(net)
+    x = torch.rand(2, 5)
+    for block in (True, False):
+        with pytest.raises(InterventionError, match="can only be used inside a trace"):
+            with model.session():
+                w = torch.nn.Parameter(torch.ones(2))
+                with model.trace(x):
+                    out = model.output * w
+                loss = out.sum()
+                if block:
+                    with loss.backward():
+                        w.grad.save()
+                else:
+                    loss.backward()
+                    w.grad.save()
+    assert_clean(net)

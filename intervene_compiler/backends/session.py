@@ -60,7 +60,7 @@ class _SessionRun:
         self.params = graph.params
         self.env: dict[int, Any] = {}
         self.skipped: set[int] = set()
-        self.bound: dict[int, tuple[Graph, tuple[int, ...], int]] = {}
+        self.bound: dict[int, tuple[Graph, tuple[int, ...], int, tuple[Node, ...]]] = {}
 
     def lookup(self, nid: int) -> Any:
         return self.env[nid]
@@ -141,8 +141,9 @@ class _SessionRun:
             results = trace.run(graph, prepared)
         except BaseException as e:
             loc = trace.loc
-            if loc is not None:
-                e.add_note(f"(in the session's trace opened at {loc.filename}:{loc.lineno})")
+            add_note = getattr(e, "add_note", None)  # Python 3.11+
+            if loc is not None and add_note is not None:
+                add_note(f"(in the session's trace opened at {loc.filename}:{loc.lineno})")
             raise
         for nid, value in results.items():
             self.env[nid + base] = value

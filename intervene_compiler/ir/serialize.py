@@ -88,6 +88,7 @@ def _param_data(p: Any, tensors: list, abstract: bool, shapes: bool) -> Any:
 
 def _node_data(node: Node, tensors: list, abstract: bool, shapes: bool) -> dict:
     target = node.target
+    t: dict[str, Any]
     if isinstance(target, Site):
         t = {"site": [target.path, target.kind.value, target.call, target.invoke]}
     elif node.op is Op.CALL:

@@ -62,9 +62,9 @@ def target_name(fn: Any) -> str | None:
             pass
     objclass = getattr(fn, "__objclass__", None)  # method descriptors such as TensorBase.add
     if objclass is not None and issubclass(torch.Tensor, objclass):
-        candidate = getattr(torch.Tensor, fn.__name__, None)
-        if candidate is fn:
-            return f"torch.Tensor.{fn.__name__}"
+        attr = getattr(fn, "__name__", "")
+        if getattr(torch.Tensor, attr, None) is fn:
+            return f"torch.Tensor.{attr}"
     return None
 
 

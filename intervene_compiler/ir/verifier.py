@@ -40,7 +40,7 @@ def verify(
     is verified against its own params.
     """
     outermost = params is None
-    if outermost:
+    if params is None:
         params = graph.params
     seen: dict[int, Node] = {}
     visible: set[int] = set()  # values of earlier TRACE/LOOP bodies

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InvokeError, user_location
 from ..runtime import Target
-from ..tracing import NNsight, Tracer
+from ..tracing import Envoy, NNsight, Tracer
 
 # keyword arguments of ``tracer.invoke(text, ...)`` that go to the tokenizer; the rest go to the model's forward
 TOKENIZER_KWARGS = frozenset(
@@ -159,7 +159,7 @@ class LanguageModel(NNsight):
     def _point_envoys_at(self, module: torch.nn.Module) -> None:
         """Swap the wrapped module; every envoy built so far now mirrors the same path of ``module``."""
         object.__setattr__(self, "_module", module)
-        stack = [self]
+        stack: list[Envoy] = [self]
         while stack:
             envoy = stack.pop()
             children = envoy._children

@@ -27,7 +27,7 @@ DECODER_LAYERS = {
 def decoder_layers_path(module: torch.nn.Module) -> str | None:
     """The path of ``module``'s decoder layers when it is a ``DECODER_LAYERS`` family model that has them."""
     config = getattr(module, "config", None)
-    path = DECODER_LAYERS.get(getattr(config, "model_type", None))
+    path = DECODER_LAYERS.get(str(getattr(config, "model_type", None)))
     if path is None:
         return None
     try:

@@ -77,10 +77,13 @@ class Target:
         self.shares_prefix = shares_prefix
         self.generating = generating
 
-    def decoder_layers(self) -> tuple[str, torch.nn.Module] | None:
+    def decoder_layers(self) -> tuple[str, torch.nn.ModuleList] | None:
         """``(path, the ModuleList)`` of the decoder layers, or None (see ``layers``)."""
         path = self.layers
-        return None if path is None else (path, self.module.get_submodule(path))
+        if path is None:
+            return None
+        layers: Any = self.module.get_submodule(path)  # a ModuleList in every DECODER_LAYERS family
+        return path, layers
 
     def with_forward(self, forward: Callable[..., Any]) -> Target:
         """This target, called through ``forward`` instead (a compiled generation step runs the root's own)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import BarrierError, InvokeError, SourceLoc, TracingError, user_location
 from ..ir import Op
 
 if TYPE_CHECKING:
+    from .session import Session
+    from .state import Guards
     from .tracer import Tracer
 
 
@@ -16,7 +18,8 @@ class Invoker:
 
     # set when the invoke is entered (class-level defaults until then: every trace makes one)
     index: int | None = None
-    inputs: tuple[tuple, dict] | None = None  # prepared (args, kwargs)
+    # prepared (args, kwargs); (None, None) for a session value (prepared when the session runs)
+    inputs: tuple[tuple | None, dict | None] | None = None
     batch_size = 0
     start = 0
 
@@ -30,7 +33,7 @@ class Invoker:
         self.tracer._enter_invoke(self)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         self.tracer._exit_invoke(self)
         return False
 
@@ -41,11 +44,11 @@ class Cond:
     ``with c.else_():`` (or ``c.else_(other)`` for an elif) opens the other branch of condition ``c``.
     """
 
-    def __init__(self, tracer: Tracer, guards: tuple[tuple[int, bool], ...], cond_ids: tuple[int, ...]):
+    def __init__(self, tracer: Tracer | Session, guards: Guards, cond_ids: tuple[int, ...]):
         self.tracer = tracer
         self.guards = guards  # what nodes inside this block are guarded by
         self._cond_ids = cond_ids  # the conditions of this branch and the branches before it
-        self._saved: tuple | None = None
+        self._saved: Guards | None = None  # the guards outside the block, while it is open
 
     def else_(self, condition: Any = None) -> Cond:
         base = self._outer_guards()
@@ -59,7 +62,7 @@ class Cond:
             self.tracer._guards = saved
         return Cond(self.tracer, base + negated + ((proxy._id, True),), self._cond_ids + (proxy._id,))
 
-    def _outer_guards(self) -> tuple[tuple[int, bool], ...]:
+    def _outer_guards(self) -> Guards:
         own = set(self._cond_ids)
         return tuple(g for g in self.guards if g[0] not in own)
 
@@ -68,7 +71,8 @@ class Cond:
         self.tracer._guards = self.guards
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+        assert self._saved is not None  # set by __enter__
         self.tracer._guards = self._saved
         return False
 
@@ -105,21 +109,29 @@ class Barrier:
 class BackwardContext:
     """What ``loss.backward()`` returns: usable as a plain call or as ``with loss.backward(): g = h.grad``.
 
-    As a block, the backward runs after the gradients read inside it are hooked, so the BACKWARD node moves to
-    the end of the block.
+    As a block in a trace, the backward runs after the gradients read inside it are hooked, so the BACKWARD node
+    moves to the end of the block. At session level nothing is hooked: session nodes run in program order, so the
+    backward runs first and the block's reads (a parameter's ``.grad``) see its gradients.
     """
 
-    def __init__(self, tracer: Tracer, node_id: int):
+    def __init__(self, tracer: Tracer | Session, node_id: int):
         self.tracer = tracer
         self.node_id = node_id
 
     def __enter__(self) -> BackwardContext:
-        self.tracer._defer_node(self.node_id)
+        from .session import Session  # (session.py imports this module)
+
+        tracer = self.tracer
+        if not isinstance(tracer, Session):
+            tracer._defer_node(self.node_id)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.tracer._undefer_node(self.node_id)
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+        from .session import Session
+
+        tracer = self.tracer
+        if exc_type is None and not isinstance(tracer, Session):
+            tracer._undefer_node(self.node_id)
         return False
 
 

@@ -11,19 +11,19 @@ else reads them through :func:`current_tracer` and :func:`current_session`.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .session import Session
     from .tracer import Tracer
 
-_current: ContextVar[Tracer | None] = ContextVar("intervene_compiler_tracer", default=None)
+_current: ContextVar[Tracer | Session | None] = ContextVar("intervene_compiler_tracer", default=None)
 # the session being recorded (tracing/session.py); traces opened inside it become part of it
-_current_session: ContextVar[Any] = ContextVar("intervene_compiler_session", default=None)
+_current_session: ContextVar[Session | None] = ContextVar("intervene_compiler_session", default=None)
 
 
-def current_tracer() -> Tracer | None:
-    """The innermost open tracing block in this context, if any."""
+def current_tracer() -> Tracer | Session | None:
+    """The innermost open tracing block in this context, if any (a session's own block between its traces)."""
     return _current.get()
 
 

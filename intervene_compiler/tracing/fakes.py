@@ -24,7 +24,7 @@ from ..ir import Node, Op, Site, SiteKind, format_node, format_site
 from ..runtime import VALUE_OPS, narrow, resolve, to_fake
 
 if TYPE_CHECKING:
-    from .tracer import Tracer
+    from .state import TracerState
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
 
@@ -37,7 +37,7 @@ class _Unknown:
 
 
 class FakeTracker:
-    def __init__(self, tracer: Tracer):
+    def __init__(self, tracer: TracerState):
         self.tracer = tracer
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.values: dict[int, Any] = {}
@@ -125,7 +125,9 @@ class FakeTracker:
             invokers = tracer._invokers if invoke is None else [tracer._invokers[invoke]]
             if not invokers:
                 raise _UnknownInput("the block has no input yet")
-            args, kwargs = tracer.model._batch_inputs([inv.inputs for inv in invokers])
+            # every invoker in _invokers has been entered, and none has a session value (a trace in a session
+            # never runs on fakes, see FakeShapes._meta): each one's inputs are its prepared (args, kwargs)
+            args, kwargs = tracer.model._batch_inputs([inv.inputs for inv in invokers])  # type: ignore[misc]
             acts = record_activations(tracer.model, self.mode, args, kwargs)
             self.runs[invoke] = acts
         return acts

@@ -13,13 +13,15 @@ inside the block cannot be used after it inside the same trace (save them, or mo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import SourceLoc, TracingError, user_location
 from ..ir import Graph, Node, Op
 from .proxy import Proxy
 
 if TYPE_CHECKING:
+    from .state import Guards, SiteKey, TracerState
     from .tracer import Tracer
 
 
@@ -30,8 +32,9 @@ class Iteration:
         self.tracer = tracer
         self.steps = steps  # None, a tuple of step indices, or a slice
         self.loc = loc
-        self.id: int | None = None
-        self._saved: tuple | None = None
+        self.id: int | None = None  # set when the block is entered
+        # what the block replaces while it is open: the tracer's nodes, site cache, calls addressed and guards
+        self._saved: tuple[list[Node], dict[SiteKey, Proxy], Mapping[str, int], Guards] | None = None
 
     def __enter__(self) -> Proxy:
         tracer = self.tracer
@@ -55,23 +58,24 @@ class Iteration:
             tracer._fakes.values[self.id] = 0  # shapes inside the block are step 0's (the prompt)
         return Proxy(tracer, self.id)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         tracer = self.tracer
         if tracer._frame is not self:
             return False
+        assert self.id is not None and self._saved is not None  # set by __enter__, which opened this frame
         body = tracer._nodes
         tracer._nodes, tracer._site_cache, tracer._call_idx, guards = self._saved
         tracer._frame = None
         if exc_type is not None or tracer._finished:
             return False
         inner = {n.id for n in body}
-        if not tracer._body_of:  # the tracer's class-level default is an empty read-only mapping
+        if type(tracer._body_of) is not dict:  # the class-level default is an empty read-only mapping
             tracer._body_of = {}
         for nid in inner | {self.id}:
             tracer._body_of[nid] = self.id
         for obj, last in list(tracer._last_mut.items()):  # later readers of an object mutated inside wait for
-            if last in inner:  # the whole block (its last step)
-                tracer._last_mut[obj] = self.id
+            if last in inner:  # the whole block (its last step); a dict, as it has items
+                tracer._last_mut[obj] = self.id  # type: ignore[index]
         node = Node(
             self.id,
             Op.ITER,
@@ -133,7 +137,7 @@ def normalize_steps(item: Any, loc: SourceLoc | None) -> Any:
     raise bad(repr(item) if not isinstance(item, Proxy) else "a traced value")
 
 
-def check_scope(tracer: Tracer, refs: list[int], deps: set[int]) -> set[int]:
+def check_scope(tracer: TracerState, refs: list[int], deps: set[int]) -> set[int]:
     """Raise when a value computed inside a closed iteration block is used outside it; return ``deps`` to use.
 
     A mutation inside an iteration block is not ordered after an earlier block's mutations of the same object
@@ -154,14 +158,16 @@ def check_scope(tracer: Tracer, refs: list[int], deps: set[int]) -> set[int]:
     return deps
 
 
-def nodes_for_fakes(tracer: Tracer) -> list[Node]:
+def nodes_for_fakes(tracer: TracerState) -> list[Node]:
     """The recorded nodes to replay on fake tensors when fakes are turned on mid-block (ITER nodes skipped)."""
     frame = tracer._frame
-    outer = frame._saved[0] if frame is not None else tracer._nodes
-    nodes = [n for n in outer if n.op is not Op.ITER]
-    if frame is not None:
-        tracer._fakes.values[frame.id] = 0
-        nodes += tracer._nodes
+    if frame is None:
+        return [n for n in tracer._nodes if n.op is not Op.ITER]
+    # an open block, entered (its id and the nodes outside it are set); the caller has just made the fakes
+    assert frame.id is not None and frame._saved is not None and tracer._fakes is not None
+    nodes = [n for n in frame._saved[0] if n.op is not Op.ITER]
+    tracer._fakes.values[frame.id] = 0
+    nodes += tracer._nodes
     return nodes
 
 

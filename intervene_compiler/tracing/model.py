@@ -246,6 +246,7 @@ class Editor:
         return target
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        assert self.tracer is not None  # set by __enter__
         return self.tracer.__exit__(exc_type, exc, tb)
 
 

@@ -16,6 +16,8 @@ from ..errors import ProxyControlFlowError, user_location
 from ..ir import Op
 
 if TYPE_CHECKING:
+    from .recorder import Recorder
+    from .session import Session
     from .tracer import Tracer
 
 _CONTROL_FLOW_HINT = {
@@ -38,12 +40,15 @@ def _control_flow_error(kind: str, what: str) -> ProxyControlFlowError:
 
 
 class Proxy:
-    """A deferred value: node ``_id`` of tracer ``_tracer`` (or a not yet recorded attribute of ``_base``)."""
+    """A deferred value: node ``_id`` of tracer ``_tracer`` (or a not yet recorded attribute of ``_base``).
+
+    ``_tracer`` is the :class:`~.recorder.Recorder` that recorded it: a tracer, or a session for a session value.
+    """
 
     __slots__ = ("_tracer", "_id", "_base", "_attr")
 
     def __init__(
-        self, tracer: Tracer, node_id: int | None, base: Proxy | None = None, attr: str | None = None
+        self, tracer: Recorder, node_id: int | None, base: Proxy | None = None, attr: str | None = None
     ):
         _set_tracer(self, tracer)  # the slots' own setters (__setattr__ is overridden)
         _set_id(self, node_id)
@@ -133,7 +138,8 @@ class Proxy:
         if name in Proxy.__slots__:
             object.__setattr__(self, name, value)
         elif name == "grad":
-            Proxy.grad.fset(self, value)
+            # the property's setter (mypy sees a property with a setter, read on the class, as an overload)
+            Proxy.grad.fset(self, value)  # type: ignore[attr-defined]
         elif not self._live():
             setattr(self.value, name, value)
         else:
@@ -224,7 +230,7 @@ class Proxy:
     __hash__ = object.__hash__
 
 
-def _find_live_tracer(args, kwargs) -> Tracer | None:
+def _find_live_tracer(args, kwargs) -> Tracer | Session | None:
     stack = [args, kwargs]
     while stack:
         v = stack.pop()
@@ -287,12 +293,13 @@ for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
     setattr(Proxy, f"__{_name}__", _binary(getattr(operator, _name)))
 for _name in ("neg", "pos", "abs", "invert"):
     setattr(Proxy, f"__{_name}__", _unary(getattr(operator, _name)))
-Proxy.__hash__ = object.__hash__  # __eq__ above would otherwise drop hashing
+# __eq__ above would otherwise drop hashing (re-set on purpose after the class body, hence the ignore)
+Proxy.__hash__ = object.__hash__  # type: ignore[method-assign,assignment]
 _set_tracer, _set_id, _set_base, _set_attr = (Proxy.__dict__[name].__set__ for name in Proxy.__slots__)
 _new_object = object.__new__
 
 
-def new_proxy(tracer: Tracer, node_id: int) -> Proxy:
+def new_proxy(tracer: Recorder, node_id: int) -> Proxy:
     """``Proxy(tracer, node_id)``, without the call of ``__init__`` (tracers make one per recorded value)."""
     proxy = _new_object(Proxy)
     _set_tracer(proxy, tracer)

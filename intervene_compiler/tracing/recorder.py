@@ -9,7 +9,8 @@ a saved value of a finished block and any other object (a tensor, a module, a ca
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +19,9 @@ from ..ir import Op, ParamRef, Ref
 from .proxy import Proxy
 from .shapes import Shape
 
+if TYPE_CHECKING:
+    from .session import Session
+
 _LITERALS = frozenset({int, float, str, bool, type(None), complex, bytes})
 
 
@@ -25,8 +29,25 @@ class Recorder:
     """What a tracer and a session (session.py) share: turning recorded values into IR arguments.
 
     Subclasses provide ``_record``, ``_session`` (the open session, or None), ``_params``/``_param_index`` and
-    ``_saved_ids``.
+    ``_saved_ids`` (declared here; a tracer's defaults are in tracer.py).
     """
+
+    _session: Session | None  # a session's own is itself
+    _params: tuple | list[Any]
+    _param_index: Mapping[int, int]  # id of a param -> its index in _params
+    _saved_ids: set[int]
+
+    if TYPE_CHECKING:
+
+        def _record(
+            self,
+            op: Op,
+            target: Any,
+            args: tuple = (),
+            kwargs: dict | None = None,
+            *,
+            after: tuple[int, ...] = (),
+        ) -> Proxy: ...
 
     def _encode(self, v: Any, refs: list[int]) -> Any:
         t = type(v)
@@ -73,7 +94,8 @@ class Recorder:
                 self._param_index = {}
             index = len(params)
             params.append(obj)
-            self._param_index[id(obj)] = index
+            # a dict: a tracer's own, made with its list of params above (a session's from the start)
+            self._param_index[id(obj)] = index  # type: ignore[index]
         return ParamRef(index)
 
     def _save(self, proxy: Proxy) -> None:

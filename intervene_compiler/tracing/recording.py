@@ -6,7 +6,8 @@ node after the last mutation of what it reads, check iteration-block scope, run 
 ``_site`` / ``_save`` (the hot path of a loop of small traces: a site read or a save only notes its node in
 ``_lazy``; ``_nodes`` builds the notes into nodes when something reads them), ``_set_site``, which call of a
 module a site addresses (``_call_of``, ``_next_call``), and taking a node out of program order for a backward
-block (``_defer_node`` / ``_undefer_node``). The state it reads and writes is declared on ``Tracer``.
+block (``_defer_node`` / ``_undefer_node``). The state it reads and writes is declared on ``Tracer`` (and, for the
+type checker, in ``state.py``).
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ from .recorder import Recorder
 
 if TYPE_CHECKING:
     from .proxy import Proxy
+    from .state import TracerState
+else:
+    TracerState = object  # declarations for the type checker only (see state.py)
 
 _SITE, _SAVE = Op.SITE, Op.SAVE  # enum class attribute lookups are slow
 
 
-class Recording(Recorder):
+class Recording(Recorder, TracerState):
     """Recording a tracer's block into nodes (a part of :class:`~intervene_compiler.tracing.Tracer`)."""
 
     def _record(
         self, op: Op, target: Any, args: tuple = (), kwargs: dict | None = None, *, after=()
     ) -> Proxy:
         if self._closed:  # a trace recorded earlier in the open session: record where the session is now
-            return self._session._record(op, target, args, kwargs, after=after)
+            # (not None: a trace is closed by handing it to its session, see Running._defer_to_session)
+            return self._session._record(op, target, args, kwargs, after=after)  # type: ignore[union-attr]
         if self._finished:
             raise TracingError(
                 "this tracing block has already exited; its values can no longer record operations",
@@ -41,7 +46,7 @@ class Recording(Recorder):
                 "do the work inside the `with` block, or on saved values after it",
             )
         refs: list[int] = []
-        enc_args = self._encode(args, refs) if args else ()
+        enc_args: tuple = self._encode(args, refs) if args else ()
         enc_kwargs = tuple([(k, self._encode(v, refs)) for k, v in kwargs.items()]) if kwargs else ()
         if refs:
             last_mut = self._last_mut
@@ -181,12 +186,13 @@ class Recording(Recorder):
             raise TracingError(
                 "`with loss.backward():` must directly follow the backward call", user_location()
             )
-        if not self._deferred:
+        if type(self._deferred) is not dict:  # the class-level default is an empty read-only mapping
             self._deferred = {}
         self._deferred[node_id] = self._nodes.pop()
 
     def _undefer_node(self, node_id: int) -> None:
-        n = self._deferred.pop(node_id)
+        # a dict by now (not the read-only default): _defer_node put the node in it
+        n = self._deferred.pop(node_id)  # type: ignore[attr-defined]
         nid = next(self._ids)
         self._nodes.append(
             Node(nid, n.op, n.target, n.args, n.kwargs, n.guards, n.after, n.invoke, n.body, n.loc)

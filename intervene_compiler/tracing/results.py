@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TracingError, ValueNotReadyError, user_location
+from ..errors import SourceLoc, TracingError, ValueNotReadyError, user_location
 from ..ir import Graph, format_graph, format_node
 from ..ir.nodes import walk_nodes
 
 if TYPE_CHECKING:
     from .proxy import Proxy
+    from .state import TracerState
+else:
+    TracerState = object  # declarations for the type checker only (see state.py)
 
 
-class Results:
+class Results(TracerState):
     """Reading a tracer's values and graphs (a part of :class:`~intervene_compiler.tracing.Tracer`)."""
 
     def _describe(self, proxy: Proxy) -> str:
@@ -56,6 +59,8 @@ class Results:
     def steps(self) -> list[tuple[str, Graph]]:
         """The graph as traced and after each pass: ``[("traced", g), ("dead_values", g), ...]``."""
         optimized = self._optimized_graph
+        if optimized is None:  # not run yet (or an edit, which records and does not run)
+            raise TracingError("steps needs a trace that has run", user_location(), "read it after the block")
         return [(name, optimized.traced.replace(nodes=nodes)) for name, nodes in optimized.steps]
 
     def _value_of(self, proxy: Proxy) -> Any:
@@ -100,7 +105,7 @@ class Results:
             "call `.save()` on it inside the block",
         )
 
-    def _loc_of(self, nid: int | None):
+    def _loc_of(self, nid: int | None) -> SourceLoc | None:
         for n in walk_nodes(self._nodes):
             if n.id == nid:
                 return n.loc

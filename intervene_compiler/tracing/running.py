@@ -20,10 +20,12 @@ from ..runtime import Target
 
 if TYPE_CHECKING:
     from .model import NNsight
-    from .tracer import Tracer
+    from .state import TracerState
+else:
+    TracerState = object  # declarations for the type checker only (see state.py)
 
 
-class Running:
+class Running(TracerState):
     """Running a tracer's recorded block (a part of :class:`~intervene_compiler.tracing.Tracer`)."""
 
     def _build_graph(self) -> Graph:
@@ -101,6 +103,7 @@ class Running:
 
     def _defer_to_session(self) -> None:
         """Hand the recorded block to the open session as one TRACE node; it runs when the session does."""
+        assert self._session is not None  # Tracer.__exit__ defers to the session it records into
         for barrier in self._barriers:
             barrier.check()
         self._check_has_input()
@@ -130,12 +133,12 @@ class Running:
 _SIMPLE_SIZE = 512
 
 
-def _simple_key(tracer: Tracer, facts: ModelFacts) -> tuple | None:
+def _simple_key(tracer: TracerState, facts: ModelFacts) -> tuple | None:
     """The structure of a trace whose nodes are all noted site reads and saves (see ``Tracer._nodes``), None for
     any other trace; see ``Tracer._optimized``."""
     if tracer._node_list:  # some node was recorded by the general path
         return None
-    parts = []
+    parts: list[tuple] = []
     for entry in tracer._lazy:
         if len(entry) == 3:  # a site read: (id, (path, kind, call, invoke, guards), loc)
             parts.append((entry[0], entry[1], id(entry[2])))
@@ -145,7 +148,7 @@ def _simple_key(tracer: Tracer, facts: ModelFacts) -> tuple | None:
     invokers = tracer._invokers
     if len(invokers) == 1:
         inv = invokers[0]
-        rows = ((inv.start, inv.start + inv.batch_size),)
+        rows: tuple[tuple[int, int], ...] = ((inv.start, inv.start + inv.batch_size),)
     else:
         rows = tuple([(inv.start, inv.start + inv.batch_size) for inv in invokers])
     return (tuple(parts), rows, tracer._mode, tracer._needs_output, facts)

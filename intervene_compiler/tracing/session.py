@@ -22,7 +22,7 @@ the only patching the package does.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -36,6 +36,10 @@ from .proxy import Proxy, _find_live_tracer
 from .recorder import Recorder
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
+    from .running import Running
+    from .state import Guards
     from .tracer import Tracer
 
 
@@ -49,17 +53,17 @@ class Session(Recorder):
         self._params: list[Any] = []
         self._param_index: dict[int, int] = {}
         self._ids = itertools.count()
-        self._guards: tuple[tuple[int, bool], ...] = ()
+        self._guards: Guards = ()
         self._saved_ids: set[int] = set()
-        self._tracers: list[Tracer] = []
+        self._tracers: list[Running] = []  # the traces in the session (the part of a Tracer that runs it)
         self._trace_locs: list[SourceLoc | None] = []
         self._frame: Loop | None = None
         self._finished = False
         self._error: BaseException | None = None
         self._results: dict[int, Any] = {}
         self._exited: SourceLoc | None = None
-        self._token = None
-        self._session_token = None
+        self._token: Token[Tracer | Session | None] | None = None
+        self._session_token: Token[Session | None] | None = None
         self._patches: list[tuple[Any, str, Any]] = []
         self.graph: Graph | None = None
 
@@ -76,9 +80,10 @@ class Session(Recorder):
         self._patches = _install_patches()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         _remove_patches(self._patches)
         self._patches = []
+        assert self._token is not None and self._session_token is not None  # set by __enter__
         _current.reset(self._token)
         _current_session.reset(self._session_token)
         if exc_type is not None:
@@ -144,7 +149,7 @@ class Session(Recorder):
         self._nodes.append(node)
         return Proxy(self, node.id)
 
-    def _add_trace(self, tracer: Tracer, graph: Graph, inputs: tuple, loc: SourceLoc | None) -> None:
+    def _add_trace(self, tracer: Running, graph: Graph, inputs: tuple, loc: SourceLoc | None) -> None:
         """Record a trace that exited inside the session as a TRACE node (it runs when the session does)."""
         slot = len(self._tracers)
         self._tracers.append(tracer)
@@ -218,7 +223,7 @@ class _SessionTrace:
 
     __slots__ = ("loc", "tracer")
 
-    def __init__(self, tracer: Tracer, loc: SourceLoc | None):
+    def __init__(self, tracer: Running, loc: SourceLoc | None):
         self.tracer = tracer
         self.loc = loc
 
@@ -249,9 +254,10 @@ class Loop:
         self.iterable = iterable
         self.return_context = return_context
         self.loc = loc
-        self.id: int | None = None
+        self.id: int | None = None  # set when the loop is entered
         self._arg: Any = None
-        self._saved: tuple | None = None
+        # what the body replaces while it records: the session's nodes, guards and open loop
+        self._saved: tuple[list[Node], Guards, Loop | None] | None = None
 
     def __enter__(self) -> Any:
         s = self.session
@@ -268,8 +274,9 @@ class Loop:
         item = Proxy(s, self.id)
         return (item, self) if self.return_context else item
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         s = self.session
+        assert self.id is not None and self._saved is not None  # set by __enter__
         body = s._nodes
         s._nodes, guards, s._frame = self._saved
         s._guards = guards
@@ -391,12 +398,13 @@ _ORIGINAL_PARAMETER_NEW = _PARAMETER.__dict__["__new__"].__func__
 def _install_patches() -> list[tuple[Any, str, Any]]:
     saved = [(_PARAMETER, "__new__", _PARAMETER.__dict__["__new__"])]
     try:
-        _PARAMETER.__new__ = staticmethod(_parameter_new)
+        # the deliberate patch of a method, described above
+        _PARAMETER.__new__ = staticmethod(_parameter_new)  # type: ignore[method-assign]
         # Optimizer has no __new__ of its own, and CPython cannot give a class back its inherited object.__new__
         # once one was assigned (deleting it leaves a slot that rejects arguments): the first session installs
         # this one for good. Outside a recording session it is exactly object.__new__(cls).
         if _OPTIMIZER.__dict__.get("__new__") is None:
-            _OPTIMIZER.__new__ = staticmethod(_optimizer_new)
+            _OPTIMIZER.__new__ = staticmethod(_optimizer_new)  # type: ignore[method-assign]  # the same patch
     except BaseException:
         _remove_patches(saved)
         raise

@@ -16,7 +16,11 @@ from ..errors import TracingError, user_location
 from .iteration import nodes_for_fakes
 
 if TYPE_CHECKING:
+    from .fakes import FakeTracker
     from .proxy import Proxy
+    from .state import TracerState
+else:
+    TracerState = object  # declarations for the type checker only (see state.py)
 
 
 class Shape(tuple):
@@ -39,31 +43,34 @@ class Shape(tuple):
         return repr(torch.Size(self))
 
 
-class FakeShapes:
+class FakeShapes(TracerState):
     """The tracer's fake-tensor shapes (a part of :class:`~intervene_compiler.tracing.Tracer`): ``_fakes`` is
     None until :meth:`_enable_fakes` (by ``model.scan``, validation, or the first metadata read)."""
 
-    def _enable_fakes(self) -> None:
+    def _enable_fakes(self) -> FakeTracker:
         from .fakes import FakeTracker
 
         self._fakes = FakeTracker(self)
         for node in nodes_for_fakes(self):
             self._fakes.execute(node, strict=self._validate)
+        return self._fakes
 
     def _meta(self, proxy: Proxy, attr: str) -> Any:
         if self._finished:
             return getattr(proxy.value, attr)
-        if self._fakes is None:
-            if any(inv.inputs[0] is None for inv in self._invokers):
+        fakes = self._fakes
+        if fakes is None:
+            # (every invoker in _invokers has been entered: its inputs are set)
+            if any(inv.inputs[0] is None for inv in self._invokers):  # type: ignore[index]
                 raise TracingError(
                     f"`.{attr}` is not known while this trace records: its input is a session value, which exists "
                     "only when the session runs",
                     user_location(),
                     "read shapes with `model.scan(example_input)` before the session",
                 )
-            self._enable_fakes()
+            fakes = self._enable_fakes()
         nid = proxy._node_id()
-        fake = self._fakes.value(nid)
+        fake = fakes.value(nid)
         value = getattr(fake, attr)
         return Shape(value) if attr == "shape" else value
 

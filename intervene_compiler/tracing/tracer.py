@@ -11,7 +11,8 @@ This module owns the :class:`Tracer` users see: its state (declared here, with c
 leaving the block, the block API (``invoke``, ``cond``, ``stop``, ``log``, ``apply``, ``barrier``, ``cache``,
 ``all``/``iter``/``next``) and invokes. Its other jobs are parts it inherits: recording nodes (``recording.py``,
 on :class:`~.recorder.Recorder`, shared with sessions), fake-tensor shapes (``shapes.py``), running the block
-(``running.py``) and reading its values and graphs afterwards (``results.py``).
+(``running.py``) and reading its values and graphs afterwards (``results.py``). The state the parts share is
+declared for the type checker once more in ``state.py``, so that each part is checked on its own.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import InvokeError, user_location
+from ..errors import InvokeError, SourceLoc, user_location
 from ..ir import Graph, Node, Op
 from . import current
 from .contexts import Barrier, Cond, Invoker, no_input_error
@@ -34,8 +35,13 @@ from .running import Running
 from .shapes import FakeShapes, Shape
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from ..pipeline import Optimized
+    from .fakes import FakeTracker
     from .model import NNsight
+    from .session import Session
+    from .state import Note, SiteKey
 
 # Bound here by assignment, not by an import: CPython 3.11 compiles ``name.method()`` on an imported name as an
 # attribute load and a call (a bound method object per call) instead of LOAD_METHOD, and ``__init__``,
@@ -55,23 +61,24 @@ class Tracer(Recording, FakeShapes, Running, Results):
     _results: dict[int, Any] | None = None
     _finished = False
     _error: BaseException | None = None
-    _stop_loc = None
-    _skipped: Mapping = MappingProxyType({})
-    _barriers: tuple | list[Barrier] = ()
+    _stop_loc: SourceLoc | None = None
+    _skipped: Mapping[int, SourceLoc | None] = MappingProxyType({})
+    _barriers: tuple[()] | list[Barrier] = ()
     _deferred: Mapping[int, Node] = MappingProxyType({})
-    _frame = None  # the open `tracer.all()` / `tracer.iter[...]` block, if any (see iteration.py)
+    # the open `tracer.all()` / `tracer.iter[...]` block, if any (see iteration.py)
+    _frame: Iteration | None = None
     # node id inside a closed iteration block -> that block's ITER id
     _body_of: Mapping[int, int] = MappingProxyType({})
-    _entry = None  # what ran a compiled trace (``describe()`` for explain), from RunResult.explain
+    _entry: Any = None  # what ran a compiled trace (``describe()`` for explain), from RunResult.explain
     _optimized_graph: Optimized | None = None
-    _reuse_note = None  # see RunResult.reuse
-    _fakes = None
-    _token = None
+    _reuse_note: str | None = None  # see RunResult.reuse
+    _fakes: FakeTracker | None = None
+    _token: Token[Tracer | Session | None] | None = None
     _implicit: Invoker | None = None
     graph: Graph | None = None
     output: Any = None
     # inside `model.session()`: the block records into the session (see session.py) and runs when it does
-    _session = None
+    _session: Session | None = None
     _closed = False  # recorded and handed to the session, which has not run yet
     # Recorder._param makes a tracer's own list (and index) on its first param
     _params: tuple | list[Any] = ()
@@ -97,10 +104,10 @@ class Tracer(Recording, FakeShapes, Running, Results):
         self._state = model._state
         self._mode = mode
         self._node_list: list[Node] = []  # see _nodes
-        self._lazy: list[tuple] = []
+        self._lazy: list[Note] = []
         self._ids = itertools.count()
         self._invokers: list[Invoker] = []
-        self._site_cache: dict[tuple, Proxy] = {}
+        self._site_cache: dict[SiteKey, Proxy] = {}
         self._saved_ids: set[int] = set()
         self._needs_output = needs_output
         self._compile = compile
@@ -131,7 +138,7 @@ class Tracer(Recording, FakeShapes, Running, Results):
                 raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         try:
             if self._implicit is not None and self._invoke is not None:
                 self._exit_invoke(self._implicit)  # Invoker.__exit__
@@ -178,7 +185,8 @@ class Tracer(Recording, FakeShapes, Running, Results):
         """
         self._site_cache.clear()
         if self._implicit is not None:
-            self._implicit.tracer = None
+            # (Invoker.tracer is typed for the invokers that can still be entered; this one never is again)
+            self._implicit.tracer = None  # type: ignore[assignment]
 
     # -- public API inside the block -----------------------------------------------------------------------------
     @property

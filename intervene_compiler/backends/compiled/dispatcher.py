@@ -29,7 +29,7 @@ class Dispatcher:
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.program: Program | None = None
-        self.handles = []
+        self.handles: list[Any] = []
         self.hooked: set[tuple[str, bool]] = set()  # (module path, pre-hook?)
         self._regions: tuple | None = None  # see regions()
         self._region_fns: dict[type, Any] = {}
@@ -61,7 +61,7 @@ class Dispatcher:
         if self._regions is not None:
             return self._regions
         hooked = {path for path, _ in self.hooked}
-        found = []
+        found: list[tuple[Any, ...]] = []
         for path, mod in self.module.named_modules():
             if not isinstance(mod, torch.nn.ModuleList) or len(mod) < 2:
                 continue
@@ -91,7 +91,7 @@ class Dispatcher:
             regions = tuple(r for r in regions if not any(p.requires_grad for p in r[2]))
         return regions
 
-    def _region_fn(self, cls: type, count: int):
+    def _region_fn(self, cls: type[torch.nn.Module], count: int):
         fn = self._region_fns.get(cls)
         if fn is None:
             fn = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=max(8, count + 1))

@@ -175,9 +175,11 @@ def model_device(module: torch.nn.Module) -> torch.device:
 def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: dict):
     """Run ``entry``'s compiled function with the model's dispatcher serving its program (installing the hooks
     the program needs); returns what ``Program.run`` returns."""
-    dispatcher = cache.dispatcher
-    dispatcher.ensure(entry.program)
-    dispatcher.program = entry.program
+    dispatcher, program = cache.dispatcher, entry.program
+    if dispatcher is None or program is None:
+        raise RuntimeError("a compiled call of an entry that was never built (a bug in intervene_compiler)")
+    dispatcher.ensure(program)
+    dispatcher.program = program
     try:
         regions = dispatcher.usable_regions() if REGIONAL and entry.regional else ()
         try:
@@ -280,10 +282,11 @@ def record_fallback(entry: Entry | None, reason: str, prefix: str = "") -> None:
 
 def failure_reason(e: BaseException) -> str:
     """One line for a compile failure: our own error when Dynamo wraps one raised in the program it traced."""
-    while isinstance(e, torch._dynamo.exc.Unsupported) and isinstance(
-        e.__cause__ or e.__context__, Exception
-    ):
-        e = e.__cause__ or e.__context__
+    while isinstance(e, torch._dynamo.exc.Unsupported):
+        cause = e.__cause__ or e.__context__
+        if not isinstance(cause, Exception):
+            break
+        e = cause
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 

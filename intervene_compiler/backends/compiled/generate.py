@@ -25,6 +25,7 @@ their reason in :func:`compile_stats` (never silent).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,23 +70,21 @@ def run_generate_compiled(target: Target, graph: Graph, args: tuple, kwargs: dic
     cache = cache_of(target)
     options = dict(target.generating or {})
     plan, reason = _plan(graph)
-    if reason is None:
+    if plan is not None:
         reason = _cache_reason(target.module, options)
-    if reason is not None:
-        return _fall_back(target, graph, args, kwargs, reason)
-    extra = {}
+    if plan is None or reason is not None:
+        return _fall_back(target, graph, args, kwargs, reason or "the block cannot compile")
+    extra: dict[str, Any] = {}
     if "cache_implementation" not in options:
         extra["cache_implementation"] = "static"
     if "disable_compile" not in options:
         extra["disable_compile"] = True  # transformers' own auto-compile would wrap ours
-    state = _StepState(target, cache, plan)
     run = Interpreter(target, plan.outer)
-    state.run = run
     module = target.module
     had_forward = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
     original = module.forward
-    state.forward = original
+    state = _StepState(target, cache, plan, run, original)
 
     @functools.wraps(original)
     def forward(*a: Any, **kw: Any) -> Any:
@@ -96,7 +95,7 @@ def run_generate_compiled(target: Target, graph: Graph, args: tuple, kwargs: dic
         result = run.execute(args, {**kwargs, **extra})
     finally:
         if had_forward:
-            module.forward = previous
+            module.__dict__["forward"] = previous
         else:
             del module.forward
     result.explain = cache.last
@@ -308,13 +307,17 @@ class _Fetch:
 
 
 class _StepState:
-    def __init__(self, target: Target, cache: CompileCache, plan: _Plan):
+    """A compiled generate block's steps: ``step`` runs in place of the root's forward at every step."""
+
+    def __init__(
+        self, target: Target, cache: CompileCache, plan: _Plan, run: Interpreter, forward: Callable[..., Any]
+    ):
         self.target = target
         self.cache = cache
         self.plan = plan
         self.k = -1
-        self.run: Interpreter | None = None
-        self.forward = None
+        self.run = run  # the eager run of the outer graph (the Python parts of the bodies)
+        self.forward = forward  # the root's own forward
 
     def step(self, args: tuple, kwargs: dict) -> Any:
         self.k += 1
@@ -344,16 +347,16 @@ class _StepState:
             compiled_before = len(entry.graphs)
             try:
                 saved, output = call(cache, entry, params, args, kwargs)
-            except (
-                Exception
-            ) as e:  # a step Dynamo cannot capture as one graph: this key runs eagerly from now on
+            except Exception as e:
+                # a step Dynamo cannot capture as one graph: this key runs eagerly from now on
                 record_fallback(entry, failure_reason(e), "generate step: ")
             else:
                 entry.calls += 1
                 count_call(entry, compiled_before)
                 program = entry.program
-                values = dict(zip(program.saved_ids + program.needed, saved))
-                self._publish({c: values.get(c) for c in exported})
+                assert program is not None, "a compiled entry has its program"
+                got = dict(zip(program.saved_ids + program.needed, saved))
+                self._publish({c: got.get(c) for c in exported})
                 return output
         eager = Interpreter(shim, graph.replace(params=graph.params[:first] + values))
         result = eager.execute(args, kwargs)
@@ -423,9 +426,9 @@ def _build_step(
     split = BackwardSplit(graph, needed=exported)  # the values the Python part of the block reads
     entry.split = split
     dynamic_conds = dynamic_conds_of(graph.nodes, recorder)
-    reason = unpredicated_reason(graph.nodes, effective_guards(graph.nodes), dynamic_conds)
-    if reason is not None:
-        record_fallback(entry, reason, "generate step: ")
+    why = unpredicated_reason(graph.nodes, effective_guards(graph.nodes), dynamic_conds)
+    if why is not None:
+        record_fallback(entry, why, "generate step: ")
         return entry
     entry.program = Program(shim, graph, recorder.order, split, dynamic_conds)
     entry.fn = torch.compile(fresh_entry(), fullgraph=True, dynamic=False, backend=backend_for(entry))

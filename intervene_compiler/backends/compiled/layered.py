@@ -73,8 +73,9 @@ def applies(target: Target, graph: Graph) -> bool:
 
 def run_layered(target: Target, graph: Graph, args: tuple, kwargs: dict, repeat: int) -> RunResult:
     """Run a shared-prefix trace's ``graph`` with compiled decoder layers (see the module docstring)."""
-    _, layers = target.decoder_layers()
-    cls = type(layers[0])
+    found = target.decoder_layers()
+    assert found is not None, "a layered run needs decoder layers (applies() checked them)"
+    cls = type(found[1][0])
     entry = cache_of(target).lookup(("layered", cls), lambda: Entry(key=("layered", cls), layered=True))
     kwargs = {**kwargs, "use_cache": False}
     before = len(entry.graphs)
@@ -95,7 +96,7 @@ def run_layered(target: Target, graph: Graph, args: tuple, kwargs: dict, repeat:
     return result
 
 
-def _layer_forward(entry: Entry, cls: type):
+def _layer_forward(entry: Entry, cls: type[torch.nn.Module]):
     """The layers' forward for one run: the compiled function of the call's layout (input shapes, dtypes and
     the other arguments; one layer call of a packed run differs from an unpacked one), made on first use."""
     eager = cls.forward

@@ -191,7 +191,8 @@ def lift_family(
     if len(members) != 1:
         return graph, None
     ((prefix, index),) = members
-    size = len(module.get_submodule(prefix))
+    container: Any = module.get_submodule(prefix)  # a ModuleList (``_member``)
+    size = len(container)
     params = graph.params + (torch.tensor([index], dtype=torch.long, device=device),)
     concrete = f"{prefix}.{index}"
 

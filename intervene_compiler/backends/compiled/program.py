@@ -121,7 +121,7 @@ class Program(Interpreter):
                     self.cache_events.setdefault((path, SiteKind.INPUTS, 0), []).append(
                         (cid, name, rows, False)
                     )
-        self.family = None
+        self.family: Any = None  # the site family (lowering.Family) when the program serves one
         self.family_events: dict[tuple, tuple[tuple, int]] = {}  # member event -> (recorded event, member)
         self.region: dict[tuple, list[Node]] = {}
         self._hook_points: frozenset | None = None
@@ -183,7 +183,7 @@ class Program(Interpreter):
         self.calls_in = {}
         self.calls_out = {}
         self.adhoc = 0
-        self.committed = {}
+        self.committed: dict[int, Any] = {}
         self.takes = {}
         self.mutations = 0
         for cid in self.caches:
@@ -206,7 +206,7 @@ class Program(Interpreter):
             self._refresh_saved(self.saved_ids + self.needed)
         env = self.env  # a needed value a condition on a Python value left out of the schedule is None
         saved = tuple(env.get(i) for i in self.saved_ids + self.needed + self.dynamic_conds)
-        self.env = None
+        self.env = None  # type: ignore[assignment]  # the call's values are gone: nothing reads them after it
         return saved, output if self.graph.needs_output else None
 
     def evaluate(self, node: Node) -> Any:
@@ -375,9 +375,8 @@ class Program(Interpreter):
             v = env[node.id]
             if isinstance(v, torch.Tensor):
                 old = committed.get(node.id)
-                if (
-                    old is not None
-                ):  # a 0-d value keeps its shape: the 1-element gate would broadcast it to (1,)
+                if old is not None:
+                    # a 0-d value keeps its shape: the 1-element gate would broadcast it to (1,)
                     v = torch.where(gate if v.dim() else gate.view(()), v, old)
                 committed[node.id] = env[node.id] = v
         if member == self.family.size - 1:

@@ -8,6 +8,8 @@ reason is recorded in :func:`compile_stats` and shown by ``tracer.explain()``, n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...errors import GradientError, InterventionError, execution_error
@@ -61,7 +63,8 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
         torch.is_grad_enabled(),
     )
     entry = cache.lookup(key, lambda: _build(target, cache, lowered, key, args, kwargs, family))
-    if entry.fallback is not None:
+    program, split = entry.program, entry.split
+    if entry.fallback is not None or program is None or split is None:  # (a compiled entry has both)
         return _eager(target, graph, args, kwargs, entry)
     compiled_before = len(entry.graphs)
     probes = tuple(
@@ -71,32 +74,31 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
     try:
         gates = () if family is None else family_gates(family.size, family.member, device)
         saved, output = call(cache, entry, keyed.params + probes + gates, args, kwargs)
-    except (
-        Exception
-    ) as e:  # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
+    except Exception as e:
+        # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
         record_fallback(entry, failure_reason(e))
         return _eager(target, graph, args, kwargs, entry)
     entry.calls += 1
     count_call(entry, compiled_before)
-    program = entry.program
     env = dict(zip(program.saved_ids + program.needed + program.dynamic_conds, saved))
     wanted = saved_ids(graph.nodes)
     skipped: dict = {}
-    held = None
+    held: Callable[[int], bool] | None = None
     if entry.guards:  # tracer.cond: drop what a false condition skipped (computed anyway, see Program)
         flags = {**entry.static_conds, **{c: bool(env[c]) for c in program.dynamic_conds}}
 
-        def held(nid: int) -> bool:
+        def held_by(nid: int) -> bool:
             for g, want in entry.guards.get(nid, ()):
                 if g in flags and flags[g] != want:
                     skipped[nid] = entry.cond_locs.get(g)
                     return False
             return True
 
+        held = held_by
         for nid in wanted:
             held(nid)
-    if entry.split.post:
-        _run_after_backward(entry.split, program, env, probes, lowered.params, held)
+    if split.post:
+        _run_after_backward(split, program, env, probes, lowered.params, held)
     values = {i: env[i] for i in wanted if i in env and i not in skipped}
     for i, names in entry.cache_ids.items():
         if i in values:
@@ -175,17 +177,18 @@ def _build(
     reason = next((why for n in graph.nodes if (why := UNSUPPORTED.get(n.op)) is not None), None)
     if reason is None and any(n.body for n in graph.nodes):
         reason = "nested graphs are not compiled yet"
-    split = None
-    if reason is None:
-        split, reason = split_backward(graph)
-    if reason is None:
-        try:
-            recorder = record_schedule(target, split.forward, args, kwargs)
-        except Exception as e:  # the eager run will raise the user's error, or run what fakes cannot
-            reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})"
-            reason = reason.splitlines()[0]
     if reason is not None:
         record_fallback(entry, reason)
+        return entry
+    split, reason = split_backward(graph)
+    if split is None:
+        record_fallback(entry, reason or "the backward pass cannot be split off")
+        return entry
+    try:
+        recorder = record_schedule(target, split.forward, args, kwargs)
+    except Exception as e:  # the eager run will raise the user's error, or run what fakes cannot
+        reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})"
+        record_fallback(entry, reason.splitlines()[0])
         return entry
     prewarm_inductor()
     if cache.dispatcher is None:
@@ -193,7 +196,7 @@ def _build(
     entry.split = split
     entry.probe_specs = tuple(
         (tuple(recorder.env[site].shape), recorder.env[site].dtype, recorder.env[site].device)
-        for site in sorted(split.probes, key=split.probes.get)
+        for site in sorted(split.probes, key=split.probes.__getitem__)
     )
     dynamic_conds = dynamic_conds_of(split.forward.nodes, recorder)
     if any(n.op is Op.COND for n in graph.nodes):
@@ -217,11 +220,11 @@ def _build(
         for n in graph.nodes:
             if n.op is Op.SAVE and type(n.args[0]) is Ref and n.args[0].id in caches:
                 entry.cache_ids[n.id] = caches[n.args[0].id]
-    entry.program = Program(target, split.forward, recorder.order, split, dynamic_conds, caches)
+    entry.program = program = Program(target, split.forward, recorder.order, split, dynamic_conds, caches)
     # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
     entry.regional = True
     if family is not None:
-        entry.program.set_family(family, int(family.member))
+        program.set_family(family, int(family.member))
     # static shapes: the key already holds them, and automatic-dynamic state is shared by name across copies
     entry.fn = torch.compile(fresh_entry(), fullgraph=True, dynamic=False, backend=backend_for(entry))
     return entry

@@ -12,7 +12,6 @@ and ``drain``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +29,11 @@ class Gradients:
     read-only: a run whose graph reads or sets gradients (or has steps) gets its own dicts."""
 
     # node id of a GRAD's value -> its tensor hook's handle
-    grad_hooks: Mapping[int, Any] = MappingProxyType({})
+    # read-only defaults until a run that needs them makes its own dicts
+    grad_hooks: dict[int, Any] = MappingProxyType({})  # type: ignore[assignment]
     # id(an invoke's rows of a site tensor) -> (those rows, the batch tensor, start, stop): a gradient of the
     # rows is hooked on the batch tensor, the one the model's backward actually reaches
-    row_views: Mapping[int, tuple] = MappingProxyType({})
+    row_views: dict[int, tuple] = MappingProxyType({})  # type: ignore[assignment]
     # the interpreter's
     state: dict[int, NodeState]
     env: dict[int, Any]

@@ -88,7 +88,7 @@ class _Wrap:
 
         # inspect.signature(module.forward), which transformers reads, sees the class forward's signature (less
         # `self`, as for any bound method)
-        forward.__wrapped__ = own
+        forward.__wrapped__ = own  # type: ignore[attr-defined]  # functools' convention, read by inspect
         self.forward = bound = MethodType(forward, module)
         module.__dict__["forward"] = bound
 
@@ -154,7 +154,7 @@ def _wrappable_here(mod: torch.nn.Module) -> bool:
 _plain: dict[type, bool] = {}
 
 
-def _plain_class(cls: type) -> bool:
+def _plain_class(cls: type[torch.nn.Module]) -> bool:
     """A class torch's ``_call_impl`` calls and whose ``forward`` is a plain function: not scripted, no
     ``_call_impl`` of its own, no static or other descriptor for ``forward``. Memoized per class."""
     forward = next((k.__dict__["forward"] for k in cls.__mro__ if "forward" in k.__dict__), None)
@@ -169,7 +169,7 @@ def _plain_class(cls: type) -> bool:
 
 def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
     """``module.get_submodule(path)``, walking the registered children directly when they are there."""
-    mod = module
+    mod: Any = module
     if path:
         try:
             for name in path.split("."):
@@ -201,7 +201,7 @@ def hook_modules(
     their handles to ``handles``; with ``wrap``, by a ``_Wrap`` where nothing else runs around the module
     (``wrappable``). A module registered under two names has an envoy at each, and is hooked at each: it is
     hooked, never wrapped, so its hooks run in the order they were added."""
-    wraps = {} if wrap and _may_wrap() else None  # id(module) -> its _Wrap
+    wraps: dict[int, _Wrap] | None = {} if wrap and _may_wrap() else None  # id(module) -> its _Wrap
     for path, hook_in, hook_out in hooks:
         mod = _submodule(module, path)
         if wraps is not None:

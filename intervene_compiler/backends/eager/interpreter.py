@@ -224,7 +224,7 @@ class Interpreter(ModuleEvents, Gradients):
         seen = self.seen
         waiting = False
         try:
-            for node, others in self._events[key]:
+            for node, others in self._events[key]:  # type: ignore[index]  # called only with a schedule
                 nid = node.id
                 if nid in state:  # done (or running: a nested event)
                     continue
@@ -341,7 +341,7 @@ class Interpreter(ModuleEvents, Gradients):
         env = self.env
         if op is _SAVE and type(node.args[0]) is Ref:  # every trace saves: skip resolving the arguments
             return env[node.args[0].id]
-        a = resolve(node.args, env.__getitem__, self.params.__getitem__) if node.args else ()
+        a: Any = resolve(node.args, env.__getitem__, self.params.__getitem__) if node.args else ()
         kw = (
             {k: resolve(v, env.__getitem__, self.params.__getitem__) for k, v in node.kwargs}
             if node.kwargs

@@ -225,7 +225,7 @@ def build(
     device = rows.device
     positions = [*range(length)]
     segment = [-1] * length
-    unpack = []
+    unpack: list[int] = []
     for i, p in enumerate(first):
         start = len(positions)
         unpack.extend(range(p))

@@ -112,7 +112,7 @@ class Reads:
                 return None
             op = n.op
             if op is _SITE:
-                entry = (n, [])
+                entry: tuple[Node, list[int]] = (n, [])
                 reads[n.id] = entry
                 events.setdefault(n.target.key, []).append(entry)
             elif (
@@ -159,9 +159,9 @@ def _event_schedule(graph_nodes: tuple[Node, ...]) -> dict[tuple, tuple] | None:
     instead of trying every pending node: what the general scheduler (``Interpreter.drain``) would run at that
     event, in the same order.
     """
-    waits: dict[int, frozenset] = {}
+    waits: dict[int, frozenset[tuple]] = {}
     events: dict[tuple, list] = {}
-    empty = frozenset()
+    empty: frozenset[tuple] = frozenset()
     for n in graph_nodes:
         if n.guards or n.body:
             return None

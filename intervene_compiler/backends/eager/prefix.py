@@ -14,6 +14,8 @@ Mixed into :class:`~.interpreter.Interpreter`; uses its ``target``, ``adhoc`` an
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,19 +30,21 @@ class SharedPrefix:
     sets its own when they change (``run_graph`` sets ``repeat``, ``pack_plan``, ``reuse``, ``layer_forward``)."""
 
     repeat = 0  # > 0: the forward runs on one row until the first touched event repeats it (see run_graph)
-    pack_plan = None  # (decoder layers' path, the layers) when a shared-prefix run may pack (packing.py)
+    # (decoder layers' path, the layers) when a shared-prefix run may pack (packing.py)
+    pack_plan: tuple[str, tuple[torch.nn.Module, ...]] | None = None
     pack: packing.Pack | None = None  # the packed layout while later layers run on it
     pack_handles: list | tuple = ()
     reuse: _reuse.Plan | None = None  # layers replayed from and recorded into the model's memo (reuse.py)
-    layer_forward = None  # see run_graph
+    layer_forward: Callable[..., Any] | None = None  # see run_graph
     # the interpreter's
     target: Target
     adhoc: int
 
     def _swap_layers(self, handles: list) -> None:
         """Run ``layer_forward`` instead of each decoder layer's ``forward`` (those ``reuse`` does not replay)."""
-        _, layers = self.target.decoder_layers()
-        fn = self.layer_forward
+        found, fn = self.target.decoder_layers(), self.layer_forward
+        assert found is not None and fn is not None, "layer swaps need decoder layers and a layer forward"
+        layers = found[1]
         start = 0 if self.reuse is None else self.reuse.skip + 1
         for layer in layers[start:]:
             handles.append(_reuse.Swap(layer, functools.partial(fn, layer)))
@@ -49,6 +53,7 @@ class SharedPrefix:
         """At the end of the shared prefix, or at a later touched layer's output while packed (``signature``
         given): the packed hidden state when ``path`` is a decoder layer and packing pays, else ``rows``. The
         first pack hooks every later layer (its packed mask) and the last one (unpack after it)."""
+        assert self.pack_plan is not None, "a pack starts only in a run that may pack"
         layers_path, layers = self.pack_plan
         prefix = layers_path + "."
         if (

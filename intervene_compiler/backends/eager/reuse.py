@@ -219,7 +219,7 @@ def fingerprint(module: torch.nn.Module) -> tuple | None:
         append(id(m))
         hooks, pre = d.get("_forward_hooks"), d.get("_forward_pre_hooks")
         if hooks or pre:
-            append((tuple(hooks), tuple(pre)))
+            append((tuple(hooks or ()), tuple(pre or ())))
         for table in (d.get("_parameters"), d.get("_buffers")):
             if table is None:  # not a plain nn.Module (a scripted one): unknown state
                 return None

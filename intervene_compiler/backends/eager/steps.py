@@ -34,7 +34,7 @@ class Steps:
         self.in_step = False
         self.start_in: dict[str, int] = {}
         self.start_out: dict[str, int] = {}
-        self.live: dict[int, list[Node]] = {}  # ITER id -> its running instance's body nodes
+        self.live: dict[int, tuple[Node, ...]] = {}  # ITER id -> its running instance's body nodes
         self.ran: dict[int, list[int]] = {n.id: [] for n in iters}
         for it in iters:
             for n in walk_nodes(it.body[0].nodes):
