@@ -46,7 +46,18 @@ class RunOptions:
     reuse: bool = True
     fake: bool = False
 
+    @staticmethod
+    def of(compile: bool, reuse: bool, fake: bool) -> RunOptions:
+        """The options for these flags, made once (a trace asks on every run; building a frozen dataclass costs
+        more than the lookup)."""
+        key = (bool(compile), bool(reuse), bool(fake))
+        options = _OPTIONS.get(key)
+        if options is None:
+            options = _OPTIONS[key] = RunOptions(*key)
+        return options
 
+
+_OPTIONS: dict[tuple[bool, bool, bool], RunOptions] = {}
 EAGER = RunOptions()
 
 

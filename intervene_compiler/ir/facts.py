@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelFacts:
     """Facts about the model the passes may use.
 
@@ -26,6 +26,20 @@ class ModelFacts:
 
     last_module: str | None = None
     unembedding: weakref.ref[Any] | None = None
+
+    def __post_init__(self) -> None:
+        # hashed on every trace (memo keys): once, here, while the weak reference is alive
+        object.__setattr__(self, "_hash", hash((self.last_module, self.unembedding)))
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not ModelFacts:
+            return NotImplemented
+        return self.last_module == other.last_module and self.unembedding == other.unembedding
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]  # set in __post_init__
 
 
 NO_FACTS = ModelFacts()

@@ -60,7 +60,7 @@ class Running(TracerState):
     def _execute(self, optimized: Optimized, prepared: list, target: Target, fake: bool) -> None:
         self._optimized_graph = optimized
         self.graph = optimized.graph
-        options = RunOptions(compile=self._compile, reuse=self._reuse, fake=fake)
+        options = RunOptions.of(self._compile, self._reuse, fake)
         result = execute(optimized, prepared, target, options)
         self._entry = result.explain
         self._results = result.values
