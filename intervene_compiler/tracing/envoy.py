@@ -9,6 +9,7 @@ block runs the module ad hoc on traced values (logit lens: ``model.lm_head(model
 from __future__ import annotations
 
 import difflib
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,10 @@ class ModelState:
     def __init__(self, rename: dict[str, str] | None):
         self.rename = dict(rename or {})
         self.tracers: list[Tracer] = []
+        # held by a tracing block from its first line to the end of its run (and by a session's trace while it
+        # runs): blocks on one model from several threads take turns, so no thread records into another's block
+        # or runs while another's hooks are installed. Reentrant: a block may open inside another's forward.
+        self.lock = threading.RLock()
         self.caches = ModelCaches()
         # a trace of only site reads and saves: the key of its notes -> (facts, Optimized); see Tracer._optimized
         self.simple: dict[tuple, Any] = {}

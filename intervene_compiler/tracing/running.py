@@ -52,9 +52,10 @@ class Running(TracerState):
         """Run as a session's trace: ``graph`` has the session's values bound as params (backends/session.py).
         Returns the saved values."""
         model = self.model
-        target = model._target(False)
-        optimized = optimize(model._with_edits(graph), target.facts, target.caches.optimized)
-        self._execute(optimized, prepared, target, False)
+        with self._state.lock:  # as a trace's block holds it: one run per model at a time
+            target = model._target(False)
+            optimized = optimize(model._with_edits(graph), target.facts, target.caches.optimized)
+            self._execute(optimized, prepared, target, False)
         return self._results or {}
 
     def _execute(self, optimized: Optimized, prepared: list, target: Target, fake: bool) -> None:

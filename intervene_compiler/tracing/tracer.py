@@ -125,8 +125,10 @@ class Tracer(Recording, FakeShapes, Running, Results):
 
     # -- context protocol ---------------------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
+        state = self._state
+        state.lock.acquire()  # one block at a time per model, from its first line to the end of its run
         self._token = _current.set(self)
-        self._state.tracers.append(self)  # ModelState.push
+        state.tracers.append(self)  # ModelState.push
         if self._implicit_args or self._kwargs:
             try:
                 self._implicit = invoker = Invoker(
@@ -135,10 +137,17 @@ class Tracer(Recording, FakeShapes, Running, Results):
                 self._enter_invoke(invoker)  # Invoker.__enter__
             except BaseException:
                 self._close()
+                state.lock.release()
                 raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+        try:
+            return self._exit(exc_type, exc)
+        finally:
+            self._state.lock.release()
+
+    def _exit(self, exc_type, exc) -> Literal[False]:
         try:
             if self._implicit is not None and self._invoke is not None:
                 self._exit_invoke(self._implicit)  # Invoker.__exit__
