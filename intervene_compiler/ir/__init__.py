@@ -19,7 +19,7 @@ from .nodes import (
 )
 from .printer import format_graph, format_node, format_site
 from .serialize import dumps, from_data, loads, structure_key, to_data
-from .targets import display_name, resolve_target, target_name
+from .targets import display_name, is_pure, resolve_target, target_name
 from .verifier import verify
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "format_site",
     "from_data",
     "is_mutation",
+    "is_pure",
     "loads",
     "map_args",
     "prepend",

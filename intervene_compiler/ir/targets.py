@@ -11,6 +11,7 @@ import builtins
 import importlib
 import math
 import operator
+import types
 from typing import Any
 
 import torch
@@ -91,3 +92,26 @@ def resolve_target(name: str) -> Any:
             obj = getattr(obj, attr)
         return obj
     raise ImportError(f"cannot import {name!r}")
+
+
+# top-level modules whose functions compute values and act on nothing else (their in-place variants are mutations,
+# which the IR knows apart: ``nodes.is_mutation``); this package's own callables (``keep_last_position``,
+# ``unembed_columns``) are pure too
+_PURE_MODULES = frozenset(
+    {"torch", "operator", "_operator", "math", "einops", "intervene_compiler", "builtins"}
+)
+_ACTING_BUILTINS = frozenset(
+    {"print", "setattr", "delattr", "exec", "eval", "open", "input", "next", "__import__"}
+)
+
+
+def is_pure(fn: Any) -> bool:
+    """Is calling ``fn`` known to have no effect beyond its result? A user's function or a bound method
+    (``seen.append``) is not: a CALL of it runs even when nothing reads its result, on real values only."""
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, (types.ModuleType, type)):
+        return False  # a bound method: it acts on its object
+    module = getattr(fn, "__module__", None) or getattr(type(fn), "__module__", None)
+    if not isinstance(module, str) or module.partition(".")[0] not in _PURE_MODULES:
+        return False
+    return not (module == "builtins" and getattr(fn, "__name__", None) in _ACTING_BUILTINS)

@@ -28,6 +28,7 @@ import torch
 from ..errors import InvokeError, user_location
 from ..runtime import Target
 from ..tracing import Envoy, NNsight, Tracer
+from ..tracing.model import remote_error
 
 # keyword arguments of ``tracer.invoke(text, ...)`` that go to the tokenizer; the rest go to the model's forward
 TOKENIZER_KWARGS = frozenset(
@@ -182,6 +183,7 @@ class LanguageModel(NNsight):
         scan: bool = False,
         validate: bool = False,
         compile: bool | None = None,
+        remote: bool = False,
         **generate_kwargs: Any,
     ) -> Tracer:
         """A tracing block around ``transformers``' ``generate`` (keyword arguments go to ``generate``).
@@ -199,6 +201,8 @@ class LanguageModel(NNsight):
             ...         model.transformer.h[0].output[:, -1] += steer
             ...     out = model.generator.output.save()
         """
+        if remote:
+            raise remote_error()
         compile = self._compile if compile is None else compile
         return Generator(
             self,

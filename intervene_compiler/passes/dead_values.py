@@ -1,13 +1,16 @@
-"""Dead-value elimination: keep only what feeds a save, a set, a log, a stop, a backward or a visible mutation.
+"""Dead-value elimination: keep only what feeds a save, a set, a log, a stop, a backward, a visible mutation or a
+call that may act.
 
 A mutation (setitem, in-place method, list append) is kept when the object it changes is visible: a module's
 activation, a gradient, a runtime param, or any value some kept node reads. A mutation of a value that was created
 fresh inside the graph (``ic.list()``, ``.clone()``, ``torch.zeros``) and that nothing kept reads is dead with it.
+A call of a function that is not known to be pure (``ic.apply(seen.append, h)``, a user's function: it may act
+through its arguments or the world) is kept even when nothing reads its result, as Python would run it.
 """
 
 from __future__ import annotations
 
-from ..ir import NO_FACTS, Graph, ModelFacts, Node, Op, Ref, is_mutation
+from ..ir import NO_FACTS, Graph, ModelFacts, Node, Op, Ref, is_mutation, is_pure
 from ._base import PassResult
 
 _ROOTS = frozenset({Op.SAVE, Op.SET, Op.SET_GRAD, Op.LOG, Op.STOP, Op.BACKWARD, Op.CACHE, Op.UPDATE, Op.ITER})
@@ -46,7 +49,7 @@ def eliminate_dead_values(graph: Graph, facts: ModelFacts = NO_FACTS) -> PassRes
     live: set[int] = set()
     stack: list[int] = []
     for node in graph.nodes:
-        if node.op in _ROOTS:
+        if node.op in _ROOTS or node.op is Op.CALL and not is_pure(node.target):
             stack.append(node.id)
         elif is_mutation(node):
             root = _alias_root(node, by_id)

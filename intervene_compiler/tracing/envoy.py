@@ -155,8 +155,19 @@ class Envoy:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs") or name in type(self).__dict__ or name.startswith("_"):
             object.__setattr__(self, name, value)
-        else:
-            setattr(self._module, name, value)
+            return
+        if self._state.tracers and not hasattr(self._module, name):
+            # inside a block, a new attribute on the torch module is a typo of a site far more often than intended
+            where = self._name()
+            close = difflib.get_close_matches(name, ["output", "input", "inputs"], n=1)
+            raise TracingError(
+                f"{where} ({type(self._module).__name__}) has no attribute {name!r} to set inside a tracing block",
+                user_location(),
+                f"did you mean `{where}.{close[0]}`?"
+                if close
+                else f"set the attribute on the module outside the block (`{where}.{name} = ...`)",
+            )
+        setattr(self._module, name, value)
 
     def _resolve(self, dotted: str) -> Envoy:
         envoy: Envoy = self

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InvokeError, TracingError, user_location
+from ..errors import InvokeError, SourceLoc, TracingError, user_location
 from ..ir import Graph, ModelFacts, prepend
+from ..ir.nodes import walk_nodes
 from ..runtime import Target, decoder_layers_path, unembedding_path
 from .envoy import Envoy, ModelState
 from .session import Session
@@ -59,6 +60,7 @@ class NNsight(Envoy):
         invoker_args: dict | None = None,
         compile: bool | None = None,
         reuse: bool = True,
+        remote: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Open a tracing block on ``inputs`` (the model runs when it exits).
@@ -70,6 +72,8 @@ class NNsight(Envoy):
         (``NNsight(module, compile=...)``). ``reuse=False`` neither replays nor memoizes unedited decoder layers
         (see :meth:`clear_reuse`).
         """
+        if remote:
+            raise remote_error()
         compile = self._compile if compile is None else compile
         if not trace:
             tracer = Tracer(
@@ -101,11 +105,7 @@ class NNsight(Envoy):
         for ``session.iter``, ``session.log``, ``session.exit`` and training state created inside a session.
         """
         if remote:
-            raise TracingError(
-                "remote execution is not available in this package",
-                user_location(),
-                "drop `remote=True`: the session runs on this machine",
-            )
+            raise remote_error()
         if kwargs:
             raise TypeError(f"session() got unexpected keyword arguments {sorted(kwargs)}")
         return Session(self)
@@ -133,7 +133,7 @@ class NNsight(Envoy):
 
     def clear_edits(self) -> None:
         """Remove every edit from this model."""
-        object.__setattr__(self, "_edits", None)
+        self._set_edits(())
 
     # -- hooks for subclasses ------------------------------------------------------------------------------------
     def _prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
@@ -207,8 +207,29 @@ class NNsight(Envoy):
 
     # -- edits ---------------------------------------------------------------------------------------------------
     def _add_edit(self, graph: Graph) -> None:
-        edits = self._edits
-        object.__setattr__(self, "_edits", graph if edits is None else prepend(edits, graph))
+        self._set_edits(self.__dict__.get("_edit_graphs", ()) + (graph,))
+
+    def _set_edits(self, graphs: tuple[Graph, ...]) -> None:
+        """Keep each edit's graph (``_edit_graphs``) and their concatenation, in order (``_edits``, what traces
+        get prepended; None without edits)."""
+        combined = None
+        for graph in graphs:
+            combined = graph if combined is None else prepend(combined, graph)
+        object.__setattr__(self, "_edit_graphs", graphs)
+        object.__setattr__(self, "_edits", combined)
+
+    def _drop_failed_edit(self, error: BaseException) -> SourceLoc | None:
+        """When ``error`` (raised by a trace) names a line of one of this model's edits, remove that edit, so the
+        next trace runs without it, and return the line; else None."""
+        loc = getattr(error, "loc", None)
+        graphs = self.__dict__.get("_edit_graphs", ())
+        if loc is None or not graphs:
+            return None
+        keep = tuple(g for g in graphs if all(n.loc != loc for n in walk_nodes(g.nodes)))
+        if len(keep) == len(graphs):
+            return None
+        self._set_edits(keep)
+        return loc
 
     def _with_edits(self, graph: Graph) -> Graph:
         return graph if self._edits is None else prepend(self._edits, graph)
@@ -229,6 +250,15 @@ class NNsight(Envoy):
 
     def _all_paths(self) -> list[str]:
         return [name for name, _ in self._module.named_modules()]
+
+
+def remote_error() -> TracingError:
+    """``remote=True`` is not honoured yet: say so rather than run locally."""
+    return TracingError(
+        "remote execution (`remote=True`) is not available in this package yet",
+        user_location(),
+        "drop `remote=True` to run on this machine",
+    )
 
 
 class Editor:

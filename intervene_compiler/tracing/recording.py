@@ -175,6 +175,13 @@ class Recording(Recorder, TracerState):
         )
 
     def _set_site(self, path: str, kind: SiteKind, value: Any) -> None:
+        if value is None:
+            name = "model" + ("." + path if path else "")
+            raise TracingError(
+                f"`{name}.{kind.value} = None` would replace the module's {kind.value} with nothing",
+                user_location(),
+                "set a value of the same kind (e.g. `torch.zeros_like(...)` to ablate it), or drop the line",
+            )
         call = self._call_of(path)
         self._record(Op.SET, Site(path, kind, call, self._invoke), (value,))
         for key in [k for k in self._site_cache if k[0] == path and k[2] == call]:

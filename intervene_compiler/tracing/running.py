@@ -46,7 +46,11 @@ class Running(TracerState):
         prepared = [invokers[0].inputs] if len(invokers) == 1 else [inv.inputs for inv in invokers]
         fake = self._mode == "scan"
         target = model._target(fake)
-        self._execute(self._optimized(model, target), prepared, target, fake)
+        try:
+            self._execute(self._optimized(model, target), prepared, target, fake)
+        except BaseException as e:
+            _forget_failed_edit(model, e)
+            raise
 
     def _run_bound(self, graph: Graph, prepared: list[tuple[tuple, dict]]) -> dict[int, Any]:
         """Run as a session's trace: ``graph`` has the session's values bound as params (backends/session.py).
@@ -55,7 +59,11 @@ class Running(TracerState):
         with self._state.lock:  # as a trace's block holds it: one run per model at a time
             target = model._target(False)
             optimized = optimize(model._with_edits(graph), target.facts, target.caches.optimized)
-            self._execute(optimized, prepared, target, False)
+            try:
+                self._execute(optimized, prepared, target, False)
+            except BaseException as e:
+                _forget_failed_edit(model, e)
+                raise
         return self._results or {}
 
     def _execute(self, optimized: Optimized, prepared: list, target: Target, fake: bool) -> None:
@@ -122,6 +130,20 @@ class Running(TracerState):
         self._stop_loc = None
         if error is not None and self._error is None:
             self._error = error
+
+
+def _forget_failed_edit(model: Any, error: BaseException) -> None:
+    """A run that failed in one of the model's edits (``model.edit()``) drops that edit, so it fails once, not on
+    every later trace; the error says so."""
+    if model._edits is None:
+        return
+    loc = model._drop_failed_edit(error)
+    add_note = getattr(error, "add_note", None)  # Python 3.11+
+    if loc is not None and add_note is not None:
+        add_note(
+            f"(the edit recorded at {loc.filename}:{loc.lineno} failed, so it was removed from the model: later "
+            "traces run without it; fix it and record it again with `model.edit()`)"
+        )
 
 
 # -- the pass memo, in front --------------------------------------------------------------------------------------

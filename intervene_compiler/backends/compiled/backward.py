@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...ir import Graph, Node, Op, ParamRef, Ref, is_mutation
+from ...ir import Graph, Node, Op, ParamRef, Ref, is_mutation, is_pure
 from ...ir.nodes import map_args
 
 
@@ -92,10 +92,16 @@ _GRAD_OPS = (Op.GRAD, Op.SET_GRAD, Op.BACKWARD)
 
 
 def _host_effects(graph: Graph) -> set[int]:
-    """LOG nodes, mutations of non-tensor params (Python containers) that nothing else in the graph reads, and
-    containers the trace creates (``ic.list()``) that it only changes and saves (with those changes and saves)."""
+    """LOG nodes, calls of functions that may act (not ``ir.is_pure``) whose result nothing reads, mutations of
+    non-tensor params (Python containers) that nothing else in the graph reads, and containers the trace creates
+    (``ic.list()``) that it only changes and saves (with those changes and saves)."""
     found: dict[int, int] = {}  # node id -> param index
-    logs = {n.id for n in graph.nodes if n.op is Op.LOG} | _own_containers(graph)
+    read_ids = {d for n in graph.nodes for d in n.refs}
+    logs = {
+        n.id
+        for n in graph.nodes
+        if n.op is Op.LOG or n.op is Op.CALL and n.id not in read_ids and not is_pure(n.target)
+    } | _own_containers(graph)
     for n in graph.nodes:
         if n.op is Op.METHOD and is_mutation(n) and type(n.args[0]) is ParamRef:
             if not isinstance(graph.params[n.args[0].index], torch.Tensor):

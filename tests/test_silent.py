@@ -1,0 +1,99 @@
+"""Never a silent wrong answer (issue 16): code that would do nothing, options that would be ignored, and edits
+that would be lost raise a located error or do what Python would do, eagerly and compiled alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import intervene_compiler as ic
+from intervene_compiler.errors import TracingError
+from intervene_compiler.testing import assert_clean, save_tiny_lm, tiny_mlp
+
+BOTH = [False, pytest.param(True, marks=pytest.mark.compiled)]
+
+
+@pytest.fixture
+def net():
+    return tiny_mlp()
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_a_function_applied_for_its_effect_runs(net, compile):
+    """``ic.apply(seen.append, h)`` with the result unused runs once, on the real value, as Python would."""
+    model = ic.NNsight(net)
+    x = torch.rand(1, 5)
+    seen, sums = [], []
+
+    def note(t):
+        sums.append(float(t.sum()))
+
+    with model.trace(x, compile=compile):
+        ic.apply(seen.append, model.layer1.output)
+        ic.apply(note, model.layer1.output)
+    assert len(seen) == 1 and type(seen[0]) is torch.Tensor
+    torch.testing.assert_close(seen[0], net.layer1(x))
+    assert sums == pytest.approx([float(net.layer1(x).sum())], rel=1e-5)
+    model.clear_compiled()  # the compiled backend's dispatcher hooks stay until then
+    assert_clean(net)
+
+
+@pytest.mark.parametrize("kind", ["output", "input"])
+def test_setting_a_site_to_none_is_an_error(net, kind):
+    model = ic.NNsight(net)
+    with pytest.raises(TracingError, match=f"model.layer1.{kind} = None") as info:
+        with model.trace(torch.rand(1, 5)):
+            setattr(model.layer1, kind, None)
+    assert info.value.loc is not None and info.value.loc.filename == __file__
+    with model.trace(torch.rand(1, 5)):  # the next trace works
+        out = model.output.save()
+    assert out.value.shape == (1, 2)
+    assert_clean(net)
+
+
+def test_a_misspelled_site_is_an_error_inside_a_block(net):
+    model = ic.NNsight(net)
+    with pytest.raises(TracingError, match="did you mean `model.layer1.output`"):
+        with model.trace(torch.rand(1, 5)):
+            model.layer1.ouptut = torch.zeros(1, 10)
+    assert not hasattr(net.layer1, "ouptut")
+    model.layer1.scale = 2.0  # outside a block, an attribute of the module, as torch sets it
+    assert net.layer1.scale == 2.0
+
+
+def test_remote_is_never_ignored(net, tmp_path):
+    model = ic.NNsight(net)
+    for open_block in (
+        lambda: model.trace(torch.rand(1, 5), remote=True),
+        lambda: model.session(remote=True),
+    ):
+        with pytest.raises(TracingError, match="remote=True") as info:
+            open_block()
+        assert info.value.loc is not None and info.value.loc.filename == __file__
+    lm = ic.LanguageModel(save_tiny_lm(tmp_path / "lm"))
+    with pytest.raises(TracingError, match="remote=True"):
+        lm.generate("Hello", max_new_tokens=2, remote=True)
+    with pytest.raises(TracingError, match="remote=True"):
+        lm.trace("Hello", remote=True)
+
+
+def test_a_failing_edit_leaves_no_edit_behind(net):
+    """An edit whose body fails when a trace runs it raises once, names its line, and is removed: the next trace
+    runs without it (and another, good edit stays)."""
+    model = ic.NNsight(net)
+    x = torch.rand(1, 5)
+    with model.edit(inplace=True):
+        model.layer1.output[:, 0] = 0.0  # a good edit
+    with model.edit(inplace=True):
+        model.layer1.output[:, 12] = 7.0  # the dimension has size 10
+    with pytest.raises(IndexError) as info:
+        with model.trace(x):
+            model.output.save()
+    assert info.value.loc.lineno == test_a_failing_edit_leaves_no_edit_behind.__code__.co_firstlineno + 8
+    assert any("was removed from the model" in note for note in info.value.__notes__)
+    with model.trace(x):
+        out = model.output.save()
+    h = net.layer1(x)
+    h[:, 0] = 0.0
+    torch.testing.assert_close(out.value, net.layer2(h))  # the good edit still applies
+    assert_clean(net)
