@@ -97,3 +97,117 @@ def test_a_failing_edit_leaves_no_edit_behind(net):
     h[:, 0] = 0.0
     torch.testing.assert_close(out.value, net.layer2(h))  # the good edit still applies
     assert_clean(net)
+
+
+# -- index bounds: a compiled program must never wrap an index eager indexing rejects ----------------------------
+def _raises_same(run, eager_line: int):
+    """``run(compile)`` raises the same IndexError subclass at the same line eagerly and compiled."""
+    seen = []
+    for compile in (False, True):
+        with pytest.raises(IndexError) as info:
+            run(compile)
+        seen.append((type(info.value).__name__, info.value.loc.lineno, str(info.value).splitlines()[0]))
+    assert seen[0] == seen[1], seen
+    assert seen[0][1] == eager_line
+
+
+def _line_of(fn, marker: str) -> int:
+    import inspect
+
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, text in enumerate(lines) if marker in text)
+
+
+@pytest.mark.compiled
+def test_compiled_indexing_checks_bounds_like_eager(net):
+    model = ic.NNsight(net)
+    x = torch.rand(1, 5)
+
+    def write(compile):
+        with model.trace(x, compile=compile):
+            model.layer1.output[:, 12] = 7.0  # write
+            model.layer1.output.save()
+
+    def read(compile):
+        with model.trace(x, compile=compile):
+            model.layer1.output[:, -11].save()  # read
+
+    def in_place(compile):
+        with model.trace(x, compile=compile):
+            model.layer1.output[:, 10] += 1.0  # in place
+            model.output.save()
+
+    for run, marker in ((write, "# write"), (read, "# read"), (in_place, "# in place")):
+        _raises_same(run, _line_of(run, marker))
+    for compile in (False, True):  # in range, both ends: the same values
+        with model.trace(x, compile=compile):
+            model.layer1.output[:, -10] = 3.0
+            model.layer1.output[:, 9] = 4.0
+            h = model.layer1.output.save()
+        assert h.value[0, 0] == 3.0 and h.value[0, 9] == 4.0
+    model.clear_compiled()
+    assert_clean(net)
+
+
+@pytest.mark.compiled
+def test_compiled_bounds_in_edits_and_sessions(net):
+    x = torch.rand(1, 5)
+    for compile in (False, True):
+        model = ic.NNsight(net)
+        with model.edit(inplace=True):
+            model.layer1.output[:, 11] = 1.0  # edit
+        with pytest.raises(IndexError) as info:
+            with model.trace(x, compile=compile):
+                model.output.save()
+        assert info.value.loc.lineno == _line_of(test_compiled_bounds_in_edits_and_sessions, "# edit")
+        with model.trace(x, compile=compile):  # the failed edit was removed: nothing wraps into the run
+            out = model.output.save()
+        torch.testing.assert_close(out.value, net(x))
+        with pytest.raises(IndexError) as info:
+            with model.session():
+                with model.trace(x, compile=compile):
+                    model.layer1.output[:, 20] = 0.0  # session
+        assert info.value.loc.lineno == _line_of(test_compiled_bounds_in_edits_and_sessions, "# session")
+        model.clear_compiled()
+    assert_clean(net)
+
+
+@pytest.mark.compiled
+def test_compiled_token_columns_and_generation_check_bounds(lm_dirs):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    vocab = lm.config.vocab_size
+
+    def columns(compile):
+        with lm.trace("Hello world", compile=compile):
+            (lm.lm_head.output[:, -1, vocab + 3] - lm.lm_head.output[:, -1, 0]).save()  # tokens
+
+    _raises_same(columns, _line_of(columns, "# tokens"))
+    width = lm.config.n_embd
+    for compile in (False, True):
+        with pytest.raises(IndexError) as info:
+            with lm.generate("Hello", max_new_tokens=3, compile=compile) as tracer:
+                with tracer.all():
+                    lm.transformer.h[0].output[:, :, width + 1] = 0.0  # step
+        assert info.value.loc.lineno == _line_of(
+            test_compiled_token_columns_and_generation_check_bounds, "# step"
+        )
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_a_session_that_fails_keeps_what_completed(net, compile):
+    """The session raises at its second trace; the first trace's saved value is kept (never lose a completed
+    result), and values the failed trace would have made say why they are missing."""
+    model = ic.NNsight(net)
+    x = torch.rand(1, 5)
+    with pytest.raises(IndexError):
+        with model.session():
+            with model.trace(x, compile=compile):
+                h = model.layer1.output.save()
+            with model.trace(x, compile=compile):
+                model.layer1.output[:, 30] = 1.0
+                o = model.output.save()
+    torch.testing.assert_close(h.value, net.layer1(x))
+    with pytest.raises(ic.ValueNotReadyError, match="the session raised IndexError"):
+        o.value  # noqa: B018
+    model.clear_compiled()
+    assert_clean(net)

@@ -43,15 +43,26 @@ class _Exit(Exception):
         self.loop = loop
 
 
-def run_session(graph: Graph, traces: Sequence[SessionTrace], saved: Iterable[int]) -> dict[int, Any]:
-    """Run a session's ``graph`` whose TRACE nodes run ``traces[node.target]``; return the ``saved`` values."""
+def run_session(
+    graph: Graph, traces: Sequence[SessionTrace], saved: Iterable[int], out: dict[int, Any] | None = None
+) -> dict[int, Any]:
+    """Run a session's ``graph`` whose TRACE nodes run ``traces[node.target]``; return the ``saved`` values.
+
+    ``out``, when given, receives them too, also when the run raises: what completed before the error (an
+    earlier trace's saves) is never lost.
+    """
     run = _SessionRun(traces, graph)
+    saved = set(saved)
     try:
         run.block(graph.nodes)
     except _Exit as e:
         if e.loop is not None:  # an exit of a loop that is not running: a bug, not a user error
             raise RuntimeError(f"exit of loop %{e.loop} escaped its loop") from None
-    return {nid: run.env[nid] for nid in saved if nid in run.env}
+    finally:
+        values = {nid: run.env[nid] for nid in saved if nid in run.env}
+        if out is not None:
+            out.update(values)
+    return values
 
 
 class _SessionRun:

@@ -92,7 +92,8 @@ class Session(Recorder):
         try:
             self.graph = self._build_graph()
             traces = [_SessionTrace(t, loc) for t, loc in zip(self._tracers, self._trace_locs)]
-            self._results = run_session(self.graph, traces, self._all_saved())
+            self._results = {}
+            run_session(self.graph, traces, self._all_saved(), self._results)
         except BaseException as e:
             self._finish(e)
             raise

@@ -84,6 +84,8 @@ class Entry:
     cond_locs: dict = field(default_factory=dict)
     # tracer.cache() nodes and saves of them -> entry names in the eager cache's order (CacheEntry dicts on the host)
     cache_ids: dict = field(default_factory=dict)
+    # lifted index param -> (size, dim, node id) of the dimension it indexes: checked on the host before each call
+    bounds: dict = field(default_factory=dict)
     regional: bool = False  # repeated blocks compile as nested regions (see Dispatcher.regions)
 
     def describe(self) -> list[str]:

@@ -53,7 +53,7 @@ from .entry import (
     record_fallback,
     signature,
 )
-from .lowering import lift_values
+from .lowering import check_bounds, index_bounds, lift_values
 from .predication import effective_guards, unpredicated_reason
 from .program import Program
 from .schedule import dynamic_conds_of, record_schedule
@@ -324,7 +324,7 @@ class _StepState:
         active = tuple(b for b in self.plan.bodies if b.compiled and step_matches(b.node.target, self.k))
         if not active:
             return self.forward(*args, **kwargs)
-        graph, lowered, n_inputs, structure = self._step_graph(active)
+        graph, lowered, n_inputs, structure, ints = self._step_graph(active)
         env = self.run.env
         first = len(self.plan.graph.params)
         values = tuple(env[i] for i in self.plan.inputs)
@@ -344,6 +344,8 @@ class _StepState:
             key, lambda: _build_step(shim, cache, lowered.replace(params=params), key, args, kwargs, exported)
         )
         if entry.fallback is None:
+            if ints and entry.bounds:
+                check_bounds(graph, ints, entry.bounds)
             compiled_before = len(entry.graphs)
             try:
                 saved, output = call(cache, entry, params, args, kwargs)
@@ -367,7 +369,7 @@ class _StepState:
         self.plan.results.clear()
         self.plan.results.update(values)
 
-    def _step_graph(self, active: tuple[_Body, ...]) -> tuple[Graph, Graph, int, tuple]:
+    def _step_graph(self, active: tuple[_Body, ...]) -> tuple[Graph, Graph, int, tuple, list]:
         """The flat graph of the active bodies' compiled parts (absolute sites, outer values as params)."""
         key = tuple(b.node.id for b in active)
         got = self.plan.step_graphs.get(key)
@@ -405,8 +407,9 @@ class _StepState:
         graph = plan.graph.replace(
             nodes=tuple(flat), params=plan.graph.params + placeholders, kind="trace", needs_output=True
         )
-        lowered = lift_values(graph, model_device(self.target.module))
-        got = (graph, lowered, len(plan.inputs), structure_tuple(lowered))
+        ints: list = []
+        lowered = lift_values(graph, model_device(self.target.module), ints)
+        got = (graph, lowered, len(plan.inputs), structure_tuple(lowered), ints)
         plan.step_graphs[key] = got
         return got
 
@@ -430,6 +433,7 @@ def _build_step(
     if why is not None:
         record_fallback(entry, why, "generate step: ")
         return entry
+    entry.bounds = index_bounds(graph, recorder.env, shim)
     entry.program = Program(shim, graph, recorder.order, split, dynamic_conds)
     entry.fn = torch.compile(fresh_entry(), fullgraph=True, dynamic=False, backend=backend_for(entry))
     return entry

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ...ir import Graph, Node, Op, ParamRef, Site
+from ...errors import execution_error
+from ...ir import Graph, Node, Op, ParamRef, Ref, Site, format_node
 
 _ARITHMETIC = frozenset(
     {
@@ -67,14 +68,21 @@ def apply_writes(x: torch.Tensor, writes: tuple) -> torch.Tensor:
     return x
 
 
-def lift_values(graph: Graph, device: torch.device | None = None) -> Graph:
+def lift_values(graph: Graph, device: torch.device | None = None, ints: list | None = None) -> Graph:
     """Return ``graph`` with index ints and arithmetic float operands turned into tensor params (on ``device``,
-    the model's: an index on the CPU cannot index a CUDA activation)."""
+    the model's: an index on the CPU cannot index a CUDA activation).
+
+    ``ints``, when given, gets ``(param index, value)`` for every lifted index (an int, or a tuple of token ids):
+    the host checks them against the indexed dimension before each compiled call (:func:`index_bounds`), since
+    :func:`take` and :func:`put` wrap an index where eager indexing raises.
+    """
     params = list(graph.params)
     move = device is not None and device.type != "cpu"
 
-    def new_param(value: torch.Tensor) -> ParamRef:
+    def new_param(value: torch.Tensor, host: Any = None) -> ParamRef:
         params.append(value.to(device) if move else value)
+        if ints is not None and host is not None:
+            ints.append((len(params) - 1, host))
         return ParamRef(len(params) - 1)
 
     nodes = []
@@ -112,7 +120,8 @@ def _lift_node(node: Node, new_param) -> Node:
         x, index = node.args
         tokens = index[2]
         one = type(tokens) is int
-        lifted = new_param(torch.tensor([tokens] if one else list(tokens), dtype=torch.long))
+        picked = (tokens,) if one else tuple(tokens)
+        lifted = new_param(torch.tensor(list(picked), dtype=torch.long), picked)
         return replace(node, args=(x, (index[0], -1, None), lifted, one))
     elif op is Op.CALL and node.target in _ARITHMETIC:
         args = tuple(_lift_float(a, new_param) for a in node.args)
@@ -142,9 +151,75 @@ def _literal_slice(s: slice) -> bool:
 def _lift_index(index: Any, positions: tuple[int, ...], new_param) -> tuple[tuple, tuple[int, ...]]:
     items = index if type(index) is tuple else (index,)
     lifted = tuple(
-        new_param(torch.tensor([v], dtype=torch.long)) if i in positions else v for i, v in enumerate(items)
+        new_param(torch.tensor([v], dtype=torch.long), v) if i in positions else v
+        for i, v in enumerate(items)
     )
     return lifted, positions
+
+
+def index_bounds(graph: Graph, env: dict, target: Any) -> dict[int, tuple[int, int, int]]:
+    """For each lifted index param of ``graph`` (lowered): ``(size, dim, node id)`` of the dimension it indexes,
+    read from the schedule's fake values ``env`` (shapes are fixed for a compiled entry). A node the schedule did
+    not run (a false condition on a Python value) has none: eager mode does not run it either."""
+    bounds: dict[int, tuple[int, int, int]] = {}
+
+    def note(base: Any, index: tuple, positions: tuple[int, ...], nid: int) -> None:
+        shape = _shape_of(base, env, graph.params)
+        if shape is None:
+            return
+        for pos in positions:
+            p = index[pos]
+            if type(p) is ParamRef and pos < len(shape):
+                bounds[p.index] = (int(shape[pos]), pos, nid)
+
+    for node in graph.nodes:
+        if node.op is not Op.CALL:
+            continue
+        fn = node.target
+        if fn is take or fn is put:
+            note(node.args[0], node.args[1], node.args[2], node.id)
+        elif fn is apply_writes:
+            for index, positions, _ in node.args[1]:
+                if positions:
+                    note(node.args[0], index, positions, node.id)
+        elif getattr(fn, "lifts_tokens", False) is True and type(node.args[2]) is ParamRef:
+            linear = fn.ref()
+            if linear is not None:
+                bounds[node.args[2].index] = (int(linear.out_features), 0, node.id)
+    return bounds
+
+
+def _shape_of(value: Any, env: dict, params: tuple) -> tuple | None:
+    if type(value) is Ref:
+        value = env.get(value.id)
+    elif type(value) is ParamRef:
+        value = params[value.index]
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def check_bounds(graph: Graph, ints: list, bounds: dict[int, tuple[int, int, int]]) -> None:
+    """Raise, before a compiled call, the IndexError eager indexing raises for a lifted index outside its dimension
+    (the compiled take/put would wrap it), at the same user line and with the same type."""
+    bad = out_of_bounds(ints, bounds)
+    if bad is None:
+        return
+    nid, message = bad
+    node = next(n for n in graph.nodes if n.id == nid)
+    error = IndexError(message)
+    raise execution_error(error, node.loc, format_node(node)) from error
+
+
+def out_of_bounds(ints: list, bounds: dict[int, tuple[int, int, int]]) -> tuple[int, str] | None:
+    """The first lifted index outside its dimension: ``(node id, the message eager indexing gives)``, else None."""
+    for index, value in ints:
+        bound = bounds.get(index)
+        if bound is None:
+            continue
+        size, dim, nid = bound
+        for v in value if type(value) is tuple else (value,):
+            if not -size <= v < size:
+                return nid, f"index {v} is out of bounds for dimension {dim} with size {size}"
+    return None
 
 
 def _lift_float(value: Any, new_param) -> Any:

@@ -35,7 +35,7 @@ from .entry import (
     signature,
 )
 from .grad_edits import GradEdits
-from .lowering import lift_family, lift_values
+from .lowering import check_bounds, index_bounds, lift_family, lift_values
 from .predication import effective_guards, unpredicated_reason
 from .program import Program, family_gates
 from .schedule import dynamic_conds_of, record_schedule
@@ -45,7 +45,8 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
     cache = cache_of(target)
     device = model_device(target.module)
-    lowered = lift_values(graph, device)
+    ints: list = []
+    lowered = lift_values(graph, device, ints)
     keyed, family = lift_family(lowered, target.module, device)  # a ModuleList member index becomes an input
     structure = structure_tuple(keyed)
     # a property of the structure and which params are tensors: found once, not per call
@@ -66,6 +67,8 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
     program, split = entry.program, entry.split
     if entry.fallback is not None or program is None or split is None:  # (a compiled entry has both)
         return _eager(target, graph, args, kwargs, entry)
+    if ints and entry.bounds:
+        check_bounds(graph, ints, entry.bounds)
     compiled_before = len(entry.graphs)
     probes = tuple(
         torch.zeros(shape, dtype=dtype, device=where, requires_grad=True)
@@ -220,6 +223,7 @@ def _build(
         for n in graph.nodes:
             if n.op is Op.SAVE and type(n.args[0]) is Ref and n.args[0].id in caches:
                 entry.cache_ids[n.id] = caches[n.args[0].id]
+    entry.bounds = index_bounds(graph, recorder.env, target)
     entry.program = program = Program(target, split.forward, recorder.order, split, dynamic_conds, caches)
     # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
     entry.regional = True
