@@ -211,3 +211,25 @@ def test_a_session_that_fails_keeps_what_completed(net, compile):
         o.value  # noqa: B018
     model.clear_compiled()
     assert_clean(net)
+
+
+@pytest.mark.parametrize("compile", BOTH)
+@pytest.mark.parametrize("saved", [False, True])
+def test_an_edit_from_a_later_module_is_an_error(net, compile, saved):
+    """``layer1.output[:, :2] = layer2.output``: layer2 runs after layer1, so the model could never see the edit.
+    Eager and compiled raise at that line (before: lost silently in compiled mode, and in eager mode once the edited
+    value was also saved, which then showed an edit the model never saw)."""
+    model = ic.NNsight(net)
+    x = torch.rand(1, 5)
+    with pytest.raises(ic.InterventionError, match="model.layer1") as info:
+        with model.trace(x, compile=compile):
+            model.layer1.output[:, :2] = model.layer2.output  # late
+            if saved:
+                model.layer1.output.save()
+            model.output.save()
+    assert info.value.loc.lineno == _line_of(test_an_edit_from_a_later_module_is_an_error, "# late")
+    with model.trace(x):  # the next trace works
+        out = model.output.save()
+    torch.testing.assert_close(out.value, net(x))
+    model.clear_compiled()
+    assert_clean(net)

@@ -61,6 +61,7 @@ def test_threads_tracing_one_model_get_their_own_values():
 def test_threads_tracing_one_model_compiled_get_their_own_values():
     net = tiny_mlp()
     model = ic.NNsight(net)
+    ic.reset_compile_stats()
     errors, wrong = _hammer(model, net, threads=4, traces=150, compile=True)
     assert errors == [] and wrong == []
     assert ic.compile_stats()["fallbacks"] == 0

@@ -414,7 +414,10 @@ def is_mutation(node: Node) -> bool:
         name = node.target
         return name in MUTATING_METHODS or (name.endswith("_") and not name.endswith("__"))
     if op is _CALL:
-        name = getattr(node.target, "__name__", "")
+        target = node.target
+        if getattr(target, "mutates_first_argument", False) is True:  # a lowering's in-place write (put, ...)
+            return True
+        name = getattr(target, "__name__", "")
         return name.startswith("__i") and name.endswith("__") or name.startswith("i") and name in _INPLACE_OPS
     return False
 

@@ -68,6 +68,11 @@ def apply_writes(x: torch.Tensor, writes: tuple) -> torch.Tensor:
     return x
 
 
+# what the IR's ``is_mutation`` reads: these write into their first argument (a site's value, in place)
+put.mutates_first_argument = True  # type: ignore[attr-defined]
+apply_writes.mutates_first_argument = True  # type: ignore[attr-defined]
+
+
 def lift_values(graph: Graph, device: torch.device | None = None, ints: list | None = None) -> Graph:
     """Return ``graph`` with index ints and arithmetic float operands turned into tensor params (on ``device``,
     the model's: an index on the CPU cannot index a CUDA activation).

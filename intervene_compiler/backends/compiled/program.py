@@ -27,7 +27,7 @@ from ..eager import EarlyStop, Interpreter
 from .backward import BackwardSplit
 from .codegen import straight_line
 from .grad_edits import grad_edit
-from .lowering import apply_writes, put, take
+from .lowering import put, take
 from .predication import UNPREDICATED, effective_guards, select, tree_zip_strict
 from .schedule import AFTER, BEFORE
 
@@ -404,8 +404,8 @@ def family_gates(size: int, member: int, device: torch.device | None = None) -> 
 
 
 def is_mutation_node(node: Node) -> bool:
-    """``is_mutation``, and the lowering's in-place writes (a lifted SETITEM / fused UPDATE)."""
-    return is_mutation(node) or node.op is Op.CALL and (node.target is put or node.target is apply_writes)
+    """``is_mutation``: the lowering's in-place writes (a lifted SETITEM / fused UPDATE) say they are one."""
+    return is_mutation(node)
 
 
 def _tree_map(fn, value: Any) -> Any:

@@ -208,6 +208,9 @@ class Interpreter(ModuleEvents, Gradients):
             for nid in self.site_nodes[key]:
                 if nid in nodes and state.get(nid) is None:
                     self._site_not_ready(nodes[nid])
+            edits = self._plan.site_edits.get(key)
+            if edits:
+                self._check_edits(key, edits)
         finally:
             self.active.pop(key, None)
         self.seen.add(key)
@@ -254,10 +257,33 @@ class Interpreter(ModuleEvents, Gradients):
                 for nid in self.site_nodes[key]:
                     if state.get(nid) is None:
                         self._site_not_ready(self.nodes[nid])
+                edits = self._plan.site_edits.get(key)
+                if edits:
+                    self._check_edits(key, edits)
         finally:
             active.pop(key, None)
         seen.add(key)
         return current.pop(key)
+
+    def _check_edits(self, key: tuple, edits: list[int]) -> None:
+        """An in-place edit of this event's site value still waiting when the event ends would change it after the
+        module ran: the model would never see it (eager mode used to apply it silently to the saved value)."""
+        state = self.state
+        nodes = self.nodes
+        for nid in edits:
+            if nid in nodes and state.get(nid) is None:
+                node = nodes[nid]
+                waiting = [d for d in node.deps if state.get(d) not in (_DONE, _SKIPPED)]
+                culprit = nodes.get(waiting[0]) if waiting else None
+                detail = f" (it waits for {format_node(culprit)})" if culprit is not None else ""
+                name = "model" + ("." + key[0] if key[0] else "")
+                raise InterventionError(
+                    f"this edit of {name}'s {'output' if key[1] is SiteKind.OUTPUT else 'input'} uses a value the forward "
+                    f"pass computes after that module runs{detail}, so the model would never see it",
+                    node.loc,
+                    "edit a module's input or output only with values computed before it (earlier modules, "
+                    "values from another trace or invoke)",
+                )
 
     def _site_not_ready(self, node: Node) -> None:
         waiting = [d for d in node.deps if self.state.get(d) not in (_DONE, _SKIPPED)]

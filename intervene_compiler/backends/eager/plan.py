@@ -11,7 +11,7 @@ interpreter and the reads-only path) start from it.
 
 from __future__ import annotations
 
-from ...ir import Node, Op, Ref, SiteKind, saved_ids
+from ...ir import Node, Op, Ref, SiteKind, is_mutation, saved_ids
 from ...ir.nodes import walk_nodes
 
 # hot paths compare ops with these module constants: ``Op.SITE`` is a (slow) enum class attribute lookup
@@ -46,6 +46,7 @@ class GraphPlan:
         "idle_before_forward",
         "events",
         "reads",
+        "site_edits",
     )
 
     def __init__(self, graph_nodes: tuple[Node, ...]):
@@ -67,6 +68,10 @@ class GraphPlan:
                 self.site_keys[n.id] = n.target.key
             elif n.op in _GRAD_OPS:
                 self.site_keys[n.id] = ("grad", n.args[0].id)
+        # event key -> in-place edits of that site's value (``out[:, 0] = v`` kept apart from the site by a reader,
+        # not fused into an UPDATE): like a site node, each must run during its site's event, or the model never
+        # sees it (a value computed later, by a later module); ``visit`` checks them when the event ends
+        self.site_edits = site_edits(graph_nodes)
         # (path, hook its inputs, hook its outputs) per module the graph touches, in path order
         self.hooks = hook_paths(self.site_nodes)
         self.saved = tuple(sorted(set(saved_ids(graph_nodes))))
@@ -185,6 +190,51 @@ def _event_schedule(graph_nodes: tuple[Node, ...]) -> dict[tuple, tuple] | None:
 
 
 _NEVER = frozenset({object()})  # `others` of a node that cannot run at that event
+
+
+# methods that return a view of their receiver: an in-place edit through one edits the receiver
+_VIEW_METHODS = frozenset(
+    {
+        "view",
+        "view_as",
+        "narrow",
+        "select",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "t",
+        "T",
+    }
+)
+
+
+def site_edits(graph_nodes: tuple[Node, ...]) -> dict[tuple, list[int]]:
+    """Event key -> ids of the in-place edits (setitems, in-place methods) of that site's value or a view of it."""
+    by_id = {n.id: n for n in graph_nodes}
+    out: dict[tuple, list[int]] = {}
+    for n in graph_nodes:
+        if n.op is Op.UPDATE or not is_mutation(n) or not n.args:
+            continue
+        obj = n.args[0]
+        while type(obj) is Ref:
+            base = by_id.get(obj.id)
+            if base is None:
+                break
+            if base.op is _SITE:
+                out.setdefault(base.target.key, []).append(n.id)
+                break
+            if (
+                base.op is Op.GETITEM
+                or base.op is Op.GETATTR
+                or base.op is Op.METHOD
+                and base.target in _VIEW_METHODS
+            ):
+                obj = base.args[0] if base.args else None
+            else:
+                break
+    return out
 
 
 def hook_paths(site_nodes: dict) -> tuple[tuple[str, bool, bool], ...]:
