@@ -388,3 +388,21 @@ def test_an_input_that_requires_grad_keeps_its_history():
         (grad,) = torch.autograd.grad(out.value.sum(), embeds)
         grads.append(grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_a_language_model_replays_layers(lm_dirs):
+    """A LanguageModel's added ``generator`` module takes the model's mode: it used to be in training mode, which
+    turned reuse off for every LanguageModel ("module generator is in training mode")."""
+    lm = LanguageModel(lm_dirs["gpt2"])
+    assert not lm._model.generator.training
+    with torch.no_grad():
+        for _ in range(2):
+            with lm.trace("Hello world, this is") as tracer:
+                lm.transformer.h[1].output[:, -1] = 0
+                logits = lm.lm_head.output[:, -1].save()
+        text = tracer.explain(file=io.StringIO())
+        with lm.trace("Hello world, this is", reuse=False):
+            lm.transformer.h[1].output[:, -1] = 0
+            reference = lm.lm_head.output[:, -1].save()
+    assert "replayed decoder layers 0-1" in text
+    assert torch.equal(logits.value, reference.value)

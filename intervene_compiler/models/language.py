@@ -343,7 +343,8 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
 
 def _add_generator(module: torch.nn.Module) -> None:
     if not isinstance(getattr(module, "generator", None), WrapperModule):
-        module.add_module("generator", WrapperModule())
+        # in the model's mode: a new module trains by default, and a training module anywhere turns off reuse
+        module.add_module("generator", WrapperModule().train(module.training))
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:
