@@ -8,6 +8,7 @@ paths need. Nothing here knows about envoys, tracers or proxies.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,9 +29,8 @@ class ModelCaches:
         self.optimized: dict[Any, Any] = {}  # pipeline.optimize's memo: structure and facts -> pass results
         self.plans: dict[int, tuple[Any, Any]] = {}  # the eager runner's plans: id(nodes) -> (nodes, plan)
         self.compiled: Any = None  # the compiled backend's CompileCache, made on its first use
-        self.reuse_memo: Any = (
-            None  # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
-        )
+        # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
+        self.reuse_memo: Any = None
 
     def clear_compiled(self) -> None:
         """Drop the compiled programs and the compiled backend's dispatcher hooks."""
@@ -87,13 +87,6 @@ class Target:
 
     def with_forward(self, forward: Callable[..., Any]) -> Target:
         """This target, called through ``forward`` instead (a compiled generation step runs the root's own)."""
-        return Target(
-            self.module,
-            forward,
-            self.caches,
-            self.batch,
-            self.facts,
-            self.layers,
-            self.shares_prefix,
-            self.generating,
-        )
+        other = copy.copy(self)
+        other.forward = forward
+        return other

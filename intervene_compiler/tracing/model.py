@@ -42,7 +42,7 @@ class NNsight(Envoy):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
         super().__init__(module, "", ModelState(rename))
-        object.__setattr__(self, "_edits", None)
+        self._set_edits(())
         object.__setattr__(self, "_compile", bool(compile))
         object.__setattr__(self, "_target_memo", None)
 
@@ -207,7 +207,7 @@ class NNsight(Envoy):
 
     # -- edits ---------------------------------------------------------------------------------------------------
     def _add_edit(self, graph: Graph) -> None:
-        self._set_edits(self.__dict__.get("_edit_graphs", ()) + (graph,))
+        self._set_edits(self._edit_graphs + (graph,))
 
     def _set_edits(self, graphs: tuple[Graph, ...]) -> None:
         """Keep each edit's graph (``_edit_graphs``) and their concatenation, in order (``_edits``, what traces
@@ -222,7 +222,7 @@ class NNsight(Envoy):
         """When ``error`` (raised by a trace) names a line of one of this model's edits, remove that edit, so the
         next trace runs without it, and return the line; else None."""
         loc = getattr(error, "loc", None)
-        graphs = self.__dict__.get("_edit_graphs", ())
+        graphs = self._edit_graphs
         if loc is None or not graphs:
             return None
         keep = tuple(g for g in graphs if all(n.loc != loc for n in walk_nodes(g.nodes)))

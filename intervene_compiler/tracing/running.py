@@ -46,11 +46,7 @@ class Running(TracerState):
         prepared = [invokers[0].inputs] if len(invokers) == 1 else [inv.inputs for inv in invokers]
         fake = self._mode == "scan"
         target = model._target(fake)
-        try:
-            self._execute(self._optimized(model, target), prepared, target, fake)
-        except BaseException as e:
-            _forget_failed_edit(model, e)
-            raise
+        self._execute(self._optimized(model, target), prepared, target, fake)
 
     def _run_bound(self, graph: Graph, prepared: list[tuple[tuple, dict]]) -> dict[int, Any]:
         """Run as a session's trace: ``graph`` has the session's values bound as params (backends/session.py).
@@ -59,18 +55,18 @@ class Running(TracerState):
         with self._state.lock:  # as a trace's block holds it: one run per model at a time
             target = model._target(False)
             optimized = optimize(model._with_edits(graph), target.facts, target.caches.optimized)
-            try:
-                self._execute(optimized, prepared, target, False)
-            except BaseException as e:
-                _forget_failed_edit(model, e)
-                raise
+            self._execute(optimized, prepared, target, False)
         return self._results or {}
 
     def _execute(self, optimized: Optimized, prepared: list, target: Target, fake: bool) -> None:
         self._optimized_graph = optimized
         self.graph = optimized.graph
         options = RunOptions.of(self._compile, self._reuse, fake)
-        result = execute(optimized, prepared, target, options)
+        try:
+            result = execute(optimized, prepared, target, options)
+        except BaseException as e:
+            _forget_failed_edit(self.model, e)
+            raise
         self._entry = result.explain
         self._results = result.values
         self._stop_loc = result.stop_loc

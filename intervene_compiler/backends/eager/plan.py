@@ -205,7 +205,6 @@ _VIEW_METHODS = frozenset(
         "squeeze",
         "expand",
         "t",
-        "T",
     }
 )
 
