@@ -122,6 +122,7 @@ def _line_of(fn, marker: str) -> int:
 def test_compiled_indexing_checks_bounds_like_eager(net):
     model = ic.NNsight(net)
     x = torch.rand(1, 5)
+    ic.reset_compile_stats()
 
     def write(compile):
         with model.trace(x, compile=compile):
@@ -145,6 +146,8 @@ def test_compiled_indexing_checks_bounds_like_eager(net):
             model.layer1.output[:, 9] = 4.0
             h = model.layer1.output.save()
         assert h.value[0, 0] == 3.0 and h.value[0, 9] == 4.0
+    stats = ic.compile_stats()  # the compiled runs compiled: the error came from the bounds check, not a fallback
+    assert stats["fallbacks"] == 0 and stats["compiles"] >= 1
     model.clear_compiled()
     assert_clean(net)
 
@@ -176,6 +179,7 @@ def test_compiled_bounds_in_edits_and_sessions(net):
 def test_compiled_token_columns_and_generation_check_bounds(lm_dirs):
     lm = ic.LanguageModel(lm_dirs["gpt2"])
     vocab = lm.config.vocab_size
+    ic.reset_compile_stats()
 
     def columns(compile):
         with lm.trace("Hello world", compile=compile):
@@ -191,6 +195,7 @@ def test_compiled_token_columns_and_generation_check_bounds(lm_dirs):
         assert info.value.loc.lineno == _line_of(
             test_compiled_token_columns_and_generation_check_bounds, "# step"
         )
+    assert ic.compile_stats()["fallbacks"] == 0  # both checks came from compiled programs, not eager fallbacks
 
 
 @pytest.mark.parametrize("compile", BOTH)
