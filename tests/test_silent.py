@@ -146,7 +146,9 @@ def test_compiled_indexing_checks_bounds_like_eager(net):
             model.layer1.output[:, 9] = 4.0
             h = model.layer1.output.save()
         assert h.value[0, 0] == 3.0 and h.value[0, 9] == 4.0
-    stats = ic.compile_stats()  # the compiled runs compiled: the error came from the bounds check, not a fallback
+    stats = (
+        ic.compile_stats()
+    )  # the compiled runs compiled: the error came from the bounds check, not a fallback
     assert stats["fallbacks"] == 0 and stats["compiles"] >= 1
     model.clear_compiled()
     assert_clean(net)
@@ -195,7 +197,9 @@ def test_compiled_token_columns_and_generation_check_bounds(lm_dirs):
         assert info.value.loc.lineno == _line_of(
             test_compiled_token_columns_and_generation_check_bounds, "# step"
         )
-    assert ic.compile_stats()["fallbacks"] == 0  # both checks came from compiled programs, not eager fallbacks
+    assert (
+        ic.compile_stats()["fallbacks"] == 0
+    )  # both checks came from compiled programs, not eager fallbacks
 
 
 @pytest.mark.parametrize("compile", BOTH)
