@@ -186,6 +186,13 @@ class PassError(InterventionError, RuntimeError):
     """An optimization pass raised: a bug in the pass (the graph is the user's, the failure is ours)."""
 
 
+def add_note(error: BaseException, text: str) -> None:
+    """``error.add_note(text)`` where Python has it (3.11+; the package runs on 3.10 too, without the note)."""
+    note = getattr(error, "add_note", None)
+    if note is not None:
+        note(text)
+
+
 def check_set_shape(old: Any, new: Any, loc: SourceLoc | None, what: Any) -> None:
     """Raise SetShapeError when a tensor replaces a tensor of another shape (0-d values broadcast).
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from ..errors import InterventionError, SourceLoc, execution_error
+from ..errors import InterventionError, SourceLoc, add_note, execution_error
 from ..ir import Graph, InvokeRows, Node, Op, ParamRef, Ref, format_node
 from ..ir.nodes import map_args, walk_nodes
 from ..runtime import VALUE_OPS, resolve
@@ -152,9 +152,8 @@ class _SessionRun:
             results = trace.run(graph, prepared)
         except BaseException as e:
             loc = trace.loc
-            add_note = getattr(e, "add_note", None)  # Python 3.11+
-            if loc is not None and add_note is not None:
-                add_note(f"(in the session's trace opened at {loc.filename}:{loc.lineno})")
+            if loc is not None:
+                add_note(e, f"(in the session's trace opened at {loc.filename}:{loc.lineno})")
             raise
         for nid, value in results.items():
             self.env[nid + base] = value

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvokeError
+from ..errors import InvokeError, add_note
 from ..execute import RunOptions, execute
 from ..ir import Graph, InvokeRows, ModelFacts
 from ..pipeline import Optimized, optimize
@@ -134,11 +134,11 @@ def _forget_failed_edit(model: Any, error: BaseException) -> None:
     if model._edits is None:
         return
     loc = model._drop_failed_edit(error)
-    add_note = getattr(error, "add_note", None)  # Python 3.11+
-    if loc is not None and add_note is not None:
+    if loc is not None:
         add_note(
+            error,
             f"(the edit recorded at {loc.filename}:{loc.lineno} failed, so it was removed from the model: later "
-            "traces run without it; fix it and record it again with `model.edit()`)"
+            "traces run without it; fix it and record it again with `model.edit()`)",
         )
 
 
