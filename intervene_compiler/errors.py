@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # where this package's own frames are
 
 
 def _module_dir(name: str) -> str | None:
@@ -34,7 +34,7 @@ def _skipped() -> tuple[str, ...]:
     """Directories whose frames are never the user's line: ours, torch's python wrappers, einops."""
     global _skip_prefixes
     if _skip_prefixes is None:
-        dirs = [_PACKAGE_DIR, os.path.dirname(os.__file__) + os.sep + "contextlib.py"]
+        dirs = [PACKAGE_DIR, os.path.dirname(os.__file__) + os.sep + "contextlib.py"]
         dirs += [d for d in (_module_dir("torch"), _module_dir("einops")) if d]
         _skip_prefixes = tuple(dirs)
     return _skip_prefixes
@@ -158,6 +158,16 @@ class SetShapeError(InterventionError, ValueError):
     """A value set into a module's input or output does not have the shape of what it replaces."""
 
 
+class SetValueError(InterventionError, TypeError):
+    """A value set into a module's input or output that cannot stand in for what it replaces: not a tensor, a
+    tensor of another kind (integer for floating point), or a tensor without data (on the meta device)."""
+
+
+class InputError(InterventionError, ValueError):
+    """An input the model cannot run on: no tokens, token ids outside the vocabulary or past the model's
+    positions, generate arguments that ask for nothing. Checked before the model runs, in every mode."""
+
+
 class GradientError(InterventionError, RuntimeError):
     """``.grad`` read or set where no backward pass produces it."""
 
@@ -208,6 +218,47 @@ def check_set_shape(old: Any, new: Any, loc: SourceLoc | None, what: Any) -> Non
             )
 
 
+def check_set_value(old: Any, new: Any, loc: SourceLoc | None, what: Any) -> None:
+    """Raise SetValueError or SetShapeError when ``new`` cannot replace the tensor ``old`` at a site.
+
+    The rule (the same eager and compiled): a set value must be a tensor (Python numbers are filled in by the
+    caller, ``runtime.rows``) of ``old``'s shape (0-d tensors broadcast) and of its kind; a floating-point value of
+    another precision is cast to ``old``'s dtype and a value on another device is moved to ``old``'s, as
+    ``old[...] = new`` would do (``rows.conform``). Only tensors are checked: other sites take any value.
+    """
+    if not isinstance(old, torch.Tensor):
+        return
+    if not isinstance(new, torch.Tensor):
+        raise SetValueError(
+            f"the value set into {what} is a {type(new).__name__}, but the value it replaces is a tensor",
+            loc,
+            "set a tensor (for a constant, a number or `torch.full_like(value, c)`), or edit it in place: "
+            "`out[:] = ...`",
+        )
+    if new.is_meta and not old.is_meta:
+        raise SetValueError(
+            f"the value set into {what} is on the meta device: it has a shape but no data",
+            loc,
+            "set a tensor with data (built on the model's device, or moved there with `.to(device)`)",
+        )
+    if new.dtype != old.dtype and _kind(new.dtype) != _kind(old.dtype):
+        raise SetValueError(
+            f"the value set into {what} has dtype {str(new.dtype).removeprefix('torch.')}, but the value it "
+            f"replaces has dtype {str(old.dtype).removeprefix('torch.')}",
+            loc,
+            f"convert it first: `.to({old.dtype})` (floating-point values of another precision are cast for you)",
+        )
+    check_set_shape(old, new, loc, what)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype is torch.bool else "int"
+
+
 def missed_site_error(what: str, loc: SourceLoc | None, detail: str) -> MissedSiteError:
     """The error for a module input or output (``what``, e.g. ``model.layer1.output``) the run never produced."""
     return MissedSiteError(
@@ -225,9 +276,43 @@ def execution_error(original: BaseException, loc: SourceLoc | None, what: str) -
 
     ``except IndexError`` still catches the wrapped error; the original is chained as ``__cause__``.
     """
-    base = type(original)
     if isinstance(original, InterventionError):
         return original
+    hint = (
+        "index within the value's shape (`.shape` inside the block shows it)"
+        if isinstance(original, IndexError)
+        else "fix the operation on this line (the original exception is chained as `__cause__`)"
+    )
+    return _wrapped(original, f"{type(original).__name__}: {original} (while running {what})", loc, hint)
+
+
+def model_error(original: BaseException, loc: SourceLoc | None, meta: bool = False) -> BaseException:
+    """Wrap an exception the model's own code raised while running a trace (not one of the user's operations):
+    the error names the line whose input it ran on (the ``with`` of the trace), keeping the original's type as a
+    base. ``meta``: the model has weights on the meta device (never loaded), the likely cause."""
+    if isinstance(original, InterventionError):
+        return original
+    if meta:
+        message = (
+            f"the model's weights are on the meta device (never loaded), so it cannot run: "
+            f"{type(original).__name__}: {original}"
+        )
+        hint = (
+            "load the weights before tracing (a `LanguageModel` loads them on its first trace, or with "
+            "`dispatch=True`; a plain module needs `to_empty(device=...)` and `load_state_dict`)"
+        )
+    else:
+        message = f"the model raised {type(original).__name__} while running the input given here: {original}"
+        hint = (
+            "check that the input is what the model's forward takes (type, shape, dtype, device), and any value "
+            "set into the model (the original exception is chained as `__cause__`)"
+        )
+    return _wrapped(original, message, loc, hint)
+
+
+def _wrapped(original: BaseException, message: str, loc: SourceLoc | None, hint: str) -> BaseException:
+    """An InterventionError that is also an instance of ``original``'s type (a class made once per type)."""
+    base = type(original)
     cls: type[InterventionError] | None = _wrapped_types.get(base)
     if cls is None:
         try:
@@ -237,12 +322,6 @@ def execution_error(original: BaseException, loc: SourceLoc | None, what: str) -
         except TypeError:  # layout conflict with some C exception types
             cls = InterventionError
         _wrapped_types[base] = cls
-    message = f"{base.__name__}: {original} (while running {what})"
-    hint = (
-        "index within the value's shape (`.shape` inside the block shows it)"
-        if isinstance(original, IndexError)
-        else "fix the operation on this line (the original exception is chained as `__cause__`)"
-    )
     try:
         err = cls(message, loc, hint)
     except TypeError:  # the original's __init__ wants other arguments: build it without calling that __init__

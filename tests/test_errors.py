@@ -559,3 +559,179 @@ def test_gpt2_unknown_module(gpt2, gpt2_module, ids):
     assert_names_line(err, line)
     assert "'h'" in err.hint
     assert_gpt2_recovers(gpt2, gpt2_module, ids)
+
+
+# -- the errors that used to come out raw (issue 16): the same type at the same line, eager and compiled ----------
+BOTH = [False, pytest.param(True, marks=pytest.mark.compiled)]
+
+
+@pytest.mark.parametrize("compile", BOTH)
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (lambda: torch.zeros(1, 10, dtype=torch.long), "has dtype int64"),
+        (lambda: torch.zeros(1, 10, dtype=torch.bool), "has dtype bool"),
+        (lambda: "hello", "is a str"),
+        (lambda: [1.0] * 10, "is a list"),
+        (lambda: None, "= None"),
+        (lambda: torch.zeros(1, 10, device="meta"), "meta device"),
+    ],
+    ids=["int", "bool", "str", "list", "none", "meta"],
+)
+def test_a_set_value_that_cannot_replace_the_tensor(tiny, net, x, compile, value, words):
+    new = value()
+    with pytest.raises(ic.TracingError if new is None else ic.SetValueError) as info:
+        with tiny.trace(x, compile=compile):
+            line = next_line()
+            tiny.layer1.output = new
+            tiny.output.save()
+    err = info.value
+    assert_names_line(err, line)
+    assert words in str(err)
+    tiny.clear_compiled()
+    assert_recovers(tiny, net, x)
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_invokes_that_cannot_be_batched_name_the_invoke(tiny, net, x, compile):
+    with pytest.raises(ValueError) as info:
+        with tiny.trace(compile=compile) as tracer:
+            with tracer.invoke(torch.rand(1, 5)):
+                tiny.output.save()
+            line = next_line()
+            with tracer.invoke(torch.rand(2, 6)):
+                tiny.output.save()
+    err = info.value
+    assert isinstance(err, ic.InvokeError)
+    assert_names_line(err, line)
+    assert "(2, 6)" in str(err) and "(1, 5)" in str(err)
+    with pytest.raises(
+        ic.InvokeError, match="dtype torch.float64"
+    ):  # a dtype would silently promote the batch
+        with tiny.trace(compile=compile) as tracer:
+            with tracer.invoke(torch.rand(1, 5)):
+                pass
+            with tracer.invoke(torch.rand(1, 5, dtype=torch.float64)):
+                pass
+    tiny.clear_compiled()
+    assert_recovers(tiny, net, x)
+
+
+@pytest.mark.parametrize("compile", BOTH)
+@pytest.mark.parametrize(
+    "bad, base, words",
+    [
+        (lambda: "hello", TypeError, "must be Tensor, not str"),
+        (lambda: torch.rand(1, 7), RuntimeError, "cannot be multiplied"),
+        (lambda: torch.rand(1, 5, dtype=torch.float64), RuntimeError, "same dtype"),
+    ],
+    ids=["type", "features", "dtype"],
+)
+def test_an_input_the_model_cannot_run_names_the_trace(tiny, net, x, compile, bad, base, words):
+    """The model's own error, located at the ``with`` whose input it ran on; compiled agrees (a float64 input into
+    a float32 model runs eagerly instead of compiling to float64)."""
+    ic.reset_compile_stats()
+    with pytest.raises(base) as info:
+        line = next_line()
+        with tiny.trace(bad(), compile=compile):
+            tiny.output.save()
+    err = info.value
+    assert_names_line(err, line)
+    assert words in str(err)
+    assert isinstance(err.__cause__, base) and not isinstance(err.__cause__, ic.InterventionError)
+    tiny.clear_compiled()
+    assert_recovers(tiny, net, x)
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_a_model_without_weights_says_so(x, compile):
+    with torch.device("meta"):
+        net = tiny_mlp()
+    model = ic.NNsight(net)
+    with pytest.raises(RuntimeError) as info:
+        line = next_line()
+        with model.trace(x, compile=compile):
+            model.output.save()
+    err = info.value
+    assert_names_line(err, line)
+    assert "meta device" in str(err) and "load" in err.hint
+    model.clear_compiled()
+    assert_clean(net)
+
+
+@pytest.mark.parametrize("compile", BOTH)
+@pytest.mark.parametrize(
+    "ids, words",
+    [
+        (lambda: torch.randint(0, 128, (1, 129)), "needs 129 positions, but the model has 128"),
+        (lambda: torch.zeros(1, 0, dtype=torch.long), "no tokens"),
+        (lambda: torch.tensor([[1, 2, 128]]), "token id 128 is outside"),
+        (lambda: torch.tensor([[1, -1, 2]]), "token id -1 is outside"),
+    ],
+    ids=["too-long", "empty", "past-vocab", "negative"],
+)
+def test_token_ids_the_model_cannot_embed(gpt2, gpt2_module, ids, compile, words):
+    """Checked before the model runs: eager PyTorch would raise deep in the model, and a compiled kernel's
+    bounds check aborts the whole process."""
+    with pytest.raises(ValueError) as info:
+        line = next_line()
+        with gpt2.trace(ids(), compile=compile):
+            gpt2.output.save()
+    err = info.value
+    assert isinstance(err, ic.InputError)
+    assert_names_line(err, line)
+    assert words in str(err)
+    with pytest.raises(ic.InputError) as info:  # in an invoke, at the invoke's line
+        with gpt2.trace(compile=compile) as tracer:
+            line = next_line()
+            with tracer.invoke(ids()):
+                pass
+    assert_names_line(info.value, line)
+    assert_gpt2_recovers(gpt2, gpt2_module, torch.randint(0, 128, (2, 7)))
+
+
+@pytest.fixture(scope="module")
+def lm(lm_dirs):
+    return ic.LanguageModel(lm_dirs["gpt2"])
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_language_model_inputs_that_cannot_run(lm, compile):
+    with pytest.raises(ic.InputError) as info:
+        line = next_line()
+        with lm.trace("", compile=compile):
+            lm.output.save()
+    assert_names_line(info.value, line)
+    assert "no tokens" in str(info.value)
+    with pytest.raises(ic.InputError) as info:
+        line = next_line()
+        with lm.generate("Hello", max_new_tokens=0, compile=compile):
+            lm.generator.output.save()
+    assert_names_line(info.value, line)
+    assert "max_new_tokens=0" in str(info.value)
+    positions = lm._module.config.n_positions
+    with pytest.raises(ic.InputError) as info:
+        line = next_line()
+        with lm.generate("Hello world", max_new_tokens=positions, compile=compile):
+            lm.generator.output.save()
+    assert_names_line(info.value, line)
+    assert f"but the model has {positions}" in str(info.value) and "to generate" in str(info.value)
+    with lm.generate("Hello world", max_new_tokens=2, compile=compile):  # the next block works
+        out = lm.generator.output.save()
+    assert out.value.shape[-1] == 2 + len(lm.tokenizer("Hello world")["input_ids"])
+
+
+def test_pickling_a_live_value(tiny, net, x):
+    import pickle
+
+    with pytest.raises(ic.TracingError) as info:
+        with tiny.trace(x):
+            hidden = tiny.layer1.output.save()
+            line = next_line()
+            pickle.dumps(hidden)
+    assert_names_line(info.value, line)
+    assert "after the block" in info.value.hint
+    with tiny.trace(x):
+        hidden = tiny.layer1.output.save()
+    torch.testing.assert_close(pickle.loads(pickle.dumps(hidden)), net.layer1(x))  # afterwards: its value
+    assert_recovers(tiny, net, x)

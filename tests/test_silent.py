@@ -242,3 +242,191 @@ def test_an_edit_from_a_later_module_is_an_error(net, compile, saved):
     torch.testing.assert_close(out.value, net(x))
     model.clear_compiled()
     assert_clean(net)
+
+
+# -- the dtype rule of a set (item 5) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_a_set_of_another_float_precision_is_cast_like_setitem(net, compile):
+    """A float64 value set into a float32 site is cast to float32 (as ``out[...] = v`` casts), eager and compiled
+    alike; the model keeps computing in float32. Checked against plain hooks doing the same cast."""
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    new = torch.linspace(-1, 1, 20, dtype=torch.float64).reshape(2, 10)
+    with model.trace(x, compile=compile):
+        model.layer1.output = new
+        hidden = model.layer1.output.save()
+        out = model.output.save()
+    handle = net.layer1.register_forward_hook(lambda mod, args, output: new.to(output.dtype))
+    try:
+        expected = net(x)
+    finally:
+        handle.remove()
+    assert hidden.value.dtype == out.value.dtype == torch.float32
+    torch.testing.assert_close(hidden.value, new.float())
+    torch.testing.assert_close(out.value, expected)
+    model.clear_compiled()
+    assert_clean(net)
+
+
+# -- valid code that was rejected or broken -------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_setting_a_gradient_that_is_never_read(compile):
+    """``.grad = g`` then ``loss.backward()`` replaces the activation's gradient, as a tensor hook returning ``g``
+    would; without a backward, or on a value that needs no grad, both modes raise the same GradientError."""
+    x = torch.rand(2, 5)
+    net = tiny_mlp().requires_grad_(True)
+    model = ic.NNsight(net)
+    g = torch.linspace(0, 1, 20).reshape(2, 10)
+    with model.trace(x, compile=compile):
+        model.layer1.output.grad = g
+        model.output.sum().backward()
+    got = net.layer1.weight.grad.clone()
+    net.zero_grad()
+    handle = net.layer1.register_forward_hook(
+        lambda mod, args, output: output.register_hook(lambda grad: g) and None
+    )
+    try:
+        net(x).sum().backward()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, net.layer1.weight.grad)
+
+    with pytest.raises(ic.GradientError, match="was set, but no backward pass") as info:
+        with model.trace(x, compile=compile):
+            model.layer1.output.grad = g  # no backward
+            model.output.save()
+    assert info.value.loc.lineno == _line_of(test_setting_a_gradient_that_is_never_read, "# no backward")
+    frozen = ic.NNsight(tiny_mlp())  # parameters that need no grad: nothing upstream has a gradient
+    for read in (False, True):
+        with pytest.raises(ic.GradientError, match="does not require grad") as info:
+            with frozen.trace(x, compile=compile):
+                if read:
+                    frozen.layer1.output.grad.save()  # read
+                else:
+                    frozen.layer1.output.grad = g  # set
+                frozen.output.sum().backward()
+        marker = "# read" if read else "# set"
+        assert info.value.loc.lineno == _line_of(test_setting_a_gradient_that_is_never_read, marker)
+    model.clear_compiled()
+    frozen.clear_compiled()
+
+
+@pytest.mark.compiled
+def test_a_users_mistake_does_not_stop_a_structure_compiling():
+    """A compiled trace that fails for the user's mistake runs (and reports) eagerly, but once fixed, the same
+    structure compiles: the mistake is not taken for something the compiler cannot do."""
+    x = torch.rand(2, 5)
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    ic.reset_compile_stats()
+    for fixed in (False, True):
+        net.requires_grad_(fixed)
+        try:
+            with model.trace(x, compile=True):
+                grad = model.layer1.output.grad.save()
+                model.output.sum().backward()
+        except ic.GradientError:
+            assert not fixed
+        else:
+            assert fixed
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 0 and stats["compiled_calls"] == 1, stats
+    net.zero_grad()
+    torch.testing.assert_close(grad.value, net.layer2.weight.detach().sum(0, keepdim=True).expand(2, 10))
+    model.clear_compiled()
+
+
+class _SitesByName(torch.nn.Module):
+    """Submodules named like the sites: ``model.input`` / ``model.output`` are the root's sites."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.input = torch.nn.Linear(4, 6)
+        self.output = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.output(self.input(x).relu())
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_submodules_named_output_and_input_are_reachable(compile):
+    net = _SitesByName().requires_grad_(False)
+    model = ic.NNsight(net)
+    x = torch.rand(3, 4)
+    with model.trace(x, compile=compile):
+        first = model.get("input").output.save()
+        model["output"].input[:, 0] = 0.0
+        head = model.get("model.output").output.save()
+        out = model.output.save()
+    edited = net.input(x).relu()
+    edited[:, 0] = 0
+    torch.testing.assert_close(first.value, net.input(x))
+    torch.testing.assert_close(head.value, net.output(edited))
+    torch.testing.assert_close(out.value, head.value)
+    renamed = ic.NNsight(net, rename={"output": "head"})
+    with renamed.trace(x, compile=compile):
+        out = renamed.head.output.save()
+    torch.testing.assert_close(out.value, net(x))
+    model.clear_compiled()
+    renamed.clear_compiled()
+    assert_clean(net)
+
+
+@pytest.mark.compiled
+def test_a_model_pickles_after_compiled_traces(net, tmp_path):
+    """The compiled backend's hooks stay on the model between traces: a pickled or copied model gets inert ones,
+    and the wrapper pickles with its module (its compiled programs stay in this process)."""
+    import copy
+    import pickle
+
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x, compile=True):
+        model.layer1.output[:, 0] = 1.0
+        out = model.output.save()
+    torch.save(net, tmp_path / "net.pt")
+    loaded = torch.load(tmp_path / "net.pt", weights_only=False)
+    copied = copy.deepcopy(net)
+    for module in (loaded, copied):
+        torch.testing.assert_close(module(x), net(x))
+    again = pickle.loads(pickle.dumps(model))
+    for compile in (False, True):
+        with again.trace(x, compile=compile):
+            again.layer1.output[:, 0] = 1.0
+            out2 = again.output.save()
+        torch.testing.assert_close(out2.value, out.value)
+    model.clear_compiled()
+    again.clear_compiled()
+    assert_clean(net)
+    assert_clean(again._module)
+
+
+@pytest.mark.compiled
+def test_an_interrupt_while_compiling_is_raised_and_forgotten(net, monkeypatch):
+    """Ctrl-C while Dynamo traces a program reaches the user (Dynamo would turn it into a compile failure, and the
+    run would quietly go on eagerly), and the structure compiles on the next trace."""
+    from intervene_compiler.backends.compiled import program
+
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    interrupt = [True]  # read while Dynamo traces; changed only outside it
+    on_event = program.Program.on_event
+
+    def interrupted(self, key, value):
+        if interrupt[0]:
+            raise KeyboardInterrupt
+        return on_event(self, key, value)
+
+    monkeypatch.setattr(program.Program, "on_event", interrupted)
+    ic.reset_compile_stats()
+    with pytest.raises(KeyboardInterrupt):
+        with model.trace(x, compile=True):
+            hidden = model.layer1.output.save()
+    interrupt[0] = False
+    with model.trace(x, compile=True):
+        hidden = model.layer1.output.save()
+    torch.testing.assert_close(hidden.value, net.layer1(x))
+    stats = ic.compile_stats()
+    assert stats["fallbacks"] == 0 and stats["compiled_calls"] == 1, stats
+    model.clear_compiled()

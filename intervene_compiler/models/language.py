@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InvokeError, user_location
-from ..runtime import Target
+from ..errors import InputError, InvokeError, SourceLoc, user_location
+from ..runtime import Target, check_token_ids
 from ..tracing import Envoy, NNsight, Tracer
 from ..tracing.model import remote_error
 
@@ -203,6 +203,13 @@ class LanguageModel(NNsight):
         """
         if remote:
             raise remote_error()
+        new = generate_kwargs.get("max_new_tokens")
+        if new is not None and (not isinstance(new, int) or isinstance(new, bool) or new < 1):
+            raise InputError(
+                f"`max_new_tokens={new!r}` asks for no tokens: generate makes at least one",
+                user_location(),
+                "pass `max_new_tokens=1` or more, or use `model.trace(...)` to run the prompt without generating",
+            )
         compile = self._compile if compile is None else compile
         return Generator(
             self,
@@ -227,6 +234,9 @@ class LanguageModel(NNsight):
                 "pass a list of prompts as one input: `tracer.invoke(['a', 'b'])`",
             )
         encoded = self._encode(args[0], tok_kwargs, kwargs.pop("attention_mask", None))
+        limits = self._token_limits()
+        if limits is not None:
+            check_token_ids(encoded["input_ids"], limits, user_location())
         batch = encoded["input_ids"].shape[0]
         return (), {**encoded, **kwargs}, batch
 
@@ -261,6 +271,19 @@ class LanguageModel(NNsight):
             user_location(),
             "pass a string, a list of strings, token ids (tensor or lists of ints) or a tokenizer's output",
         )
+
+    def _check_batchable(
+        self, first: tuple[tuple, dict], new: tuple[tuple, dict], loc: SourceLoc | None
+    ) -> None:
+        """Token inputs of any lengths batch (they are left-padded); other inputs must match as for any model."""
+        strip = ("input_ids", "attention_mask")
+        super()._check_batchable(
+            (first[0], {k: v for k, v in first[1].items() if k not in strip}),
+            (new[0], {k: v for k, v in new[1].items() if k not in strip}),
+            loc,
+        )
+        if ("input_ids" in first[1]) != ("input_ids" in new[1]):
+            raise InvokeError("some invokes give token ids and others do not", loc)
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
         """Left-pad every invoke to the longest one, then concatenate along the batch."""
@@ -326,12 +349,35 @@ class Generator(Tracer):
         self._generate_kwargs = generate_kwargs
 
     def _run(self) -> None:
+        self._check_positions()
         checkpoint = self.model._checkpoint
         checkpoint.generating = self._generate_kwargs
         try:
             super()._run()
         finally:
             checkpoint.generating = None
+
+    def _check_positions(self) -> None:
+        """The longest prompt plus the tokens to generate must fit the model's positions (a learned position
+        table has no row past its end: eager raises deep in the model, a compiled kernel aborts)."""
+        limits = self.model._token_limits()
+        if limits is None or limits[1] is None:
+            return
+        prompts = [inv.inputs[1] for inv in self._invokers if inv.inputs is not None and inv.inputs[1]]
+        lengths = [kw["input_ids"].shape[-1] for kw in prompts if "input_ids" in kw]
+        if not lengths:
+            return
+        longest = max(lengths)
+        options = self._generate_kwargs
+        more = options.get("max_new_tokens")
+        if more is None:
+            total = (
+                options.get("max_length")
+                or getattr(self.model._module.generation_config, "max_length", 0)
+                or 0
+            )
+            more = max(0, int(total) - longest)
+        check_token_ids(torch.zeros(1, longest, dtype=torch.long), limits, user_location(), int(more))
 
 
 def _prepare_tokenizer(tokenizer: Any) -> None:

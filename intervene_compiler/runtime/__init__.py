@@ -4,9 +4,10 @@ May import ``ir``, ``errors`` and torch; never ``tracing``, ``passes`` or a back
 """
 
 from .fakes import fake_copy, to_fake
-from .families import DECODER_LAYERS, decoder_layers_path, unembedding_path
+from .families import DECODER_LAYERS, check_token_ids, decoder_layers_path, token_limits, unembedding_path
+from .inert import strip_inert_hooks
 from .results import CacheEntry, RunResult
-from .rows import narrow, repeat_rows, replace
+from .rows import conform, narrow, repeat_rows, replace
 from .target import ModelCaches, Target
 from .values import VALUE_OPS, resolve
 
@@ -17,12 +18,16 @@ __all__ = [
     "ModelCaches",
     "RunResult",
     "Target",
+    "check_token_ids",
+    "conform",
     "decoder_layers_path",
     "fake_copy",
     "narrow",
     "repeat_rows",
     "replace",
     "resolve",
+    "strip_inert_hooks",
     "to_fake",
+    "token_limits",
     "unembedding_path",
 ]

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from ..errors import InputError, SourceLoc
+
 # model_type -> path of its decoder layers (a ModuleList of layers taking (hidden_states, attention_mask=...,
 # position_embeddings/position_ids) and returning the hidden states). In these families the later layers also
 # broadcast one-row side inputs (masks, position embeddings) against more rows, so identical invokes can share
@@ -52,3 +54,71 @@ def unembedding_path(module: torch.nn.Module) -> str | None:
     if not isinstance(head, torch.nn.Linear):
         return None
     return next((name for name, m in module.named_modules() if m is head), None)
+
+
+def token_limits(module: torch.nn.Module) -> tuple[int, int | None] | None:
+    """``(vocabulary size, positions)`` of a ``transformers`` model that embeds token ids, else None.
+
+    ``positions`` is the length of its learned position table (GPT-2's ``n_positions``, OPT's
+    ``max_position_embeddings``; None for rotary or ALiBi families, which have no table to run past). Token ids
+    outside these limits make eager PyTorch raise an IndexError deep in the model and make a compiled kernel
+    abort the process, so they are checked before any run.
+    """
+    get = getattr(module, "get_input_embeddings", None)
+    config = getattr(module, "config", None)
+    if get is None or config is None:
+        return None
+    try:
+        embedding = get()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(embedding, torch.nn.Embedding):
+        return None
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    positions = None
+    if isinstance(limit, int):
+        for m in module.modules():
+            # a learned position table: an embedding of `limit` rows (OPT keeps 2 more, for its offset)
+            if (
+                isinstance(m, torch.nn.Embedding)
+                and m is not embedding
+                and m.num_embeddings in (limit, limit + 2)
+            ):
+                positions = limit
+                break
+    return embedding.num_embeddings, positions
+
+
+def check_token_ids(
+    ids: torch.Tensor, limits: tuple[int, int | None], loc: SourceLoc | None, more: int = 0
+) -> None:
+    """Raise InputError at ``loc`` when token ``ids`` (batch, length) cannot run on a model with ``limits``
+    (see :func:`token_limits`): no tokens, ids outside the vocabulary, or (with ``more`` tokens to generate)
+    more positions than the model has."""
+    vocab, positions = limits
+    if ids.dim() == 0 or ids.shape[-1] == 0:
+        raise InputError(
+            "the input has no tokens",
+            loc,
+            "give at least one token (a tokenizer that adds no start token makes none of an empty string)",
+        )
+    if ids.is_floating_point() or ids.is_complex():
+        raise InputError(
+            f"token ids must be integers, got a {ids.dtype} tensor", loc, "pass ids as a long tensor"
+        )
+    low, high = (int(v) for v in torch.aminmax(ids.detach()))
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise InputError(
+            f"token id {bad} is outside the model's vocabulary (ids 0 to {vocab - 1})",
+            loc,
+            "pass ids the model's tokenizer made (a tokenizer of another model has another vocabulary)",
+        )
+    length = ids.shape[-1] + more
+    if positions is not None and length > positions:
+        extra = f" ({ids.shape[-1]} in the prompt, {more} to generate)" if more else ""
+        raise InputError(
+            f"the input needs {length} positions{extra}, but the model has {positions}",
+            loc,
+            "shorten the prompt (keep its last tokens)" + (", or generate fewer tokens" if more else ""),
+        )

@@ -46,7 +46,7 @@ def replace(old: Any, new: Any, start: int, stop: int, batch: int, check: Callab
     full = start == 0 and stop == batch
     if isinstance(old, torch.Tensor):
         part = old if full or old.dim() == 0 or old.shape[0] != batch else old[start:stop]
-        new = _as_tensor_like(part, new)
+        new = conform(part, new)
         check(part, new)
         if full or part is old:
             return new
@@ -62,11 +62,20 @@ def replace(old: Any, new: Any, start: int, stop: int, batch: int, check: Callab
     return new
 
 
-def _as_tensor_like(part: torch.Tensor, new: Any) -> Any:
+def conform(part: torch.Tensor, new: Any) -> Any:
+    """``new`` as a value for ``part``'s place (the conversions ``part[...] = new`` would make): a number filled
+    in, a 0-d tensor broadcast, a floating-point tensor of another precision cast, a tensor on another device
+    moved. Anything else is left for the check (``errors.check_set_value``) to reject."""
     if isinstance(new, (int, float, bool)):
         return torch.full_like(part, new)
-    if isinstance(new, torch.Tensor) and new.dim() == 0 and part.dim() > 0:
+    if not isinstance(new, torch.Tensor):
+        return new
+    if new.dim() == 0 and part.dim() > 0:
         return new.to(part.dtype).expand_as(part).clone()
+    if new.dtype != part.dtype and new.is_floating_point() and part.is_floating_point():
+        new = new.to(part.dtype)
+    if new.device != part.device and not new.is_meta:
+        new = new.to(part.device)
     return new
 
 

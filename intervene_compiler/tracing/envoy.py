@@ -39,6 +39,14 @@ class ModelState:
         # a trace of only site reads and saves: the key of its notes -> (facts, Optimized); see Tracer._optimized
         self.simple: dict[tuple, Any] = {}
 
+    def __getstate__(self) -> dict:
+        """A pickled model keeps its aliases; its open tracers, lock, memos and compiled programs belong to this
+        process and start empty in the copy."""
+        return {"rename": self.rename}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["rename"])  # type: ignore[misc]
+
     def push(self, tracer: Tracer) -> None:
         self.tracers.append(tracer)
 
@@ -170,13 +178,20 @@ class Envoy:
         setattr(self._module, name, value)
 
     def _resolve(self, dotted: str) -> Envoy:
+        """The envoy at ``dotted``, each part a submodule's name first (so a submodule named ``output`` or
+        ``input``, which attribute access gives the site of, is reached), else an alias or attribute."""
         envoy: Envoy = self
         for part in dotted.split("."):
-            envoy = getattr(envoy, part)
+            child = envoy._child_envoys().get(part)
+            envoy = child if child is not None else getattr(envoy, part)
         return envoy
 
     def get(self, path: str) -> Envoy:
-        """The envoy at a dotted path, e.g. ``model.get("transformer.h.0.mlp")`` (a ``model.`` prefix is fine)."""
+        """The envoy at a dotted path, e.g. ``model.get("transformer.h.0.mlp")`` (a ``model.`` prefix is fine).
+
+        Path parts name submodules before attributes: ``model.get("head.output")`` is a submodule named
+        ``output``, which ``model.head.output`` (its site) cannot reach; ``rename={"head.output": "out"}``
+        gives it an attribute too."""
         if path in ("", "model"):
             return self
         if path.startswith("model."):
@@ -187,8 +202,8 @@ class Envoy:
         return self._resolve(path)
 
     def __getitem__(self, index: int | slice | str) -> Envoy | list[Envoy]:
-        if isinstance(index, str):  # ModuleDict
-            return getattr(self, index)
+        if isinstance(index, str):  # ModuleDict (or any submodule by name, `output` too)
+            return self._resolve(index)
         children = list(self._child_envoys().values())
         if isinstance(index, slice):
             return children[index]

@@ -19,9 +19,9 @@ from torch._subclasses.fake_tensor import (
     UnsupportedOperatorException,
 )
 
-from ..errors import InterventionError, TracingError, check_set_shape, execution_error, missed_site_error
+from ..errors import InterventionError, TracingError, check_set_value, execution_error, missed_site_error
 from ..ir import Node, Op, Site, SiteKind, format_node, format_site
-from ..runtime import VALUE_OPS, narrow, resolve, to_fake
+from ..runtime import VALUE_OPS, conform, narrow, resolve, to_fake
 
 if TYPE_CHECKING:
     from .state import TracerState
@@ -77,7 +77,8 @@ class FakeTracker:
         if op is Op.SET:
             old = self._site(node, strict)
             if not node.kwargs:  # resize=True: a pass's deliberate shape change (passes/last_position.py)
-                check_set_shape(old, a[0], node.loc, str(node.target))
+                new = conform(old, a[0]) if isinstance(old, torch.Tensor) else a[0]
+                check_set_value(old, new, node.loc, str(node.target))
             return None
         if op is Op.GRAD:
             return torch.empty_like(a[0]) if isinstance(a[0], torch.Tensor) else None

@@ -18,7 +18,14 @@ import torch
 from ..errors import InvokeError, SourceLoc, TracingError, user_location
 from ..ir import Graph, ModelFacts, prepend
 from ..ir.nodes import walk_nodes
-from ..runtime import Target, decoder_layers_path, unembedding_path
+from ..runtime import (
+    Target,
+    check_token_ids,
+    decoder_layers_path,
+    strip_inert_hooks,
+    token_limits,
+    unembedding_path,
+)
 from .envoy import Envoy, ModelState
 from .session import Session
 from .tracer import Tracer
@@ -41,6 +48,7 @@ class NNsight(Envoy):
     def __init__(self, module: torch.nn.Module, rename: dict[str, str] | None = None, compile: bool = False):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
+        strip_inert_hooks(module)  # left on a copy of a model the compiled backend ran (runtime/inert.py)
         super().__init__(module, "", ModelState(rename))
         self._set_edits(())
         object.__setattr__(self, "_compile", bool(compile))
@@ -49,6 +57,17 @@ class NNsight(Envoy):
     @property
     def _model(self) -> torch.nn.Module:
         return self._module
+
+    def __getstate__(self) -> dict:
+        """Pickle the module, aliases, edits and options; the memo of the run target is rebuilt in the copy."""
+        state = dict(self.__dict__)
+        state["_target_memo"] = None
+        state.pop("_limits_memo", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        strip_inert_hooks(self._module)
 
     # -- contexts ------------------------------------------------------------------------------------------------
     def trace(
@@ -137,7 +156,13 @@ class NNsight(Envoy):
 
     # -- hooks for subclasses ------------------------------------------------------------------------------------
     def _prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
-        """Turn one invoke's input into model ``(args, kwargs)`` and its batch size."""
+        """Turn one invoke's input into model ``(args, kwargs)`` and its batch size (token ids are checked
+        against a ``transformers`` model's vocabulary and positions first)."""
+        limits = self._token_limits()
+        if limits is not None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                check_token_ids(ids, limits, user_location())
         for v in args:  # the first tensor with a batch dimension, in args then kwargs
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 return args, kwargs, v.shape[0]
@@ -145,6 +170,34 @@ class NNsight(Envoy):
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 return args, kwargs, v.shape[0]
         return args, kwargs, 1
+
+    def _check_batchable(
+        self, first: tuple[tuple, dict], new: tuple[tuple, dict], loc: SourceLoc | None
+    ) -> None:
+        """Raise InvokeError at the invoke's line when its prepared input cannot share a batch with the first
+        invoke's: other inputs, or tensors whose shapes past the batch dimension or dtypes differ."""
+        (args0, kwargs0), (args1, kwargs1) = first, new
+        hint = "give every invoke inputs of one layout (only the batch dimension may differ), or use separate traces"
+        if len(args0) != len(args1) or kwargs0.keys() != kwargs1.keys():
+            raise InvokeError(
+                "this invoke's inputs are not the first invoke's (other positional or keyword inputs), so they "
+                "cannot be batched together",
+                loc,
+                hint,
+            )
+        names = [f"positional input {i}" for i in range(len(args0))] + [
+            f"keyword input {k!r}" for k in kwargs0
+        ]
+        for name, a, b in zip(names, (*args0, *kwargs0.values()), (*args1, *kwargs1.values())):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() == 0:
+                continue
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype or a.dim() != b.dim():
+                raise InvokeError(
+                    f"{name} of this invoke has shape {tuple(b.shape)} and dtype {b.dtype}, the first invoke's "
+                    f"has shape {tuple(a.shape)} and dtype {a.dtype}: they cannot be batched together",
+                    loc,
+                    hint,
+                )
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
         """Combine every invoke's prepared input into one batch (tensors concatenated along dim 0)."""
@@ -161,6 +214,15 @@ class NNsight(Envoy):
             raise InvokeError("invokes must give the same keyword inputs to be batched together")
         kwargs = {k: _concat([p[1][k] for p in prepared], f"keyword input {k!r}") for k in keys}
         return args, kwargs
+
+    def _token_limits(self) -> tuple[int, int | None] | None:
+        """``runtime.token_limits`` of the wrapped model, found once per module."""
+        module = self._module
+        memo = self.__dict__.get("_limits_memo")
+        if memo is None or memo[0] is not module:
+            memo = (module, token_limits(module))
+            object.__setattr__(self, "_limits_memo", memo)
+        return memo[1]
 
     def _last_position_module(self) -> str | None:
         """The path of the module the model applies last and position-wise, for last-position narrowing

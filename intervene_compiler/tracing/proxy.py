@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ProxyControlFlowError, user_location
+from ..errors import ProxyControlFlowError, TracingError, user_location
 from ..ir import Op
 
 if TYPE_CHECKING:
@@ -37,6 +37,11 @@ def _control_flow_error(kind: str, what: str) -> ProxyControlFlowError:
         user_location(),
         _CONTROL_FLOW_HINT[kind],
     )
+
+
+def _same(value: Any) -> Any:
+    """What an unpickled (or copied) saved proxy becomes: its value."""
+    return value
 
 
 class Proxy:
@@ -125,6 +130,19 @@ class Proxy:
             kwargs = {"gradient": args[0], **kwargs}
         proxy = self._tracer._record(Op.BACKWARD, None, (self,), kwargs)
         return BackwardContext(self._tracer, proxy._id)
+
+    # -- pickling and copying -------------------------------------------------------------------------------
+    def __reduce_ex__(self, protocol):
+        """Inside the block there is no value to pickle or copy (an error naming the line); after it, a saved
+        proxy pickles (and copies) as its value."""
+        if self._live():
+            raise TracingError(
+                "a value inside a tracing block cannot be pickled or copied: it does not exist until the model "
+                "runs",
+                user_location(),
+                "save it (`h = value.save()`) and pickle or copy `h` after the block",
+            )
+        return (_same, (self.value,))
 
     # -- attribute access -----------------------------------------------------------------------------------
     def __getattr__(self, name: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvokeError, add_note
+from ..errors import PACKAGE_DIR, InterventionError, InvokeError, add_note, model_error, user_location
 from ..execute import RunOptions, execute
 from ..ir import Graph, InvokeRows, ModelFacts
 from ..pipeline import Optimized, optimize
@@ -64,6 +64,15 @@ class Running(TracerState):
         options = RunOptions.of(self._compile, self._reuse, fake)
         try:
             result = execute(optimized, prepared, target, options)
+        except InterventionError as e:
+            _forget_failed_edit(self.model, e)
+            raise
+        except Exception as e:
+            _forget_failed_edit(self.model, e)
+            if not _raised_by_model(e):
+                raise
+            loc = self._loc if self._session is not None else user_location()
+            raise model_error(e, loc, _has_meta_weights(target.module)) from e
         except BaseException as e:
             _forget_failed_edit(self.model, e)
             raise
@@ -126,6 +135,20 @@ class Running(TracerState):
         self._stop_loc = None
         if error is not None and self._error is None:
             self._error = error
+
+
+def _raised_by_model(error: BaseException) -> bool:
+    """Did ``error`` come from the model's code (or torch under it) rather than from this package's own?"""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return not tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR)
+
+
+def _has_meta_weights(module: Any) -> bool:
+    return any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers())
 
 
 def _forget_failed_edit(model: Any, error: BaseException) -> None:

@@ -281,6 +281,9 @@ class Tracer(Recording, FakeShapes, Running, Results):
             args, kwargs, batch_size = None, None, 0  # a session value: prepared when the session runs
         else:
             args, kwargs, batch_size = self.model._prepare_inputs(*invoker.args, **invoker.kwargs)
+            first = self._invokers[0].inputs if self._invokers else None
+            if first is not None and first[0] is not None and first[1] is not None:
+                self.model._check_batchable((first[0], first[1]), (args, kwargs), invoker.loc)
         invoker.inputs = (args, kwargs)
         invoker.batch_size = batch_size
         invoker.index = len(self._invokers)

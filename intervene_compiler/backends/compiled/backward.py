@@ -36,6 +36,8 @@ class BackwardSplit:
     )  # SITE node id -> index of its probe among the probes
     needed: tuple[int, ...] = ()  # forward node ids whose values the post nodes read
     edits: dict[int, int] = field(default_factory=dict)  # SITE node id -> grad_edit slot
+    # SITE node ids the user made require grad (`.requires_grad = True`; dropped from the forward: the probe does it)
+    made_to_require: frozenset[int] = frozenset()
 
 
 def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
@@ -85,7 +87,12 @@ def split_backward(graph: Graph) -> tuple[BackwardSplit | None, str | None]:
         forward.append(n)
     ordered_post = tuple(n for n in graph.nodes if n.id in post)
     forward_graph = graph.replace(nodes=tuple(forward))
-    return BackwardSplit(forward_graph, ordered_post, probes, tuple(needed), edits), None
+    made = frozenset(
+        n.args[0].id
+        for n in graph.nodes
+        if n.op is Op.SETATTR and n.target == "requires_grad" and type(n.args[0]) is Ref
+    )
+    return BackwardSplit(forward_graph, ordered_post, probes, tuple(needed), edits, made), None
 
 
 _GRAD_OPS = (Op.GRAD, Op.SET_GRAD, Op.BACKWARD)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...ir import SiteKind
+from ...runtime.inert import make_inert
 
 if TYPE_CHECKING:
     from .program import Program
@@ -105,37 +106,65 @@ class Dispatcher:
         self.hooked = set()
         self._regions = None
 
-    def _pre(self, path: str):
-        def hook(mod, args, kwargs):
-            program = self.program
-            if program is None or program.adhoc:
-                return None
-            call = program.calls_in.get(path, 0)
-            program.calls_in[path] = call + 1
-            key = (path, SiteKind.INPUTS, call)
-            if not program.handles(key):
-                return None
-            new = program.on_event(key, (args, kwargs))
-            if not program.writes(key):
-                return None
-            return tuple(new[0]), dict(new[1])
+    def _pre(self, path: str) -> _PreHook:
+        return _PreHook(self, path)
 
-        return hook
+    def _post(self, path: str) -> _PostHook:
+        return _PostHook(self, path)
 
-    def _post(self, path: str):
-        def hook(mod, args, kwargs, output):
-            program = self.program
-            if program is None or program.adhoc:
-                return None
-            call = program.calls_out.get(path, 0)
-            program.calls_out[path] = call + 1
-            key = (path, SiteKind.OUTPUT, call)
-            if not program.handles(key):
-                return None
-            new = program.on_event(key, output)
-            return new if program.writes(key) else None
 
-        return hook
+class _Hook:
+    """A dispatcher hook on one module (see :class:`Dispatcher`).
+
+    It stays on the module between traces, so pickling the module (``torch.save(module)``, ``pickle.dumps`` of
+    the wrapped model) or deep-copying it meets it: a copy gets an inert hook instead (``runtime.inert``), since
+    the dispatcher and its programs belong to this process and this model.
+    """
+
+    __slots__ = ("dispatcher", "path")
+
+    def __init__(self, dispatcher: Dispatcher, path: str):
+        self.dispatcher = dispatcher
+        self.path = path
+
+    def __reduce__(self):
+        return (make_inert, ())
+
+
+class _PreHook(_Hook):
+    __slots__ = ()
+
+    def __call__(self, mod, args, kwargs):
+        program = self.dispatcher.program
+        if program is None or program.adhoc:
+            return None
+        path = self.path
+        call = program.calls_in.get(path, 0)
+        program.calls_in[path] = call + 1
+        key = (path, SiteKind.INPUTS, call)
+        if not program.handles(key):
+            return None
+        new = program.on_event(key, (args, kwargs))
+        if not program.writes(key):
+            return None
+        return tuple(new[0]), dict(new[1])
+
+
+class _PostHook(_Hook):
+    __slots__ = ()
+
+    def __call__(self, mod, args, kwargs, output):
+        program = self.dispatcher.program
+        if program is None or program.adhoc:
+            return None
+        path = self.path
+        call = program.calls_out.get(path, 0)
+        program.calls_out[path] = call + 1
+        key = (path, SiteKind.OUTPUT, call)
+        if not program.handles(key):
+            return None
+        new = program.on_event(key, output)
+        return new if program.writes(key) else None
 
 
 __all__ = ["Dispatcher"]

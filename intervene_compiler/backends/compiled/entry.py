@@ -87,6 +87,9 @@ class Entry:
     # lifted index param -> (size, dim, node id) of the dimension it indexes: checked on the host before each call
     bounds: dict = field(default_factory=dict)
     regional: bool = False  # repeated blocks compile as nested regions (see Dispatcher.regions)
+    # recording the schedule raised the user's own error: not kept (the eager run reports it; once fixed, the
+    # structure compiles)
+    users_error: bool = False
 
     def describe(self) -> list[str]:
         """What ``tracer.explain()`` says about how this entry ran its trace."""
@@ -135,6 +138,10 @@ class CompileCache:
             self.entries.move_to_end(key)
         self.last = entry
         return entry
+
+    def forget(self, key: Any) -> None:
+        """Drop ``key``'s entry: its next call builds (and compiles) it again."""
+        self.entries.pop(key, None)
 
     def clear(self) -> None:
         self.entries.clear()
@@ -284,8 +291,8 @@ def record_fallback(entry: Entry | None, reason: str, prefix: str = "") -> None:
 
 def failure_reason(e: BaseException) -> str:
     """One line for a compile failure: our own error when Dynamo wraps one raised in the program it traced."""
-    while isinstance(e, torch._dynamo.exc.Unsupported):
-        cause = e.__cause__ or e.__context__
+    while isinstance(e, (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed)):
+        cause = getattr(e, "inner_exception", None) or e.__cause__ or e.__context__
         if not isinstance(cause, Exception):
             break
         e = cause

@@ -32,6 +32,11 @@ from .predication import UNPREDICATED, effective_guards, select, tree_zip_strict
 from .schedule import AFTER, BEFORE
 
 
+class NoGradientThere(Exception):  # noqa: N818 - a signal to the host, not an error users see
+    """Raised while Dynamo traces a program whose ``.grad`` site does not require grad: the compiled call gives way
+    to an eager run, which raises the user's GradientError at their line (an exception Dynamo can trace)."""
+
+
 class Program(Interpreter):
     """Runs a graph by its recorded schedule; called by the dispatcher hooks during a compiled forward."""
 
@@ -51,6 +56,7 @@ class Program(Interpreter):
         split = split or BackwardSplit(graph)
         self.n_params = len(graph.params)
         self.probes = {site: self.n_params + i for site, i in split.probes.items()}
+        self.made_to_require = split.made_to_require
         self.edits = split.edits
         self.needed = split.needed
         by_id = {n.id: n for n in graph.nodes}
@@ -305,7 +311,14 @@ class Program(Interpreter):
         probe = self.probes.get(node.id)
         if probe is None:
             return super().evaluate(node)
-        value = self.read_site(node.target) + self.params[probe]  # d loss / d probe = the activation's grad
+        value = self.read_site(node.target)
+        if node.id not in self.made_to_require and not (
+            isinstance(value, torch.Tensor) and value.requires_grad
+        ):
+            # the probe would make it require grad where eager PyTorch has no gradient (known while tracing):
+            # the eager run raises the user's error (see run.py)
+            raise NoGradientThere(node.id)
+        value = value + self.params[probe]  # d loss / d probe = the activation's grad
         slot = self.edits.get(node.id)
         if slot is not None:
             value = grad_edit(value, slot)

@@ -15,7 +15,7 @@ import torch
 from ...errors import GradientError, InterventionError, execution_error
 from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
 from ...runtime import VALUE_OPS, CacheEntry, RunResult, Target, resolve
-from ..eager import run_graph
+from ..eager import no_backward_error, run_graph
 from .backward import BackwardSplit, host_only_params, split_backward
 from .dispatcher import Dispatcher
 from .entry import (
@@ -37,12 +37,16 @@ from .entry import (
 from .grad_edits import GradEdits
 from .lowering import check_bounds, index_bounds, lift_family, lift_values
 from .predication import effective_guards, unpredicated_reason
-from .program import Program, family_gates
+from .program import NoGradientThere, Program, family_gates
 from .schedule import dynamic_conds_of, record_schedule
 
 
 def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
+    mixed = _mixed_precision_input(args, kwargs, target.module)
+    if mixed is not None:
+        record_fallback(None, mixed)
+        return run_graph(target, graph, args, kwargs)
     cache = cache_of(target)
     device = model_device(target.module)
     ints: list = []
@@ -65,6 +69,9 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
     )
     entry = cache.lookup(key, lambda: _build(target, cache, lowered, key, args, kwargs, family))
     program, split = entry.program, entry.split
+    if entry.users_error:
+        cache.forget(key)
+        return _eager(target, graph, args, kwargs, entry)
     if entry.fallback is not None or program is None or split is None:  # (a compiled entry has both)
         return _eager(target, graph, args, kwargs, entry)
     if ints and entry.bounds:
@@ -78,6 +85,12 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
         gates = () if family is None else family_gates(family.size, family.member, device)
         saved, output = call(cache, entry, keyed.params + probes + gates, args, kwargs)
     except Exception as e:
+        if _interrupted(e):  # Ctrl-C while Dynamo traced: not the structure's fault, and not to be swallowed
+            cache.forget(key)
+            raise KeyboardInterrupt from None
+        if _users_error(e):  # the user's mistake, raised while Dynamo traced: eager raises it at their line
+            cache.forget(key)  # and the next call (once fixed) compiles
+            return _eager(target, graph, args, kwargs, entry)
         # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
         record_fallback(entry, failure_reason(e))
         return _eager(target, graph, args, kwargs, entry)
@@ -109,6 +122,51 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
             values[i] = {name: CacheEntry(*got[name]) for name in names if name in got}
     skipped = {i: skipped[i] for i in wanted if i in skipped}
     return RunResult(values, output, None, skipped, explain=entry)
+
+
+def _causes(error: BaseException):
+    """``error`` and the exceptions it was raised from or during (Dynamo wraps what a traced program raised)."""
+    current: BaseException | None = error
+    seen = 0
+    while current is not None and seen < 16:
+        yield current
+        current = current.__cause__ or current.__context__
+        seen += 1
+
+
+def _interrupted(error: BaseException) -> bool:
+    observed = getattr(torch._dynamo.exc, "observed_exception_map", {}).get(KeyboardInterrupt)
+    return any(
+        isinstance(e, KeyboardInterrupt) or (observed is not None and isinstance(e, observed))
+        for e in _causes(error)
+    )
+
+
+def _users_error(error: BaseException) -> bool:
+    """Did the program Dynamo traced raise for a mistake of the user's (which the eager run reports)?"""
+    observed = getattr(torch._dynamo.exc, "observed_exception_map", {}).get(NoGradientThere)
+    return any(
+        isinstance(e, (InterventionError, NoGradientThere))
+        or (observed is not None and isinstance(e, observed))
+        for e in _causes(error)
+    )
+
+
+def _mixed_precision_input(args: tuple, kwargs: dict, module: torch.nn.Module) -> str | None:
+    """Why a call cannot compile because a floating-point input has another dtype than the model's weights, or
+    None. Eager PyTorch raises on such a mix in most layers (``mat1 and mat2 must have the same dtype``), while
+    Inductor's kernels promote: the eager run decides, so both modes give the same answer or the same error."""
+    weights: torch.dtype | None = None
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            if weights is None:
+                first = next(module.parameters(), None)
+                if first is None or not first.is_floating_point():
+                    return None
+                weights = first.dtype
+            if v.dtype != weights:
+                return f"a {v.dtype} input into a model whose weights are {weights} runs eagerly"
+    return None
 
 
 def _eager(target: Target, graph: Graph, args: tuple, kwargs: dict, entry: Entry) -> RunResult:
@@ -143,8 +201,8 @@ def _run_after_backward(
             return
         if node.op is Op.GRAD:
             env[node.id] = _probe_grad(node, probes[split.probes[node.args[0].id]])
-        elif node.op is Op.SET_GRAD:  # no backward reached its site: nothing to change
-            env[node.id] = None
+        elif node.op is Op.SET_GRAD:  # no backward reached its site: the gradient set is lost, as eager says
+            raise no_backward_error(node)
         else:
             env[node.id] = value_of(node)
 
@@ -189,6 +247,9 @@ def _build(
         return entry
     try:
         recorder = record_schedule(target, split.forward, args, kwargs)
+    except InterventionError:  # the user's mistake: the eager run reports it at their line
+        entry.users_error = True
+        return entry
     except Exception as e:  # the eager run will raise the user's error, or run what fakes cannot
         reason = f"could not record the schedule on fake tensors ({type(e).__name__}: {e})"
         record_fallback(entry, reason.splitlines()[0])

@@ -9,6 +9,7 @@ recording is a one-time step per compiled key, with its own subclass of the inte
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -81,12 +82,19 @@ class Recorder(Interpreter):
 def record_schedule(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Recorder:
     """Run ``graph`` eagerly on fake tensors; the recorder holds the (event, node id) order and fake values."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode, torch.no_grad():
-        fake_graph = graph.replace(params=tuple(to_fake(p, mode) for p in graph.params))
-        recorder = Recorder(target, fake_graph)
-        # copies: a KV cache object passed in (past_key_values=) is updated by the forward, which must not write
-        # fake tensors into the user's object
-        recorder.execute(fake_copy(args, mode), fake_copy(kwargs, mode))
+    # an op that fails on fakes (the user's shape mistake, reported by the eager run) would also be logged, with
+    # a traceback, by torch's fake tensor module: the eager run's error is the one the user should see
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, log.disabled = log.disabled, True
+    try:
+        with mode, torch.no_grad():
+            fake_graph = graph.replace(params=tuple(to_fake(p, mode) for p in graph.params))
+            recorder = Recorder(target, fake_graph)
+            # copies: a KV cache object passed in (past_key_values=) is updated by the forward, which must not
+            # write fake tensors into the user's object
+            recorder.execute(fake_copy(args, mode), fake_copy(kwargs, mode))
+    finally:
+        log.disabled = disabled
     return recorder
 
 

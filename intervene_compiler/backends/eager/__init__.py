@@ -6,9 +6,20 @@ the interpreter's schedule by subclassing it, and compiled generation runs a blo
 runner.py's docstring for the modules and what each owns.
 """
 
+from .gradients import no_backward_error, no_grad_error
 from .interpreter import Interpreter
 from .reuse import leaves, plain_values, same_leaves
 from .runner import run_graph
 from .states import EarlyStop, NodeState
 
-__all__ = ["EarlyStop", "Interpreter", "NodeState", "leaves", "plain_values", "run_graph", "same_leaves"]
+__all__ = [
+    "EarlyStop",
+    "Interpreter",
+    "NodeState",
+    "leaves",
+    "no_backward_error",
+    "no_grad_error",
+    "plain_values",
+    "run_graph",
+    "same_leaves",
+]

@@ -58,8 +58,8 @@ class Gradients:
                 self._note_row_views(full.get(k), r, start, stop)
 
     def _arm_grad(self, node: Node) -> None:
-        """GRAD ``node``'s value exists: hook its tensor (the batch tensor for an invoke's rows), so that the
-        backward makes its ``("grad", id)`` event active and drains there."""
+        """GRAD or SET_GRAD ``node``'s value exists: hook its tensor (the batch tensor for an invoke's rows), so
+        that the backward makes its ``("grad", id)`` event active and drains there."""
         target = node.args[0].id
         self.state[node.id] = _ARMED
         if target in self.grad_hooks:
@@ -72,11 +72,7 @@ class Gradients:
         if view is not None and view[0] is tensor:  # an invoke's rows: hook the batch tensor, narrow its grad
             _, tensor, start, stop = view
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-            raise GradientError(
-                "`.grad` was read of a value that does not require grad, so no gradient will reach it",
-                node.loc,
-                "set `value.requires_grad = True` on it (or on an earlier value) before the loss is computed",
-            )
+            raise no_grad_error(node)
 
         def hook(grad):
             key = ("grad", target)
@@ -97,14 +93,25 @@ class Gradients:
         self.grad_hooks[target] = tensor.register_hook(hook)
 
 
-def no_backward_error(node: Node) -> GradientError:
-    """The error of a GRAD node no backward pass reached."""
+def no_grad_error(node: Node) -> GradientError:
+    """The error of a GRAD or SET_GRAD node whose value does not require grad."""
+    what = "set" if node.op is Op.SET_GRAD else "read"
     return GradientError(
-        "`.grad` was read, but no backward pass reached this value",
+        f"`.grad` was {what} of a value that does not require grad, so no gradient will reach it",
+        node.loc,
+        "set `value.requires_grad = True` on it (or on an earlier value) before the loss is computed",
+    )
+
+
+def no_backward_error(node: Node) -> GradientError:
+    """The error of a GRAD or SET_GRAD node no backward pass reached."""
+    what = "set" if node.op is Op.SET_GRAD else "read"
+    return GradientError(
+        f"`.grad` was {what}, but no backward pass reached this value",
         node.loc,
         "call `loss.backward()` in the block after this line (or read the gradient inside "
         "`with loss.backward():`), with a loss that depends on this value",
     )
 
 
-__all__ = ["Gradients"]
+__all__ = ["Gradients", "no_backward_error", "no_grad_error"]

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ...errors import InterventionError, SourceLoc, check_set_shape, execution_error
+from ...errors import InterventionError, SourceLoc, check_set_shape, check_set_value, execution_error
 from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, saved_ids
 from ...runtime import VALUE_OPS, RunResult, Target, narrow, replace, resolve
 from .events import ModuleEvents
@@ -337,7 +337,7 @@ class Interpreter(ModuleEvents, Gradients):
             if key is None:  # a node the plan has not seen
                 key = ("grad", node.args[0].id) if op in _GRAD_OPS else node.target.key
             if key not in self.active:
-                if op is _GRAD and state.get(node.id) is None:
+                if (op is _GRAD or op is _SET_GRAD) and state.get(node.id) is None:
                     self._arm_grad(node)
                 return
         self.run_node(node)
@@ -445,7 +445,7 @@ class Interpreter(ModuleEvents, Gradients):
 
         def check(old, value):
             if not resize:
-                check_set_shape(old, value, node.loc, site)
+                check_set_value(old, value, node.loc, site)
 
         old = self.current[key]
         if site.kind is SiteKind.OUTPUT:
@@ -476,7 +476,7 @@ class Interpreter(ModuleEvents, Gradients):
         if not pending:
             return
         for node in pending:
-            if node.op is Op.GRAD:
+            if node.op is Op.GRAD or node.op is Op.SET_GRAD:
                 raise no_backward_error(node)
             if node.op in _SITE_OPS:
                 calls = self.calls_out if node.target.kind is SiteKind.OUTPUT else self.calls_in
