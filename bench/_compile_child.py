@@ -5,9 +5,9 @@ model (on ``--device``; on CUDA every step is synchronized before the clock is r
 eager patch step, then the first compiled call (cold or warm depending on ``TORCHINDUCTOR_CACHE_DIR``'s contents), the steady
 compiled step over a layer x position sweep, and a compile of the same structure again in this process after
 dropping the compiled program (warm in-process caches). ``ours`` traces with the default settings (on GPT-2-small
-shapes a patch trace is layered: one compiled decoder-layer forward, unedited layers replayed across traces, in the
-eager steps too); ``ours_program`` with ``reuse=False``, which compiles the whole model and interventions as one
-program.
+shapes a patch trace is layered: one compiled decoder-layer forward; replaying unedited layers across traces is
+opt-in, ``reuse=True``, and off here); ``ours_program`` with the layered cost model's threshold out of reach, which
+compiles the whole model and interventions as one program.
 """
 
 from __future__ import annotations
@@ -64,10 +64,13 @@ def main() -> None:
         import intervene_compiler as ic
 
         model = ic.NNsight(hf)
-        reuse = args.system == "ours"
+        if args.system == "ours_program":  # no decoder layer is large enough to compile on its own
+            from intervene_compiler.backends.compiled import layered
+
+            layered.MIN_LAYER_PARAMS = 1 << 62
 
         def step(layer, pos, compile):
-            with model.trace(corrupt, compile=compile, reuse=reuse):
+            with model.trace(corrupt, compile=compile):
                 model.transformer.h[layer].output[:, pos] = cache[layer][:, pos]
                 logits = model.lm_head.output
                 diff = (logits[0, -1, a] - logits[0, -1, b]).save()

@@ -38,12 +38,13 @@ class RunOptions:
         compile: run through the compiled backend (Dynamo + Inductor), falling back to eager with a recorded
             reason for what cannot compile.
         reuse: let shared-prefix runs replay (and memoize) the unedited decoder layers of earlier runs on the
-            same prompt (``backends/eager/reuse.py``).
+            same prompt (``backends/eager/reuse.py``). Opt-in: a weight written through ``.data`` between runs
+            bumps no version counter, and a replay would then be stale.
         fake: run on fake tensors (``model.scan``): shapes and dtypes, no compute.
     """
 
     compile: bool = False
-    reuse: bool = True
+    reuse: bool = False
     fake: bool = False
 
     @staticmethod
@@ -95,7 +96,7 @@ def execute(
     elif options.compile and target.generating is not None:
         result = run_generate_compiled(target, graph, args, kwargs)
     elif options.compile and repeat:
-        result = run_layered(target, graph, args, kwargs, repeat)
+        result = run_layered(target, graph, args, kwargs, repeat, options.reuse)
     elif options.compile:
         result = run_compiled(target, graph, args, kwargs)
     else:
@@ -133,7 +134,7 @@ def _batch(graph: Graph, inputs: list[tuple[tuple, dict]], target: Target, optio
         not options.fake
         and target.shares_prefix
         and _prefix_graph(graph)
-        and (not options.compile or (options.reuse and _layered(target, graph, inputs)))
+        and (not options.compile or _layered(target, graph, inputs))
         and _identical_rows(inputs)
     ):
         args, kwargs = inputs[0]

@@ -30,7 +30,7 @@ def hf():
 
 @pytest.fixture
 def gpt(hf):
-    model = ic.NNsight(hf)
+    model = ic.NNsight(hf, reuse=True)
     ic.reset_compile_stats()
     yield model
     model.clear_compiled()

@@ -72,7 +72,7 @@ def _patch(model, ids, layer, pos, value, **trace_kwargs):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_patching_loop_compiles_the_layers_once(arch, monkeypatch):
     m = tiny_gpt2(n_layer=3) if arch == "gpt2" else tiny_llama(n_layer=3)
-    model = ic.NNsight(m)
+    model = ic.NNsight(m, reuse=True)
     calls = _Calls(monkeypatch, m)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(1))
     value = torch.randn(32)
@@ -97,7 +97,7 @@ def test_patching_loop_compiles_the_layers_once(arch, monkeypatch):
 
 def test_batched_invokes_pack_through_compiled_layers(monkeypatch):
     m = tiny_gpt2(n_layer=4)
-    model = ic.NNsight(m)
+    model = ic.NNsight(m, reuse=True)
     calls = _Calls(monkeypatch, m)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(2))
     src = torch.randn(T, 32)
@@ -215,7 +215,7 @@ def test_a_plain_hook_added_inside_a_layer_is_seen(monkeypatch):
 
 def test_eager_traces_do_not_replay_compiled_layers():
     m = tiny_gpt2(n_layer=3)
-    model = ic.NNsight(m)
+    model = ic.NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(8))
     value = torch.randn(32)
     with torch.no_grad():

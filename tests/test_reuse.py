@@ -86,7 +86,7 @@ def _patch(model, ids, layer, pos, value, **trace_kwargs):
 def test_patching_loop_replays_the_unedited_layers(arch, attn):
     m = tiny_gpt2(n_layer=4) if arch == "gpt2" else tiny_llama(n_layer=4)
     m.config._attn_implementation = attn
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(1))
     value = torch.randn(32)
     ran = _Ran(m)
@@ -109,7 +109,7 @@ def test_patching_loop_replays_the_unedited_layers(arch, attn):
 
 def test_reads_and_input_edits_replay_up_to_their_layer():
     m = tiny_gpt2(n_layer=5)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = _plain_outputs(m, ids)
@@ -147,7 +147,7 @@ def test_reads_and_input_edits_replay_up_to_their_layer():
 
 def test_an_edit_of_a_replayed_output_leaves_the_memo_unedited():
     m = tiny_gpt2(n_layer=4)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         plain = _plain_outputs(m, ids)
@@ -166,7 +166,7 @@ def test_an_edit_of_a_replayed_output_leaves_the_memo_unedited():
 
 def test_changed_model_state_or_input_is_recomputed():
     m = tiny_llama(n_layer=3)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(1, 128, (1, T), generator=g)
     value = torch.randn(32, generator=g)
@@ -219,24 +219,45 @@ def test_changed_model_state_or_input_is_recomputed():
     assert_clean(m)
 
 
-def test_writes_through_data_need_clear_reuse_or_reuse_false():
+@pytest.mark.parametrize("write", ["mul_", "assign", "numpy"])
+def test_writes_through_data_are_never_replayed_stale_by_default(write):
+    """A weight written through ``.data`` (or a NumPy view) between traces bumps no version counter: by default
+    nothing is replayed, so the next trace sees the new weight; a model that opts in to reuse needs
+    ``clear_reuse()`` after such a write (documented), and gives fresh values after it."""
     m = tiny_gpt2(n_layer=2)
-    model = NNsight(m)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(5))
     value = torch.randn(32)
+    weight = m.transformer.h[0].mlp.c_fc.weight
+
+    def change():
+        if write == "mul_":
+            weight.data.mul_(3)
+        elif write == "assign":
+            weight.data = weight.data * 3
+        else:
+            weight.detach().numpy()[:] *= 3
+
     with torch.no_grad():
-        _patch(model, ids, 1, 2, value)
-        m.transformer.h[0].mlp.c_fc.weight.data.mul_(3)  # bumps no version counter
+        model = NNsight(m)  # the default
+        for _ in range(3):
+            _patch(model, ids, 1, 2, value)
+            change()
+            torch.testing.assert_close(
+                _patch(model, ids, 1, 2, value), plain_patch_logits(m, ids, 1, 2, value)
+            )
+        opted = NNsight(m, reuse=True)
+        _patch(opted, ids, 1, 2, value)
+        change()
+        opted.clear_reuse()
         fresh = plain_patch_logits(m, ids, 1, 2, value)
-        torch.testing.assert_close(_patch(model, ids, 1, 2, value, reuse=False), fresh)
-        model.clear_reuse()
-        torch.testing.assert_close(_patch(model, ids, 1, 2, value), fresh)
-        torch.testing.assert_close(_patch(model, ids, 1, 2, value), fresh)
+        torch.testing.assert_close(_patch(opted, ids, 1, 2, value), fresh)
+        torch.testing.assert_close(_patch(opted, ids, 1, 2, value, reuse=False), fresh)
+    assert_clean(m)
 
 
 def test_no_reuse_while_autograd_records():
     m = tiny_gpt2(n_layer=2)  # parameters require grad
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(6))
     ran = _Ran(m)
     try:
@@ -252,7 +273,7 @@ def test_no_reuse_while_autograd_records():
 
 def test_batched_invokes_replay_then_pack():
     m = tiny_gpt2(n_layer=4)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(7))
     src = torch.randn(T, 32)
     ran = _Ran(m)
@@ -276,7 +297,7 @@ def test_batched_invokes_replay_then_pack():
 
 
 def test_language_model_prompt_loop(lm_dirs):
-    lm = LanguageModel(lm_dirs["gpt2"])
+    lm = LanguageModel(lm_dirs["gpt2"], reuse=True)
     prompt = "The Eiffel Tower is in the city of"
     with torch.no_grad():
         with lm.trace("The Colosseum is in the city of"):
@@ -298,7 +319,7 @@ def test_language_model_prompt_loop(lm_dirs):
 
 def test_an_error_leaves_no_replayed_forward_and_the_next_trace_works():
     m = tiny_gpt2(n_layer=3)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         with model.trace(ids):
@@ -315,7 +336,7 @@ def test_memo_size_cap(monkeypatch):
     from intervene_compiler.backends.eager import reuse
 
     m = tiny_gpt2(n_layer=3)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(9))
     monkeypatch.setattr(reuse, "_MAX_BYTES", T * 32 * 4)  # room for one layer's output
     ran = _Ran(m)
@@ -334,7 +355,7 @@ def test_memo_size_cap(monkeypatch):
 
 def test_explain_says_what_was_replayed_or_why_not():
     m = tiny_gpt2(n_layer=3)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(10))
 
     def explained(**trace_kwargs):
@@ -359,7 +380,7 @@ def test_a_kv_cache_passed_in_is_never_reused():
     from transformers import DynamicCache
 
     m = tiny_gpt2(n_layer=2)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     g = torch.Generator().manual_seed(11)
     prefix, ids = torch.randint(1, 128, (1, 4), generator=g), torch.randint(1, 128, (1, T), generator=g)
     with torch.no_grad():
@@ -378,7 +399,7 @@ def test_a_kv_cache_passed_in_is_never_reused():
 
 def test_an_input_that_requires_grad_keeps_its_history():
     m = tiny_gpt2(n_layer=2).requires_grad_(False)
-    model = NNsight(m)
+    model = NNsight(m, reuse=True)
     embeds = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(12), requires_grad=True)
     grads = []
     for _ in range(2):
@@ -393,7 +414,7 @@ def test_an_input_that_requires_grad_keeps_its_history():
 def test_a_language_model_replays_layers(lm_dirs):
     """A LanguageModel's added ``generator`` module takes the model's mode: it used to be in training mode, which
     turned reuse off for every LanguageModel ("module generator is in training mode")."""
-    lm = LanguageModel(lm_dirs["gpt2"])
+    lm = LanguageModel(lm_dirs["gpt2"], reuse=True)
     assert not lm._model.generator.training
     with torch.no_grad():
         for _ in range(2):

@@ -139,10 +139,10 @@ def _ours_clean_run(model, clean, layers) -> dict:
     return dict(zip(layers, (s.value for s in saved)))
 
 
-def _ours_loop(hf, clean, corrupt, compile):
+def _ours_loop(hf, clean, corrupt, compile, reuse=False):
     import intervene_compiler as ic
 
-    model = ic.NNsight(hf)
+    model = ic.NNsight(hf, reuse=reuse)
 
     def sweep(layers, positions):
         cache = _ours_clean_run(model, clean, layers)
@@ -251,7 +251,7 @@ def _tl_loop(hf, clean, corrupt):
 
 
 def _systems(settings: Settings, hf, clean, corrupt) -> list[Sweep]:
-    copies = models.copies(hf, 8)
+    copies = models.copies(hf, 10)
     systems = [Sweep("plain hooks loop", "baseline", _plain_loop(hf, clean, corrupt))]
     if settings.floors:
         systems.append(
@@ -274,6 +274,19 @@ def _systems(settings: Settings, hf, clean, corrupt) -> list[Sweep]:
             "ours",
             _ours_loop(copies[2], clean, corrupt, True),
             note="as a user writes it",
+            compiled_ours=True,
+        ),
+        Sweep(
+            "ours loop, eager, reuse=True",
+            "ours",
+            _ours_loop(copies[8], clean, corrupt, False, reuse=True),
+            note="opt-in: unedited layers replayed across traces (weights not written through .data meanwhile)",
+        ),
+        Sweep(
+            "ours loop, compile=True, reuse=True",
+            "ours",
+            _ours_loop(copies[9], clean, corrupt, True, reuse=True),
+            note="opt-in replay, as above",
             compiled_ours=True,
         ),
         Sweep(
@@ -350,10 +363,10 @@ def run(settings: Settings) -> WorkloadResult:
             )
         result.notes.append(
             "ours: the clean run is one eager trace saving the block outputs; compile=True applies to the patch "
-            "traces. Ours with default settings: a trace on the corrupted prompt replays the unedited blocks an "
-            "earlier trace of the same sweep computed (reuse; the clean run's trace replaces that memo, so every "
-            "sweep starts without one), and compile=True on GPT-2-small blocks is layered (the blocks compiled "
-            "once, the interventions eager). Every system's model has parameters that do not require grad (as "
+            "traces, which on GPT-2-small blocks are layered (the blocks compiled once, the interventions eager). "
+            "The reuse=True rows opt in to replaying the unedited blocks an earlier trace of the same sweep "
+            "computed (the clean run's trace replaces that memo, so every sweep starts without one); it is off by "
+            "default because a weight written through .data between traces is invisible to it. Every system's model has parameters that do not require grad (as "
             "after model.requires_grad_(False)); with grad mode on and parameters requiring grad, ours neither "
             "replays nor layers. Total = median sweep + first-use overhead (phase A time minus its "
             "steady-state cost)"

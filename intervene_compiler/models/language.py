@@ -93,6 +93,7 @@ class LanguageModel(NNsight):
         torch_dtype: Any = None,
         compile: bool = False,
         rename: dict[str, str] | None = None,
+        reuse: bool = False,
         **hf_kwargs: Any,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -133,7 +134,7 @@ class LanguageModel(NNsight):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, **hub)
         _prepare_tokenizer(tokenizer)
         _add_generator(module)
-        super().__init__(module, rename=rename, compile=compile)
+        super().__init__(module, rename=rename, compile=compile, reuse=reuse)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "_checkpoint", checkpoint)
         object.__setattr__(self, "_takes_positions", _accepts(module, "position_ids"))

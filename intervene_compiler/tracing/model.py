@@ -45,13 +45,20 @@ class NNsight(Envoy):
         ...     h = model.layer1.output.save()
     """
 
-    def __init__(self, module: torch.nn.Module, rename: dict[str, str] | None = None, compile: bool = False):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        rename: dict[str, str] | None = None,
+        compile: bool = False,
+        reuse: bool = False,
+    ):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
         strip_inert_hooks(module)  # left on a copy of a model the compiled backend ran (runtime/inert.py)
         super().__init__(module, "", ModelState(rename))
         self._set_edits(())
         object.__setattr__(self, "_compile", bool(compile))
+        object.__setattr__(self, "_reuse_default", bool(reuse))
         object.__setattr__(self, "_target_memo", None)
 
     @property
@@ -78,7 +85,7 @@ class NNsight(Envoy):
         validate: bool = False,
         invoker_args: dict | None = None,
         compile: bool | None = None,
-        reuse: bool = True,
+        reuse: bool | None = None,
         remote: bool = False,
         **kwargs: Any,
     ) -> Any:
@@ -88,12 +95,15 @@ class NNsight(Envoy):
         ``scan``/``validate`` run the interventions on fake tensors while recording, so mistakes surface at
         their line before the real run. ``compile=True`` runs the block through the compiled backend (model and
         interventions as one graph compiled by Inductor, cached by structure); the default is the model's
-        (``NNsight(module, compile=...)``). ``reuse=False`` neither replays nor memoizes unedited decoder layers
-        (see :meth:`clear_reuse`).
+        (``NNsight(module, compile=...)``). ``reuse=True`` (default: the model's, ``NNsight(module, reuse=...)``,
+        off) replays the unedited decoder layers an earlier trace on the same prompt computed: a patching sweep
+        runs about half the layers. Opt in only if the weights are not written through ``.data`` or a NumPy view
+        between traces (see :meth:`clear_reuse`).
         """
         if remote:
             raise remote_error()
         compile = self._compile if compile is None else compile
+        reuse = self._reuse_default if reuse is None else reuse
         if not trace:
             tracer = Tracer(
                 self, inputs, kwargs, needs_output=True, invoker_args=invoker_args, compile=compile
@@ -130,11 +140,11 @@ class NNsight(Envoy):
         return Session(self)
 
     def clear_reuse(self) -> None:
-        """Forget the unedited decoder-layer outputs kept for reuse across traces of one prompt.
+        """Forget the unedited decoder-layer outputs kept for reuse across traces of one prompt (``reuse=True``).
 
         Traces on the same prompt replay them only while every parameter and buffer is unchanged by its version
         counter (``backends/eager/reuse.py``); a write through ``.data`` or a NumPy view bumps none (and
-        ``p.data = t`` may land on a freed storage), so call this after one (or trace with ``reuse=False``).
+        ``p.data = t`` may land on a freed storage), so call this after one. That is why reuse is opt-in.
         """
         self._state.caches.reuse_memo = None
 

@@ -98,7 +98,7 @@ class Tracer(Recording, FakeShapes, Running, Results):
         validate: bool = False,
         invoker_args: dict | None = None,
         compile: bool = False,
-        reuse: bool = True,
+        reuse: bool = False,
     ):
         self.model = model
         self._state = model._state

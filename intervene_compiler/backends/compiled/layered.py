@@ -71,8 +71,11 @@ def applies(target: Target, graph: Graph) -> bool:
     return sum(p.numel() for p in params) >= MIN_LAYER_PARAMS
 
 
-def run_layered(target: Target, graph: Graph, args: tuple, kwargs: dict, repeat: int) -> RunResult:
-    """Run a shared-prefix trace's ``graph`` with compiled decoder layers (see the module docstring)."""
+def run_layered(
+    target: Target, graph: Graph, args: tuple, kwargs: dict, repeat: int, reuse: bool = False
+) -> RunResult:
+    """Run a shared-prefix trace's ``graph`` with compiled decoder layers (see the module docstring); ``reuse``:
+    replay and memoize unedited layers across traces (``backends/eager/reuse.py``)."""
     found = target.decoder_layers()
     assert found is not None, "a layered run needs decoder layers (applies() checked them)"
     cls = type(found[1][0])
@@ -85,7 +88,7 @@ def run_layered(target: Target, graph: Graph, args: tuple, kwargs: dict, repeat:
     config.skip_nnmodule_hook_guards = False
     try:
         result = run_graph(
-            target, graph, args, kwargs, repeat, reuse=True, layer_forward=_layer_forward(entry, cls)
+            target, graph, args, kwargs, repeat, reuse=reuse, layer_forward=_layer_forward(entry, cls)
         )
     finally:
         config.skip_nnmodule_hook_guards = skip

@@ -15,7 +15,9 @@ counter and shape, plus grad and inference mode, autocast, the float32 matmul pr
 implementation. Version counters see every in-place change that autograd sees: optimizer steps,
 ``torch.no_grad()`` edits, ``load_state_dict``, ``copy_``. Like autograd's own checks they do not see writes
 through ``.data`` or through NumPy views of a tensor, and ``p.data = t`` may land on the address of a freed
-storage: after such a write, call ``model.clear_reuse()`` (or trace with ``reuse=False``). Runs in training mode,
+storage; checking the values instead would read every replayed weight, which costs about as much as running those
+layers on a short prompt. So reuse is opt-in (``NNsight(module, reuse=True)`` or ``trace(reuse=True)``), and
+after such a write a model that opted in needs ``model.clear_reuse()``. Runs in training mode,
 with grad mode on while a parameter or an input requires grad (a replayed value has no history), or on a model
 with a module whose ``forward`` is replaced on the instance (accelerate's dispatch hooks) neither use nor fill the
 memo; nor does a layer output other than a tensor or a tuple of tensors (and ``None``), or an input that is
