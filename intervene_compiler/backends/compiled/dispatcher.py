@@ -130,41 +130,35 @@ class _Hook:
     def __reduce__(self):
         return (make_inert, ())
 
+    def fire(self, kind: SiteKind, value: Any) -> Any:
+        """Hand the event to the running program; its new value if it writes there, else None."""
+        program = self.dispatcher.program
+        if program is None or program.adhoc:
+            return None
+        path = self.path
+        calls = program.calls_in if kind is SiteKind.INPUTS else program.calls_out
+        call = calls.get(path, 0)
+        calls[path] = call + 1
+        key = (path, kind, call)
+        if not program.handles(key):
+            return None
+        new = program.on_event(key, value)
+        return new if program.writes(key) else None
+
 
 class _PreHook(_Hook):
     __slots__ = ()
 
     def __call__(self, mod, args, kwargs):
-        program = self.dispatcher.program
-        if program is None or program.adhoc:
-            return None
-        path = self.path
-        call = program.calls_in.get(path, 0)
-        program.calls_in[path] = call + 1
-        key = (path, SiteKind.INPUTS, call)
-        if not program.handles(key):
-            return None
-        new = program.on_event(key, (args, kwargs))
-        if not program.writes(key):
-            return None
-        return tuple(new[0]), dict(new[1])
+        new = self.fire(SiteKind.INPUTS, (args, kwargs))
+        return None if new is None else (tuple(new[0]), dict(new[1]))
 
 
 class _PostHook(_Hook):
     __slots__ = ()
 
     def __call__(self, mod, args, kwargs, output):
-        program = self.dispatcher.program
-        if program is None or program.adhoc:
-            return None
-        path = self.path
-        call = program.calls_out.get(path, 0)
-        program.calls_out[path] = call + 1
-        key = (path, SiteKind.OUTPUT, call)
-        if not program.handles(key):
-            return None
-        new = program.on_event(key, output)
-        return new if program.writes(key) else None
+        return self.fire(SiteKind.OUTPUT, output)
 
 
 __all__ = ["Dispatcher"]
