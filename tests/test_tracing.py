@@ -737,10 +737,16 @@ def test_builtins_outside_block_call_through():
 
 
 def test_saved_proxy_behaves_as_value(tiny, net, x, capsys):
+    """A saved proxy that no name of the block's frame holds (here: an object's attributes) stays a proxy after
+    the block, and behaves as its value (names are rebound to the values: test_saved_names_hold_values)."""
+    import types
+
     h, out = l1_l2(net, x)
+    box = types.SimpleNamespace()
     with tiny.trace(x):
-        hp = tiny.layer1.output.save()
-        amax = torch.argmax(hp, dim=1).save()
+        box.hp = tiny.layer1.output.save()
+        box.amax = torch.argmax(box.hp, dim=1).save()
+    hp, amax = box.hp, box.amax
     assert isinstance(hp, ic.Proxy)
     assert torch.equal(hp.value, h)
     assert str(hp) == str(h) and repr(hp) == repr(h)

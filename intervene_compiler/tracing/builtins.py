@@ -12,6 +12,7 @@ from typing import Any
 from ..ir import Op
 from .current import current_tracer
 from .proxy import Proxy, _find_live_tracer
+from .saving import save_container
 
 
 def apply(fn, *args: Any, **kwargs: Any) -> Any:
@@ -23,8 +24,15 @@ def apply(fn, *args: Any, **kwargs: Any) -> Any:
 
 
 def save(value: Any) -> Any:
-    """``ic.save(x)`` is ``x.save()`` for proxies and returns anything else unchanged."""
-    return value.save() if isinstance(value, Proxy) else value
+    """``ic.save(x)`` is ``x.save()`` for proxies and for a list, dict, set or tuple inside a block (a container of the
+    graph, a plain container after the block: ``saving.py``); anything else is returned unchanged."""
+    if isinstance(value, Proxy):
+        return value.save()
+    if type(value) in (builtins.list, builtins.dict, builtins.set, builtins.tuple):
+        tracer = current_tracer()
+        if tracer is not None and not tracer._finished:
+            return save_container(value)
+    return value
 
 
 def _traced(fn):

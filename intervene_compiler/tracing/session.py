@@ -22,6 +22,7 @@ the only patching the package does.
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -34,6 +35,7 @@ from .contexts import Cond
 from .current import _current, _current_session, current_session
 from .proxy import Proxy, _find_live_tracer
 from .recorder import Recorder
+from .saving import close_block, open_block, rebind
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -78,9 +80,11 @@ class Session(Recorder):
         self._session_token = _current_session.set(self)
         self._token = _current.set(self)
         self._patches = _install_patches()
+        open_block()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+        close_block()
         _remove_patches(self._patches)
         self._patches = []
         assert self._token is not None and self._session_token is not None  # set by __enter__
@@ -98,6 +102,7 @@ class Session(Recorder):
             self._finish(e)
             raise
         self._finish(None)
+        rebind(sys._getframe(1), (self, *self._tracers))  # the names holding saved values hold the values now
         return False
 
     def _finish(self, error: BaseException | None) -> None:

@@ -18,6 +18,7 @@ declared for the type checker once more in ``state.py``, so that each part is ch
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +33,7 @@ from .proxy import Proxy, _find_live_tracer
 from .recording import Recording
 from .results import Results
 from .running import Running
+from .saving import close_block, open_block, rebind
 from .shapes import FakeShapes, Shape
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 # attribute load and a call (a bound method object per call) instead of LOAD_METHOD, and ``__init__``,
 # ``__enter__`` and ``_close`` call these on every trace.
 _current, _current_session = current._current, current._current_session
+_REAL_RUNS = frozenset({"trace", "generate"})
 
 
 class Tracer(Recording, FakeShapes, Running, Results):
@@ -127,6 +130,7 @@ class Tracer(Recording, FakeShapes, Running, Results):
     def __enter__(self) -> Tracer:
         state = self._state
         state.lock.acquire()  # one block at a time per model, from its first line to the end of its run
+        open_block()  # `.save()` on built-in containers while the block is open (saving.py)
         self._token = _current.set(self)
         state.tracers.append(self)  # ModelState.push
         if self._implicit_args or self._kwargs:
@@ -137,15 +141,21 @@ class Tracer(Recording, FakeShapes, Running, Results):
                 self._enter_invoke(invoker)  # Invoker.__enter__
             except BaseException:
                 self._close()
+                close_block()
                 state.lock.release()
                 raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         try:
-            return self._exit(exc_type, exc)
+            self._exit(exc_type, exc)
         finally:
+            close_block()
             self._state.lock.release()
+        if exc_type is None and self._session is None and self._mode in _REAL_RUNS:
+            # the block ran: the names holding its saved values hold the values now (saving.py)
+            rebind(sys._getframe(1), (self,))
+        return False
 
     def _exit(self, exc_type, exc) -> Literal[False]:
         try:

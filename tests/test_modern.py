@@ -1,0 +1,208 @@
+"""nnsight code as people write it since 0.5 (issue 17): saved names hold real values, ``.save()`` on plain
+Python containers, and the rest of the modern API. Values are checked against plain PyTorch hooks."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import intervene_compiler as ic
+from intervene_compiler.testing import assert_clean, tiny_mlp
+
+BOTH = [False, pytest.param(True, marks=pytest.mark.compiled)]
+
+
+@pytest.fixture
+def net():
+    return tiny_mlp()
+
+
+def _layer1(net, x):
+    return net.layer1(x).detach()
+
+
+# -- saved values are values ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_saved_names_hold_values(net, compile):
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x, compile=compile):
+        hidden = model.layer1.output.save()
+        pair = ic.save((model.layer1.output, model.layer2.output))
+        out = model.output.save()
+    expected = _layer1(net, x)
+    assert isinstance(hidden, torch.Tensor) and not isinstance(hidden, ic.Proxy)
+    torch.testing.assert_close(hidden, expected)
+    assert hidden.value is hidden  # graph-era code reads .value
+    assert type(hidden + 1) is torch.Tensor and type(torch.relu(hidden)) is torch.Tensor
+    assert repr(hidden) == repr(expected)
+    np.testing.assert_allclose(np.asarray(hidden), expected.numpy())
+    buffer = io.BytesIO()
+    torch.save({"h": hidden}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # weights_only: a plain tensor, nothing of this package needed
+    assert type(loaded["h"]) is torch.Tensor
+    torch.testing.assert_close(loaded["h"], expected)
+    assert type(pickle.loads(pickle.dumps(hidden))) is torch.Tensor
+    assert type(pair) is tuple and len(pair) == 2  # ic.save of a container: the plain container
+    torch.testing.assert_close(pair[0], expected)
+    torch.testing.assert_close(out, net(x))
+    model.clear_compiled()
+    assert_clean(net)
+
+
+def _traced_in_a_function(model, x, n):
+    """Names local to a function, appended to a list, stored in a dict, in a loop of traces."""
+    outs, by_step = [], {}
+    for step in range(n):
+        with model.trace(x + step):
+            last = model.output.save()
+            outs.append(model.layer1.output.save())
+            by_step[step] = model.layer2.output.save()
+    return last, outs, by_step
+
+
+def test_saved_values_in_function_locals_lists_and_dicts(net):
+    model = ic.NNsight(net)
+    x = torch.rand(1, 5)
+    last, outs, by_step = _traced_in_a_function(model, x, 3)
+    assert type(last) is not ic.Proxy and isinstance(last, torch.Tensor)
+    torch.testing.assert_close(last, net(x + 2))
+    assert all(isinstance(o, torch.Tensor) and not isinstance(o, ic.Proxy) for o in outs)
+    torch.testing.assert_close(torch.stack(outs), torch.stack([_layer1(net, x + s) for s in range(3)]))
+    assert all(isinstance(v, torch.Tensor) and not isinstance(v, ic.Proxy) for v in by_step.values())
+    torch.testing.assert_close(by_step[1], net(x + 1))
+
+
+def test_saved_values_at_module_level(net):
+    """A script's or notebook's names (a module's namespace)."""
+    namespace = {"model": ic.NNsight(net), "x": torch.rand(1, 5), "ic": ic}
+    code = "with model.trace(x):\n    hidden = model.layer1.output.save()\n"
+    exec(compile(code, "<notebook cell>", "exec"), namespace)
+    assert isinstance(namespace["hidden"], torch.Tensor) and not isinstance(namespace["hidden"], ic.Proxy)
+    torch.testing.assert_close(namespace["hidden"], _layer1(net, namespace["x"]))
+
+
+def test_values_without_a_value_attribute_keep_their_proxy(net, lm_dirs):
+    """A saved bool, or an object of another class (an HF model output), stays a proxy that behaves as the value
+    (``.value`` is the object of its own class)."""
+    model = ic.NNsight(net)
+    x = torch.rand(1, 5)
+    with model.trace(x):
+        positive = ic.bool(model.output.sum() > 0).save()
+    assert isinstance(positive, ic.Proxy) and bool(positive) == bool(net(x).sum() > 0)
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with lm.trace("Hello world"):
+        out = lm.output.save()
+    assert out.value.__class__.__name__.endswith("Output") or "Output" in type(out.value).__name__
+    assert isinstance(out.logits, torch.Tensor)
+
+
+def test_a_trained_tensor_keeps_its_identity(net):
+    """A leaf tensor that requires grad (or a Parameter) saved in a session is the object itself afterwards:
+    optimizers hold it, and its .grad is its own."""
+    model = ic.NNsight(net)
+    with model.session():
+        vector = torch.nn.Parameter(torch.zeros(10)).save()
+        delta = ic.save(torch.zeros(10, requires_grad=True))  # a real tensor: returned as it is
+    assert isinstance(vector, torch.nn.Parameter) and vector.value is vector
+    assert isinstance(delta, torch.Tensor) and delta.is_leaf and delta.requires_grad
+    optimizer = torch.optim.SGD([vector, delta], lr=1.0)
+    x = torch.rand(3, 5)
+    with model.trace(x):
+        model.layer1.output[:] = model.layer1.output + vector + delta
+        model.output.sum().backward()
+    assert vector.grad is not None and delta.grad is not None
+    optimizer.step()
+    assert float(vector.detach().abs().sum()) > 0
+
+
+# -- .save() on plain Python containers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_list_dict_and_set_save_in_a_trace(net, compile):
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x, compile=compile):
+        hiddens = list().save()
+        hiddens.append(model.layer1.output)
+        hiddens.append(model.layer2.output)
+        named = dict().save()
+        named["out"] = model.output
+        prefilled = ic.save([model.layer1.output])
+        seen = set().save()
+        seen.add(3)
+    assert type(hiddens) is list and len(hiddens) == 2  # a plain list, as modern code expects
+    torch.testing.assert_close(hiddens[0], _layer1(net, x))
+    torch.testing.assert_close(hiddens[1], net(x))
+    assert type(named) is dict and list(named) == ["out"]
+    torch.testing.assert_close(named["out"], net(x))
+    assert isinstance(prefilled, list) and len(prefilled) == 1
+    assert seen == {3}
+    assert not hasattr([], "save") and not hasattr({}, "save") and not hasattr(set(), "save")
+    with pytest.raises(AttributeError):
+        [].save()
+    model.clear_compiled()
+    assert_clean(net)
+
+
+def test_save_exists_only_inside_a_block_and_only_in_its_thread(net):
+    model = ic.NNsight(net)
+    seen: dict = {}
+    inside = threading.Event()
+    done = threading.Event()
+
+    def other():
+        inside.wait(10)
+        try:
+            [].save()
+        except AttributeError as e:
+            seen["error"] = e
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with model.trace(torch.rand(1, 5)):
+        inside.set()
+        done.wait(10)
+        assert hasattr([], "save")  # this thread's block is open
+    thread.join()
+    assert isinstance(seen.get("error"), AttributeError)
+    assert not hasattr([], "save")
+    with pytest.raises(ValueError):  # a failing block takes it away too
+        with model.trace(torch.rand(1, 5)):
+            raise ValueError("boom")
+    assert not hasattr([], "save")
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_generation_appends_every_step(lm_dirs, compile):
+    """The seed's pattern: ``hidden = list().save()`` and an append at every step of ``tracer.all()``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    steps = 4
+    with lm.generate("Hello world", max_new_tokens=steps, compile=compile) as tracer:
+        hidden = list().save()
+        with tracer.all():
+            hidden.append(lm.transformer.h[-1].output)
+        tokens = lm.generator.output.save()
+    assert type(hidden) is list and len(hidden) == steps
+    assert all(type(h) is torch.Tensor for h in hidden)
+    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"])
+    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
+    plain: list = []
+    handle = hf.transformer.h[-1].register_forward_hook(lambda m, a, o: plain.append(o.detach()))
+    try:
+        ids = tok("Hello world", return_tensors="pt")
+        reference = hf.generate(**ids, max_new_tokens=steps, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        handle.remove()
+    assert torch.equal(tokens, reference)
+    for got, want in zip(hidden, plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    lm.clear_compiled()
