@@ -150,6 +150,10 @@ class UnknownModuleError(TracingError, AttributeError):
     """An attribute or path that names no submodule of the model."""
 
 
+class ModuleIndexError(UnknownModuleError, IndexError):
+    """An index past the end of a ModuleList (``model.h[99]``): an IndexError, as for any Python list."""
+
+
 class ValueNotReadyError(InterventionError, ValueError):
     """``.value`` read before the trace ran, of a value that was not saved, or that was never computed."""
 

@@ -328,6 +328,8 @@ def test_grad_of_value_that_does_not_require_grad(tiny, net, x):
 
 # -- invokes and barriers --------------------------------------------------------------------------------------------
 def test_invoke_without_input(tiny, net, x):
+    """``tracer.invoke()`` without an input acts on the other invokes' rows: with no other invoke, the trace has
+    no input, and the error names the promptless invoke."""
     with pytest.raises(ValueError) as info:
         with tiny.trace() as tracer:
             line = next_line()
@@ -336,6 +338,7 @@ def test_invoke_without_input(tiny, net, x):
     err = info.value
     assert isinstance(err, ic.InvokeError)
     assert_names_line(err, line)
+    assert "without an input" in str(err)
     assert_recovers(tiny, net, x)
 
 

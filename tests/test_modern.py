@@ -206,3 +206,129 @@ def test_generation_appends_every_step(lm_dirs, compile):
     for got, want in zip(hidden, plain):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     lm.clear_compiled()
+
+
+# -- `for step in tracer.iter[...]` runs its body once per step --------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_a_for_loop_over_steps_runs_its_body_once_per_step(lm_dirs, compile):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    seen, per_step = [], []
+    with lm.generate("Hello world", max_new_tokens=4, compile=compile) as tracer:
+        for step in tracer.iter[1:3]:
+            seen.append(step)  # a plain Python list: one item per step, as in a Python loop
+            per_step.append(lm.lm_head.output[:, -1].save())
+            if step == 2:
+                last = lm.lm_head.output[:, -1].argmax(-1).save()
+        everything = list().save()
+        for step in tracer.all():
+            everything.append(step)
+        tokens = lm.generator.output.save()
+    assert seen == [1, 2] and len(per_step) == 2
+    assert everything == [0, 1, 2, 3]
+    assert all(isinstance(p, torch.Tensor) for p in per_step)
+    assert int(last[0]) == int(tokens[0, -2])  # step 2's greedy pick is the token generated at step 2
+    with pytest.raises(ic.TracingError, match="max_new_tokens"):
+        with lm.generate("Hello", compile=compile) as tracer:
+            for _step in tracer.all():
+                pass
+    lm.clear_compiled()
+
+
+# -- bugs found by nnsight's own tests -------------------------------------------------------------------------
+def test_generate_and_invokes_validate_on_fakes(lm_dirs):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with lm.generate("Hello world", max_new_tokens=3, validate=True):
+        assert lm.generator.output.shape[-1] == 3 + len(lm.tokenizer("Hello world")["input_ids"])
+        tokens = lm.generator.output.save()
+    assert tokens.shape[-1] == 3 + len(lm.tokenizer("Hello world")["input_ids"])
+    with lm.generate(max_new_tokens=2) as tracer:
+        with tracer.invoke("Hello", scan=True):  # scan= checks the block, it is no model input
+            shape = lm.transformer.h[0].output.shape
+            tokens = lm.generator.output.save()
+    assert shape[-1] == lm._module.config.n_embd and tokens.shape[-1] == 2 + len(
+        lm.tokenizer("Hello")["input_ids"]
+    )
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_two_backward_passes_in_one_trace(compile):
+    """Each gradient is its pass's: read after ``backward(retain_graph=True)`` (as in PyTorch) or inside
+    ``with loss.backward():``. Compiled, a trace with two passes runs eagerly and agrees."""
+    net = tiny_mlp().requires_grad_(True)
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x, compile=compile):
+        hidden = model.layer1.output
+        loss = model.output.sum()
+        loss.backward(retain_graph=True)
+        first = hidden.grad.save()
+        (loss * 3).backward()
+        second = hidden.grad.save()
+    with model.trace(x, compile=compile):
+        hidden = model.layer1.output
+        loss = model.output.sum()
+        with loss.backward(retain_graph=True):
+            first_in_block = hidden.grad.save()
+        with (loss * 3).backward():
+            second_in_block = hidden.grad.save()
+    reference = []
+    handle = net.layer1.register_forward_hook(
+        lambda m, a, o: o.register_hook(lambda g: reference.append(g.clone())) and None
+    )
+    try:
+        out = net(x).sum()
+        out.backward(retain_graph=True)
+        (out * 3).backward()
+    finally:
+        handle.remove()
+    for got in (first, first_in_block):
+        torch.testing.assert_close(got, reference[0])
+    for got in (second, second_in_block):
+        torch.testing.assert_close(got, reference[1])
+    model.clear_compiled()
+
+
+def test_small_fixes(net, lm_dirs):
+    model = ic.NNsight(net)
+    assert model.to("cpu") is model and model.cpu() is model  # the wrapper, not the bare module
+    x = torch.rand(2, 5)
+    trained = ic.NNsight(tiny_mlp().requires_grad_(True))
+    with trained.trace(x, scan=True, validate=True):  # retain_grad on fakes (which have no autograd)
+        hidden = trained.layer1.output
+        hidden.retain_grad()
+    with model.session():
+        with model.trace(x):
+            h = model.layer1.output.save()
+        with model.trace(x, scan=True):  # a session value in a checked trace: of unknown shape until it runs
+            model.layer1.output = h * 2
+            out = model.output.save()
+    torch.testing.assert_close(out, net.layer2(net.layer1(x) * 2))
+    with model.trace(x) as tracer:
+        cache = tracer.cache()
+        model.layer1.output[:] = 0  # the cache holds the edited value, as nnsight's does
+    assert float(cache["model.layer1"].output.abs().sum()) == 0.0
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with pytest.raises(IndexError):  # a ModuleList index past the end, as for a Python list
+        with lm.trace("Hello"):
+            lm.transformer.h[999].output.save()
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_an_invoke_without_input_sees_the_whole_batch(net, compile):
+    model = ic.NNsight(net)
+    a, b = torch.rand(1, 5), torch.rand(2, 5)
+    with model.trace(compile=compile) as tracer:
+        with tracer.invoke(a):
+            first = model.layer1.output.save()
+        with tracer.invoke(b):
+            pass
+        with tracer.invoke():
+            everything = model.layer1.output.save()
+            model.layer2.output[:, 0] = 0
+            out = model.output.save()
+    torch.testing.assert_close(everything, net.layer1(torch.cat([a, b])))
+    torch.testing.assert_close(first, net.layer1(a))
+    expected = net(torch.cat([a, b]))
+    expected[:, 0] = 0
+    torch.testing.assert_close(out, expected)
+    model.clear_compiled()

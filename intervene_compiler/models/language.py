@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, InvokeError, SourceLoc, user_location
+from ..ir import SiteKind
 from ..runtime import Target, check_token_ids
 from ..tracing import Envoy, NNsight, Tracer
 from ..tracing.model import remote_error
@@ -273,6 +274,19 @@ class LanguageModel(NNsight):
             "pass a string, a list of strings, token ids (tensor or lists of ints) or a tokenizer's output",
         )
 
+    def _fake_extras(self, acts: dict, kwargs: dict, tracer: Any, mode: Any) -> None:
+        """In a generate block the fake forward runs the prompt only: the generated ids (``generator.output``)
+        are a fake (batch, prompt + new tokens) tensor."""
+        if getattr(tracer, "_generate_kwargs", None) is None or "input_ids" not in kwargs:
+            return
+        batch, length = kwargs["input_ids"].shape
+        new = tracer._step_count()
+        if new is None:
+            config = self._module.generation_config
+            new = config.max_new_tokens or max(0, (config.max_length or length) - length)
+        with mode:
+            acts[("generator", SiteKind.OUTPUT, 0)] = torch.empty(batch, length + new, dtype=torch.long)
+
     def _check_batchable(
         self, first: tuple[tuple, dict], new: tuple[tuple, dict], loc: SourceLoc | None
     ) -> None:
@@ -357,6 +371,11 @@ class Generator(Tracer):
             super()._run()
         finally:
             checkpoint.generating = None
+
+    def _step_count(self) -> int | None:
+        """One step per generated token: ``max_new_tokens`` (None when generate was not told)."""
+        new = self._generate_kwargs.get("max_new_tokens")
+        return new if isinstance(new, int) else None
 
     def _check_positions(self) -> None:
         """The longest prompt plus the tokens to generate must fit the model's positions (a learned position

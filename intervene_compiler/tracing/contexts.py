@@ -38,6 +38,30 @@ class Invoker:
         return False
 
 
+class WholeBatch:
+    """``with tracer.invoke():`` (no input): interventions inside see every row of the batch."""
+
+    def __init__(self, tracer: Tracer, loc: SourceLoc | None):
+        self.tracer = tracer
+        self.loc = loc
+        self._outer: int | None = None
+
+    def __enter__(self) -> WholeBatch:
+        tracer = self.tracer
+        if tracer._invoke is not None and tracer._implicit is None:
+            raise InvokeError(
+                "invokes cannot be nested", self.loc, "close one invoke before opening the next"
+            )
+        if tracer._promptless is None:
+            tracer._promptless = self.loc
+        self._outer, tracer._invoke = tracer._invoke, None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+        self.tracer._invoke = self._outer
+        return False
+
+
 class Cond:
     """``with tracer.cond(x):`` runs the interventions inside only when ``bool(x)`` holds at run time.
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import TracingError, UnknownModuleError, user_location
+from ..errors import ModuleIndexError, TracingError, UnknownModuleError, user_location
 from ..ir import Op, SiteKind
 from ..runtime import ModelCaches
 
@@ -210,7 +210,7 @@ class Envoy:
         try:
             return children[index]
         except (IndexError, TypeError):
-            raise UnknownModuleError(
+            raise ModuleIndexError(
                 f"model.{self._path}[{index!r}] does not exist: it has {len(children)} submodules",
                 user_location(),
                 f"use an index in range({len(children)}) (negative indices count from the end)",
@@ -218,6 +218,20 @@ class Envoy:
 
     def __iter__(self):
         return iter(list(self._child_envoys().values()))
+
+    # -- moving the model: the wrapper stays the wrapper (``model.to("cuda")`` returns ``model``) ---------------
+    def to(self, *args: Any, **kwargs: Any) -> Envoy:
+        """Move or cast the module (``torch.nn.Module.to``); returns this envoy, not the bare module."""
+        self._module.to(*args, **kwargs)
+        return self
+
+    def cpu(self) -> Envoy:
+        self._module.cpu()
+        return self
+
+    def cuda(self, device: Any = None) -> Envoy:
+        self._module.cuda(device)
+        return self
 
     def __len__(self) -> int:
         return len(self._child_envoys())

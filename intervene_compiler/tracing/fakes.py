@@ -82,6 +82,8 @@ class FakeTracker:
             return None
         if op is Op.GRAD:
             return torch.empty_like(a[0]) if isinstance(a[0], torch.Tensor) else None
+        if op is Op.METHOD and node.target in _AUTOGRAD_ONLY:  # fakes run without autograd: nothing to check
+            return None
         if op is Op.MODULE:
             return self.tracer.model._module.get_submodule(node.target)(*a, **kw)
         if op in (Op.LOG, Op.STOP, Op.BACKWARD, Op.SET_GRAD, Op.COND):
@@ -94,6 +96,8 @@ class FakeTracker:
         v = self.values.get(node_id)
         if isinstance(v, _Unknown):
             raise _UnknownInput(v.reason)
+        if v is None and node_id not in self.values:  # a value of the session this trace is part of
+            raise _UnknownInput("it is a session value, computed when the session runs")
         return v
 
     def _param(self, index: int) -> Any:
@@ -126,12 +130,18 @@ class FakeTracker:
             invokers = tracer._invokers if invoke is None else [tracer._invokers[invoke]]
             if not invokers:
                 raise _UnknownInput("the block has no input yet")
+            if any(inv.inputs is None or inv.inputs[0] is None for inv in invokers):
+                raise _UnknownInput("its input is a session value, which exists only when the session runs")
             # every invoker in _invokers has been entered, and none has a session value (a trace in a session
             # never runs on fakes, see FakeShapes._meta): each one's inputs are its prepared (args, kwargs)
             args, kwargs = tracer.model._batch_inputs([inv.inputs for inv in invokers])  # type: ignore[misc]
             acts = record_activations(tracer.model, self.mode, args, kwargs)
+            tracer.model._fake_extras(acts, kwargs, tracer, self.mode)
             self.runs[invoke] = acts
         return acts
+
+
+_AUTOGRAD_ONLY = frozenset({"retain_grad", "register_hook"})
 
 
 class _UnknownInput(Exception):

@@ -13,6 +13,7 @@ inside the block cannot be used after it inside the same trace (save them, or mo
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -89,12 +90,37 @@ class Iteration:
         return False
 
     def __iter__(self):
-        """``for step in tracer.iter[1:3]:`` records the loop body once, as the block's body."""
-        step = self.__enter__()
-        try:
-            yield step
-        finally:
-            self.__exit__(None, None, None)
+        """``for step in tracer.iter[1:3]:`` runs the loop body once per step, as Python runs a loop: each pass
+        records a block of its one step and yields that step's index (a Python int), so a Python list appended in
+        the body gets one item per step and ``if step == 2:`` works. The steps of ``tracer.all()`` or an open
+        slice are known from ``max_new_tokens`` (one step in a trace)."""
+        for step in self._step_list():
+            block = Iteration(self.tracer, (step,), self.loc)
+            block.__enter__()
+            try:
+                yield step
+            except BaseException:
+                block.__exit__(*sys.exc_info())
+                raise
+            block.__exit__(None, None, None)
+
+    def _step_list(self) -> list[int]:
+        steps = self.steps
+        if isinstance(steps, tuple):
+            return list(steps)
+        total = self.tracer._step_count()
+        if isinstance(steps, slice) and steps.stop is not None:
+            return list(range(steps.start or 0, steps.stop, steps.step or 1))
+        if total is None:
+            raise TracingError(
+                "`for step in tracer.all()` (or an open slice) needs to know how many steps the run has, and "
+                "it cannot: generate was given no `max_new_tokens`",
+                self.loc,
+                "pass `max_new_tokens=` to generate, iterate a closed slice (`tracer.iter[0:5]`), or use "
+                "`with tracer.all():` (its body runs at every step; append to `list().save()` to keep each)",
+            )
+        start, step = (steps.start or 0, steps.step or 1) if isinstance(steps, slice) else (0, 1)
+        return list(range(start, total, step))
 
 
 class IterSelector:

@@ -225,6 +225,10 @@ class NNsight(Envoy):
         kwargs = {k: _concat([p[1][k] for p in prepared], f"keyword input {k!r}") for k in keys}
         return args, kwargs
 
+    def _fake_extras(self, acts: dict, kwargs: dict, tracer: Any, mode: Any) -> None:
+        """Add to a fake run's recorded sites (``tracing/fakes.py``) those a forward does not produce (a language
+        model's generated ids); nothing for a plain model."""
+
     def _token_limits(self) -> tuple[int, int | None] | None:
         """``runtime.token_limits`` of the wrapped model, found once per module."""
         module = self._module

@@ -45,6 +45,10 @@ class Recording(Recorder, TracerState):
                 user_location(),
                 "do the work inside the `with` block, or on saved values after it",
             )
+        if (op is Op.GRAD or op is Op.SET_GRAD) and self._deferred:
+            # inside `with loss.backward():` a gradient is that backward's, the next one in program order (one
+            # read after a plain `loss.backward()` call is that earlier backward's: see GraphPlan.grad_backward)
+            kwargs = {"backward": "next"}
         refs: list[int] = []
         enc_args: tuple = self._encode(args, refs) if args else ()
         enc_kwargs = tuple([(k, self._encode(v, refs)) for k, v in kwargs.items()]) if kwargs else ()

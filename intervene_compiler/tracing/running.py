@@ -110,8 +110,13 @@ class Running(TracerState):
     def _check_has_input(self) -> None:
         if not self._invokers:
             raise InvokeError(
-                "the trace has no input",
-                None,
+                "the trace has no input"
+                + (
+                    ": `tracer.invoke()` without an input acts on the other invokes' rows"
+                    if self._promptless
+                    else ""
+                ),
+                self._promptless,
                 "pass the input to `model.trace(x)`, or add `with tracer.invoke(x):` blocks",
             )
 

@@ -68,6 +68,7 @@ class TracerState:
     _guards: Guards
     _invoke: int | None
     _invokers: list[Invoker]
+    _promptless: SourceLoc | None  # the first `tracer.invoke()` without an input
     _site_cache: dict[SiteKey, Proxy]
     _saved_ids: set[int]
     _params: tuple | list[Any]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import InvokeError, SourceLoc, user_location
 from ..ir import Graph, Node, Op
 from . import current
-from .contexts import Barrier, Cond, Invoker, no_input_error
+from .contexts import Barrier, Cond, Invoker, WholeBatch
 from .current import current_tracer
 from .iteration import Iteration, IterSelector
 from .proxy import Proxy, _find_live_tracer
@@ -78,6 +78,7 @@ class Tracer(Recording, FakeShapes, Running, Results):
     _fakes: FakeTracker | None = None
     _token: Token[Tracer | Session | None] | None = None
     _implicit: Invoker | None = None
+    _promptless: SourceLoc | None = None  # the first `tracer.invoke()` without an input, if any
     graph: Graph | None = None
     output: Any = None
     # inside `model.session()`: the block records into the session (see session.py) and runs when it does
@@ -119,7 +120,9 @@ class Tracer(Recording, FakeShapes, Running, Results):
         self._kwargs = dict(kwargs) if kwargs else {}
         self._invoker_args = dict(invoker_args) if invoker_args else {}
         self._implicit_args = args
-        if not validate and (mode == "trace" or mode == "generate"):
+        if (
+            mode == "trace" or mode == "generate"
+        ):  # (validated on fakes too: session values are of unknown shape)
             session = _current_session.get()
             if session is not None:
                 self._session = session
@@ -215,19 +218,28 @@ class Tracer(Recording, FakeShapes, Running, Results):
             return self._invokers[self._invoke]
         return self._implicit
 
-    def invoke(self, *args, **kwargs) -> Invoker:
-        """Add an input to the batch; interventions inside the returned block see only its rows."""
+    def invoke(self, *args, **kwargs) -> Invoker | WholeBatch:
+        """Add an input to the batch; interventions inside the returned block see only its rows.
+
+        Without an input (``with tracer.invoke():``) the block adds nothing to the batch and its interventions
+        see every row: the batch of all the other invokes. ``scan=``/``validate=`` given here check the block
+        on fake tensors, as given to ``trace()``."""
         loc = user_location()
         if self._mode == "edit":
             raise InvokeError("model.edit() takes no inputs, so it has no invokes", loc)
+        checks = {k: kwargs.pop(k) for k in ("scan", "validate") if k in kwargs}
+        if any(checks.values()) and not self._validate:
+            self._validate = True
+            if self._invokers and self._fakes is None:
+                self._enable_fakes()
+        if not args and not kwargs:
+            return WholeBatch(self, loc)
         if self._implicit is not None:
             raise InvokeError(
                 "this trace was given its input directly (`model.trace(x)`), so it cannot take invokes too",
                 loc,
                 "open `with model.trace() as tracer:` without input and give each input its own `tracer.invoke(x)`",
             )
-        if not args and not kwargs:
-            raise no_input_error(loc)
         return Invoker(self, args, kwargs, loc)
 
     def cond(self, condition: Any) -> Cond:
@@ -274,6 +286,10 @@ class Tracer(Recording, FakeShapes, Running, Results):
     def iter(self) -> IterSelector:
         """``with tracer.iter[1:3]:`` (or ``[i]``, ``[[0, 2]]``, ``for step in tracer.iter[1:3]:``): those steps."""
         return IterSelector(self)
+
+    def _step_count(self) -> int | None:
+        """How many steps (root module calls) the run has, when known before it runs: one for a trace."""
+        return 1
 
     def next(self, step: int = 1) -> Tracer:
         """Move every module to its next call (e.g. the next generated token)."""

@@ -238,6 +238,8 @@ def _build(
     reason = next((why for n in graph.nodes if (why := UNSUPPORTED.get(n.op)) is not None), None)
     if reason is None and any(n.body for n in graph.nodes):
         reason = "nested graphs are not compiled yet"
+    if reason is None and sum(n.op is Op.BACKWARD for n in graph.nodes) > 1:
+        reason = "several backward passes in one trace are not compiled (each gradient is one pass's)"
     if reason is not None:
         record_fallback(entry, reason)
         return entry

@@ -30,6 +30,7 @@ from .events import ModuleEvents
 from .gradients import Gradients, no_backward_error
 from .hooks import add_hook
 from .plan import (
+    _BACKWARD,
     _CACHE,
     _GRAD,
     _GRAD_OPS,
@@ -88,6 +89,9 @@ class Interpreter(ModuleEvents, Gradients):
     adhoc = 0  # > 0 while a MODULE node calls a module ad hoc (its hooks do nothing)
     stopped: Node | None = None
     in_forward = False
+    backward: int | None = (
+        None  # the BACKWARD node whose pass is running (several passes: plan.grad_backward)
+    )
     steps = None  # per-step bodies (tracer.all(), tracer.iter[...]): see steps.py
 
     def __init__(self, target: Target, graph: Graph):
@@ -329,6 +333,8 @@ class Interpreter(ModuleEvents, Gradients):
             if s != _DONE:
                 return
         op = node.op
+        if self.backward is not None and node.id not in self._plan.grad_dependent:
+            return  # inside a backward pass (a gradient hook's drain) only gradients run; the rest after it
         if op in _WAITING_OPS:
             if op is _ITER:  # armed: its body is instantiated at each matching step (steps.py)
                 state.setdefault(node.id, _ARMED)
@@ -340,6 +346,10 @@ class Interpreter(ModuleEvents, Gradients):
                 if (op is _GRAD or op is _SET_GRAD) and state.get(node.id) is None:
                     self._arm_grad(node)
                 return
+            if (op is _GRAD or op is _SET_GRAD) and self._plan.grad_backward:
+                bound = self._plan.grad_backward.get(node.id)
+                if bound is not None and bound != self.backward:
+                    return  # another backward pass's gradient
         self.run_node(node)
 
     def run_node(self, node: Node) -> None:
@@ -407,6 +417,12 @@ class Interpreter(ModuleEvents, Gradients):
                 self.adhoc -= 1
         if op is _CACHE:
             return self.env[node.id]
+        if op is _BACKWARD:
+            self.backward = node.id
+            try:
+                return VALUE_OPS[op](node, a, kw)
+            finally:
+                self.backward = None
         return VALUE_OPS[op](node, a, kw)  # SETATTR of anything but an invoke's rows' requires_grad
 
     # -- sites ---------------------------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ from ...ir.nodes import walk_nodes
 # hot paths compare ops with these module constants: ``Op.SITE`` is a (slow) enum class attribute lookup
 _SITE, _SET, _UPDATE, _GRAD, _SET_GRAD = Op.SITE, Op.SET, Op.UPDATE, Op.GRAD, Op.SET_GRAD
 _SETATTR, _STOP, _MODULE, _CACHE, _ITER = Op.SETATTR, Op.STOP, Op.MODULE, Op.CACHE, Op.ITER
-_SAVE = Op.SAVE
+_SAVE, _BACKWARD = Op.SAVE, Op.BACKWARD
 _INPUT, _INPUTS, _OUTPUT = SiteKind.INPUT, SiteKind.INPUTS, SiteKind.OUTPUT
 _SITE_OPS = frozenset({_SITE, _SET, _UPDATE})
 _GRAD_OPS = frozenset({_GRAD, _SET_GRAD})
 _WAITING_OPS = _SITE_OPS | _GRAD_OPS | {_ITER}  # ops that run only at their event (or are armed)
 # ops Interpreter.evaluate handles itself (the rest are plain value ops of the interpreter)
-_RUNNER_OPS = frozenset({_SET, _GRAD, _SET_GRAD, _SETATTR, _STOP, _MODULE, _CACHE})
+_RUNNER_OPS = frozenset({_SET, _GRAD, _SET_GRAD, _SETATTR, _STOP, _MODULE, _CACHE, _BACKWARD})
 
 
 class GraphPlan:
@@ -47,6 +47,8 @@ class GraphPlan:
         "events",
         "reads",
         "site_edits",
+        "grad_backward",
+        "grad_dependent",
     )
 
     def __init__(self, graph_nodes: tuple[Node, ...]):
@@ -72,6 +74,17 @@ class GraphPlan:
         # not fused into an UPDATE): like a site node, each must run during its site's event, or the model never
         # sees it (a value computed later, by a later module); ``visit`` checks them when the event ends
         self.site_edits = site_edits(graph_nodes)
+        # with several backward passes: GRAD/SET_GRAD node id -> the BACKWARD node whose pass gives its gradient
+        self.grad_backward = grad_backward(graph_nodes)
+        # the nodes that run during a backward pass (in its gradient hooks): gradient reads and sets and what
+        # depends on them; anything else waits for the pass to end (grad mode is off inside it)
+        self.grad_dependent: frozenset[int] = frozenset()
+        if self.has_grads:
+            dependent: set[int] = set()
+            for n in walk_nodes(graph_nodes):
+                if n.op in _GRAD_OPS or any(d in dependent for d in n.refs):
+                    dependent.add(n.id)
+            self.grad_dependent = frozenset(dependent)
         # (path, hook its inputs, hook its outputs) per module the graph touches, in path order
         self.hooks = hook_paths(self.site_nodes)
         self.saved = tuple(sorted(set(saved_ids(graph_nodes))))
@@ -89,6 +102,28 @@ class GraphPlan:
             None if self.has_iter or self.has_cache or self.has_grads else _event_schedule(graph_nodes)
         )
         self.reads = Reads.of(graph_nodes, self.saved) if self.events is not None else None
+
+
+def grad_backward(nodes: tuple[Node, ...]) -> dict[int, int]:
+    """Which backward pass each gradient read or set belongs to, when a graph has several (else empty).
+
+    As in PyTorch, a gradient read after ``loss.backward(retain_graph=True)`` is that backward's; one read before
+    any backward, or inside ``with loss.backward():`` (marked ``backward="next"`` when recorded), is the next one's.
+    """
+    backwards = [i for i, n in enumerate(nodes) if n.op is Op.BACKWARD]
+    if len(backwards) < 2:
+        return {}
+    bound: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        if n.op not in _GRAD_OPS:
+            continue
+        before = [b for b in backwards if b < i]
+        after = [b for b in backwards if b > i]
+        if (dict(n.kwargs).get("backward") == "next" or not before) and after:
+            bound[n.id] = nodes[after[0]].id
+        elif before:
+            bound[n.id] = nodes[before[-1]].id
+    return bound
 
 
 class Reads:
