@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import debug
-from .backends.compiled import run_compiled, run_generate_compiled, run_layered
+from .backends.compiled import record_fallback, run_compiled, run_generate_compiled, run_layered
 from .backends.compiled.layered import applies as layered_applies
 from .backends.eager import leaves, plain_values, run_graph, same_leaves
 from .backends.session import SessionTrace, run_session
@@ -91,13 +91,17 @@ def execute(
     if debug.DEBUG >= 1:
         print(format_graph(graph))
     args, kwargs, repeat = _batch(graph, inputs, target, options)
+    compile = options.compile
+    if compile and any(n.op is Op.SET and ("skip", True) in n.kwargs for n in graph.nodes):
+        record_fallback(None, "`.skip()` runs eagerly (its module is not left out of compiled programs yet)")
+        compile = False
     if options.fake:
         result = _run_fake(target, graph, args, kwargs)
-    elif options.compile and target.generating is not None:
+    elif compile and target.generating is not None:
         result = run_generate_compiled(target, graph, args, kwargs)
-    elif options.compile and repeat:
+    elif compile and repeat:
         result = run_layered(target, graph, args, kwargs, repeat, options.reuse)
-    elif options.compile:
+    elif compile:
         result = run_compiled(target, graph, args, kwargs)
     else:
         result = run_graph(target, graph, args, kwargs, repeat, options.reuse and repeat > 0)

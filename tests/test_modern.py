@@ -332,3 +332,46 @@ def test_an_invoke_without_input_sees_the_whole_batch(net, compile):
     expected[:, 0] = 0
     torch.testing.assert_close(out, expected)
     model.clear_compiled()
+
+
+# -- .skip(value) ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_skip_replaces_a_module_without_running_it(compile):
+    from intervene_compiler.testing import tiny_gpt2
+
+    m = tiny_gpt2(n_layer=3)
+    model = ic.NNsight(m)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    ran = []
+    handle = m.transformer.h[1].attn.register_forward_hook(lambda mod, a, o: ran.append(1))
+    try:
+        with model.trace(ids, compile=compile):
+            model.transformer.h[1].skip(model.transformer.h[0].output)
+            skipped = model.transformer.h[1].output.save()
+            logits = model.output.logits.save()
+    finally:
+        handle.remove()
+    assert ran == []  # the skipped block (and so its attention) never ran
+    kept = {}
+    hooks = [
+        m.transformer.h[0].register_forward_hook(lambda mod, a, o: kept.__setitem__(0, o)),
+        m.transformer.h[1].register_forward_hook(lambda mod, a, o: kept[0]),
+    ]
+    try:
+        expected = m(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(skipped, kept[0])
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(ic.MissedSiteError):  # a module inside a skipped one never runs
+        with model.trace(ids, compile=compile):
+            model.transformer.h[1].skip(model.transformer.h[0].output)
+            model.transformer.h[1].mlp.output.save()
+    with pytest.raises(ic.InterventionError, match="only after the module would run"):
+        with model.trace(ids, compile=compile):
+            model.transformer.h[1].skip(model.transformer.h[2].output)
+    if compile:
+        assert any("skip" in r for r in ic.compile_stats()["fallback_reasons"])
+    model.clear_compiled()
+    assert_clean(m)

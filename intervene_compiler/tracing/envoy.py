@@ -279,6 +279,13 @@ class Envoy:
     def inputs(self, value) -> None:
         self._tracer("inputs")._set_site(self._path, SiteKind.INPUTS, value)
 
+    def skip(self, value: Any) -> None:
+        """Do not run this module (in its current call): ``value`` is its output, e.g.
+        ``model.transformer.h[1].skip(model.transformer.h[0].output)``. Modules inside it do not run either. The
+        value must exist before the module would run (computed from earlier modules), and a skip applies to the
+        whole batch (a module cannot run for some rows only)."""
+        self._tracer("skip")._skip_site(self._path, value)
+
     def next(self, step: int = 1) -> Envoy:
         """Address this module's next call (e.g. the next generated token) from here on in the block."""
         self._tracer("next()")._next_call(self._path, step)

@@ -76,7 +76,10 @@ class FakeTracker:
         kw = {k: resolve(v, self._lookup, self._param) for k, v in node.kwargs}
         if op is Op.SET:
             old = self._site(node, strict)
-            if not node.kwargs:  # resize=True: a pass's deliberate shape change (passes/last_position.py)
+            if (
+                "resize",
+                True,
+            ) not in node.kwargs:  # a pass's deliberate shape change (passes/last_position.py)
                 new = conform(old, a[0]) if isinstance(old, torch.Tensor) else a[0]
                 check_set_value(old, new, node.loc, str(node.target))
             return None

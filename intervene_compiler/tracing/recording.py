@@ -191,6 +191,28 @@ class Recording(Recorder, TracerState):
         for key in [k for k in self._site_cache if k[0] == path and k[2] == call]:
             del self._site_cache[key]
 
+    def _skip_site(self, path: str, value: Any) -> None:
+        """``model.<path>.skip(value)``: a SET of the module's output marked ``skip`` (the runner returns the value
+        instead of calling the forward; see backends/eager/events.py)."""
+        loc = user_location()
+        name = "model" + ("." + path if path else "")
+        if not path:
+            raise TracingError(
+                f"`{name}.skip()` would skip the whole model", loc, "skip one of its submodules"
+            )
+        if self._frame is not None:
+            raise TracingError(
+                f"`{name}.skip()` inside `tracer.all()` / `tracer.iter[...]` is not supported",
+                loc,
+                "skip the module in a trace (or a generate block, where it is skipped at the prompt's step)",
+            )
+        if value is None:
+            raise TracingError(f"`{name}.skip(None)` would make the module's output nothing", loc)
+        call = self._call_of(path)
+        self._record(Op.SET, Site(path, SiteKind.OUTPUT, call, self._invoke), (value,), {"skip": True})
+        for key in [k for k in self._site_cache if k[0] == path and k[2] == call]:
+            del self._site_cache[key]
+
     def _defer_node(self, node_id: int) -> None:
         """Take a just-recorded node out of program order until :meth:`_undefer_node` (backward blocks)."""
         if not self._nodes or self._nodes[-1].id != node_id:

@@ -12,18 +12,59 @@ Mixed into :class:`~.interpreter.Interpreter`; uses its scheduler state and the 
 
 from __future__ import annotations
 
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...errors import InterventionError
 from ...ir import Graph, Node, Op, Site, SiteKind
-from ...runtime import CacheEntry, narrow, repeat_rows
+from ...runtime import CacheEntry, narrow, repeat_rows, resolve
 from .hooks import hook_modules
 from .plan import _INPUTS, _OUTPUT, GraphPlan, hook_paths
 from .prefix import SharedPrefix
+from .states import NodeState
+
+_DONE_STATE, _SKIPPED_STATE = NodeState.DONE, NodeState.SKIPPED
 
 if TYPE_CHECKING:
     from .steps import Steps
+
+
+RUN = object()  # skip_value: no skip at this call
+
+
+def _skip_error(node: Node, why: str) -> InterventionError:
+    return InterventionError(
+        f"the module cannot be skipped here: {why}",
+        node.loc,
+        "skip it with a value from earlier modules, for the whole batch (`with tracer.invoke():` or no invokes)",
+    )
+
+
+class SkipForward:
+    """The forward of a module a graph skips (``.skip(value)``), set on the instance for the run: at a skipped
+    call it returns the value (the interpreter's ``skip_value``) instead of running the module; at any other call,
+    the class's forward. Torch's hooks run around it as around any forward. ``remove`` deletes it."""
+
+    __slots__ = ("module", "forward")
+
+    def __init__(self, module: torch.nn.Module, path: str, run: ModuleEvents):
+        own = type(module).forward
+
+        def forward(self, *args, **kwargs):
+            value = run.skip_value(path) if self is module else RUN
+            return own(self, *args, **kwargs) if value is RUN else value
+
+        forward.__wrapped__ = own  # type: ignore[attr-defined]  # inspect.signature sees the class forward's
+        self.module = module
+        self.forward = bound = types.MethodType(forward, module)
+        module.__dict__["forward"] = bound
+
+    def remove(self) -> None:
+        d = self.module.__dict__
+        if d.get("forward") is self.forward:
+            del d["forward"]
 
 
 class ModuleEvents(SharedPrefix):
@@ -43,6 +84,8 @@ class ModuleEvents(SharedPrefix):
     in_forward: bool
     _plan: GraphPlan
     _events: dict | None
+    state: dict
+    params: tuple
 
     if TYPE_CHECKING:
 
@@ -66,8 +109,33 @@ class ModuleEvents(SharedPrefix):
             and self.reuse is None
             and self.layer_forward is None
             and self.pack_plan is None
+            and not self._plan.skips  # a skipped module's forward is set on the instance (below)
         )
         hook_modules(self.module, hooks, self._pre_hook, self._post_hook, handles, wrap)
+        for path in self._plan.skips:
+            handles.append(SkipForward(self.module.get_submodule(path), path, self))
+
+    def skip_value(self, path: str) -> Any:
+        """The output a ``.skip(value)`` gives module ``path`` at this call, or ``RUN`` (call the forward)."""
+        call = self.calls_out.get(path, 0)
+        for node in self._plan.skips[path]:
+            if node.target.call != call:
+                continue
+            state = self.state
+            for g, want in node.guards:
+                s = state.get(g)
+                if s == _SKIPPED_STATE or s == _DONE_STATE and self.env[g] != want:
+                    return RUN
+                if s != _DONE_STATE:
+                    raise _skip_error(node, "its `tracer.cond` condition is not known before the module runs")
+            for d in node.refs:
+                if state.get(d) != _DONE_STATE:
+                    raise _skip_error(node, "its value is computed only after the module would run")
+            start, stop = self.site_rows(node.target)
+            if stop - start != self.batch:
+                raise _skip_error(node, "it is for one invoke's rows, and a module runs for the whole batch")
+            return resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+        return RUN
 
     def _pre_hook(self, path: str):
         """The forward pre-hook of module ``path``: its ``.input``/``.inputs`` event."""

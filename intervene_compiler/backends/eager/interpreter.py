@@ -457,7 +457,7 @@ class Interpreter(ModuleEvents, Gradients):
         key = site.key
         start, stop = self.site_rows(site)
 
-        resize = bool(node.kwargs)  # a SET's only keyword, resize=True: a pass's deliberate shape change
+        resize = ("resize", True) in node.kwargs  # a pass's deliberate shape change (passes/last_position.py)
 
         def check(old, value):
             if not resize:

@@ -49,6 +49,7 @@ class GraphPlan:
         "site_edits",
         "grad_backward",
         "grad_dependent",
+        "skips",
     )
 
     def __init__(self, graph_nodes: tuple[Node, ...]):
@@ -76,6 +77,11 @@ class GraphPlan:
         self.site_edits = site_edits(graph_nodes)
         # with several backward passes: GRAD/SET_GRAD node id -> the BACKWARD node whose pass gives its gradient
         self.grad_backward = grad_backward(graph_nodes)
+        # module path -> its `.skip(value)` SET nodes (the module's forward is not called at their call)
+        self.skips: dict[str, list[Node]] = {}
+        for n in graph_nodes:
+            if n.op is _SET and ("skip", True) in n.kwargs:
+                self.skips.setdefault(n.target.path, []).append(n)
         # the nodes that run during a backward pass (in its gradient hooks): gradient reads and sets and what
         # depends on them; anything else waits for the pass to end (grad mode is off inside it)
         self.grad_dependent: frozenset[int] = frozenset()
