@@ -4,6 +4,7 @@
 """
 
 from .backends.compiled import compile_stats, reset_compile_stats
+from .config import CONFIG
 from .errors import (
     BarrierError,
     GradientError,
@@ -41,6 +42,7 @@ from .tracing.builtins import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONFIG",
     "BarrierError",
     "CacheEntry",
     "Envoy",

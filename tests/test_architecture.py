@@ -73,6 +73,7 @@ def _imports(module: str) -> list[tuple[str, str | None, int]]:
 ALLOWED = {
     "errors": set(),
     "debug": set(),
+    "config": set(),  # the user's settings (ic.CONFIG): read by remote execution
     "ir": {"errors"},
     "passes": {"ir", "errors"},
     "runtime": {"ir", "errors"},
@@ -96,6 +97,7 @@ ALLOWED = {
     "demo": {"", "models", "testing", "errors"},
     "": {
         "backends.compiled",
+        "config",
         "errors",
         "execute",
         "ir",

@@ -375,3 +375,105 @@ def test_skip_replaces_a_module_without_running_it(compile):
         assert any("skip" in r for r in ic.compile_stats()["fallback_reasons"])
     model.clear_compiled()
     assert_clean(m)
+
+
+# -- smaller API gaps --------------------------------------------------------------------------------------------
+def test_config_persists_the_api_key_and_host(tmp_path, monkeypatch):
+    from intervene_compiler import config
+
+    monkeypatch.setenv("IC_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("IC_API_KEY", raising=False)
+    monkeypatch.delenv("IC_API_HOST", raising=False)
+    settings = config.load()
+    assert settings.API.APIKEY is None and settings.API.HOST == config.DEFAULT_HOST
+    settings.set_default_api_key("secret-key")
+    settings.set_default_host("127.0.0.1:9123")
+    path = config.config_path()
+    assert path == tmp_path / "config.json" and (path.stat().st_mode & 0o777) == 0o600
+    again = config.load()  # a later session
+    assert again.API.APIKEY == "secret-key" and again.API.HOST == "127.0.0.1:9123"
+    monkeypatch.setenv("IC_API_KEY", "from-env")
+    assert config.load().API.APIKEY == "from-env"  # the environment wins
+    with pytest.raises(ValueError):
+        settings.set_default_api_key("  ")
+    assert ic.CONFIG.APP.REMOTE_LOGGING in (True, False) and hasattr(ic.CONFIG.API, "HOST")
+
+
+def test_session_validate_and_stop(net):
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    with count_forwards(net) as counts:
+        with pytest.raises(IndexError):
+            with model.session(validate=True):
+                with model.trace(x):
+                    model.layer1.output[:, 99] = 0  # found on fakes, before anything runs
+    assert counts == {"real": 0}
+    with model.session() as session:
+        with model.trace(x):
+            first = model.layer1.output.save()
+        session.stop()  # as session.exit(): what follows does not run
+        with model.trace(x):
+            later = model.output.save()
+    torch.testing.assert_close(first, _layer1(net, x))
+    with pytest.raises(ic.ValueNotReadyError):
+        print(later.value)
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_cache_by_attribute_path(compile):
+    from intervene_compiler.testing import tiny_gpt2
+
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    with model.trace(ids, compile=compile) as tracer:
+        cache = tracer.cache(modules=[model.transformer.h[0], model.transformer.h[1].mlp])
+    kept = {}
+    hooks = [
+        m.transformer.h[0].register_forward_hook(lambda mod, a, o: kept.__setitem__("h0", o)),
+        m.transformer.h[1].mlp.register_forward_hook(lambda mod, a, o: kept.__setitem__("mlp", o)),
+    ]
+    try:
+        with torch.no_grad():
+            m(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(cache.model.transformer.h[0].output, kept["h0"])
+    torch.testing.assert_close(cache["model.transformer.h.1.mlp"].output, kept["mlp"])
+    torch.testing.assert_close(cache.model.transformer.h[1].mlp.output, kept["mlp"])
+    model.clear_compiled()
+
+
+def test_a_submodule_named_like_a_site_is_warned_about():
+    class Named(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.output = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.output(x)
+
+    with pytest.warns(UserWarning, match=r"model.get\('output'\)"):
+        ic.NNsight(Named())
+
+
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def count_forwards(module: torch.nn.Module):
+    """Count the module's forward calls on real tensors (fake ones, from validation, are not counted)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    counts = {"real": 0}
+
+    def hook(mod, args, output):
+        if not any(isinstance(a, FakeTensor) for a in args):
+            counts["real"] += 1
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield counts
+    finally:
+        handle.remove()

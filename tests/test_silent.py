@@ -352,7 +352,8 @@ class _SitesByName(torch.nn.Module):
 @pytest.mark.parametrize("compile", BOTH)
 def test_submodules_named_output_and_input_are_reachable(compile):
     net = _SitesByName().requires_grad_(False)
-    model = ic.NNsight(net)
+    with pytest.warns(UserWarning, match="named 'input'"):
+        model = ic.NNsight(net)
     x = torch.rand(3, 4)
     with model.trace(x, compile=compile):
         first = model.get("input").output.save()
@@ -364,7 +365,8 @@ def test_submodules_named_output_and_input_are_reachable(compile):
     torch.testing.assert_close(first.value, net.input(x))
     torch.testing.assert_close(head.value, net.output(edited))
     torch.testing.assert_close(out.value, head.value)
-    renamed = ic.NNsight(net, rename={"output": "head"})
+    with pytest.warns(UserWarning):
+        renamed = ic.NNsight(net, rename={"output": "head"})
     with renamed.trace(x, compile=compile):
         out = renamed.head.output.save()
     torch.testing.assert_close(out.value, net(x))

@@ -6,7 +6,7 @@ May import ``ir``, ``errors`` and torch; never ``tracing``, ``passes`` or a back
 from .fakes import fake_copy, to_fake
 from .families import DECODER_LAYERS, check_token_ids, decoder_layers_path, token_limits, unembedding_path
 from .inert import strip_inert_hooks
-from .results import CacheEntry, RunResult
+from .results import CacheEntry, ModuleCache, RunResult
 from .rows import conform, narrow, repeat_rows, replace
 from .target import ModelCaches, Target
 from .values import VALUE_OPS, resolve
@@ -16,6 +16,7 @@ __all__ = [
     "VALUE_OPS",
     "CacheEntry",
     "ModelCaches",
+    "ModuleCache",
     "RunResult",
     "Target",
     "check_token_ids",

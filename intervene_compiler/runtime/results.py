@@ -24,6 +24,44 @@ class CacheEntry:
         return args[0] if args else next(iter(kwargs.values()), None)
 
 
+class ModuleCache(dict):
+    """What ``tracer.cache()`` gives: ``"model.path" -> CacheEntry``, also reachable by attribute path, as the
+    model is: ``cache.model.transformer.h[0].output`` is ``cache["model.transformer.h.0"].output``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _CachePath(self, name)
+
+
+class _CachePath:
+    """A dotted path into a :class:`ModuleCache`, built by attribute access and indexing."""
+
+    __slots__ = ("_cache", "_path")
+
+    def __init__(self, cache: ModuleCache, path: str):
+        self._cache = cache
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in ("output", "inputs", "input"):
+            entry = self._cache.get(self._path)
+            if entry is None:
+                raise KeyError(
+                    f"{self._path} is not in the cache (cached: {', '.join(self._cache) or 'nothing'})"
+                )
+            return getattr(entry, name)
+        return _CachePath(self._cache, f"{self._path}.{name}")
+
+    def __getitem__(self, index: Any) -> _CachePath:
+        return _CachePath(self._cache, f"{self._path}.{index}")
+
+    def __repr__(self) -> str:
+        return f"<cache path {self._path}>"
+
+
 @dataclass
 class RunResult:
     """The outcome of running one graph.

@@ -10,6 +10,7 @@ imports a backend.
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from typing import Any
 
@@ -55,6 +56,7 @@ class NNsight(Envoy):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
         strip_inert_hooks(module)  # left on a copy of a model the compiled backend ran (runtime/inert.py)
+        _warn_site_named_submodules(module)
         super().__init__(module, "", ModelState(rename))
         self._set_edits(())
         object.__setattr__(self, "_compile", bool(compile))
@@ -135,9 +137,10 @@ class NNsight(Envoy):
         """
         if remote:
             raise remote_error()
+        checks = {k: kwargs.pop(k) for k in ("validate", "scan") if k in kwargs}
         if kwargs:
             raise TypeError(f"session() got unexpected keyword arguments {sorted(kwargs)}")
-        return Session(self)
+        return Session(self, validate=any(checks.values()))
 
     def clear_reuse(self) -> None:
         """Forget the unedited decoder-layer outputs kept for reuse across traces of one prompt (``reuse=True``).
@@ -326,6 +329,25 @@ class NNsight(Envoy):
 
     def _all_paths(self) -> list[str]:
         return [name for name, _ in self._module.named_modules()]
+
+
+_SITE_NAMES = ("output", "input", "inputs")
+
+
+def _warn_site_named_submodules(module: torch.nn.Module) -> None:
+    """Warn once per model about a submodule named like a site: ``model.<parent>.output`` is the parent's output."""
+    for path, mod in module.named_modules():
+        for name, _ in mod.named_children():
+            if name in _SITE_NAMES:
+                parent = "model" + ("." + path if path else "")
+                full = f"{path}.{name}" if path else name
+                warnings.warn(
+                    f"{parent} has a submodule named {name!r}: `{parent}.{name}` is {parent}'s {name} (a site), not "
+                    f"the submodule; reach it with `model.get({full!r})`, or give it another name with "
+                    f"`rename={{{full!r}: 'new_name'}}`",
+                    stacklevel=4,
+                )
+                return
 
 
 def remote_error() -> TracingError:

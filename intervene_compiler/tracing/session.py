@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 class Session(Recorder):
     """Records a session block (see the module docstring); users get it from ``model.session()``."""
 
-    def __init__(self, model: Any = None):
+    def __init__(self, model: Any = None, validate: bool = False):
         self.model = model
+        self.validate = validate  # its traces are checked on fake tensors while they record
         self._session = self  # a session's own proxies belong to it, like those of the traces inside it
         self._nodes: list[Node] = []
         self._params: list[Any] = []
@@ -128,6 +129,10 @@ class Session(Recorder):
     def exit(self) -> None:
         """End the session here when it runs: later traces and nodes do not run."""
         self._record(Op.EXIT, None, ())
+
+    def stop(self) -> None:
+        """``session.stop()``: the same as :meth:`exit`."""
+        self.exit()
 
     def apply(self, fn, *args: Any, **kwargs: Any) -> Proxy:
         """Record a call of any callable on session values."""

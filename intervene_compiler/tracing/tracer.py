@@ -126,6 +126,8 @@ class Tracer(Recording, FakeShapes, Running, Results):
             session = _current_session.get()
             if session is not None:
                 self._session = session
+                if session.validate:
+                    self._validate = True
                 self._ids = session._ids  # ids are unique across the session, so traces can read each other
                 self._loc = user_location()
 

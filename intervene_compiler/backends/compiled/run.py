@@ -14,7 +14,7 @@ import torch
 
 from ...errors import GradientError, InterventionError, execution_error
 from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
-from ...runtime import VALUE_OPS, CacheEntry, RunResult, Target, resolve
+from ...runtime import VALUE_OPS, CacheEntry, ModuleCache, RunResult, Target, resolve
 from ..eager import no_backward_error, run_graph
 from .backward import BackwardSplit, host_only_params, split_backward
 from .dispatcher import Dispatcher
@@ -119,7 +119,7 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
     for i, names in entry.cache_ids.items():
         if i in values:
             got = values[i]
-            values[i] = {name: CacheEntry(*got[name]) for name in names if name in got}
+            values[i] = ModuleCache({name: CacheEntry(*got[name]) for name in names if name in got})
     skipped = {i: skipped[i] for i in wanted if i in skipped}
     return RunResult(values, output, None, skipped, explain=entry)
 

@@ -19,7 +19,7 @@ import torch
 
 from ...errors import InterventionError
 from ...ir import Graph, Node, Op, Site, SiteKind
-from ...runtime import CacheEntry, narrow, repeat_rows, resolve
+from ...runtime import CacheEntry, ModuleCache, narrow, repeat_rows, resolve
 from .hooks import hook_modules
 from .plan import _INPUTS, _OUTPUT, GraphPlan, hook_paths
 from .prefix import SharedPrefix
@@ -227,7 +227,7 @@ class ModuleEvents(SharedPrefix):
         """``tracer.cache()``: hook the modules CACHE ``node`` names, filling its dict of ``CacheEntry``s at
         each module's first call (hooks registered before the run's own, so before any node sees the value)."""
         options = dict(node.kwargs)
-        cache: dict[str, CacheEntry] = {}
+        cache = ModuleCache()
         self.env[node.id] = cache
         start, stop = (
             (0, self.batch)
