@@ -26,8 +26,10 @@ from .backends.compiled.layered import applies as layered_applies
 from .backends.eager import leaves, plain_values, run_graph, same_leaves
 from .backends.session import SessionTrace, run_session
 from .ir import Graph, Op, format_graph
+from .ir.nodes import walk_nodes
 from .pipeline import Optimized, optimize
 from .runtime import RunResult, Target, to_fake
+from .runtime.source import owner_and_call
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,11 @@ def execute(
         print(format_graph(graph))
     args, kwargs, repeat = _batch(graph, inputs, target, options)
     compile = options.compile
-    if compile and any(n.op is Op.SET and ("skip", True) in n.kwargs for n in graph.nodes):
-        record_fallback(None, "`.skip()` runs eagerly (its module is not left out of compiled programs yet)")
-        compile = False
+    if compile:
+        reason = _not_compiled(graph)
+        if reason is not None:
+            record_fallback(None, reason)
+            compile = False
     if options.fake:
         result = _run_fake(target, graph, args, kwargs)
     elif compile and target.generating is not None:
@@ -108,6 +112,19 @@ def execute(
     result.graph = graph
     result.steps = optimized.steps
     return result
+
+
+def _not_compiled(graph: Graph) -> str | None:
+    """Why the compiled backend cannot run ``graph`` yet (then it runs eagerly, the reason recorded)."""
+    for n in walk_nodes(graph.nodes):
+        if n.op is Op.SET and ("skip", True) in n.kwargs:
+            return "`.skip()` runs eagerly (its module is not left out of compiled programs yet)"
+        if n.op in _SITE_OPS and owner_and_call(n.target.path) is not None:
+            return "op-level sites (`.source`) run eagerly (not compiled yet)"
+    return None
+
+
+_SITE_OPS = frozenset({Op.SITE, Op.SET, Op.UPDATE})
 
 
 def _run_fake(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
@@ -163,7 +180,7 @@ def _prefix_graph(graph: Graph) -> bool:
         if n.op in _NOT_PREFIX_OPS:
             return False
         if n.op is Op.SITE or n.op is Op.SET or n.op is Op.UPDATE:
-            if n.target.path == "":
+            if n.target.path == "" or owner_and_call(n.target.path) is not None:
                 return False
             touches = True
     return touches

@@ -477,3 +477,75 @@ def count_forwards(module: torch.nn.Module):
         yield counts
     finally:
         handle.remove()
+
+
+# -- .source: calls inside a forward as sites ------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_source_sites_read_and_edit_calls_inside_a_forward(compile):
+    from intervene_compiler.testing import tiny_gpt2
+
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(6))
+    listing = str(model.transformer.h[0].attn.source)
+    for name in ("attention_interface_0", "self_c_proj_0", "self_c_attn_1"):
+        assert f"# {name}" in listing or f", {name}" in listing
+    attn = model.transformer.h[0].attn
+    with model.trace(ids, compile=compile):
+        interface = attn.source.attention_interface_0.output.save()
+        proj_in = attn.source.self_c_proj_0.input.save()
+        qkv = attn.source.self_c_attn_1.output.save()
+        attn.source.self_c_proj_0.output[:, :, :4] = 0
+        logits = model.output.logits.save()
+    seen: dict = {}
+
+    def zero(mod, args, output):
+        seen["proj_in"] = args[0]
+        output = output.clone()
+        output[:, :, :4] = 0
+        return output
+
+    hooks = [
+        m.transformer.h[0].attn.c_attn.register_forward_hook(lambda mod, a, o: seen.__setitem__("qkv", o)),
+        m.transformer.h[0].attn.c_proj.register_forward_hook(zero),
+    ]
+    try:
+        with torch.no_grad():
+            expected = m(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(qkv, seen["qkv"])
+    torch.testing.assert_close(proj_in, seen["proj_in"])
+    torch.testing.assert_close(interface[0].reshape(2, 5, -1), seen["proj_in"])
+    torch.testing.assert_close(logits, expected)
+    if compile:
+        assert any("`.source`" in r for r in ic.compile_stats()["fallback_reasons"])
+    model.clear_compiled()
+    assert_clean(m)
+
+
+def test_source_errors_and_super(net):
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = ic.NNsight(torch.nn.Sequential(Doubled(5, 3)))
+    x = torch.rand(2, 5)
+    names = dir(model[0].source)
+    assert names == ["super_forward_0"]  # super() itself is left alone
+    with model.trace(x):
+        inner = model[0].source.super_forward_0.output.save()
+        model[0].source.super_forward_0.output[:] = 1.0
+        out = model.output.save()
+    torch.testing.assert_close(inner, torch.ones(2, 3))
+    torch.testing.assert_close(out, torch.full((2, 3), 2.0))
+    with pytest.raises(AttributeError, match="no call named 'call_9'"):
+        with model.trace(x):
+            model[0].source.call_9.output.save()
+    with pytest.raises(ic.TracingError, match="not supported yet"):
+        with model.trace(x):
+            model[0].source.super_forward_0.source  # noqa: B018 - the access is the error
+    with model.trace(x, scan=True, validate=True):  # op-level sites on fakes: shapes unknown, no error
+        model[0].source.super_forward_0.output.save()
+    assert_clean(model._module)

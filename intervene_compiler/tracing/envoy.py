@@ -279,6 +279,14 @@ class Envoy:
     def inputs(self, value) -> None:
         self._tracer("inputs")._set_site(self._path, SiteKind.INPUTS, value)
 
+    @property
+    def source(self) -> Any:
+        """The calls inside this module's forward, as sites: ``print(envoy.source)`` names them,
+        ``envoy.source.<name>.output`` reads one (see ``tracing/source.py``)."""
+        from .source import SourceEnvoy
+
+        return SourceEnvoy(self)
+
     def skip(self, value: Any) -> None:
         """Do not run this module (in its current call): ``value`` is its output, e.g.
         ``model.transformer.h[1].skip(model.transformer.h[0].output)``. Modules inside it do not run either. The

@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import (
 from ..errors import InterventionError, TracingError, check_set_value, execution_error, missed_site_error
 from ..ir import Node, Op, Site, SiteKind, format_node, format_site
 from ..runtime import VALUE_OPS, conform, narrow, resolve, to_fake
+from ..runtime.source import owner_and_call
 
 if TYPE_CHECKING:
     from .state import TracerState
@@ -116,6 +117,8 @@ class FakeTracker:
         if site.call < 0:  # a step-relative site inside an iteration block: shapes come from step 0
             key = (key[0], key[1], -1 - site.call)
         if key not in acts:
+            if owner_and_call(site.path) is not None:  # fake runs make no op-level events: shapes unknown
+                raise _UnknownInput(f"{site} is a call inside a forward, whose shapes are found when it runs")
             if strict:
                 detail = "the module does not run (that often) for this input"
                 raise missed_site_error(format_site(node), node.loc, detail)

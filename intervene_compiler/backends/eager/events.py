@@ -20,6 +20,7 @@ import torch
 from ...errors import InterventionError
 from ...ir import Graph, Node, Op, Site, SiteKind
 from ...runtime import CacheEntry, ModuleCache, narrow, repeat_rows, resolve
+from ...runtime.source import SOURCE, instrumented_forward, owner_and_call
 from .hooks import hook_modules
 from .plan import _INPUTS, _OUTPUT, GraphPlan, hook_paths
 from .prefix import SharedPrefix
@@ -67,6 +68,40 @@ class SkipForward:
             del d["forward"]
 
 
+class OpForward:
+    """A module's forward rewritten for the run so that the calls the graph touches (op-level sites,
+    ``envoy.source``) make events: each named call's pre-hook sees its ``(args, kwargs)`` and may replace them, its
+    post-hook its output (``runtime/source.py``). Set on the instance; ``remove`` deletes it."""
+
+    __slots__ = ("module", "forward")
+
+    def __init__(self, module: torch.nn.Module, calls: dict[str, tuple]):
+        def op(name, fn, *args, **kwargs):
+            hooks = calls.get(name)
+            if hooks is None:
+                return fn(*args, **kwargs)
+            pre, post = hooks
+            if pre is not None:
+                new = pre(module, args, kwargs)
+                if new is not None:
+                    args, kwargs = new
+            output = fn(*args, **kwargs)
+            if post is not None:
+                new = post(module, args, kwargs, output)
+                if new is not None:
+                    output = new
+            return output
+
+        self.module = module
+        self.forward = bound = instrumented_forward(module, op)
+        module.__dict__["forward"] = bound
+
+    def remove(self) -> None:
+        d = self.module.__dict__
+        if d.get("forward") is self.forward:
+            del d["forward"]
+
+
 class ModuleEvents(SharedPrefix):
     """The run's module hooks (see the module docstring). Derives from ``SharedPrefix``: the hooks repeat, pack
     and unpack the shared prefix at the event."""
@@ -104,16 +139,33 @@ class ModuleEvents(SharedPrefix):
         hooks = self._plan.hooks if self.steps is None else hook_paths(self.site_nodes)
         # a plain run (one whose nodes use the event schedule, with no reuse, layer swaps or packing, which add
         # hooks and forwards of their own) may wrap the hooked modules' forwards instead of hooking them
+        ops: dict[str, dict[str, tuple]] = {}  # module path -> call name -> (its pre-hook, its post-hook)
+        if any(SOURCE in h[0] or h[0].startswith("source.") for h in hooks):
+            module_hooks = []
+            for path, hook_in, hook_out in hooks:
+                found = owner_and_call(path)
+                if found is None:
+                    module_hooks.append((path, hook_in, hook_out))
+                    continue
+                pre = self._pre_hook(path) if hook_in else None
+                post = self._post_hook(path) if hook_out else None
+                ops.setdefault(found[0], {})[found[1]] = (pre, post)
+            hooks = tuple(module_hooks)
         wrap = (
             self._events is not None
             and self.reuse is None
             and self.layer_forward is None
             and self.pack_plan is None
             and not self._plan.skips  # a skipped module's forward is set on the instance (below)
+            and not ops  # as is a forward with op-level sites
         )
         hook_modules(self.module, hooks, self._pre_hook, self._post_hook, handles, wrap)
         for path in self._plan.skips:
             handles.append(SkipForward(self.module.get_submodule(path), path, self))
+        for path, calls in ops.items():
+            if path in self._plan.skips:
+                continue  # its forward does not run: its calls' sites are never produced
+            handles.append(OpForward(self.module.get_submodule(path), calls))
 
     def skip_value(self, path: str) -> Any:
         """The output a ``.skip(value)`` gives module ``path`` at this call, or ``RUN`` (call the forward)."""
