@@ -549,3 +549,27 @@ def test_source_errors_and_super(net):
     with model.trace(x, scan=True, validate=True):  # op-level sites on fakes: shapes unknown, no error
         model[0].source.super_forward_0.output.save()
     assert_clean(model._module)
+
+
+# -- nnsight 0.4's parameter protocol ------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", BOTH)
+def test_parameters_inside_a_block_are_traced_values(compile):
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x, compile=compile):
+        weight = model.layer1.weight.save()
+        scaled = (model.layer2.weight * 2).save()
+        out = model.output.save()
+    assert isinstance(weight, torch.Tensor) and weight.value is weight
+    assert type(net.layer1.weight) is torch.nn.Parameter  # the model's weight is left as it was
+    torch.testing.assert_close(weight, net.layer1.weight.detach())
+    torch.testing.assert_close(scaled, net.layer2.weight.detach() * 2)
+    torch.testing.assert_close(out, net(x))
+    with model.trace(x, compile=compile):
+        model.layer2.bias[:] = 0  # in place on the weight, as written: the model keeps it
+        zeroed = model.output.save()
+    assert float(net.layer2.bias.abs().sum()) == 0.0
+    torch.testing.assert_close(zeroed, net(x))
+    model.clear_compiled()
+    assert_clean(net)

@@ -66,6 +66,16 @@ class ModelState:
         return self.tracers[-1]
 
 
+def module_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A module's parameter or buffer as a traced value: the tensor itself (see ``Envoy.__getattr__``)."""
+    return value
+
+
+def _holds(module: torch.nn.Module, name: str) -> bool:
+    d = module.__dict__
+    return name in d.get("_parameters", ()) or name in d.get("_buffers", ())
+
+
 class Envoy:
     """A proxy for one module of the wrapped model."""
 
@@ -145,9 +155,16 @@ class Envoy:
             return self._resolve(alias)
         module = self._module
         try:
-            return getattr(module, name)
+            value = getattr(module, name)
         except AttributeError:
             pass
+        else:
+            tracers = self._state.tracers
+            if tracers and isinstance(value, torch.Tensor) and _holds(module, name):
+                # a parameter or buffer inside a block is a traced value (nnsight 0.4's protocol):
+                # `model.lm_head.weight.save()`, `model.layer1.weight[:] = 0` (in place on the weight, as written)
+                return tracers[-1]._record(Op.CALL, module_tensor, (value,))
+            return value
         options = list(children) + list(self._alias_map())
         close = difflib.get_close_matches(name, options, n=3)
         where = "model" + ("." + self._path if self._path else "")

@@ -106,11 +106,13 @@ def _saved_type(cls: type) -> type | None:
     return made
 
 
-def saved_value(value: Any) -> Any:
+def saved_value(value: Any, alias: bool = False) -> Any:
     """``value`` as a saved name holds it after the block: itself, answering ``.value`` (see the module docstring),
     or :data:`NO_VALUE_ATTRIBUTE` when ``.value`` cannot be added to it (``None``, a bool, an object whose class
     cannot change): the name then keeps its proxy, which behaves as the value."""
     cls = type(value)
+    if alias and isinstance(value, torch.Tensor):  # a model's own weight: never change its class
+        return value.as_subclass(SavedTensor)
     if cls is torch.Tensor:
         if value.is_leaf and value.requires_grad:  # a tensor trained or read for its .grad: keep the object
             value.__class__ = SavedTensor
@@ -157,9 +159,22 @@ def _resolved(proxy: Proxy, memo: dict) -> Any:
     if proxy._id in _PLAIN.get(proxy._tracer, ()):
         memo[key] = value
         return value
-    saved = saved_value(value)
+    saved = saved_value(value, alias=isinstance(value, torch.Tensor) and _of_a_model(value, proxy._tracer))
     memo[key] = result = proxy if saved is NO_VALUE_ATTRIBUTE else saved
     return result
+
+
+def _of_a_model(value: torch.Tensor, owner: Any) -> bool:
+    """Is ``value`` a parameter or buffer of the model ``owner`` (a tracer, or a session's) traced?"""
+    if not (value.is_leaf and (value.requires_grad or isinstance(value, torch.nn.Parameter))):
+        return False  # the cheap common case: an activation
+    models = [t.model for t in getattr(owner, "_tracers", ())] + [getattr(owner, "model", None)]
+    for model in models:
+        module = getattr(model, "_module", None)
+        if isinstance(module, torch.nn.Module):
+            if any(t is value for t in module.parameters()) or any(t is value for t in module.buffers()):
+                return True
+    return False
 
 
 def rebind(frame: types.FrameType | None, owners: tuple) -> None:
