@@ -573,3 +573,18 @@ def test_parameters_inside_a_block_are_traced_values(compile):
     torch.testing.assert_close(zeroed, net(x))
     model.clear_compiled()
     assert_clean(net)
+
+
+def test_edit_takes_nnsight_04_inputs_and_device(net):
+    model = ic.NNsight(net)
+    assert model.device == torch.device("cpu")
+    x = torch.rand(1, 5)
+    with model.edit("an example input") as edited:  # nnsight 0.4's signature: not taken as inplace
+        model.layer1.output[:, 0] = 0
+    assert edited is not model
+    with edited.trace(x):
+        hidden = edited.layer1.output.save()
+    with model.trace(x):
+        plain = model.layer1.output.save()
+    assert float(hidden[0, 0]) == 0.0
+    torch.testing.assert_close(plain, _layer1(net, x))

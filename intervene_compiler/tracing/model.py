@@ -151,13 +151,23 @@ class NNsight(Envoy):
         """
         self._state.caches.reuse_memo = None
 
-    def edit(self, inplace: bool = False) -> Editor:
+    def edit(self, *inputs: Any, inplace: bool = False) -> Editor:
         """``with model.edit() as edited:`` records interventions applied to every later trace of ``edited``.
 
         By default ``edited`` is a copy sharing the weights and the original is untouched; ``inplace=True``
-        edits the model itself.
+        edits the model itself. ``inputs`` (nnsight 0.4's ``model.edit("example")``) are accepted and not needed:
+        an edit applies to whatever later traces run on.
         """
         return Editor(self, inplace)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's first parameter (or buffer) lives; the CPU for a model without either."""
+        module = self._module
+        first = next(module.parameters(), None)
+        if first is None:
+            first = next(module.buffers(), None)
+        return first.device if first is not None else torch.device("cpu")
 
     def clear_compiled(self) -> None:
         """Drop this model's compiled programs and remove the compiled backend's dispatcher hooks."""
