@@ -11,8 +11,9 @@ appended them last). Proxies held anywhere else stay proxies, which behave as th
 
 Inside a block, ``list().save()``, ``dict().save()`` and ``set().save()`` make a container that lives in the
 graph (as ``ic.list()``), filled as the model runs and a plain container after the block. Built-in types have no
-``save``: it is added to them while a block is open, by the outermost block's ``__enter__``, and removed by its
-``__exit__`` (:func:`open_block`, :func:`close_block`), so it never exists outside a block.
+``save``: the first block opened gives them one (:func:`open_block`; importing the package changes nothing) that
+acts only inside an open block of the same thread or task, and anywhere else raises the AttributeError Python
+would (``hasattr([], "save")`` is False outside blocks; ``dir(list)`` does list it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import gc
 import sys
 import threading
 import types
-import weakref
 from typing import Any
 
 import torch
@@ -149,24 +149,36 @@ def _resolved(proxy: Proxy, memo: dict) -> Any:
     """The proxy's saved value, or the proxy itself when it has none (reading it then says why). A container
     made by ``list().save()`` (modern code, which never reads ``.value``) is the plain container."""
     key = id(proxy)
-    if key in memo:
-        return memo[key]
-    try:
-        value = proxy.value
-    except InterventionError:
-        memo[key] = proxy
-        return proxy
-    if proxy._id in _PLAIN.get(proxy._tracer, ()):
+    done = memo.get(key, _MISSING)
+    if done is not _MISSING:
+        return done
+    tracer = proxy._tracer
+    results = tracer._results
+    value = results.get(proxy._id, _MISSING) if results else _MISSING  # (a session's trace: the session's)
+    if value is _MISSING:
+        try:
+            value = proxy.value  # not among the results: this raises and says why
+        except InterventionError:
+            memo[key] = proxy
+            return proxy
+    if type(value) is torch.Tensor and not value.requires_grad:  # the common case: an activation
+        alias = value.as_subclass(SavedTensor)
+        memo[key] = alias
+        return alias
+    if proxy._id in tracer.__dict__.get("_plain_containers", ()):
         memo[key] = value
         return value
-    saved = saved_value(value, alias=isinstance(value, torch.Tensor) and _of_a_model(value, proxy._tracer))
+    saved = saved_value(value, alias=isinstance(value, torch.Tensor) and _of_a_model(value, tracer))
     memo[key] = result = proxy if saved is NO_VALUE_ATTRIBUTE else saved
     return result
 
 
+_MISSING = object()
+
+
 def _of_a_model(value: torch.Tensor, owner: Any) -> bool:
     """Is ``value`` a parameter or buffer of the model ``owner`` (a tracer, or a session's) traced?"""
-    if not (value.is_leaf and (value.requires_grad or isinstance(value, torch.nn.Parameter))):
+    if not isinstance(value, torch.nn.Parameter) and not (value.requires_grad and value.is_leaf):
         return False  # the cheap common case: an activation
     models = [t.model for t in getattr(owner, "_tracers", ())] + [getattr(owner, "model", None)]
     for model in models:
@@ -206,7 +218,7 @@ def rebind(frame: types.FrameType | None, owners: tuple) -> None:
         return
     if changed:
         names.update(changed)
-        _locals_to_fast(ctypes.py_object(frame), ctypes.c_int(0))
+        _locals_to_fast(ctypes.py_object(frame), _KEEP_UNBOUND)
     # Before 3.13 a function's f_locals is a dict cached on the frame, refreshed only when read again: left
     # filled, it would keep every local alive (a model the function deletes, say) until the next read.
     names.clear()
@@ -217,6 +229,9 @@ if sys.version_info < (3, 13):
     _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
     _locals_to_fast.argtypes = [ctypes.py_object, ctypes.c_int]
     _locals_to_fast.restype = None
+_KEEP_UNBOUND = ctypes.c_int(
+    0
+)  # PyFrame_LocalsToFast's `clear`: names missing from the dict stay as they are
 
 
 # -- `.save()` on built-in containers, while a block is open ----------------------------------------------------
@@ -227,50 +242,54 @@ def save_container(self: Any) -> Any:
     if tracer is None or tracer._finished:  # another thread's block is open: not ours to record into
         raise AttributeError(f"'{type(self).__name__}' object has no attribute 'save'")
     made = tracer._record(Op.CALL, type(self), (self,) if self else ())
-    plain = _PLAIN.get(tracer)
-    if plain is None:
-        plain = _PLAIN[tracer] = builtins.set()
+    # the ids of the containers `list().save()` made in this block: rebound as plain containers
+    plain = tracer.__dict__.setdefault("_plain_containers", builtins.set())
     plain.add(made._id)
     return made.save()
 
 
-# tracer -> ids of the containers `list().save()` made in its block (rebound as plain containers)
-_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _SaveMethod:
+    """``save`` on ``list``, ``dict`` and ``set``: inside an open block of this thread (or task) the bound
+    :func:`save_container`; anywhere else an AttributeError, exactly as if there were no such attribute
+    (``hasattr([], "save")`` is False, ``[].save()`` raises as Python does)."""
+
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        tracer = current_tracer()
+        if obj is None or tracer is None or tracer._finished:
+            name = (cls or type(obj)).__name__
+            raise AttributeError(f"'{name}' object has no attribute 'save'")
+        return types.MethodType(save_container, obj)
 
 
 _PATCHED = (builtins.list, builtins.dict, builtins.set)
-_open = 0
+_installed = False
 _lock = threading.Lock()
-_type_modified = ctypes.pythonapi.PyType_Modified
-_type_modified.argtypes = [ctypes.py_object]
-_type_modified.restype = None
-
-
-def _type_dict(cls: type) -> dict:
-    """The real (writable) dict behind ``cls.__dict__`` of a built-in type."""
-    return gc.get_referents(cls.__dict__)[0]
 
 
 def open_block() -> None:
-    """A block opens: the outermost one gives the built-in containers a ``save`` method."""
-    global _open
+    """A block opens: the first one ever gives ``list``, ``dict`` and ``set`` their ``save`` (inert outside
+    blocks, see :class:`_SaveMethod`). Adding an attribute to a built-in type invalidates the type caches of it
+    and all its subclasses, which costs a loop of small traces about 7 us per trace when done at every block's
+    enter and exit: so it is added once, and acts only inside blocks."""
+    global _installed
+    if _installed:
+        return
     with _lock:
-        _open += 1
-        if _open == 1:
+        if not _installed:
+            descriptor = _SaveMethod()
             for cls in _PATCHED:
-                _type_dict(cls)["save"] = save_container
+                gc.get_referents(cls.__dict__)[0]["save"] = descriptor  # the type's real dict
                 _type_modified(cls)
+            _installed = True
 
 
 def close_block() -> None:
-    """A block closes: the outermost one takes the ``save`` method away again."""
-    global _open
-    with _lock:
-        _open -= 1
-        if _open == 0:
-            for cls in _PATCHED:
-                _type_dict(cls).pop("save", None)
-                _type_modified(cls)
+    """A block closes (nothing to undo: ``save`` acts only while a block is open)."""
+
+
+_type_modified = ctypes.pythonapi.PyType_Modified
+_type_modified.argtypes = [ctypes.py_object]
+_type_modified.restype = None
 
 
 __all__ = ["SavedTensor", "close_block", "open_block", "rebind", "save_container", "saved_value"]
