@@ -115,7 +115,22 @@ def execute(
 
 
 def _not_compiled(graph: Graph) -> str | None:
-    """Why the compiled backend cannot run ``graph`` yet (then it runs eagerly, the reason recorded)."""
+    """Why the compiled backend cannot run ``graph`` yet (then it runs eagerly, the reason recorded); found once
+    per optimized graph (the pass memo hands back the same graph object for a repeated structure)."""
+    hit = _NOT_COMPILED.get(id(graph))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    reason = _why_not_compiled(graph)
+    if len(_NOT_COMPILED) >= 1024:
+        _NOT_COMPILED.clear()
+    _NOT_COMPILED[id(graph)] = (graph, reason)  # keeps the graph alive: its id is not reused meanwhile
+    return reason
+
+
+_NOT_COMPILED: dict[int, tuple[Graph, str | None]] = {}
+
+
+def _why_not_compiled(graph: Graph) -> str | None:
     for n in walk_nodes(graph.nodes):
         if n.op is Op.SET and ("skip", True) in n.kwargs:
             return "`.skip()` runs eagerly (its module is not left out of compiled programs yet)"

@@ -125,6 +125,8 @@ class CompileCache:
         self.host_only: dict[
             Any, frozenset[int]
         ] = {}  # (structure, tensor params) -> backward.host_only_params
+        # the model's first parameter (False: none), whose dtype a floating-point input must have (run.py)
+        self.first_weight: Any = None
 
     def lookup(self, key: Any, build) -> Entry:
         """The entry for ``key``, made by ``build()`` on a miss (evicting the oldest past ``size``); it becomes
@@ -144,6 +146,7 @@ class CompileCache:
         self.entries.pop(key, None)
 
     def clear(self) -> None:
+        self.first_weight = None
         self.entries.clear()
         self.host_only.clear()
         self.last = None

@@ -43,11 +43,11 @@ from .schedule import dynamic_conds_of, record_schedule
 
 def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
-    mixed = _mixed_precision_input(args, kwargs, target.module)
+    cache = cache_of(target)
+    mixed = _mixed_precision_input(args, kwargs, cache, target.module)
     if mixed is not None:
         record_fallback(None, mixed)
         return run_graph(target, graph, args, kwargs)
-    cache = cache_of(target)
     device = model_device(target.module)
     ints: list = []
     lowered = lift_values(graph, device, ints)
@@ -152,16 +152,21 @@ def _users_error(error: BaseException) -> bool:
     )
 
 
-def _mixed_precision_input(args: tuple, kwargs: dict, module: torch.nn.Module) -> str | None:
+def _mixed_precision_input(
+    args: tuple, kwargs: dict, cache: CompileCache, module: torch.nn.Module
+) -> str | None:
     """Why a call cannot compile because a floating-point input has another dtype than the model's weights, or
     None. Eager PyTorch raises on such a mix in most layers (``mat1 and mat2 must have the same dtype``), while
-    Inductor's kernels promote: the eager run decides, so both modes give the same answer or the same error."""
+    Inductor's kernels promote: the eager run decides, so both modes give the same answer or the same error.
+    The model's first parameter is found once (``module.half()`` changes that same tensor's dtype)."""
     weights: torch.dtype | None = None
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             if weights is None:
-                first = next(module.parameters(), None)
-                if first is None or not first.is_floating_point():
+                first = cache.first_weight
+                if first is None:
+                    first = cache.first_weight = next(module.parameters(), False)
+                if first is False or not first.is_floating_point():
                     return None
                 weights = first.dtype
             if v.dtype != weights:
