@@ -95,7 +95,7 @@ def execute(
     args, kwargs, repeat = _batch(graph, inputs, target, options)
     compile = options.compile
     if compile:
-        reason = _not_compiled(graph)
+        reason = _not_compiled(graph, target.generating is not None)
         if reason is not None:
             record_fallback(None, reason)
             compile = False
@@ -114,26 +114,29 @@ def execute(
     return result
 
 
-def _not_compiled(graph: Graph) -> str | None:
+def _not_compiled(graph: Graph, generating: bool) -> str | None:
     """Why the compiled backend cannot run ``graph`` yet (then it runs eagerly, the reason recorded); found once
     per optimized graph (the pass memo hands back the same graph object for a repeated structure)."""
-    hit = _NOT_COMPILED.get(id(graph))
+    hit = _NOT_COMPILED.get((id(graph), generating))
     if hit is not None and hit[0] is graph:
         return hit[1]
-    reason = _why_not_compiled(graph)
+    reason = _why_not_compiled(graph, generating)
     if len(_NOT_COMPILED) >= 1024:
         _NOT_COMPILED.clear()
-    _NOT_COMPILED[id(graph)] = (graph, reason)  # keeps the graph alive: its id is not reused meanwhile
+    _NOT_COMPILED[(id(graph), generating)] = (
+        graph,
+        reason,
+    )  # keeps the graph alive: its id is not reused meanwhile
     return reason
 
 
-_NOT_COMPILED: dict[int, tuple[Graph, str | None]] = {}
+_NOT_COMPILED: dict[tuple[int, bool], tuple[Graph, str | None]] = {}
 
 
-def _why_not_compiled(graph: Graph) -> str | None:
+def _why_not_compiled(graph: Graph, generating: bool) -> str | None:
     for n in walk_nodes(graph.nodes):
-        if n.op is Op.SET and ("skip", True) in n.kwargs:
-            return "`.skip()` runs eagerly (its module is not left out of compiled programs yet)"
+        if generating and n.op is Op.SET and ("skip", True) in n.kwargs:
+            return "`.skip()` in a compiled generate block runs eagerly (not compiled yet)"
         if n.op in _SITE_OPS and owner_and_call(n.target.path) is not None:
             return "op-level sites (`.source`) run eagerly (not compiled yet)"
     return None

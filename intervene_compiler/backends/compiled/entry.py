@@ -90,6 +90,8 @@ class Entry:
     # recording the schedule raised the user's own error: not kept (the eager run reports it; once fixed, the
     # structure compiles)
     users_error: bool = False
+    # (module, forward) set on the instance during each call: the modules the graph skips (run.py)
+    skip_forwards: tuple = ()
 
     def describe(self) -> list[str]:
         """What ``tracer.explain()`` says about how this entry ran its trace."""
@@ -209,6 +211,8 @@ def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: 
 def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
     for member, fn, _ in regions:
         member.__dict__["forward"] = fn
+    for module, fn in entry.skip_forwards:
+        module.__dict__["forward"] = fn
     config = torch._dynamo.config
     # hook guards on (a graph never outlives a hook change); set directly: config.patch() builds a class per call
     skip = config.skip_nnmodule_hook_guards
@@ -219,6 +223,9 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
         config.skip_nnmodule_hook_guards = skip
         for member, _, _ in regions:
             member.__dict__.pop("forward", None)
+        for module, fn in entry.skip_forwards:
+            if module.__dict__.get("forward") is fn:
+                del module.__dict__["forward"]
 
 
 def _entry(program, params, args, kwargs):

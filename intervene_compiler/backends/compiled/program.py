@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
+from ...errors import InterventionError
 from ...ir import Graph, Node, Op, Ref, Site, SiteKind, is_mutation, saved_ids
 from ...runtime import Target, narrow, resolve
 from ..eager import EarlyStop, Interpreter
+from ..eager.events import RUN
 from .backward import BackwardSplit
 from .codegen import straight_line
 from .grad_edits import grad_edit
@@ -107,6 +109,11 @@ class Program(Interpreter):
             and not any(d in self.take_ids for d in by_id[nid].refs)
         )
         self.node_by_id = by_id
+        # module path -> its `.skip(value)` SETs: the forward set on the instance for the call asks skip_value
+        self.skips: dict[str, list[Node]] = {}
+        for n in graph.nodes:
+            if n.op is Op.SET and ("skip", True) in n.kwargs:
+                self.skips.setdefault(n.target.path, []).append(n)
         self.takes: dict[int, tuple] = {}
         self.mutations = 0
         # tracer.cache(): event key -> (CACHE id, entry name, rows, output?) for each module its first run
@@ -214,6 +221,27 @@ class Program(Interpreter):
         saved = tuple(env.get(i) for i in self.saved_ids + self.needed + self.dynamic_conds)
         self.env = None  # type: ignore[assignment]  # the call's values are gone: nothing reads them after it
         return saved, output if self.graph.needs_output else None
+
+    def skip_value(self, path: str) -> Any:
+        """The output a ``.skip(value)`` gives module ``path`` at this call, or ``RUN`` (call its forward): as the
+        eager runner's (``backends/eager/events.py``), while Dynamo traces the call; the value was computed at an
+        earlier event of the recorded schedule."""
+        call = self.calls_out.get(path, 0)
+        for node in self.skips.get(path, ()):
+            if node.target.call != call:
+                continue
+            if node.guards:
+                raise NotImplementedError("a `.skip()` under a `tracer.cond` is not compiled")
+            start, stop = self.site_rows(node.target)
+            if stop - start != self.batch:
+                raise InterventionError(
+                    "the module cannot be skipped here: it is for one invoke's rows, and a module runs for the "
+                    "whole batch",
+                    node.loc,
+                    "skip it for the whole batch (`with tracer.invoke():` or no invokes)",
+                )
+            return resolve(node.args[0], self.env.__getitem__, self.params.__getitem__)
+        return RUN
 
     def evaluate(self, node: Node) -> Any:
         fast = self.fast.get(node.id)

@@ -8,7 +8,9 @@ reason is recorded in :func:`compile_stats` and shown by ``tracer.explain()``, n
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -16,6 +18,7 @@ from ...errors import GradientError, InterventionError, execution_error
 from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
 from ...runtime import VALUE_OPS, CacheEntry, ModuleCache, RunResult, Target, resolve
 from ..eager import no_backward_error, run_graph
+from ..eager.events import RUN
 from .backward import BackwardSplit, host_only_params, split_backward
 from .dispatcher import Dispatcher
 from .entry import (
@@ -122,6 +125,20 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
             values[i] = ModuleCache({name: CacheEntry(*got[name]) for name in names if name in got})
     skipped = {i: skipped[i] for i in wanted if i in skipped}
     return RunResult(values, output, None, skipped, explain=entry)
+
+
+def _skip_forward(root: torch.nn.Module, path: str, program: Program) -> tuple[torch.nn.Module, Any]:
+    """``(module, forward)``: the forward a compiled call sets on a module the graph skips (``.skip(value)``):
+    the skip's value instead of the module, at a skipped call (``Program.skip_value``); Dynamo traces it, so the
+    skipped module is not in the compiled graph at all."""
+    module = root.get_submodule(path)
+    own = type(module).forward
+
+    def forward(self, *args, **kwargs):
+        value = program.skip_value(path) if self is module else RUN
+        return own(self, *args, **kwargs) if value is RUN else value
+
+    return module, types.MethodType(forward, module)
 
 
 def _causes(error: BaseException):
@@ -294,7 +311,8 @@ def _build(
     entry.bounds = index_bounds(graph, recorder.env, target)
     entry.program = program = Program(target, split.forward, recorder.order, split, dynamic_conds, caches)
     # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
-    entry.regional = True
+    entry.regional = not program.skips  # a skipped member's forward is the skip's (below), not a region's
+    entry.skip_forwards = tuple(_skip_forward(target.module, path, program) for path in program.skips)
     if family is not None:
         program.set_family(family, int(family.member))
     # static shapes: the key already holds them, and automatic-dynamic state is shared by name across copies
