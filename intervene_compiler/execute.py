@@ -137,8 +137,8 @@ def _why_not_compiled(graph: Graph, generating: bool) -> str | None:
     for n in walk_nodes(graph.nodes):
         if generating and n.op is Op.SET and ("skip", True) in n.kwargs:
             return "`.skip()` in a compiled generate block runs eagerly (not compiled yet)"
-        if n.op in _SITE_OPS and owner_and_call(n.target.path) is not None:
-            return "op-level sites (`.source`) run eagerly (not compiled yet)"
+        if generating and n.op in _SITE_OPS and owner_and_call(n.target.path) is not None:
+            return "op-level sites (`.source`) in a compiled generate block run eagerly (not compiled yet)"
     return None
 
 

@@ -114,7 +114,7 @@ def saved_value(value: Any, alias: bool = False) -> Any:
     if alias and isinstance(value, torch.Tensor):  # a model's own weight: never change its class
         return value.as_subclass(SavedTensor)
     if cls is torch.Tensor:
-        if value.is_leaf and value.requires_grad:  # a tensor trained or read for its .grad: keep the object
+        if value.requires_grad:  # a tensor trained, or whose .grad is read (retain_grad): keep the object
             value.__class__ = SavedTensor
             return value
         return value.as_subclass(SavedTensor)  # an alias: the model's (or the user's) tensor is left as it is

@@ -13,6 +13,7 @@ import torch
 
 from ...ir import SiteKind
 from ...runtime.inert import make_inert
+from ...runtime.source import instrumented_forward, owner_and_call
 
 if TYPE_CHECKING:
     from .program import Program
@@ -41,6 +42,9 @@ class Dispatcher:
         if points <= self.hooked:
             return
         for path, pre in sorted(points - self.hooked):
+            if owner_and_call(path) is not None:  # a call inside a forward: its events come from op_forward
+                self.hooked.add((path, pre))
+                continue
             mod = self.module.get_submodule(path)
             if pre:
                 self.handles.append(mod.register_forward_pre_hook(self._pre(path), with_kwargs=True))
@@ -98,6 +102,26 @@ class Dispatcher:
             fn = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=max(8, count + 1))
             self._region_fns[cls] = fn
         return fn
+
+    def op_forward(self, module: torch.nn.Module, owner: str) -> Any:
+        """``module``'s forward rewritten (``runtime/source.py``) so that its named calls make events for the
+        running program, as the hooks do for modules; set on the instance during a compiled call whose graph has
+        op-level sites there (stable per program: Dynamo guards on it)."""
+        prefix = f"{owner}.source." if owner else "source."
+        hooks: dict[str, tuple[_PreHook, _PostHook]] = {}
+
+        def op(name, fn, *args, **kwargs):
+            pair = hooks.get(name)
+            if pair is None:
+                pair = hooks[name] = (_PreHook(self, prefix + name), _PostHook(self, prefix + name))
+            new = pair[0](module, args, kwargs)
+            if new is not None:
+                args, kwargs = new
+            output = fn(*args, **kwargs)
+            new = pair[1](module, args, kwargs, output)
+            return output if new is None else new
+
+        return instrumented_forward(module, op)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -18,6 +18,7 @@ import torch
 
 from ...errors import execution_error
 from ...ir import Graph, Node, Op, ParamRef, Ref, Site, format_node
+from ...runtime.source import SOURCE
 
 _ARITHMETIC = frozenset(
     {
@@ -257,14 +258,17 @@ def lift_family(
 ) -> tuple[Graph, Family | None]:
     """Give a graph whose sites sit on one member of one ModuleList a runtime member index (see Family).
 
-    Returns the graph unchanged (and None) when the sites touch no ModuleList member, several members, or
-    when the graph reads gradients (probes are per site).
+    Returns the graph unchanged (and None) when the sites touch no ModuleList member, several members, when
+    the graph reads gradients (probes are per site), or when a site is a call inside a forward (``.source``: its
+    events come from that member's rewritten forward alone).
     """
     members: set[tuple[str, int]] = set()
     for node in graph.nodes:
         if node.op in (Op.GRAD, Op.SET_GRAD, Op.BACKWARD) or node.body:
             return graph, None
         if isinstance(node.target, Site):
+            if SOURCE in node.target.path:
+                return graph, None
             member = _member(node.target.path, module)
             if member is not None:
                 members.add(member)

@@ -17,6 +17,7 @@ import torch
 from ...errors import GradientError, InterventionError, execution_error
 from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
 from ...runtime import VALUE_OPS, CacheEntry, ModuleCache, RunResult, Target, resolve
+from ...runtime.source import owner_and_call
 from ..eager import no_backward_error, run_graph
 from ..eager.events import RUN
 from .backward import BackwardSplit, host_only_params, split_backward
@@ -311,8 +312,19 @@ def _build(
     entry.bounds = index_bounds(graph, recorder.env, target)
     entry.program = program = Program(target, split.forward, recorder.order, split, dynamic_conds, caches)
     # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
-    entry.regional = not program.skips  # a skipped member's forward is the skip's (below), not a region's
-    entry.skip_forwards = tuple(_skip_forward(target.module, path, program) for path in program.skips)
+    owners = sorted(
+        {found[0] for path, _ in program.hook_points if (found := owner_and_call(path)) is not None}
+    )
+    # a skipped member's forward is the skip's (below), a member with op-level sites its rewritten forward's
+    entry.regional = not program.skips and not owners
+    entry.skip_forwards = tuple(
+        _skip_forward(target.module, path, program) for path in program.skips
+    ) + tuple(
+        (mod, cache.dispatcher.op_forward(mod, owner))
+        for owner in owners
+        if owner not in program.skips
+        for mod in (target.module.get_submodule(owner),)
+    )
     if family is not None:
         program.set_family(family, int(family.member))
     # static shapes: the key already holds them, and automatic-dynamic state is shared by name across copies
