@@ -594,3 +594,46 @@ def test_edit_takes_nnsight_04_inputs_and_device(net):
         plain = model.layer1.output.save()
     assert float(hidden[0, 0]) == 0.0
     torch.testing.assert_close(plain, _layer1(net, x))
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_an_attached_module_called_with_hook_true_has_live_sites(compile):
+    """nnsight 0.4's ``l0.attachment(acts, hook=True)``: a module attached to the model, called ad hoc inside a
+    block, with its submodules' sites interceptable; without ``hook=True`` they do not run as sites."""
+    from intervene_compiler.testing import tiny_gpt2
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class Attachment(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.one = Identity()
+
+        def forward(self, x):
+            return self.one(x)
+
+    m = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(m)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(8))
+    block = model.transformer.h[0]
+    block.attachment = Attachment()
+    with model.trace(ids, compile=compile):
+        block.output[:] = block.attachment(block.output, hook=True)
+        block.attachment.one.output[:] = block.attachment.one.output * 2
+        logits = model.output.logits.save()
+    handle = m.transformer.h[0].register_forward_hook(lambda mod, a, o: o * 2)
+    try:
+        with torch.no_grad():
+            expected = m(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(ic.MissedSiteError):
+        with model.trace(ids, compile=compile):
+            block.attachment(block.output)  # without hook=True: an ad hoc call, no sites inside it
+            block.attachment.one.output.save()
+    model.clear_compiled()
+    del m.transformer.h[0].attachment
+    assert_clean(m)

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 
 SOURCE = ".source."  # in an op-level site's path: the module's path before it, the call's name after it
+HOOKED = (
+    "#hook"  # ends a MODULE node's target: an ad hoc call with its submodules' sites live (``hook=True``)
+)
 _UNTOUCHED = frozenset({"super", "locals", "globals", "vars"})
 _OP = "__ic_op__"
 
@@ -241,6 +244,7 @@ def owner_and_call(path: str) -> tuple[str, str] | None:
 
 
 __all__ = [
+    "HOOKED",
     "SOURCE",
     "CallSite",
     "SourceInfo",

@@ -17,6 +17,7 @@ import torch
 from ..errors import ModuleIndexError, TracingError, UnknownModuleError, user_location
 from ..ir import Op, SiteKind
 from ..runtime import ModelCaches
+from ..runtime.source import HOOKED
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -193,6 +194,9 @@ class Envoy:
                 else f"set the attribute on the module outside the block (`{where}.{name} = ...`)",
             )
         setattr(self._module, name, value)
+        if isinstance(value, torch.nn.Module):  # a module attached here: a child envoy from now on
+            object.__setattr__(self, "_children", None)
+            object.__setattr__(self, "_aliases", None)
 
     def _resolve(self, dotted: str) -> Envoy:
         """The envoy at ``dotted``, each part a submodule's name first (so a submodule named ``output`` or
@@ -317,7 +321,11 @@ class Envoy:
         return self
 
     def __call__(self, *args, **kwargs):
+        """Inside a block, an ad hoc call of the module (recorded): interventions on its submodules do not run
+        during it, unless ``hook=True`` (nnsight 0.4: an attached adapter's sites are then interceptable)."""
         tracers = self._state.tracers
         if tracers:
-            return tracers[-1]._record(Op.MODULE, self._path, args, kwargs)
+            hook = kwargs.pop("hook", False)
+            return tracers[-1]._record(Op.MODULE, self._path + HOOKED if hook else self._path, args, kwargs)
+        kwargs.pop("hook", None)
         return self._module(*args, **kwargs)

@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import (
 from ..errors import InterventionError, TracingError, check_set_value, execution_error, missed_site_error
 from ..ir import Node, Op, Site, SiteKind, format_node, format_site
 from ..runtime import VALUE_OPS, conform, narrow, resolve, to_fake
-from ..runtime.source import owner_and_call
+from ..runtime.source import HOOKED, owner_and_call
 
 if TYPE_CHECKING:
     from .state import TracerState
@@ -89,7 +89,7 @@ class FakeTracker:
         if op is Op.METHOD and node.target in _AUTOGRAD_ONLY:  # fakes run without autograd: nothing to check
             return None
         if op is Op.MODULE:
-            return self.tracer.model._module.get_submodule(node.target)(*a, **kw)
+            return self.tracer.model._module.get_submodule(node.target.removesuffix(HOOKED))(*a, **kw)
         if op in (Op.LOG, Op.STOP, Op.BACKWARD, Op.SET_GRAD, Op.COND):
             return None
         if op is Op.CACHE:

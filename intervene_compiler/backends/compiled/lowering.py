@@ -18,7 +18,7 @@ import torch
 
 from ...errors import execution_error
 from ...ir import Graph, Node, Op, ParamRef, Ref, Site, format_node
-from ...runtime.source import SOURCE
+from ...runtime.source import HOOKED, SOURCE
 
 _ARITHMETIC = frozenset(
     {
@@ -265,6 +265,8 @@ def lift_family(
     members: set[tuple[str, int]] = set()
     for node in graph.nodes:
         if node.op in (Op.GRAD, Op.SET_GRAD, Op.BACKWARD) or node.body:
+            return graph, None
+        if node.op is Op.MODULE and node.target.endswith(HOOKED):  # an attached module: that member's alone
             return graph, None
         if isinstance(node.target, Site):
             if SOURCE in node.target.path:

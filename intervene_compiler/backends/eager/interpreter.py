@@ -26,6 +26,7 @@ import torch
 from ...errors import InterventionError, SourceLoc, check_set_shape, check_set_value, execution_error
 from ...ir import Graph, Node, Op, Ref, Site, SiteKind, format_node, saved_ids
 from ...runtime import VALUE_OPS, RunResult, Target, narrow, replace, resolve
+from ...runtime.source import HOOKED
 from .events import ModuleEvents
 from .gradients import Gradients, no_backward_error
 from .hooks import add_hook
@@ -410,9 +411,14 @@ class Interpreter(ModuleEvents, Gradients):
                 raise EarlyStop(node, self)
             return None
         if op is _MODULE:
+            path = node.target
+            if path.endswith(
+                HOOKED
+            ):  # `module(x, hook=True)`: its submodules' sites are live during the call
+                return self.module.get_submodule(path[: -len(HOOKED)])(*a, **kw)
             self.adhoc += 1
             try:
-                return self.module.get_submodule(node.target)(*a, **kw)
+                return self.module.get_submodule(path)(*a, **kw)
             finally:
                 self.adhoc -= 1
         if op is _CACHE:
