@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InputError, InvokeError, SourceLoc, user_location
 from ..ir import SiteKind
-from ..runtime import Target, check_token_ids
+from ..runtime import Target, check_positions, check_token_ids
 from ..tracing import Envoy, NNsight, Tracer
 from ..tracing.model import remote_error
 
@@ -397,7 +397,7 @@ class Generator(Tracer):
                 or 0
             )
             more = max(0, int(total) - longest)
-        check_token_ids(torch.zeros(1, longest, dtype=torch.long), limits, user_location(), int(more))
+        check_positions(longest, limits, user_location(), int(more))
 
 
 def _prepare_tokenizer(tokenizer: Any) -> None:

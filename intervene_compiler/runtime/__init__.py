@@ -4,7 +4,14 @@ May import ``ir``, ``errors`` and torch; never ``tracing``, ``passes`` or a back
 """
 
 from .fakes import fake_copy, to_fake
-from .families import DECODER_LAYERS, check_token_ids, decoder_layers_path, token_limits, unembedding_path
+from .families import (
+    DECODER_LAYERS,
+    check_positions,
+    check_token_ids,
+    decoder_layers_path,
+    token_limits,
+    unembedding_path,
+)
 from .inert import strip_inert_hooks
 from .results import CacheEntry, ModuleCache, RunResult
 from .rows import conform, narrow, repeat_rows, replace
@@ -19,6 +26,7 @@ __all__ = [
     "ModuleCache",
     "RunResult",
     "Target",
+    "check_positions",
     "check_token_ids",
     "conform",
     "decoder_layers_path",

@@ -89,13 +89,10 @@ def token_limits(module: torch.nn.Module) -> tuple[int, int | None] | None:
     return embedding.num_embeddings, positions
 
 
-def check_token_ids(
-    ids: torch.Tensor, limits: tuple[int, int | None], loc: SourceLoc | None, more: int = 0
-) -> None:
+def check_token_ids(ids: torch.Tensor, limits: tuple[int, int | None], loc: SourceLoc | None) -> None:
     """Raise InputError at ``loc`` when token ``ids`` (batch, length) cannot run on a model with ``limits``
-    (see :func:`token_limits`): no tokens, ids outside the vocabulary, or (with ``more`` tokens to generate)
-    more positions than the model has."""
-    vocab, positions = limits
+    (see :func:`token_limits`): no tokens, ids outside the vocabulary, or more positions than the model has."""
+    vocab = limits[0]
     if ids.dim() == 0 or ids.shape[-1] == 0:
         raise InputError(
             "the input has no tokens",
@@ -114,9 +111,18 @@ def check_token_ids(
             loc,
             "pass ids the model's tokenizer made (a tokenizer of another model has another vocabulary)",
         )
-    length = ids.shape[-1] + more
+    check_positions(ids.shape[-1], limits, loc)
+
+
+def check_positions(
+    prompt: int, limits: tuple[int, int | None], loc: SourceLoc | None, more: int = 0
+) -> None:
+    """Raise InputError at ``loc`` when a ``prompt`` of that many tokens plus ``more`` to generate needs more
+    positions than the model's learned position table has (``limits``: see :func:`token_limits`)."""
+    positions = limits[1]
+    length = prompt + more
     if positions is not None and length > positions:
-        extra = f" ({ids.shape[-1]} in the prompt, {more} to generate)" if more else ""
+        extra = f" ({prompt} in the prompt, {more} to generate)" if more else ""
         raise InputError(
             f"the input needs {length} positions{extra}, but the model has {positions}",
             loc,

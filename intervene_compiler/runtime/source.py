@@ -233,6 +233,21 @@ def _rewrap(outer: Any, inner: Any, new: Any) -> Any:
     return copy
 
 
+def hooked_call(module: Any, pre: Any, post: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)`` between a forward pre-hook and post-hook (either may be None), called as torch
+    calls a module's: a hook's result, when not None, replaces the arguments or the output."""
+    if pre is not None:
+        new = pre(module, args, kwargs)
+        if new is not None:
+            args, kwargs = new
+    output = fn(*args, **kwargs)
+    if post is not None:
+        new = post(module, args, kwargs, output)
+        if new is not None:
+            output = new
+    return output
+
+
 def owner_and_call(path: str) -> tuple[str, str] | None:
     """``(module path, call name)`` of an op-level site's path, None for a module's."""
     if SOURCE in path:
@@ -248,6 +263,7 @@ __all__ = [
     "SOURCE",
     "CallSite",
     "SourceInfo",
+    "hooked_call",
     "innermost",
     "instrumented_forward",
     "owner_and_call",

@@ -283,13 +283,9 @@ def open_block() -> None:
             _installed = True
 
 
-def close_block() -> None:
-    """A block closes (nothing to undo: ``save`` acts only while a block is open)."""
-
-
 _type_modified = ctypes.pythonapi.PyType_Modified
 _type_modified.argtypes = [ctypes.py_object]
 _type_modified.restype = None
 
 
-__all__ = ["SavedTensor", "close_block", "open_block", "rebind", "save_container", "saved_value"]
+__all__ = ["SavedTensor", "open_block", "rebind", "save_container", "saved_value"]

@@ -35,7 +35,7 @@ from .contexts import Cond
 from .current import _current, _current_session, current_session
 from .proxy import Proxy, _find_live_tracer
 from .recorder import Recorder
-from .saving import close_block, open_block, rebind
+from .saving import open_block, rebind
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -85,7 +85,6 @@ class Session(Recorder):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
-        close_block()
         _remove_patches(self._patches)
         self._patches = []
         assert self._token is not None and self._session_token is not None  # set by __enter__

@@ -33,7 +33,7 @@ from .proxy import Proxy, _find_live_tracer
 from .recording import Recording
 from .results import Results
 from .running import Running
-from .saving import close_block, open_block, rebind
+from .saving import open_block, rebind
 from .shapes import FakeShapes, Shape
 
 if TYPE_CHECKING:
@@ -146,7 +146,6 @@ class Tracer(Recording, FakeShapes, Running, Results):
                 self._enter_invoke(invoker)  # Invoker.__enter__
             except BaseException:
                 self._close()
-                close_block()
                 state.lock.release()
                 raise
         return self
@@ -155,7 +154,6 @@ class Tracer(Recording, FakeShapes, Running, Results):
         try:
             self._exit(exc_type, exc)
         finally:
-            close_block()
             self._state.lock.release()
         if exc_type is None and self._session is None and self._mode in _REAL_RUNS:
             # the block ran: the names holding its saved values hold the values now (saving.py)

@@ -13,7 +13,7 @@ import torch
 
 from ...ir import SiteKind
 from ...runtime.inert import make_inert
-from ...runtime.source import instrumented_forward, owner_and_call
+from ...runtime.source import hooked_call, instrumented_forward, owner_and_call
 
 if TYPE_CHECKING:
     from .program import Program
@@ -114,12 +114,7 @@ class Dispatcher:
             pair = hooks.get(name)
             if pair is None:
                 pair = hooks[name] = (_PreHook(self, prefix + name), _PostHook(self, prefix + name))
-            new = pair[0](module, args, kwargs)
-            if new is not None:
-                args, kwargs = new
-            output = fn(*args, **kwargs)
-            new = pair[1](module, args, kwargs, output)
-            return output if new is None else new
+            return hooked_call(module, pair[0], pair[1], fn, args, kwargs)
 
         return instrumented_forward(module, op)
 

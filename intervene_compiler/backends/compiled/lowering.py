@@ -18,7 +18,7 @@ import torch
 
 from ...errors import execution_error
 from ...ir import Graph, Node, Op, ParamRef, Ref, Site, format_node
-from ...runtime.source import HOOKED, SOURCE
+from ...runtime.source import HOOKED, owner_and_call
 
 _ARITHMETIC = frozenset(
     {
@@ -269,7 +269,7 @@ def lift_family(
         if node.op is Op.MODULE and node.target.endswith(HOOKED):  # an attached module: that member's alone
             return graph, None
         if isinstance(node.target, Site):
-            if SOURCE in node.target.path:
+            if owner_and_call(node.target.path) is not None:
                 return graph, None
             member = _member(node.target.path, module)
             if member is not None:

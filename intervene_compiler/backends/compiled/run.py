@@ -8,7 +8,6 @@ reason is recorded in :func:`compile_stats` and shown by ``tracer.explain()``, n
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
 from ...runtime import VALUE_OPS, CacheEntry, ModuleCache, RunResult, Target, resolve
 from ...runtime.source import owner_and_call
 from ..eager import no_backward_error, run_graph
-from ..eager.events import RUN
+from ..eager.events import skip_forward
 from .backward import BackwardSplit, host_only_params, split_backward
 from .dispatcher import Dispatcher
 from .entry import (
@@ -129,17 +128,10 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
 
 
 def _skip_forward(root: torch.nn.Module, path: str, program: Program) -> tuple[torch.nn.Module, Any]:
-    """``(module, forward)``: the forward a compiled call sets on a module the graph skips (``.skip(value)``):
-    the skip's value instead of the module, at a skipped call (``Program.skip_value``); Dynamo traces it, so the
-    skipped module is not in the compiled graph at all."""
+    """``(module, forward)``: the forward a compiled call sets on a module the graph skips (``.skip(value)``),
+    asking ``Program.skip_value``; Dynamo traces it, so the skipped module is not in the compiled graph at all."""
     module = root.get_submodule(path)
-    own = type(module).forward
-
-    def forward(self, *args, **kwargs):
-        value = program.skip_value(path) if self is module else RUN
-        return own(self, *args, **kwargs) if value is RUN else value
-
-    return module, types.MethodType(forward, module)
+    return module, skip_forward(module, lambda: program.skip_value(path))
 
 
 def _causes(error: BaseException):

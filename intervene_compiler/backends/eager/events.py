@@ -13,6 +13,7 @@ Mixed into :class:`~.interpreter.Interpreter`; uses its scheduler state and the 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,8 +21,8 @@ import torch
 from ...errors import InterventionError
 from ...ir import Graph, Node, Op, Site, SiteKind
 from ...runtime import CacheEntry, ModuleCache, narrow, repeat_rows, resolve
-from ...runtime.source import SOURCE, instrumented_forward, owner_and_call
-from .hooks import hook_modules
+from ...runtime.source import hooked_call, instrumented_forward, owner_and_call
+from .hooks import InstanceForward, hook_modules
 from .plan import _INPUTS, _OUTPUT, GraphPlan, hook_paths
 from .prefix import SharedPrefix
 from .states import NodeState
@@ -43,63 +44,46 @@ def _skip_error(node: Node, why: str) -> InterventionError:
     )
 
 
-class SkipForward:
+def skip_forward(module: torch.nn.Module, skip_value: Callable[[], Any]) -> Any:
+    """``module``'s forward, bound, returning ``skip_value()`` instead of running at a skipped call (anything but
+    ``RUN``); the class's forward at any other call. Shared by the eager runner (``SkipForward``) and the compiled
+    call (``compiled/run.py``), where Dynamo traces it."""
+    own = type(module).forward
+
+    def forward(self, *args, **kwargs):
+        value = skip_value() if self is module else RUN
+        return own(self, *args, **kwargs) if value is RUN else value
+
+    forward.__wrapped__ = own  # type: ignore[attr-defined]  # inspect.signature sees the class forward's
+    return types.MethodType(forward, module)
+
+
+class SkipForward(InstanceForward):
     """The forward of a module a graph skips (``.skip(value)``), set on the instance for the run: at a skipped
     call it returns the value (the interpreter's ``skip_value``) instead of running the module; at any other call,
-    the class's forward. Torch's hooks run around it as around any forward. ``remove`` deletes it."""
+    the class's forward. Torch's hooks run around it as around any forward."""
 
-    __slots__ = ("module", "forward")
+    __slots__ = ()
 
     def __init__(self, module: torch.nn.Module, path: str, run: ModuleEvents):
-        own = type(module).forward
-
-        def forward(self, *args, **kwargs):
-            value = run.skip_value(path) if self is module else RUN
-            return own(self, *args, **kwargs) if value is RUN else value
-
-        forward.__wrapped__ = own  # type: ignore[attr-defined]  # inspect.signature sees the class forward's
-        self.module = module
-        self.forward = bound = types.MethodType(forward, module)
-        module.__dict__["forward"] = bound
-
-    def remove(self) -> None:
-        d = self.module.__dict__
-        if d.get("forward") is self.forward:
-            del d["forward"]
+        self._install(module, skip_forward(module, lambda: run.skip_value(path)))
 
 
-class OpForward:
+class OpForward(InstanceForward):
     """A module's forward rewritten for the run so that the calls the graph touches (op-level sites,
     ``envoy.source``) make events: each named call's pre-hook sees its ``(args, kwargs)`` and may replace them, its
-    post-hook its output (``runtime/source.py``). Set on the instance; ``remove`` deletes it."""
+    post-hook its output (``runtime/source.py``)."""
 
-    __slots__ = ("module", "forward")
+    __slots__ = ()
 
     def __init__(self, module: torch.nn.Module, calls: dict[str, tuple]):
         def op(name, fn, *args, **kwargs):
             hooks = calls.get(name)
             if hooks is None:
                 return fn(*args, **kwargs)
-            pre, post = hooks
-            if pre is not None:
-                new = pre(module, args, kwargs)
-                if new is not None:
-                    args, kwargs = new
-            output = fn(*args, **kwargs)
-            if post is not None:
-                new = post(module, args, kwargs, output)
-                if new is not None:
-                    output = new
-            return output
+            return hooked_call(module, hooks[0], hooks[1], fn, args, kwargs)
 
-        self.module = module
-        self.forward = bound = instrumented_forward(module, op)
-        module.__dict__["forward"] = bound
-
-    def remove(self) -> None:
-        d = self.module.__dict__
-        if d.get("forward") is self.forward:
-            del d["forward"]
+        self._install(module, instrumented_forward(module, op))
 
 
 class ModuleEvents(SharedPrefix):
@@ -140,7 +124,7 @@ class ModuleEvents(SharedPrefix):
         # a plain run (one whose nodes use the event schedule, with no reuse, layer swaps or packing, which add
         # hooks and forwards of their own) may wrap the hooked modules' forwards instead of hooking them
         ops: dict[str, dict[str, tuple]] = {}  # module path -> call name -> (its pre-hook, its post-hook)
-        if any(SOURCE in h[0] or h[0].startswith("source.") for h in hooks):
+        if any(owner_and_call(h[0]) is not None for h in hooks):
             module_hooks = []
             for path, hook_in, hook_out in hooks:
                 found = owner_and_call(path)

@@ -44,7 +44,24 @@ class _Hook:
         self.flags.pop(self.id, None)
 
 
-class _Wrap:
+class InstanceForward:
+    """A ``forward`` set on a module instance for a run (``_install``); ``remove`` deletes it if it is still
+    there. The base of the runner's wraps, skips and rewritten forwards."""
+
+    __slots__ = ("module", "forward")
+
+    def _install(self, module: torch.nn.Module, bound: Any) -> None:
+        self.module = module
+        self.forward = bound
+        module.__dict__["forward"] = bound
+
+    def remove(self) -> None:
+        d = self.module.__dict__
+        if d.get("forward") is self.forward:
+            del d["forward"]
+
+
+class _Wrap(InstanceForward):
     """The runner's pre- and post-hook of one module run by a ``forward`` set on the instance for the run, around
     the class's own: what torch's hook dispatch (``Module._call_impl``'s slow path) would do with them, for about
     2 us less per hooked call. Only for a module nothing else runs around (``wrappable``), so everything that
@@ -57,10 +74,9 @@ class _Wrap:
     directly runs no hooks, and so no wrap's. A forward pre-hook registered during the run runs before the wrap's
     instead of after; post-hooks keep their order."""
 
-    __slots__ = ("module", "forward", "pre", "post")
+    __slots__ = ("pre", "post")
 
     def __init__(self, module: torch.nn.Module, pre, post) -> None:
-        self.module = module
         self.pre = pre
         self.post = post
         own = type(module).forward  # a plain function (``wrappable``)
@@ -89,13 +105,7 @@ class _Wrap:
         # inspect.signature(module.forward), which transformers reads, sees the class forward's signature (less
         # `self`, as for any bound method)
         forward.__wrapped__ = own  # type: ignore[attr-defined]  # functools' convention, read by inspect
-        self.forward = bound = MethodType(forward, module)
-        module.__dict__["forward"] = bound
-
-    def remove(self) -> None:
-        d = self.module.__dict__
-        if d.get("forward") is self.forward:
-            del d["forward"]
+        self._install(module, MethodType(forward, module))
 
 
 def _unwrap_copy(copy: torch.nn.Module, forward, own, args: tuple, kwargs: dict) -> Any:
@@ -224,4 +234,4 @@ def hook_modules(
             handles.append(add_hook(mod, post_hook(path), pre=False))
 
 
-__all__ = ["add_hook", "hook_modules", "wrappable"]
+__all__ = ["InstanceForward", "add_hook", "hook_modules", "wrappable"]

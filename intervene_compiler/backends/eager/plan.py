@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ...ir import Node, Op, Ref, SiteKind, is_mutation, saved_ids
 from ...ir.nodes import walk_nodes
-from ...runtime.source import SOURCE
+from ...runtime.source import owner_and_call
 
 # hot paths compare ops with these module constants: ``Op.SITE`` is a (slow) enum class attribute lookup
 _SITE, _SET, _UPDATE, _GRAD, _SET_GRAD = Op.SITE, Op.SET, Op.UPDATE, Op.GRAD, Op.SET_GRAD
@@ -106,7 +106,7 @@ class GraphPlan:
                 waits.add(n.id)
         self.idle_before_forward = not self.has_iter and len(waits) == len(graph_nodes)
         # op-level sites (envoy.source) come from a rewritten forward, which the general scheduler installs
-        has_ops = any(SOURCE in key[0] or key[0].startswith("source.") for key in self.site_nodes)
+        has_ops = any(owner_and_call(key[0]) is not None for key in self.site_nodes)
         self.events = (
             None
             if self.has_iter or self.has_cache or self.has_grads or has_ops
