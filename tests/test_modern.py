@@ -208,6 +208,45 @@ def test_generation_appends_every_step(lm_dirs, compile):
     lm.clear_compiled()
 
 
+@pytest.mark.parametrize("compile", BOTH)
+def test_generator_streamer(lm_dirs, compile):
+    """``model.generator.streamer.output``: what ``generate`` streams, the prompt's ids at its first call and each
+    step's new token after it (as a ``transformers`` streamer receives them). Compiled, the block runs eagerly
+    and says why."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with lm.generate("Hello world", max_new_tokens=4, compile=compile) as tracer:
+        streamed = list().save()
+        hidden = list().save()
+        for _step in tracer.iter[1:4]:
+            streamed.append(lm.generator.streamer.output)
+            hidden.append(lm.transformer.h[-1].output)
+        first = lm.generator.streamer.output.save()
+        tokens = lm.generator.output.save()
+    prompt = len(lm.tokenizer("Hello world")["input_ids"])
+    assert len(streamed) == 3 and len(hidden) == 3
+    assert torch.equal(first.reshape(-1), tokens[0, :prompt])  # the first put: the prompt
+    for k, got in enumerate(streamed):  # call k + 1: the token generated at step k
+        assert torch.equal(got.reshape(-1), tokens[:, prompt + k])
+    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"])
+    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
+    ids = tok("Hello world", return_tensors="pt")
+    reference = hf.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(tokens, reference)
+    if compile:
+        assert any("streamer" in r for r in ic.compile_stats()["fallback_reasons"])
+    # a streamer of the caller's own gets the tokens instead (and the model's does not fire)
+    own = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, timeout=30.0)
+    with lm.generate("Hello world", max_new_tokens=3, streamer=own) as tracer:
+        logits = list().save()
+        for _step in tracer.iter[:]:
+            logits.append(lm.lm_head.output[0, -1].argmax(-1))
+    assert len(logits) == 3 and "".join(own)
+    lm.clear_compiled()
+    assert_clean(lm._module)
+
+
 # -- `for step in tracer.iter[...]` runs its body once per step --------------------------------------------------
 @pytest.mark.parametrize("compile", BOTH)
 def test_a_for_loop_over_steps_runs_its_body_once_per_step(lm_dirs, compile):

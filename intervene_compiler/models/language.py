@@ -54,6 +54,30 @@ class WrapperModule(torch.nn.Module):
         return args[0] if len(args) == 1 else args
 
 
+class Streamer(WrapperModule):
+    """``model.generator.streamer``: the streamer ``generate`` is given (unless the caller gives one). Each
+    ``put`` is a call, so ``streamer.output`` is what ``generate`` streamed: the prompt's ids at the first call,
+    then each step's new token ids (on the CPU, as ``transformers`` streams them). ``generate`` streams a step's
+    ids before the step's forward takes them: inside ``tracer.iter[k]`` it is the ids step ``k`` takes (the
+    prompt's at step 0, the token step ``k - 1`` chose after it), nnsight's count."""
+
+    runs_ahead_of_step = True  # see backends/eager/steps.py
+
+    def put(self, value: Any) -> Any:
+        return self(value)
+
+    def end(self) -> None:
+        return None
+
+
+class Generation(WrapperModule):
+    """``model.generator``: ``generate``'s full output passes through it; its ``streamer`` sees each token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streamer = Streamer()
+
+
 @dataclass
 class _Checkpoint:
     """Loading state shared by a LanguageModel and its edited copies."""
@@ -344,6 +368,8 @@ class LanguageModel(NNsight):
         if generating is not None:
             options = dict(generating)
             options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            if _streams(options, module):
+                options.setdefault("streamer", module.generator.streamer)
             return module.generator(module.generate(*args, **kwargs, **options))
         mask = kwargs.get("attention_mask")
         if (
@@ -360,7 +386,9 @@ class Generator(Tracer):
     """The tracing block ``LanguageModel.generate`` opens: the run calls ``generate`` instead of the forward."""
 
     def __init__(self, model: LanguageModel, inputs: tuple, generate_kwargs: dict, **options: Any):
-        super().__init__(model, inputs, {}, **options)
+        # a streamer of the caller's own sees the whole generation (generation is not cut after the last step
+        # the interventions need)
+        super().__init__(model, inputs, {}, needs_output="streamer" in generate_kwargs, **options)
         self._generate_kwargs = generate_kwargs
 
     def _run(self) -> None:
@@ -408,9 +436,18 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
 
 
 def _add_generator(module: torch.nn.Module) -> None:
-    if not isinstance(getattr(module, "generator", None), WrapperModule):
+    if not isinstance(getattr(module, "generator", None), Generation):
         # in the model's mode: a new module trains by default, and a training module anywhere turns off reuse
-        module.add_module("generator", WrapperModule().train(module.training))
+        module.add_module("generator", Generation().train(module.training))
+
+
+def _streams(options: dict, module: torch.nn.Module) -> bool:
+    """Whether ``generate`` takes a streamer with these options (``transformers`` refuses one with beams)."""
+    beams = options.get("num_beams")
+    if beams is None:
+        config = options.get("generation_config") or getattr(module, "generation_config", None)
+        beams = getattr(config, "num_beams", 1)
+    return (beams or 1) == 1
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:
@@ -433,4 +470,4 @@ def _to_device(kwargs: dict, module: torch.nn.Module) -> dict:
     return {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
-__all__ = ["Generator", "LanguageModel", "TOKENIZER_KWARGS", "WrapperModule"]
+__all__ = ["Generation", "Generator", "LanguageModel", "Streamer", "TOKENIZER_KWARGS", "WrapperModule"]

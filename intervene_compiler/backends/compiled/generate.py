@@ -136,6 +136,9 @@ def _plan(graph: Graph) -> tuple[_Plan | None, str | None]:
             return None, "`tracer.cache()` in a generate block is not compiled"
         if n.body and n.op is not Op.ITER:
             return None, "nested graphs other than `tracer.all()`/`tracer.iter[...]` are not compiled"
+    for n in walk_nodes(graph.nodes):
+        if n.op in _SITE_OPS and n.target.path.startswith("generator.streamer"):
+            return None, "`generator.streamer` runs between the steps' forwards, outside the compiled step"
     site_dependent: set[int] = set()  # outer nodes computed from module sites (not ready before the steps)
     for n in graph.nodes:
         if n.op in _SITE_OPS and n.target.path != "generator":

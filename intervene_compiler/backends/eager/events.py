@@ -189,7 +189,7 @@ class ModuleEvents(SharedPrefix):
                     return None
                 keys = (key,)
             else:
-                keys = self._event_keys(key)
+                keys = self._event_keys(key, (args, kwargs))
                 if not keys:
                     return None
             if self.repeat:
@@ -244,16 +244,18 @@ class ModuleEvents(SharedPrefix):
                     new = self.visit(key, output)
             else:
                 new = output
-                for k in self._event_keys(key):
+                for k in self._event_keys(key, output):
                     new = self.visit(k, new)
             return None if new is output else new
 
         return hook
 
-    def _event_keys(self, key: tuple) -> list[tuple]:
-        """The site keys a module event serves: its own, and its step-relative key inside a live step."""
+    def _event_keys(self, key: tuple, value: Any) -> list[tuple]:
+        """The site keys a module event serves: its own, and its step-relative key inside a live step (an event
+        of a module that runs ahead of the step's forward is kept for the next step: ``Steps.ahead_of_step``)."""
         keys = [key] if key in self.site_nodes else []
         if self.steps is not None:
+            self.steps.ahead_of_step(key, value)
             rel = self.steps.relative(key)
             if rel is not None and self.site_nodes.get(rel):
                 keys.append(rel)

@@ -7,6 +7,11 @@ nodes are reset to pending and join the runner's normal scheduler, with their st
 read it as the step index). When the step ends (the root's forward hook) every body node must have run; the
 instance closes, and after the selection's last step the ITER node is done, so nodes ordered after the block
 (a truncating stop, a read of a list the block appended to) can run.
+
+A module with ``runs_ahead_of_step = True`` (``model.generator.streamer``: ``generate`` streams the ids a step's
+forward will take before that forward) is called between steps: its event is kept and given to the next step when
+it starts, as that step's first call of the module (nnsight's count: the streamer's call ``k`` is step ``k``). An
+event after the last step is given to none.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from .states import NodeState
 _DONE, _SKIPPED, _ARMED, _LIVE = NodeState.DONE, NodeState.SKIPPED, NodeState.ARMED, NodeState.LIVE
 
 
+def _runs_ahead(root: Any, path: str) -> bool:
+    try:
+        return bool(getattr(root.get_submodule(path), "runs_ahead_of_step", False))
+    except AttributeError:
+        return False
+
+
 class Steps:
     """Per-run step state of one :class:`~intervene_compiler.backends.eager.interpreter.Interpreter`."""
 
@@ -36,11 +48,16 @@ class Steps:
         self.start_out: dict[str, int] = {}
         self.live: dict[int, tuple[Node, ...]] = {}  # ITER id -> its running instance's body nodes
         self.ran: dict[int, list[int]] = {n.id: [] for n in iters}
+        ahead: set[str] = set()
         for it in iters:
             for n in walk_nodes(it.body[0].nodes):
                 run.nodes[n.id] = n
                 if n.op in _SITE_OPS:  # registered now so their modules get hooks; filled while live
                     run.site_nodes.setdefault(n.target.key, [])
+                    if _runs_ahead(run.module, n.target.path):
+                        ahead.add(n.target.path)
+        self.ahead = frozenset(ahead)  # paths of step-relative sites on modules called ahead of the step
+        self.kept: dict[tuple, tuple[int, Any]] = {}  # (path, kind) -> (call, value) of the last such event
 
     @classmethod
     def create(cls, run: Any) -> Steps | None:
@@ -60,6 +77,11 @@ class Steps:
         start = (self.start_out if kind is SiteKind.OUTPUT else self.start_in).get(path, 0)
         return (path, kind, -1 - (call - start))
 
+    def ahead_of_step(self, key: tuple, value: Any) -> None:
+        """Keep an event of a module called ahead of the step (between steps) for the next step."""
+        if not self.in_step and key[0] in self.ahead:
+            self.kept[key[:2]] = (key[2], value)
+
     # -- step boundaries ---------------------------------------------------------------------------------------
     def _begin(self, module, args) -> None:
         run = self.run
@@ -75,6 +97,13 @@ class Steps:
                 run.try_node(node)  # arms it once its guards are known
             if state.get(node.id) == _ARMED and step_matches(node.target, self.step):
                 self._instantiate(node)
+        kept, self.kept = self.kept, {}
+        for (path, kind), (call, value) in kept.items():  # this step's first call of the module
+            starts = self.start_out if kind is SiteKind.OUTPUT else self.start_in
+            starts[path] = call
+            rel = (path, kind, -1)
+            if run.site_nodes.get(rel):
+                run.visit(rel, value)
         run.drain()
 
     def _instantiate(self, node: Node) -> None:
