@@ -247,6 +247,59 @@ def test_generator_streamer(lm_dirs, compile):
     assert_clean(lm._module)
 
 
+@pytest.mark.parametrize("compile", BOTH)
+def test_cache_holds_one_entry_per_call(lm_dirs, compile):
+    """``tracer.cache()`` in ``generate``: one entry per step for every module, as nnsight's cache (a list when a
+    module ran more than once). In a trace, a module called twice gets two entries too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with lm.generate("Hello world", max_new_tokens=3, compile=compile) as tracer:
+        cache = tracer.cache(modules=[lm.transformer.h[0]])
+        tokens = lm.generator.output.save()
+    entries = cache["model.transformer.h.0"]
+    assert isinstance(entries, list) and len(entries) == 3
+    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"])
+    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
+    plain: list = []
+    handle = hf.transformer.h[0].register_forward_hook(lambda m, a, o: plain.append(o.detach()))
+    try:
+        ids = tok("Hello world", return_tensors="pt")
+        reference = hf.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        handle.remove()
+    assert torch.equal(tokens, reference)
+    for entry, want in zip(entries, plain):
+        torch.testing.assert_close(entry.output, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(AttributeError, match=r"one entry per call"):
+        cache.model.transformer.h[0].output  # noqa: B018 - the attribute read raises
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.shared(x)))
+
+    torch.manual_seed(0)
+    net = Twice()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 4)
+    with model.trace(x, compile=compile) as tracer:
+        cache = tracer.cache(include_inputs=True)
+    first, second = cache["model.shared"]
+    torch.testing.assert_close(first.output, net.shared(x))
+    torch.testing.assert_close(second.input, torch.relu(net.shared(x)))
+    torch.testing.assert_close(second.output, net(x))
+    torch.testing.assert_close(cache.model.output, net(x))
+    if compile:
+        assert any("more than once" in r for r in ic.compile_stats()["fallback_reasons"])
+    lm.clear_compiled()
+    model.clear_compiled()
+    assert_clean(net)
+
+
 # -- `for step in tracer.iter[...]` runs its body once per step --------------------------------------------------
 @pytest.mark.parametrize("compile", BOTH)
 def test_a_for_loop_over_steps_runs_its_body_once_per_step(lm_dirs, compile):
@@ -588,12 +641,91 @@ def test_source_errors_and_super(net):
     with pytest.raises(AttributeError, match="no call named 'call_9'"):
         with model.trace(x):
             model[0].source.call_9.output.save()
-    with pytest.raises(ic.TracingError, match="not supported yet"):
-        with model.trace(x):
-            model[0].source.super_forward_0.source  # noqa: B018 - the access is the error
+    with model.trace(x):  # a call's own source: here the parent class's forward
+        model[0].source.super_forward_0.source.F_linear_0.output[:] = 0.5
+        out = model.output.save()
+    torch.testing.assert_close(out, torch.full((2, 3), 1.0))
     with model.trace(x, scan=True, validate=True):  # op-level sites on fakes: shapes unknown, no error
         model[0].source.super_forward_0.output.save()
     assert_clean(model._module)
+
+
+def _helper(x):
+    return torch.relu(x) + torch.sigmoid(x)
+
+
+class _CallsHelper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(_helper(x))
+
+
+@pytest.mark.parametrize("compile", BOTH)
+def test_source_of_a_call_reaches_into_the_function_it_calls(lm_dirs, compile):
+    """``call.source``: the calls inside the function a call runs are sites too (nnsight's recursive
+    ``.source``). GPT-2's eager attention: zeroing the attention probabilities (a softmax inside the attention
+    function the module calls through a local variable) equals zeroing the attention output before ``c_proj``
+    with a plain hook. Compiled, such a trace runs eagerly and says why."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ic.reset_compile_stats()
+    lm = ic.LanguageModel(lm_dirs["gpt2"], attn_implementation="eager")
+    attn = lm.transformer.h[0].attn
+    # the callee is a local variable of the forward: known once a run has seen it
+    assert "known only when the model runs" in str(attn.source.attention_interface_0.source)
+    with lm.trace("Hello world", compile=compile):
+        probs = attn.source.attention_interface_0.source.nn_functional_softmax_0.output.clone().save()
+        attn.source.attention_interface_0.source.nn_functional_softmax_0.output[:] = 0
+        logits = lm.lm_head.output.save()
+    listing = str(attn.source.attention_interface_0.source)
+    assert "eager_attention_forward" in listing and "# nn_functional_softmax_0" in listing
+    hf = AutoModelForCausalLM.from_pretrained(lm_dirs["gpt2"], attn_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(lm_dirs["gpt2"])
+    ids = tok("Hello world", return_tensors="pt")
+    with torch.no_grad():
+        attentions = hf(**ids, output_attentions=True).attentions
+    torch.testing.assert_close(probs, attentions[0])  # read before the edit: the softmax as computed
+    handle = hf.transformer.h[0].attn.c_proj.register_forward_pre_hook(lambda m, a: (torch.zeros_like(a[0]),))
+    try:
+        with torch.no_grad():
+            expected = hf(**ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, expected)
+    if compile:
+        assert any("own `.source`" in r for r in ic.compile_stats()["fallback_reasons"])
+    # a name the called function does not have: the error names the user's line, and nothing is left behind
+    with pytest.raises(ic.UnknownModuleError, match="no call named 'softmax_9'") as info:
+        with lm.trace("Hello world", compile=compile):
+            attn.source.attention_interface_0.source.softmax_9.output.save()
+    assert "softmax_9.output.save()" in str(info.value)
+    assert_clean(lm._module)
+
+    # a global function's calls are known before the model runs, and checked when recorded
+    torch.manual_seed(0)
+    net = _CallsHelper()
+    model = ic.NNsight(net)
+    listing = str(model.source._helper_0.source)
+    assert "# torch_relu_0, torch_sigmoid_0" in listing
+    with pytest.raises(ic.UnknownModuleError, match="did you mean 'torch_relu_0'"):
+        with model.trace(torch.rand(2, 4)):
+            model.source._helper_0.source.torch_relux_0.output.save()
+    x = torch.rand(2, 4) - 0.5
+    with model.trace(x, compile=compile):
+        relu = model.source._helper_0.source.torch_relu_0.output.save()
+        model.source._helper_0.source.torch_sigmoid_0.output[:] = 0
+        out = model.output.save()
+    torch.testing.assert_close(relu, torch.relu(x))
+    torch.testing.assert_close(out, net.lin(torch.relu(x)))
+    with pytest.raises(ic.TracingError, match="is a module"):
+        with model.trace(x):
+            model.source.self_lin_0.source.F_linear_0.output.save()
+    lm.clear_compiled()
+    model.clear_compiled()
+    assert_clean(net)
 
 
 # -- nnsight 0.4's parameter protocol ------------------------------------------------------------------------------

@@ -477,7 +477,8 @@ def test_walkthrough_27_load_and_print(lm_dirs, capsys):
     print(llm)
     printed = capsys.readouterr().out
     assert printed.startswith("GPT2LMHeadModel(")
-    assert "(generator): WrapperModule()" in printed
+    # the walkthrough's era printed `(generator): WrapperModule()`; since 0.5 the generator holds a streamer
+    assert "(generator): Generation(\n    (streamer): Streamer()\n  )" in printed
     assert "(h): ModuleList(" in printed
 
 

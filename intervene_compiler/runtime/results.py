@@ -26,7 +26,18 @@ class CacheEntry:
 
 class ModuleCache(dict):
     """What ``tracer.cache()`` gives: ``"model.path" -> CacheEntry``, also reachable by attribute path, as the
-    model is: ``cache.model.transformer.h[0].output`` is ``cache["model.transformer.h.0"].output``."""
+    model is: ``cache.model.transformer.h[0].output`` is ``cache["model.transformer.h.0"].output``. A module that
+    ran more than once (each step of ``generate``) has a list of entries, one per call."""
+
+    def add(self, name: str, entry: CacheEntry) -> None:
+        """Record one call of module ``name``: its entry, or one more item in its list of entries."""
+        held = self.get(name)
+        if held is None:
+            self[name] = entry
+        elif isinstance(held, list):
+            held.append(entry)
+        else:
+            self[name] = [held, entry]
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -51,6 +62,11 @@ class _CachePath:
             if entry is None:
                 raise KeyError(
                     f"{self._path} is not in the cache (cached: {', '.join(self._cache) or 'nothing'})"
+                )
+            if isinstance(entry, list):
+                raise AttributeError(
+                    f"{self._path} ran {len(entry)} times, so the cache holds one entry per call: read "
+                    f'cache["{self._path}"][k].{name} for call k'
                 )
             return getattr(entry, name)
         return _CachePath(self._cache, f"{self._path}.{name}")

@@ -21,6 +21,7 @@ import inspect
 import sys
 import textwrap
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +38,12 @@ _OP = "__ic_op__"
 
 @dataclass(frozen=True)
 class CallSite:
-    """One named call in a forward: its name, and its line (1-based, in the forward's own source)."""
+    """One named call in a forward: its name, its line (1-based, in the forward's own source) and the called
+    expression's source (``self.c_attn``, ``attention_interface``)."""
 
     name: str
     line: int
+    func: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,70 @@ def source_of(module: torch.nn.Module) -> SourceInfo:
         raise TypeError(
             f"{type(module).__name__}.forward is not a Python function: it has no source to look into"
         )
+    return function_source(fn)
+
+
+def function_source(fn: types.FunctionType) -> SourceInfo:
+    """The call sites of a Python function (cached per code object)."""
     info = _INFO.get(fn.__code__)
     if info is None:
         info = _INFO[fn.__code__] = _analyse(fn)
     return info
+
+
+# module -> {(code of the function making the call, call name): the function that call last ran}, seen at run
+# time: a call of a local variable (``attention_interface(...)``) names its callee only when the forward runs, and
+# two models of one class may run different ones (their configs choose)
+_SEEN: weakref.WeakKeyDictionary[Any, dict[tuple[types.CodeType, str], types.FunctionType]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def callee_source(info: SourceInfo, name: str, module: Any, owner: Any = None) -> SourceInfo | None:
+    """The source of the function call ``name`` of ``info``'s function runs (in ``module``'s forward), when it can
+    be known before the model runs: a global or builtin name (``eager_attention_forward``), an attribute path from
+    one or from ``self`` (``owner``: the module, when ``info`` is its forward), or a callee an earlier run of
+    ``module`` saw. None when not known yet."""
+    site = next((s for s in info.sites if s.name == name), None)
+    if site is None:
+        return None
+    found: Any = _SEEN.get(module, {}).get((info.function.__code__, name))
+    if found is None:
+        found = _static_callee(info.function, site.func, owner)
+    if isinstance(found, torch.nn.Module):
+        raise TypeError(f"`{site.func}` is a module ({type(found).__name__}): use its own `.source`")
+    if isinstance(found, types.MethodType):
+        found = found.__func__
+    found = innermost(found) if found is not None else None
+    return function_source(found) if isinstance(found, types.FunctionType) else None
+
+
+def _static_callee(fn: types.FunctionType, expr: str, owner: Any) -> Any:
+    """What ``expr`` names in ``fn``'s scope, without running it: None for local variables and anything else."""
+    try:
+        node = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return None
+    attrs: list[str] = []
+    while isinstance(node, ast.Attribute):
+        attrs.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    code = fn.__code__
+    if node.id == "self" and owner is not None:
+        value = owner
+    elif node.id in code.co_varnames or node.id in code.co_cellvars or node.id in code.co_freevars:
+        return None  # a local: known only when the forward runs
+    elif node.id in fn.__globals__:
+        value = fn.__globals__[node.id]
+    else:
+        import builtins
+
+        value = getattr(builtins, node.id, None)
+    for attr in reversed(attrs):
+        value = getattr(value, attr, None)
+    return value
 
 
 def _name_of(func: ast.expr) -> str | None:
@@ -167,7 +230,7 @@ def _analyse(fn: types.FunctionType) -> SourceInfo:
         raise TypeError(f"the source of {fn.__qualname__} is not a function definition")
     namer = _Namer()
     namer.visit(func)
-    sites = tuple(CallSite(name, call.lineno) for call, name in namer.found)
+    sites = tuple(CallSite(name, call.lineno, ast.unparse(call.func)) for call, name in namer.found)
     func.decorator_list = []
     _Rewriter({id(call): name for call, name in namer.found}).visit(func)
     free = fn.__code__.co_freevars
@@ -204,18 +267,106 @@ def _analyse(fn: types.FunctionType) -> SourceInfo:
 def instrumented_forward(module: torch.nn.Module, op: Callable[..., Any]) -> Any:
     """``module``'s forward with every named call going through ``op(name, fn, *args, **kwargs)``, bound to the
     module (to be set on the instance); decorators kept (see the module docstring)."""
-    info = source_of(module)
+    return types.MethodType(_instrumented(type(module).forward, op), module)
+
+
+def _instrumented(outer: Any, op: Callable[..., Any]) -> Any:
+    """The Python function ``outer`` (under its ``functools.wraps`` decorators) with its named calls going
+    through ``op``."""
+    fn = innermost(outer)
+    if not isinstance(fn, types.FunctionType):
+        raise TypeError(
+            f"{getattr(outer, '__qualname__', outer)!r} is not a Python function: it has no source"
+        )
+    info = function_source(fn)
     if info.factory is None:
-        raise TypeError(f"the forward of {type(module).__name__} could not be rewritten")
-    fn = info.function
+        raise TypeError(f"{fn.__qualname__} could not be rewritten")
     cells = fn.__closure__ or ()
     rewritten = info.factory(op, *(c.cell_contents for c in cells))
     rewritten.__defaults__ = fn.__defaults__
     rewritten.__kwdefaults__ = fn.__kwdefaults__
-    outer = type(module).forward
     if outer is not fn:
         rewritten = _rewrap(outer, fn, rewritten)
-    return types.MethodType(rewritten, module)
+    return rewritten
+
+
+def instrumented_callable(fn: Any, op: Callable[..., Any], where: str, names: Any = ()) -> Any:
+    """``fn`` (a function or bound method a forward calls) with its named calls going through ``op``, for a
+    call site's own ``.source``; ``names`` (the calls the run touches) must be ``fn``'s. Records ``fn`` as the
+    callee of ``where`` (see :func:`callee_source`)."""
+    if isinstance(fn, torch.nn.Module):
+        raise TypeError(f"{where} calls a module ({type(fn).__name__}): use that module's own `.source`")
+    bound = fn.__self__ if isinstance(fn, types.MethodType) else None
+    func = fn.__func__ if isinstance(fn, types.MethodType) else fn
+    inner = innermost(func)
+    if not isinstance(inner, types.FunctionType):
+        raise TypeError(
+            f"{where} calls {fn!r}, which is not a Python function: it has no source to look into"
+        )
+    info = function_source(inner)
+    missing = sorted(set(names) - set(info.names()))
+    if missing:
+        raise LookupError(
+            f"{where} calls {inner.__qualname__}, which has no call named {', '.join(map(repr, missing))} "
+            f"(its calls: {', '.join(info.names()) or 'none'})"
+        )
+    new = _instrumented(func, op)
+    return new if bound is None else types.MethodType(new, bound)
+
+
+def op_router(
+    module: Any,
+    calls: dict[str, tuple],
+    scope: types.CodeType | None = None,
+    locate: Callable[[str], Any] | None = None,
+    prefix: str = "",
+) -> Callable[..., Any]:
+    """The ``__ic_op__`` of a rewritten forward: ``calls`` maps a call's name to its (pre-hook, post-hook), either
+    may be None (``hooked_call``); a name ``a_0.source.b_0`` reaches into the function call ``a_0`` runs (its
+    own calls go through a router of their own). Calls not in ``calls`` run as written. A called function that
+    cannot be looked into (a module, no Python source, no call of a wanted name) raises ``UnknownModuleError`` at
+    the line ``locate(full call name)`` gives."""
+    direct: dict[str, tuple] = {}
+    nested: dict[str, dict[str, tuple]] = {}
+    for name, hooks in calls.items():
+        head, sep, rest = name.partition(SOURCE)
+        if sep:
+            nested.setdefault(head, {})[rest] = hooks
+        else:
+            direct[name] = hooks
+    inner = {head: (sub, {n.partition(SOURCE)[0] for n in sub}) for head, sub in nested.items()}
+
+    if scope is None:
+        scope = innermost(type(module).forward).__code__
+    seen = _SEEN.setdefault(module, {})
+
+    def op(name, fn, *args, **kwargs):
+        if (
+            type(fn) is types.FunctionType
+        ):  # functions only: a bound method or module would keep its model alive
+            seen[(scope, name)] = fn
+        found = inner.get(name)
+        if found is not None:
+            sub, names = found
+            callee = innermost(fn.__func__ if isinstance(fn, types.MethodType) else fn)
+            code = getattr(callee, "__code__", None)
+            where = prefix + name
+            try:
+                router = op_router(module, sub, code, locate, where + SOURCE)
+                fn = instrumented_callable(fn, router, where, names)
+            except (LookupError, TypeError) as e:
+                from ..errors import UnknownModuleError
+
+                wanted = where + SOURCE + next(iter(sub))
+                raise UnknownModuleError(
+                    str(e), locate(wanted) if locate else None, "print the call's `.source` to see its calls"
+                ) from None
+        hooks = direct.get(name)
+        if hooks is None:
+            return fn(*args, **kwargs)
+        return hooked_call(module, hooks[0], hooks[1], fn, args, kwargs)
+
+    return op
 
 
 def _rewrap(outer: Any, inner: Any, new: Any) -> Any:
@@ -250,11 +401,11 @@ def hooked_call(module: Any, pre: Any, post: Any, fn: Any, args: tuple, kwargs: 
 
 def owner_and_call(path: str) -> tuple[str, str] | None:
     """``(module path, call name)`` of an op-level site's path, None for a module's."""
+    if path.startswith("source."):  # the root's (checked first: a nested call's path holds SOURCE too)
+        return "", path[len("source.") :]
     if SOURCE in path:
         owner, _, name = path.partition(SOURCE)
         return owner, name
-    if path.startswith("source."):
-        return "", path[len("source.") :]
     return None
 
 
@@ -263,9 +414,13 @@ __all__ = [
     "SOURCE",
     "CallSite",
     "SourceInfo",
+    "callee_source",
+    "function_source",
     "hooked_call",
     "innermost",
+    "instrumented_callable",
     "instrumented_forward",
+    "op_router",
     "owner_and_call",
     "source_of",
 ]

@@ -4,19 +4,22 @@
 (``runtime/source.py``: ``self_c_attn_0``, ``attention_interface_0``, ...). ``source.<name>.output`` reads that
 call's return value, ``.input`` its first argument and ``.inputs`` its ``(args, kwargs)``; setting them (or editing
 them in place) changes what the forward sees. The site's path is the module's, ``.source.`` and the call's name;
-its call index counts that call's runs in the module's forward (``.next()`` as for modules). The eager backend runs
-the module with its forward rewritten for the run (``backends/eager/events.py``); compiled traces with op-level
-sites run eagerly for now.
+its call index counts that call's runs in the module's forward (``.next()`` as for modules). A call's own
+``.source`` reaches into the function it calls: ``attn.source.attention_interface_0.source.matmul_0`` is a site
+whose path continues with ``.source.`` and the inner call's name. The eager backend runs the module with its forward
+rewritten for the run (``backends/eager/events.py``, ``runtime.source.op_router``); the compiled one sets the
+rewritten forward for its call (a call's own ``.source`` runs eagerly).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TracingError, UnknownModuleError, user_location
 from ..ir import SiteKind
-from ..runtime.source import SOURCE, SourceInfo, source_of
+from ..runtime.source import SOURCE, SourceInfo, callee_source, source_of
 
 if TYPE_CHECKING:
     from .envoy import Envoy
@@ -58,7 +61,7 @@ class SourceEnvoy:
                 if close
                 else f"print({envoy._name()}.source) shows the calls' names",
             )
-        return OpEnvoy(envoy, name)
+        return OpEnvoy(envoy, name, self._info)
 
     def __dir__(self) -> list[str]:
         return list(self._info.names())
@@ -71,16 +74,24 @@ class SourceEnvoy:
 
 class OpEnvoy:
     """One call inside a module's forward (``attn.source.attention_interface_0``): its ``.output``, ``.input``
-    and ``.inputs`` are sites, read and set as a module's are."""
+    and ``.inputs`` are sites, read and set as a module's are; its ``.source`` reaches into the function it calls.
+
+    ``call`` is the call's name within the module's forward (``attention_interface_0``, or for a call inside a
+    called function ``attention_interface_0.source.matmul_0``); ``scope`` is the source of the function making the
+    call (None when that function is known only when the model runs)."""
 
     _owner: Envoy
+    _call: str
     _path: str
     _label: str
+    _scope: SourceInfo | None
 
-    def __init__(self, owner: Envoy, name: str):
+    def __init__(self, owner: Envoy, call: str, scope: SourceInfo | None = None):
         object.__setattr__(self, "_owner", owner)
-        object.__setattr__(self, "_path", f"{owner._path}{SOURCE}{name}" if owner._path else f"source.{name}")
-        object.__setattr__(self, "_label", f"{owner._name()}.source.{name}")
+        object.__setattr__(self, "_call", call)
+        object.__setattr__(self, "_path", f"{owner._path}{SOURCE}{call}" if owner._path else f"source.{call}")
+        object.__setattr__(self, "_label", f"{owner._name()}.source.{call}")
+        object.__setattr__(self, "_scope", scope)
 
     def _tracer(self, what: str) -> Any:
         return self._owner._tracer(f"source.{what}")
@@ -115,12 +126,17 @@ class OpEnvoy:
         return self
 
     @property
-    def source(self) -> Any:
-        raise TracingError(
-            f"{self._label}.source (the source of a called function) is not supported yet",
-            user_location(),
-            "intervene on this call's inputs and output, or on a module it calls",
-        )
+    def source(self) -> CallSource:
+        """The calls inside the function this call runs (``...attention_interface_0.source.matmul_0``)."""
+        info = None
+        if self._scope is not None:
+            module = self._owner._module
+            owner = module if SOURCE not in self._call else None
+            try:
+                info = callee_source(self._scope, self._call.rpartition(SOURCE)[2], module, owner)
+            except TypeError as e:
+                raise TracingError(f"{self._label}.source: {e}", user_location()) from None
+        return CallSource(self, info)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):
@@ -132,4 +148,50 @@ class OpEnvoy:
         return f"<call site {self._label}>"
 
 
-__all__ = ["OpEnvoy", "SourceEnvoy"]
+_CALL_NAME = re.compile(r"^[A-Za-z_]\w*_\d+$")
+
+
+class CallSource:
+    """``call_site.source``: the named calls of the function a call runs. When that function can be known before
+    the model runs (a global function, ``self``'s method, or one an earlier run saw) its names are checked here;
+    otherwise (a local variable, such as transformers' ``attention_interface``) when the call runs."""
+
+    _call: OpEnvoy
+    _info: SourceInfo | None
+
+    def __init__(self, call: OpEnvoy, info: SourceInfo | None):
+        object.__setattr__(self, "_call", call)
+        object.__setattr__(self, "_info", info)
+
+    def __getattr__(self, name: str) -> OpEnvoy:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        call, info = self._call, self._info
+        names = info.names() if info is not None else ()
+        if (info is not None and name not in names) or (info is None and not _CALL_NAME.match(name)):
+            close = difflib.get_close_matches(name, names, n=3)
+            raise UnknownModuleError(
+                f"{call._label}.source has no call named {name!r}",
+                user_location(),
+                f"did you mean {', '.join(repr(c) for c in close)}?"
+                if close
+                else f"print({call._label}.source) shows the calls' names",
+            )
+        return OpEnvoy(call._owner, f"{call._call}{SOURCE}{name}", info)
+
+    def __dir__(self) -> list[str]:
+        return list(self._info.names()) if self._info is not None else []
+
+    def __str__(self) -> str:
+        label = f"{self._call._label}"
+        if self._info is None:
+            return (
+                f"{label}.source: the function this call runs is known only when the model runs; print this "
+                "after a trace that reaches the call"
+            )
+        return self._info.render(label)
+
+    __repr__ = __str__
+
+
+__all__ = ["CallSource", "OpEnvoy", "SourceEnvoy"]

@@ -16,7 +16,7 @@ import torch
 from ...errors import GradientError, InterventionError, execution_error
 from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
 from ...runtime import VALUE_OPS, CacheEntry, ModuleCache, RunResult, Target, resolve
-from ...runtime.source import owner_and_call
+from ...runtime.source import SOURCE, owner_and_call
 from ..eager import no_backward_error, run_graph
 from ..eager.events import skip_forward
 from .backward import BackwardSplit, host_only_params, split_backward
@@ -296,6 +296,9 @@ def _build(
             record_fallback(entry, reason)
             return entry
     caches = {n.id: tuple(recorder.env[n.id]) for n in split.forward.nodes if n.op is Op.CACHE}
+    if any(isinstance(v, list) for i in caches for v in recorder.env[i].values()):
+        record_fallback(entry, "a module `tracer.cache()` holds runs more than once in the forward")
+        return entry
     if caches:
         entry.cache_ids = dict(caches)
         for n in graph.nodes:
@@ -304,9 +307,13 @@ def _build(
     entry.bounds = index_bounds(graph, recorder.env, target)
     entry.program = program = Program(target, split.forward, recorder.order, split, dynamic_conds, caches)
     # not generation steps: there a decode step after an in-place edit of a block's output read wrong values
-    owners = sorted(
-        {found[0] for path, _ in program.hook_points if (found := owner_and_call(path)) is not None}
-    )
+    calls = [found for path, _ in program.hook_points if (found := owner_and_call(path)) is not None]
+    if any(SOURCE in name for _, name in calls):
+        record_fallback(
+            entry, "a call's own `.source` (a site inside a function the forward calls) runs eagerly"
+        )
+        return entry
+    owners = sorted({owner for owner, _ in calls})
     # a skipped member's forward is the skip's (below), a member with op-level sites its rewritten forward's
     entry.regional = not program.skips and not owners
     entry.skip_forwards = tuple(

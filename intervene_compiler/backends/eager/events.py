@@ -12,18 +12,20 @@ Mixed into :class:`~.interpreter.Interpreter`; uses its scheduler state and the 
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...errors import InterventionError
+from ...errors import InterventionError, SourceLoc
 from ...ir import Graph, Node, Op, Site, SiteKind
+from ...ir.nodes import walk_nodes
 from ...runtime import CacheEntry, ModuleCache, narrow, repeat_rows, resolve
-from ...runtime.source import hooked_call, instrumented_forward, owner_and_call
+from ...runtime.source import SOURCE, instrumented_forward, op_router, owner_and_call
 from .hooks import InstanceForward, hook_modules
-from .plan import _INPUTS, _OUTPUT, GraphPlan, hook_paths
+from .plan import _INPUTS, _OUTPUT, _SITE_OPS, GraphPlan, hook_paths
 from .prefix import SharedPrefix
 from .states import NodeState
 
@@ -76,14 +78,8 @@ class OpForward(InstanceForward):
 
     __slots__ = ()
 
-    def __init__(self, module: torch.nn.Module, calls: dict[str, tuple]):
-        def op(name, fn, *args, **kwargs):
-            hooks = calls.get(name)
-            if hooks is None:
-                return fn(*args, **kwargs)
-            return hooked_call(module, hooks[0], hooks[1], fn, args, kwargs)
-
-        self._install(module, instrumented_forward(module, op))
+    def __init__(self, module: torch.nn.Module, calls: dict[str, tuple], locate: Callable[[str], Any]):
+        self._install(module, instrumented_forward(module, op_router(module, calls, locate=locate)))
 
 
 class ModuleEvents(SharedPrefix):
@@ -149,7 +145,18 @@ class ModuleEvents(SharedPrefix):
         for path, calls in ops.items():
             if path in self._plan.skips:
                 continue  # its forward does not run: its calls' sites are never produced
-            handles.append(OpForward(self.module.get_submodule(path), calls))
+            prefix = f"{path}{SOURCE}" if path else "source."
+            handles.append(
+                OpForward(self.module.get_submodule(path), calls, functools.partial(self._site_loc, prefix))
+            )
+
+    def _site_loc(self, prefix: str, name: str) -> SourceLoc | None:
+        """The line of the first site node on path ``prefix + name`` (where an error about that site points)."""
+        path = prefix + name
+        for n in walk_nodes(self.graph.nodes):
+            if n.op in _SITE_OPS and n.target.path == path:
+                return n.loc
+        return None
 
     def skip_value(self, path: str) -> Any:
         """The output a ``.skip(value)`` gives module ``path`` at this call, or ``RUN`` (call the forward)."""
@@ -262,8 +269,9 @@ class ModuleEvents(SharedPrefix):
         return keys
 
     def _start_cache(self, node: Node, handles: list) -> None:
-        """``tracer.cache()``: hook the modules CACHE ``node`` names, filling its dict of ``CacheEntry``s at
-        each module's first call (hooks registered before the run's own, so before any node sees the value)."""
+        """``tracer.cache()``: hook the modules CACHE ``node`` names, filling its dict of ``CacheEntry``s (hooks
+        registered before the run's own, so before any node sees the value). A module called again (a shared
+        module, each step of ``generate``) gets a list of entries, one per call, as in nnsight."""
         options = dict(node.kwargs)
         cache = ModuleCache()
         self.env[node.id] = cache
@@ -279,14 +287,14 @@ class ModuleEvents(SharedPrefix):
             name = "model" + ("." + path if path else "")
 
             def post(mod, args, kwargs, output, name=name):
-                if self.adhoc or name in cache:
+                if self.adhoc:
                     return
                 entry = CacheEntry()
                 if options.get("include_output", True):
                     entry.output = narrow(output, start, stop, self.batch)
                 if options.get("include_inputs", False):
                     entry.inputs = narrow((args, kwargs), start, stop, self.batch)
-                cache[name] = entry
+                cache.add(name, entry)
 
             handles.append(mod.register_forward_hook(post, with_kwargs=True))
 
