@@ -336,3 +336,11 @@ def _wrapped(original: BaseException, message: str, loc: SourceLoc | None, hint:
         except TypeError:
             err = InterventionError(message, loc, hint)
     return err
+
+
+def wrapped_error(
+    original: BaseException, message: str, loc: SourceLoc | None, hint: str | None
+) -> BaseException:
+    """An InterventionError that is also an instance of ``original``'s type, with this message, line and fix (a
+    remote job's error rebuilt on the client: ``remote/jobs.py``)."""
+    return _wrapped(original, message, loc, hint or "")

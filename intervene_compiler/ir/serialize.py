@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,9 +29,12 @@ def to_data(graph: Graph) -> tuple[dict, list[torch.Tensor]]:
     return _graph_data(graph, tensors, abstract=False), tensors
 
 
-def from_data(data: dict, tensors: list[torch.Tensor]) -> Graph:
-    """Rebuild (and verify) a graph from :func:`to_data`'s output."""
-    graph = _graph_from(data, tensors)
+def from_data(
+    data: dict, tensors: list[torch.Tensor], resolve: Callable[[str], Any] = resolve_target
+) -> Graph:
+    """Rebuild (and verify) a graph from :func:`to_data`'s output. ``resolve`` turns a callable's name into the
+    callable (a server passes its allowlist: ``remote.allowlist.safe_target``)."""
+    graph = _graph_from(data, tensors, resolve)
     return verify(graph, where="deserialization")
 
 
@@ -167,10 +171,10 @@ def _value_data(v: Any, tensors: list, abstract: bool) -> Any:
     raise SerializationError(f"cannot serialize a value of type {type(v).__name__}: {v!r}")
 
 
-def _graph_from(data: dict, tensors: list) -> Graph:
+def _graph_from(data: dict, tensors: list, resolve: Callable[[str], Any] = resolve_target) -> Graph:
     params = tuple(_param_from(p, tensors) for p in data["params"])
     return Graph(
-        nodes=tuple(_node_from(n, tensors) for n in data["nodes"]),
+        nodes=tuple(_node_from(n, tensors, resolve) for n in data["nodes"]),
         params=params,
         invokes=tuple(InvokeRows(a, b) for a, b in data["invokes"]),
         kind=data["kind"],
@@ -180,19 +184,19 @@ def _graph_from(data: dict, tensors: list) -> Graph:
 
 def _param_from(p: dict, tensors: list) -> Any:
     if "tensor" in p:
-        t = tensors[p["tensor"]]
+        t = _value_from({"tensor": p["tensor"]}, tensors)
         return t.requires_grad_(True) if p.get("requires_grad") else t
     return _value_from(p["value"], tensors)
 
 
-def _node_from(d: dict, tensors: list) -> Node:
+def _node_from(d: dict, tensors: list, resolve: Callable[[str], Any]) -> Node:
     op = Op(d["op"])
     t = d["target"]
     if isinstance(t, dict) and "site" in t:
         path, kind, call, invoke = t["site"]
         target: Any = Site(path, SiteKind(kind), call, invoke)
     elif isinstance(t, dict) and "fn" in t:
-        target = resolve_target(t["fn"])
+        target = resolve(t["fn"])
     else:
         target = _value_from(t, tensors)
     loc = SourceLoc(*d["loc"]) if "loc" in d else None
@@ -205,7 +209,7 @@ def _node_from(d: dict, tensors: list) -> Node:
         guards=tuple((g, b) for g, b in d.get("guards", ())),
         after=tuple(d.get("after", ())),
         invoke=d.get("invoke"),
-        body=tuple(_graph_from(g, tensors) for g in d.get("body", ())),
+        body=tuple(_graph_from(g, tensors, resolve) for g in d.get("body", ())),
         loc=loc,
     )
 
@@ -231,12 +235,17 @@ def _value_from(v: Any, tensors: list) -> Any:
     if key == "ellipsis":
         return Ellipsis
     if key == "dtype":
-        return getattr(torch, x)
+        dtype = getattr(torch, x, None) if isinstance(x, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise SerializationError(f"{x!r} is not a torch dtype")
+        return dtype
     if key == "device":
         return torch.device(x)
     if key == "size":
         return torch.Size(x)
     if key == "tensor":
+        if type(x) is not int or not 0 <= x < len(tensors):
+            raise SerializationError(f"tensor reference {x!r} names no tensor of the payload")
         return tensors[x]
     if key == "sitekind":
         return SiteKind(x)

@@ -6,6 +6,7 @@ the runner's; everything here only computes on values.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -69,8 +70,22 @@ def _save(node: Node, a: tuple, kw: dict) -> Any:
     return a[0]
 
 
+class _LogSink(threading.local):
+    """Where LOG nodes (``session.log``, ``tracer.log``) write: ``print`` unless this thread set a sink (a remote
+    worker sends each line to the job's log)."""
+
+    sink: Callable[[str], None] | None = None
+
+
+LOG_SINK = _LogSink()
+
+
 def _log(node: Node, a: tuple, kw: dict) -> None:
-    print(*a)
+    sink = LOG_SINK.sink
+    if sink is None:
+        print(*a)
+    else:
+        sink(" ".join(str(x) for x in a))
 
 
 def _cond(node: Node, a: tuple, kw: dict) -> bool:

@@ -9,6 +9,7 @@ imports a backend.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
@@ -89,6 +90,7 @@ class NNsight(Envoy):
         compile: bool | None = None,
         reuse: bool | None = None,
         remote: bool = False,
+        blocking: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Open a tracing block on ``inputs`` (the model runs when it exits).
@@ -102,10 +104,13 @@ class NNsight(Envoy):
         runs about half the layers. Opt in only if the weights are not written through ``.data`` or a NumPy view
         between traces (see :meth:`clear_reuse`).
         """
-        if remote:
-            raise remote_error()
         compile = self._compile if compile is None else compile
         reuse = self._reuse_default if reuse is None else reuse
+        if remote:
+            if not trace:
+                raise TracingError("`trace=False` runs the model here: drop `remote=True`", user_location())
+            tracer = Tracer(self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args)
+            return remote_tracer(tracer, blocking)
         if not trace:
             tracer = Tracer(
                 self, inputs, kwargs, needs_output=True, invoker_args=invoker_args, compile=compile
@@ -123,6 +128,41 @@ class NNsight(Envoy):
             compile=compile,
             reuse=reuse,
         )
+
+    def run_graph(
+        self,
+        graph: Graph,
+        inputs: list[tuple[tuple, dict]],
+        compile: bool = False,
+        generate: dict | None = None,
+    ) -> Any:
+        """Run a recorded intervention graph on this model, as a block's exit would (the service runs a remote
+        request's graph this way: ``remote/jobs.py``). ``inputs``: one prepared ``(args, kwargs)`` per invoke;
+        ``generate``: ``generate()``'s keyword arguments, to run it as a generate block. Returns the
+        ``RunResult`` (saved values by node id). Errors are raised as a local block raises them, except that an
+        error of the model's own code names no line (the caller knows the block's)."""
+        from ..errors import InterventionError, model_error
+        from ..execute import RunOptions, execute
+        from ..pipeline import optimize
+        from .running import _raised_by_model
+
+        with self._state.lock, self._generating(generate):
+            target = self._target(False)
+            optimized = optimize(graph, target.facts, target.caches.optimized)
+            try:
+                return execute(optimized, inputs, target, RunOptions.of(compile, False, False))
+            except InterventionError:
+                raise
+            except Exception as e:
+                if _raised_by_model(e):
+                    raise model_error(e, None) from e
+                raise
+
+    def _generating(self, generate: dict | None) -> Any:
+        """The context in which a run is a generate block (a language model's: ``LanguageModel``)."""
+        if generate is not None:
+            raise TracingError(f"{type(self).__name__} has no generate()", None)
+        return contextlib.nullcontext()
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like ``trace``, but nothing really runs: shapes and dtypes come from fake tensors."""
@@ -358,6 +398,13 @@ def _warn_site_named_submodules(module: torch.nn.Module) -> None:
                     stacklevel=4,
                 )
                 return
+
+
+def remote_tracer(tracer: Any, blocking: bool) -> Any:
+    """Mark a block to run on the intervention service (``remote/client.py``) when it exits."""
+    tracer._remote = {"blocking": bool(blocking)}
+    tracer._with_loc = user_location()
+    return tracer
 
 
 def remote_error() -> TracingError:

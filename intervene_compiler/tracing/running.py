@@ -17,6 +17,7 @@ from ..execute import RunOptions, execute
 from ..ir import Graph, InvokeRows, ModelFacts
 from ..pipeline import Optimized, optimize
 from ..runtime import Target
+from ..runtime.devices import offloaded
 
 if TYPE_CHECKING:
     from .model import NNsight
@@ -44,6 +45,15 @@ class Running(TracerState):
         if not invokers:
             self._check_has_input()
         prepared = [invokers[0].inputs] if len(invokers) == 1 else [inv.inputs for inv in invokers]
+        if self._remote is not None:  # the service runs it (remote/client.py): no weights needed here
+            from .remote import run_remote
+
+            options = getattr(self, "_generate_kwargs", None)
+            kind = "trace" if options is None else "generate"
+            graph = model._with_edits(self._build_graph())
+            self.graph = graph
+            run_remote(self, graph, prepared, kind, options or {}, self._remote["blocking"])
+            return
         fake = self._mode == "scan"
         target = model._target(fake)
         self._execute(self._optimized(model, target), prepared, target, fake)
@@ -153,6 +163,9 @@ def _raised_by_model(error: BaseException) -> bool:
 
 
 def _has_meta_weights(module: Any) -> bool:
+    """Weights on meta that were never loaded (accelerate's offloaded weights are on meta between calls)."""
+    if offloaded(module):
+        return False
     return any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers())
 
 

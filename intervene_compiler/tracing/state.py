@@ -91,6 +91,9 @@ class TracerState:
     _entry: Any  # the compiled entry that ran the block (has ``describe()``), from ``RunResult.explain``
     _optimized_graph: Optimized | None
     _reuse_note: str | None
+    _remote: dict | None  # remote=True: {"blocking": bool} (remote/client.py)
+    _with_loc: SourceLoc | None  # the `with` line of a remote block, for errors that name no line
+    job: Any  # the remote job (remote/client.py RemoteJob)
 
 
 __all__ = ["Guards", "Note", "SaveNote", "SiteKey", "SiteNote", "TracerState"]

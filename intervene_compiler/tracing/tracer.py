@@ -75,6 +75,9 @@ class Tracer(Recording, FakeShapes, Running, Results):
     _entry: Any = None  # what ran a compiled trace (``describe()`` for explain), from RunResult.explain
     _optimized_graph: Optimized | None = None
     _reuse_note: str | None = None  # see RunResult.reuse
+    _remote: dict | None = None  # remote=True (remote/client.py)
+    _with_loc: SourceLoc | None = None
+    job: Any = None  # a remote block's job (remote/client.py)
     _fakes: FakeTracker | None = None
     _token: Token[Tracer | Session | None] | None = None
     _implicit: Invoker | None = None
@@ -155,7 +158,12 @@ class Tracer(Recording, FakeShapes, Running, Results):
             self._exit(exc_type, exc)
         finally:
             self._state.lock.release()
-        if exc_type is None and self._session is None and self._mode in _REAL_RUNS:
+        if (
+            exc_type is None
+            and self._session is None
+            and self._mode in _REAL_RUNS
+            and (self._remote is None or self._remote["blocking"])
+        ):
             # the block ran: the names holding its saved values hold the values now (saving.py)
             rebind(sys._getframe(1), (self,))
         return False

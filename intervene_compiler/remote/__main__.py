@@ -1,0 +1,5 @@
+"""``python -m intervene_compiler.remote ...``: the same as ``intervene-serve ...``."""
+
+from .server import main
+
+main()

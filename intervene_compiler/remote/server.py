@@ -1,0 +1,330 @@
+"""The intervention service: FastAPI + uvicorn in one process, one worker thread per model.
+
+``intervene-serve --model ID_OR_FOLDER [--model ...] --host 127.0.0.1 --port N --data-dir DIR --api-keys FILE``
+(or ``python -m intervene_compiler.remote``). The HTTP front accepts, checks and stores jobs; each model's
+:class:`ModelWorker` (its own thread, its model loaded once, the compiled backend on by default) runs that model's
+jobs one at a time. A job is a request (``jobs.py``): the IR as data, never code.
+
+Routes (the OpenAPI schema is at ``/openapi.json``):
+
+- ``POST /v1/jobs``: the request (a safetensors message, ``application/octet-stream``), key in ``X-API-Key`` (or
+  ``ndif-api-key``). 401 no or unknown key, 403 a model the key may not use, 404 a model not served, 413 over the
+  key's request size, 429 over its rate, 400 anything malformed or outside the allowlist (message says what).
+  200: ``{"id", "status"}``.
+- ``GET /v1/jobs/{id}``: status, events (``RECEIVED``, ``QUEUED``, ``RUNNING``, ``LOG``, ``COMPLETED``,
+  ``ERROR``), the error as data.
+- ``GET /v1/jobs/{id}/result``: the result message of a COMPLETED job (409 before).
+- ``WS /v1/jobs/{id}/events``: the same events, pushed as they happen, until the job ends.
+- ``GET /v1/models``, ``GET /v1/stats`` (compiles, cache hits, fallbacks, queue depth, jobs by status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+
+from .jobs import BadRequest, error_document, read_request, result_document, run_request
+from .keys import ApiKey, KeyRing, add_key
+from .store import TERMINAL, JobStore
+from .wire import WireError, pack, unpack
+
+_STOP = object()
+
+
+class ModelWorker(threading.Thread):
+    """Runs one model's jobs, in order, on its own thread (the model is loaded once, by this thread)."""
+
+    def __init__(
+        self, name: str, source: str, store: JobStore, compile: bool = True, load: dict | None = None
+    ):
+        super().__init__(name=f"worker:{name}", daemon=True)
+        self.model_name = name
+        self.source = source
+        self.store = store
+        self.compile = compile
+        self.load = load or {}
+        self.jobs: queue.Queue = queue.Queue()
+        self.model: Any = None
+        self.loaded = threading.Event()
+        self.load_error: BaseException | None = None
+        self.running: str | None = None
+        self.limits: dict[str, tuple[int, float]] = {}  # job id -> (max result bytes, max seconds)
+
+    def submit(self, job_id: str, max_result_bytes: int, max_seconds: float) -> None:
+        self.limits[job_id] = (max_result_bytes, max_seconds)
+        self.store.set_status(job_id, "QUEUED")
+        self.jobs.put(job_id)
+
+    def stop(self) -> None:
+        self.jobs.put(_STOP)
+
+    def run(self) -> None:
+        from ..models import LanguageModel
+
+        try:
+            self.model = LanguageModel(self.source, dispatch=True, **self.load)
+        except BaseException as e:  # every job for this model then ends with the reason
+            self.load_error = e
+        finally:
+            self.loaded.set()
+        while True:
+            job_id = self.jobs.get()
+            if job_id is _STOP:
+                return
+            self.running = job_id
+            try:
+                self._run(job_id)
+            finally:
+                self.running = None
+                self.limits.pop(job_id, None)
+
+    def _run(self, job_id: str) -> None:
+        from ..runtime.values import LOG_SINK
+
+        store = self.store
+        max_result, max_seconds = self.limits.get(job_id, (256 << 20, 300.0))
+        store.set_status(job_id, "RUNNING")
+        LOG_SINK.sink = lambda text: store.log(job_id, text)
+        try:
+            if self.load_error is not None:
+                raise RuntimeError(f"the model {self.model_name!r} failed to load: {self.load_error}")
+            with open(store.payload_path(job_id), "rb") as f:
+                document, tensors = unpack(f.read())
+            request = read_request(document, tensors)
+            if request.compile is True and not self.compile:
+                request.compile = False
+            result = run_request(self.model, request, time.monotonic() + max_seconds)
+            document, tensors = result_document(result)
+            message = pack(document, tensors)
+            if len(message) > max_result:
+                raise _TooLarge(f"the result has {len(message)} bytes, more than this key's {max_result}")
+            store.write_file(store.result_path(job_id), message)
+            store.set_status(job_id, "COMPLETED")
+        except _TooLarge as e:
+            store.set_status(
+                job_id, "ERROR", json.dumps({"type": None, "base": "ValueError", "message": str(e)})
+            )
+        except Exception as e:
+            store.set_status(job_id, "ERROR", json.dumps(error_document(e)))
+        finally:
+            LOG_SINK.sink = None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Service:
+    """The server's state: the store, the key ring, one worker per model."""
+
+    def __init__(self, models: dict[str, str], data_dir: str, api_keys: str, compile: bool = True):
+        self.store = JobStore(data_dir)
+        self.keys = KeyRing(api_keys)
+        self.workers = {
+            name: ModelWorker(name, source, self.store, compile) for name, source in models.items()
+        }
+        self.started = time.time()
+
+    def start(self) -> None:
+        for w in self.workers.values():
+            w.start()
+        for job in self.store.recover():  # jobs a stopped server had accepted run now
+            worker = self.workers.get(job.model)
+            if worker is None:
+                self.store.set_status(
+                    job.id, "ERROR", json.dumps({"message": "the model is no longer served"})
+                )
+                continue
+            key = next((k for k in self.keys.keys if k.name == job.key_name), None)
+            worker.submit(job.id, *(_limits(key)))
+
+    def stop(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+        for w in self.workers.values():
+            w.join(timeout=30)
+        self.store.close()
+
+    def stats(self) -> dict:
+        from ..backends.compiled import compile_stats
+
+        stats = compile_stats()
+        return {
+            "compiles": stats.get("compiles"),
+            "cache_hits": stats.get("cache_hits"),
+            "fallbacks": stats.get("fallbacks"),
+            "queue_depth": {name: w.jobs.qsize() for name, w in self.workers.items()},
+            "running": {name: w.running for name, w in self.workers.items()},
+            "jobs": self.store.counts(),
+            "uptime_s": time.time() - self.started,
+        }
+
+
+def _limits(key: ApiKey | None) -> tuple[int, float]:
+    if key is None:
+        return 256 << 20, 300.0
+    return key.max_result_bytes, key.max_seconds
+
+
+def create_app(service: Service) -> Any:
+    app = FastAPI(
+        title="intervene_compiler service",
+        version="1",
+        description="Intervention jobs on the models this server hosts: the IR as data, never code.",
+    )
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    def _key(request: Request) -> ApiKey:
+        given = request.headers.get("x-api-key") or request.headers.get("ndif-api-key")
+        key = service.keys.find(given)
+        if key is None:
+            raise HTTPException(401, "missing or unknown API key (header X-API-Key)")
+        return key
+
+    @app.post("/v1/jobs", summary="Submit a job (a safetensors request message)")
+    async def submit(request: Request) -> dict:
+        key = _key(request)
+        if not service.keys.allow_request(key):
+            raise HTTPException(429, f"more than {key.rate_per_minute} requests a minute for this key")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > key.max_request_bytes:
+            raise HTTPException(413, f"the request is over this key's {key.max_request_bytes} bytes")
+        body = await request.body()
+        if len(body) > key.max_request_bytes:
+            raise HTTPException(413, f"the request is over this key's {key.max_request_bytes} bytes")
+        try:
+            document, tensors = await asyncio.to_thread(unpack, body)
+            model = document.get("model")
+            if not isinstance(model, str):
+                raise BadRequest("the request names no model")
+            if not key.may_use(model):
+                raise HTTPException(403, f"this key may not use the model {model!r}")
+            worker = service.workers.get(model)
+            if worker is None:
+                raise HTTPException(404, f"this server does not serve the model {model!r}")
+            await asyncio.to_thread(read_request, document, tensors)
+        except (WireError, BadRequest) as e:
+            raise HTTPException(400, str(e)) from None
+        except RecursionError:
+            raise HTTPException(400, "the request nests too deeply") from None
+        job_id = await asyncio.to_thread(service.store.create, key.name, model, body)
+        worker.submit(job_id, key.max_result_bytes, key.max_seconds)
+        return {"id": job_id, "status": "QUEUED"}
+
+    def _job(job_id: str, key: ApiKey) -> Any:
+        job = service.store.get(job_id) if job_id.isalnum() else None
+        if job is None or job.key_name != key.name:
+            raise HTTPException(404, f"no job {job_id!r} for this key")
+        return job
+
+    @app.get("/v1/jobs/{job_id}", summary="A job's status and events")
+    async def status(job_id: str, request: Request) -> dict:
+        job = _job(job_id, _key(request))
+        events = service.store.events(job.id)
+        return {
+            "id": job.id,
+            "model": job.model,
+            "status": job.status,
+            "error": json.loads(job.error) if job.error else None,
+            "events": [_event(seq, st, msg) for seq, st, msg in events],
+        }
+
+    @app.get("/v1/jobs/{job_id}/result", summary="The result message of a completed job")
+    async def result(job_id: str, request: Request) -> Response:
+        job = _job(job_id, _key(request))
+        if job.status != "COMPLETED":
+            raise HTTPException(409, f"the job is {job.status}, not COMPLETED")
+        path = service.store.result_path(job.id)
+        data = await asyncio.to_thread(_read, path)
+        return Response(content=data, media_type="application/octet-stream")
+
+    @app.websocket("/v1/jobs/{job_id}/events")
+    async def events(websocket: WebSocket, job_id: str) -> None:
+        given = websocket.headers.get("x-api-key") or websocket.headers.get("ndif-api-key")
+        key = service.keys.find(given)
+        job = service.store.get(job_id) if job_id.isalnum() and key is not None else None
+        if key is None or job is None or job.key_name != key.name:
+            await websocket.close(code=4404)
+            return
+        await websocket.accept()
+        seen = -1
+        try:
+            while True:
+                for seq, st, msg in service.store.events(job_id, seen):
+                    seen = seq
+                    await websocket.send_json(_event(seq, st, msg))
+                    if st in TERMINAL:
+                        await websocket.close()
+                        return
+                await asyncio.sleep(0.02)
+        except WebSocketDisconnect:
+            return
+
+    @app.get("/v1/models", summary="The models this server hosts")
+    async def models() -> dict:
+        return {"models": sorted(service.workers)}
+
+    @app.get("/v1/stats", summary="Compiles, cache hits, fallbacks, queue depth")
+    async def stats() -> dict:
+        return service.stats()
+
+    return app
+
+
+def _event(seq: int, status: str, message: str | None) -> dict:
+    out: dict[str, Any] = {"seq": seq, "status": status}
+    if message is not None:
+        out["message"] = json.loads(message) if status == "ERROR" and message.startswith("{") else message
+    return out
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="intervene-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="a hub id or folder (repeat for more)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--data-dir", default="ic_serve_data")
+    parser.add_argument(
+        "--api-keys", required=True, help="the key file (see intervene_compiler/remote/keys.py)"
+    )
+    parser.add_argument(
+        "--add-key", metavar="NAME", help="make a key named NAME in --api-keys, print it, exit"
+    )
+    parser.add_argument(
+        "--eager", action="store_true", help="run jobs eagerly (default: the compiled backend)"
+    )
+    args = parser.parse_args(argv)
+    if args.add_key:
+        print(add_key(args.api_keys, args.add_key))
+        return
+    if not args.model:
+        parser.error("give at least one --model")
+    import uvicorn
+
+    os.makedirs(args.data_dir, exist_ok=True)
+    service = Service({m: m for m in args.model}, args.data_dir, args.api_keys, compile=not args.eager)
+    service.start()
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.stop()
+
+
+__all__ = ["ModelWorker", "Service", "create_app", "main"]

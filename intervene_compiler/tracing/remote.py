@@ -1,0 +1,91 @@
+"""``remote=True`` on the front-end side: a block sent to the intervention service instead of run here.
+
+When a remote block exits, :func:`run_remote` packs the recorded graph (with the model's edits) and the prepared
+inputs into a request (``remote/jobs.py``, ``remote/wire.py``), submits it (``remote/client.py``), and, when
+blocking, follows the job and keeps its saved values on the tracer, which binds them as after a local run. The
+model's weights are never loaded here: the request names the model by the id it was created from.
+``blocking=False`` returns at once; ``tracer.job`` is a :class:`RemoteJob` whose ``wait()`` binds the values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import SourceLoc
+from ..ir import Graph
+
+
+class RemoteJob:
+    """A submitted block's job: ``id``, ``status``, ``wait()``, ``result()``."""
+
+    def __init__(self, client: Any, job_id: str, tracer: Any, loc: SourceLoc | None):
+        self.client = client
+        self.id = job_id
+        self._tracer = tracer
+        self._loc = loc
+        self._done = False
+
+    @property
+    def status(self) -> str:
+        """The job's status now (``RECEIVED``, ``QUEUED``, ``RUNNING``, ``COMPLETED``, ``ERROR``)."""
+        return str(self.client.status(self.id)["status"])
+
+    def wait(self, timeout: float | None = None) -> RemoteJob:
+        """Follow the job until it ends; then the block's saved values are bound (``h.value``), or its error is
+        raised."""
+        if not self._done:
+            from ..remote.client import follow
+
+            values, skipped = follow(self.client, self.id, self._loc, timeout)
+            _bind(self._tracer, values, skipped)
+            self._done = True
+        return self
+
+    def result(self, timeout: float | None = None) -> dict[int, Any]:
+        """Wait, then the saved values by node id (the block's saved proxies hold them too: ``h.value``)."""
+        self.wait(timeout)
+        return dict(self._tracer._results or {})
+
+    def __repr__(self) -> str:
+        return f"<RemoteJob {self.id}>"
+
+
+def _bind(tracer: Any, values: dict, skipped: dict) -> None:
+    tracer._results = values
+    tracer._skipped = skipped
+    tracer._stop_loc = None
+    tracer.output = None
+
+
+def run_remote(tracer: Any, graph: Graph, prepared: list, kind: str, options: dict, blocking: bool) -> None:
+    """Submit the block; wait for it when ``blocking`` (see the module docstring)."""
+    from ..ir.serialize import to_data
+    from ..remote.client import RemoteClient, RemoteError
+    from ..remote.wire import VERSION, encode, pack
+
+    loc = tracer._with_loc
+    source = getattr(getattr(tracer.model, "_checkpoint", None), "source", None)
+    if source is None:
+        raise RemoteError(
+            "remote execution needs a model the service hosts, named by its id",
+            loc,
+            "load it with `LanguageModel('<hub id or folder the service serves>')`",
+        )
+    data, tensors = to_data(graph)
+    document = {
+        "version": VERSION,
+        "model": source,
+        "kind": kind,
+        "compile": True,  # the service compiles each structure once for all its users
+        "graph": data,
+        "inputs": encode([(tuple(a), dict(k)) for a, k in prepared], tensors),
+        "generate": encode(dict(options), tensors),
+    }
+    client = RemoteClient()
+    job_id = client.submit(pack(document, tensors), loc)
+    tracer.job = job = RemoteJob(client, job_id, tracer, loc)
+    if blocking:
+        job.wait()
+
+
+__all__ = ["RemoteJob", "run_remote"]
