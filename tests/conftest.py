@@ -9,7 +9,7 @@ from intervene_compiler import NNsight
 from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama, tiny_mlp
 
 # test tiers (tests/README.md): a test with none of these markers belongs to the fast `eager` tier
-SLOW_TIERS = ("compiled", "differential", "bench", "device")
+SLOW_TIERS = ("compiled", "differential", "bench", "device", "remote")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects

@@ -135,12 +135,13 @@ def _build() -> tuple[dict[str, Any], frozenset[str]]:
         if op is not None:
             table[f"torch.Tensor.{name}"] = op
             methods.add(name)
-    for prefix, module, names in (
-        ("operator", operator, _OPERATOR),
-        ("builtins", builtins, _BUILTINS),
-    ):
-        for name in names:
-            table[f"{prefix}.{name}"] = getattr(module, name)
+    for name in _OPERATOR:  # and the dunder spelling (operator.__mul__ is operator.mul)
+        for spelling in (name, f"__{name.rstrip('_')}__"):
+            found = getattr(operator, spelling, None)
+            if found is not None:
+                table[f"operator.{spelling}"] = found
+    for name in _BUILTINS:
+        table[f"builtins.{name}"] = getattr(builtins, name)
     for name in dir(math):
         fn = getattr(math, name)
         if not name.startswith("_") and callable(fn):

@@ -135,8 +135,12 @@ class Service:
         self.started = time.time()
 
     def start(self) -> None:
+        """Start the workers one at a time, each once the one before has loaded its model (``from_pretrained``
+        changes process-wide state and imports lazily: two loads at once can mix weights up or fail), then queue
+        the jobs a stopped server had accepted."""
         for w in self.workers.values():
             w.start()
+            w.loaded.wait()
         for job in self.store.recover():  # jobs a stopped server had accepted run now
             worker = self.workers.get(job.model)
             if worker is None:

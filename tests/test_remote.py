@@ -1,0 +1,442 @@
+"""Remote execution (issue 19) against a real server process on a loopback port, started and stopped here.
+
+The server (``python -m intervene_compiler.remote``) hosts the tiny GPT-2 and Llama checkpoints; each test runs the
+same code remotely and locally and compares. Hostile requests must each get a 4xx with a message, leave the
+server serving, and never run code (a canary file any code execution would create never appears).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+import intervene_compiler as ic
+from intervene_compiler.remote import wire
+from intervene_compiler.remote.client import RemoteClient, RemoteError
+
+pytestmark = pytest.mark.remote
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A server process on 127.0.0.1 with a data dir and a key file of its own."""
+
+    def __init__(self, root, models: list[str]):
+        from intervene_compiler.remote.keys import add_key
+
+        self.root = root
+        self.models = models
+        self.data = str(root / "data")
+        self.key_file = str(root / "keys.json")
+        self.key = add_key(self.key_file, "alice")
+        self.bob = add_key(self.key_file, "bob", models=[models[0]])
+        self.tiny = add_key(self.key_file, "tiny", max_request_bytes=500, rate_per_minute=3)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *extra: str) -> Server:
+        args = [
+            sys.executable,
+            "-m",
+            "intervene_compiler.remote",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        for m in self.models:
+            args += ["--model", m]
+        args += ["--data-dir", self.data, "--api-keys", self.key_file, *extra]
+        with open(self.root / "server.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=str(self.root))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.root / "server.log").read_text()[-3000:])
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def server(lm_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    s = Server(root, [lm_dirs["gpt2"], lm_dirs["llama"]]).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def remote(server, monkeypatch):
+    """ic.CONFIG pointing at the test server with alice's key."""
+    monkeypatch.setattr(ic.CONFIG.API, "HOST", f"127.0.0.1:{server.port}")
+    monkeypatch.setattr(ic.CONFIG.API, "APIKEY", server.key)
+    return server
+
+
+def _patched_trace(lm, remote_flag):
+    with lm.trace(remote=remote_flag) as tracer:
+        with tracer.invoke("The quick brown fox"):
+            clean = lm.transformer.h[0].output[:, -1]
+            first = lm.transformer.h[0].output.save()
+        with tracer.invoke("A slow red dog"):
+            lm.transformer.h[0].output[:, -1] = clean
+            patched = lm.lm_head.output[:, -1].save()
+            scaled = (lm.transformer.h[1].output * 2).sum(-1).save()
+    return first, patched, scaled
+
+
+def test_trace_runs_remotely_as_locally(remote, lm_dirs, capsys):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    first, patched, scaled = _patched_trace(lm, True)
+    assert not lm.dispatched  # the weights never load on the client
+    assert isinstance(first, torch.Tensor) and first.value is first
+    local = _patched_trace(ic.LanguageModel(lm_dirs["gpt2"]), False)
+    for got, want in zip((first, patched, scaled), local):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    lines = capsys.readouterr().err.splitlines()
+    statuses = [line.split(" - ", 1)[1] for line in lines if " - " in line]
+    assert statuses[:2] == ["RECEIVED", "QUEUED"] and "RUNNING" in statuses and statuses[-1] == "COMPLETED"
+
+
+def _steered(lm, remote_flag):
+    with lm.generate("Hello world", max_new_tokens=3, remote=remote_flag) as tracer:
+        hidden = list().save()
+        with tracer.all():
+            lm.model.layers[0].output[:, -1] += 0.5
+            hidden.append(lm.model.layers[-1].output[:, -1])
+        tokens = lm.generator.output.save()
+    return tokens, hidden
+
+
+def test_generate_runs_remotely_as_locally(remote, lm_dirs):
+    tokens, hidden = _steered(ic.LanguageModel(lm_dirs["llama"]), True)
+    want_tokens, want_hidden = _steered(ic.LanguageModel(lm_dirs["llama"]), False)
+    assert torch.equal(tokens, want_tokens)
+    assert len(hidden) == len(want_hidden) == 3
+    for got, want in zip(hidden, want_hidden):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_errors_come_back_as_local_errors(remote, lm_dirs):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    for flag in (True, False):
+        with pytest.raises(IndexError) as info:
+            with lm.trace("Hello world", remote=flag):
+                lm.transformer.h[0].output[:, 99].save()  # the line both errors name
+        assert isinstance(info.value, ic.InterventionError)
+        assert "lm.transformer.h[0].output[:, 99].save()" in str(info.value)
+        with pytest.raises(ic.SetShapeError, match="at your line"):
+            with lm.trace("Hello world", remote=flag):
+                lm.transformer.h[0].output = torch.zeros(3)
+    with pytest.raises(RemoteError, match="does not serve"):
+        with ic.LanguageModel(lm_dirs["gpt2"] + "/").trace("Hello", remote=True):
+            pass
+
+
+def test_non_blocking_jobs(remote, lm_dirs):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    jobs, saved = [], []
+    for text in ("one two", "three four five", "six"):
+        with lm.trace(text, remote=True, blocking=False) as tracer:
+            saved.append(lm.transformer.h[1].output.save())
+        jobs.append(tracer.job)
+    assert all(isinstance(j.id, str) for j in jobs)
+    for job, proxy, text in zip(jobs, saved, ("one two", "three four five", "six")):
+        values = job.result(timeout=120)
+        assert job.status == "COMPLETED" and len(values) == 1
+        with lm.trace(text):
+            want = lm.transformer.h[1].output.save()
+        torch.testing.assert_close(proxy.value, want, rtol=1e-4, atol=1e-4)
+
+
+def test_structure_is_compiled_once_for_all_users(remote, lm_dirs):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+
+    def run(v: float):
+        with lm.trace("Hello world", remote=True):
+            lm.transformer.h[0].output[:, -1] = v
+            logits = lm.lm_head.output[:, -1].save()
+        return logits
+
+    run(1.0)
+    before = httpx.get(remote.url + "/v1/stats").json()
+    out = run(2.0)  # the same structure, another value: a cache hit
+    after = httpx.get(remote.url + "/v1/stats").json()
+    assert after["cache_hits"] > before["cache_hits"] and after["compiles"] == before["compiles"]
+    with lm.trace("Hello world"):
+        lm.transformer.h[0].output[:, -1] = 2.0
+        want = lm.lm_head.output[:, -1].save()
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+# -- the HTTP API ------------------------------------------------------------------------------------------------
+def _valid_message(lm_dir: str) -> bytes:
+    """A request message as the client makes it (captured before it is sent)."""
+    captured = {}
+
+    def keep(self, message, loc=None):
+        captured["message"] = message
+        raise _Captured
+
+    lm = ic.LanguageModel(lm_dir)
+    original = RemoteClient.submit
+    RemoteClient.submit = keep  # type: ignore[method-assign]
+    try:
+        with pytest.raises(_Captured):
+            with lm.trace("Hello world", remote=True):
+                (lm.transformer.h[0].output * 2).sum(-1).save()
+                lm.transformer.h[1].output.shape  # noqa: B018 - a GETATTR node
+    finally:
+        RemoteClient.submit = original  # type: ignore[method-assign]
+    return captured["message"]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _post(server, body: bytes, key: str | None) -> httpx.Response:
+    headers = {"X-API-Key": key} if key else {}
+    return httpx.post(server.url + "/v1/jobs", content=body, headers=headers, timeout=60)
+
+
+def test_http_answers(server, lm_dirs):
+    message = _valid_message(lm_dirs["gpt2"])
+    assert _post(server, message, None).status_code == 401
+    assert _post(server, message, "ic-wrong").status_code == 401
+    ok = _post(server, message, server.key)
+    assert ok.status_code == 200, ok.text
+    doc, tensors = wire.unpack(message)
+    other = wire.pack({**doc, "model": lm_dirs["llama"]}, tensors)
+    assert _post(server, other, server.bob).status_code == 403  # bob may use the GPT-2 only
+    unknown = wire.pack({**doc, "model": "org/not-served"}, tensors)
+    r = _post(server, unknown, server.key)
+    assert r.status_code == 404 and "does not serve" in r.json()["detail"]
+    assert _post(server, message, server.tiny).status_code == 413  # over tiny's 500 bytes
+    codes = [_post(server, b"x", server.tiny).status_code for _ in range(3)]
+    assert codes == [400, 400, 429]  # tiny's rate: 3 a minute (the 413 counted)
+    job = ok.json()["id"]
+    status = httpx.get(server.url + f"/v1/jobs/{job}", headers={"X-API-Key": server.key}).json()
+    assert status["id"] == job
+    assert httpx.get(server.url + f"/v1/jobs/{job}", headers={"X-API-Key": server.bob}).status_code == 404
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/jobs" in schema["paths"] and "/v1/stats" in schema["paths"]
+
+
+def _hostile(message: bytes, canary: str) -> list[tuple[str, bytes]]:
+    """Malformed or malicious requests, each made from a valid one."""
+    doc, tensors = wire.unpack(message)
+    graph = doc["graph"]
+    cases: list[tuple[str, bytes]] = []
+
+    def with_doc(name: str, change) -> None:
+        d = json.loads(json.dumps(doc))
+        change(d)
+        cases.append((name, wire.pack(d, tensors)))
+
+    def call_node(fn: str, args: list) -> dict:
+        return {"id": 90, "op": "call", "target": {"fn": fn}, "args": {"tuple": args}, "kwargs": []}
+
+    names = [
+        "os.system",
+        "builtins.eval",
+        "builtins.exec",
+        "builtins.__import__",
+        "builtins.open",
+        "builtins.getattr",
+        "builtins.setattr",
+        "builtins.compile",
+        "builtins.globals",
+        "builtins.vars",
+        "builtins.print",
+        "builtins.breakpoint",
+        "importlib.import_module",
+        "subprocess.run",
+        "subprocess.Popen",
+        "torch.load",
+        "torch.save",
+        "torch.from_file",
+        "torch.hub.load",
+        "torch.jit.load",
+        "torch.Tensor.untyped_storage",
+        "torch.Tensor.apply_",
+        "torch.Tensor.map_",
+        "torch.Tensor.register_hook",
+        "torch.Tensor.set_",
+        "torch.Tensor.__reduce_ex__",
+        "torch.Tensor.__setstate__",
+        "operator.attrgetter",
+        "operator.methodcaller",
+        "operator.call",
+        "pickle.loads",
+        "shutil.rmtree",
+        "intervene_compiler.remote.keys.add_key",
+        "intervene_compiler.ir.targets.resolve_target",
+        "torch._C._get_tracing_state",
+        "math.__loader__",
+        "numpy.load",
+        "posix.system",
+    ]
+    for fn in names:
+        arg = f"touch {canary}" if fn in ("os.system", "posix.system", "subprocess.run") else "1"
+        with_doc(f"call {fn}", lambda d, fn=fn, arg=arg: d["graph"]["nodes"].append(call_node(fn, [arg])))
+    for attr in (
+        "__class__",
+        "__dict__",
+        "__globals__",
+        "_modules",
+        "grad_fn",
+        "untyped_storage",
+        "__init__",
+        "x y",
+    ):
+        with_doc(
+            f"getattr {attr}",
+            lambda d, a=attr: d["graph"]["nodes"].append(
+                {"id": 91, "op": "getattr", "target": a, "args": {"tuple": [{"ref": 0}]}, "kwargs": []}
+            ),
+        )
+    for method in ("__reduce__", "untyped_storage", "apply_", "register_hook", "__setattr__", "storage"):
+        with_doc(
+            f"method {method}",
+            lambda d, m=method: d["graph"]["nodes"].append(
+                {"id": 92, "op": "method", "target": m, "args": {"tuple": [{"ref": 0}]}, "kwargs": []}
+            ),
+        )
+    with_doc(
+        "setattr __class__",
+        lambda d: d["graph"]["nodes"].append(
+            {
+                "id": 93,
+                "op": "setattr",
+                "target": "__class__",
+                "args": {"tuple": [{"ref": 0}, 1]},
+                "kwargs": [],
+            }
+        ),
+    )
+    with_doc("dtype torch.load", lambda d: d["graph"]["nodes"][1]["args"]["tuple"].append({"dtype": "load"}))
+    with_doc("unknown version", lambda d: d.update(version=99))
+    with_doc("no version", lambda d: d.pop("version"))
+    with_doc("unknown kind", lambda d: d.update(kind="exec"))
+    with_doc("no graph", lambda d: d.pop("graph"))
+    with_doc("graph a list", lambda d: d.update(graph=[]))
+    with_doc("missing node ref", lambda d: d["graph"]["nodes"][1].update(args={"tuple": [{"ref": 999}, 2]}))
+    with_doc("unknown op", lambda d: d["graph"]["nodes"][1].update(op="system"))
+    with_doc("unknown value tag", lambda d: d["graph"]["nodes"][1].update(args={"tuple": [{"pickle": "x"}]}))
+    with_doc(
+        "tensor index out of range", lambda d: d["graph"]["nodes"][1].update(args={"tuple": [{"tensor": 99}]})
+    )
+    with_doc(
+        "negative tensor index", lambda d: d["graph"]["nodes"][1].update(args={"tuple": [{"tensor": -1}]})
+    )
+    with_doc("no inputs", lambda d: d.update(inputs={"list": []}))
+    with_doc("inputs not pairs", lambda d: d.update(inputs={"list": [1, 2]}))
+    with_doc("more inputs than invokes", lambda d: d["inputs"]["list"].append(d["inputs"]["list"][0]))
+    with_doc("generate option eval", lambda d: d.update(kind="generate", generate={"dict": [["eval", "1"]]}))
+    with_doc(
+        "generate option type",
+        lambda d: d.update(kind="generate", generate={"dict": [["max_new_tokens", "x"]]}),
+    )
+    with_doc("compile a string", lambda d: d.update(compile="yes"))
+    with_doc("model a number", lambda d: d.update(model=3))
+    with_doc(
+        "private module path",
+        lambda d: d["graph"]["nodes"].append(
+            {"id": 94, "op": "module", "target": "_modules", "args": {"tuple": []}, "kwargs": []}
+        ),
+    )
+    with_doc("100k nodes", lambda d: d["graph"].update(nodes=[d["graph"]["nodes"][0]] * 100_000))
+    deep: dict = {"nodes": []}
+    node = deep
+    for _ in range(40):
+        inner: dict = {"kind": "trace", "needs_output": False, "invokes": [], "params": [], "nodes": []}
+        node["nodes"] = [
+            {"id": 0, "op": "iter", "target": None, "args": {"tuple": []}, "kwargs": [], "body": [inner]}
+        ]
+        node = inner
+    with_doc("deep graphs", lambda d: d["graph"].update(nodes=deep["nodes"]))
+    from safetensors.torch import save
+
+    marker = '"args": {"tuple": [{"ref": 0}, 2]}'
+    text = json.dumps(doc)
+    assert marker in text
+    deep_args = '"args": ' + '{"tuple": [' * 5000 + "1" + "]}" * 5000
+    named = {str(i): t.contiguous() for i, t in enumerate(tensors)}
+    cases.append(("deep value", save(named, metadata={"ic": text.replace(marker, deep_args, 1)})))
+    # framing
+    cases.append(("empty", b""))
+    cases.append(("short", b"\x01\x02"))
+    cases.append(("truncated", message[: len(message) // 2]))
+    cases.append(("lying header length", (10**12).to_bytes(8, "little") + message[8:]))
+    header_len = int.from_bytes(message[:8], "little")
+    header = json.loads(message[8 : 8 + header_len])
+    cases.append(
+        ("not json", header_len.to_bytes(8, "little") + b"{" * header_len + message[8 + header_len :])
+    )
+
+    def with_header(name: str, change) -> None:
+        h = json.loads(json.dumps(header))
+        change(h)
+        raw = json.dumps(h).encode()
+        raw += b" " * ((8 - len(raw) % 8) % 8)
+        cases.append((name, len(raw).to_bytes(8, "little") + raw + message[8 + header_len :]))
+
+    with_header("no metadata", lambda h: h.pop("__metadata__"))
+    with_header("metadata not json", lambda h: h["__metadata__"].update(ic="{{"))
+    with_header("metadata a list", lambda h: h["__metadata__"].update(ic="[]"))
+    with_header("huge declared shape", lambda h: h["0"].update(shape=[1 << 40, 1 << 20]))
+    with_header("wrong dtype", lambda h: h["0"].update(dtype="PYOBJ"))
+    with_header("offsets past the end", lambda h: h["0"].update(data_offsets=[0, 1 << 40]))
+    with_header("tensor named x", lambda h: h.update(x=h.pop("0")))
+    cases.append(("a pickle", b"\x80\x04\x95" + b"cos\nsystem\n(Vtouch " + canary.encode() + b"\ntR."))
+    cases.append(("json body", json.dumps({"graph": "x"}).encode()))
+    return cases
+
+
+def test_hostile_requests_get_a_4xx_and_run_nothing(server, lm_dirs, tmp_path, remote):
+    canary = str(tmp_path / "canary")
+    message = _valid_message(lm_dirs["gpt2"])
+    cases = _hostile(message, canary)
+    assert len(cases) >= 60
+    for name, body in cases:
+        r = _post(server, body, server.key)
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        assert r.json().get("detail"), name
+    assert not os.path.exists(canary)
+    lm = ic.LanguageModel(lm_dirs["gpt2"])  # the server still serves
+    with lm.trace("Hello world", remote=True):
+        out = lm.transformer.h[0].output.save()
+    assert out.shape[-1] == 64
