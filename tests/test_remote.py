@@ -258,7 +258,6 @@ def test_http_answers(server, lm_dirs):
 def _hostile(message: bytes, canary: str) -> list[tuple[str, bytes]]:
     """Malformed or malicious requests, each made from a valid one."""
     doc, tensors = wire.unpack(message)
-    graph = doc["graph"]
     cases: list[tuple[str, bytes]] = []
 
     def with_doc(name: str, change) -> None:
