@@ -29,6 +29,7 @@ from .ir import Graph, Op, format_graph
 from .ir.nodes import walk_nodes
 from .pipeline import Optimized, optimize
 from .runtime import RunResult, Target, to_fake
+from .runtime.devices import offload_reason
 from .runtime.source import owner_and_call
 
 
@@ -95,7 +96,7 @@ def execute(
     args, kwargs, repeat = _batch(graph, inputs, target, options)
     compile = options.compile
     if compile:
-        reason = _not_compiled(graph, target.generating is not None)
+        reason = _not_compiled(graph, target.generating is not None) or offload_reason(target.module)
         if reason is not None:
             record_fallback(None, reason)
             compile = False

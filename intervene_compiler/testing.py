@@ -69,12 +69,30 @@ def tiny_llama(seed: int = 0, n_layer: int = 2, hidden: int = 32, vocab_size: in
 
 def assert_clean(module: torch.nn.Module) -> None:
     """Fail if any hook, or a ``forward`` replaced on the instance, is left on ``module`` or its submodules (after
-    a trace, successful or not)."""
+    a trace, successful or not). accelerate's own (``from_pretrained(..., device_map=...)``: the ``forward`` its
+    ``add_hook_to_module`` sets beside ``_hf_hook``) belongs to the model and is allowed."""
     for name, m in module.named_modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             hooks = getattr(m, attr)
             assert not hooks, f"{attr} left on module {name or '<root>'}: {hooks}"
-        assert "forward" not in m.__dict__, f"a replaced forward left on module {name or '<root>'}"
+        forward = m.__dict__.get("forward")
+        assert forward is None or _accelerate_forward(m, forward), (
+            f"a replaced forward left on module {name or '<root>'}"
+        )
+
+
+def _accelerate_forward(module: torch.nn.Module, forward: Any) -> bool:
+    """Whether ``forward`` is the one accelerate's ``add_hook_to_module`` set on ``module``: a
+    ``functools.partial(accelerate.hooks.new_forward, module)``, with the hook and the old forward beside it."""
+    import functools
+
+    return (
+        isinstance(forward, functools.partial)
+        and getattr(forward.func, "__module__", None) == "accelerate.hooks"
+        and forward.args[:1] == (module,)
+        and "_hf_hook" in module.__dict__
+        and "_old_forward" in module.__dict__
+    )
 
 
 def decoder_blocks(model: Any) -> torch.nn.ModuleList:

@@ -91,9 +91,12 @@ ALLOWED = {
         "pipeline",
         "debug",
     },
-    "tracing": {"ir", "errors", "runtime", "pipeline", "execute"},
+    "tracing": {"ir", "errors", "runtime", "pipeline", "execute", "remote"},
+    # remote execution: the client (used by tracing) and the service, which runs requests on models
+    "remote": {"", "ir", "errors", "runtime", "config", "tracing", "models", "execute"},
     "models": {"tracing", "ir", "errors", "runtime"},
     "testing": {"", "tracing", "models", "ir", "errors", "runtime"},
+    "testing_families": {"", "testing", "tracing", "models", "ir", "errors", "runtime"},
     "demo": {"", "models", "testing", "errors"},
     "": {
         "backends.compiled",

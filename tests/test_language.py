@@ -55,7 +55,7 @@ def test_meta_until_first_trace(arch, lm_dirs, hf_models):
     assert not model.dispatched
     assert all(p.device.type == "meta" for p in model._module.parameters())
     text = repr(model)
-    assert "(generator): WrapperModule()" in text and type(hf_models[arch][0]).__name__ in text
+    assert "(generator): Generation(" in text and type(hf_models[arch][0]).__name__ in text
     assert model.config.vocab_size == len(model.tokenizer)
     assert model.tokenizer.pad_token == model.tokenizer.eos_token  # given one without asking
     block = model.get(PATHS[arch]["blocks"])[0]  # an envoy built before the weights exist

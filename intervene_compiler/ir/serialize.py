@@ -250,3 +250,14 @@ def _value_from(v: Any, tensors: list) -> Any:
     if key == "sitekind":
         return SiteKind(x)
     raise SerializationError(f"unknown value tag {key!r} in serialized graph")
+
+
+def value_to_data(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """One value (a literal, container, tensor, dtype, ...) as JSON-able data, its tensors appended to ``tensors``
+    (the remote wire format encodes inputs and results with it)."""
+    return _value_data(value, tensors, abstract=False)
+
+
+def value_from_data(data: Any, tensors: list[torch.Tensor]) -> Any:
+    """The inverse of :func:`value_to_data` (raises ``SerializationError`` on a malformed value)."""
+    return _value_from(data, tensors)

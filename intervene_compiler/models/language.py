@@ -18,6 +18,7 @@ through ``model.generator`` (an identity module), so ``model.generator.output`` 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,10 +27,12 @@ from typing import Any
 import torch
 
 from ..errors import InputError, InvokeError, SourceLoc, user_location
-from ..ir import SiteKind
+from ..ir import ModelFacts, SiteKind
 from ..runtime import Target, check_positions, check_token_ids
+from ..runtime.devices import execution_device, offloaded
 from ..tracing import Envoy, NNsight, Tracer
-from ..tracing.model import remote_error
+from ..tracing.model import remote_tracer
+from .loading import input_device, meta_dtype, offload_as_fakes, running_on_fakes
 
 # keyword arguments of ``tracer.invoke(text, ...)`` that go to the tokenizer; the rest go to the model's forward
 TOKENIZER_KWARGS = frozenset(
@@ -153,7 +156,9 @@ class LanguageModel(NNsight):
                     k: hf_kwargs[k] for k in ("attn_implementation", "trust_remote_code") if k in hf_kwargs
                 }
                 with torch.device("meta"):  # no weight memory until the first trace
-                    module = AutoModelForCausalLM.from_config(config, dtype=dtype, **build).eval()
+                    module = AutoModelForCausalLM.from_config(
+                        config, dtype=meta_dtype(dtype, config), **build
+                    ).eval()
             tokenizer = source if tokenizer is None else tokenizer
         if isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, **hub)
@@ -183,6 +188,14 @@ class LanguageModel(NNsight):
             self._point_envoys_at(ckpt.loaded)
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model takes its inputs: the device its input embeddings run on (accelerate's execution
+        device on a dispatched or offloaded model, whose first weight may be on meta), meta before the weights
+        load, the CPU for a model without tensors."""
+        device = input_device(self._module)
+        return device if device is not None else torch.device("cpu")
+
     def _point_envoys_at(self, module: torch.nn.Module) -> None:
         """Swap the wrapped module; every envoy built so far now mirrors the same path of ``module``."""
         object.__setattr__(self, "_module", module)
@@ -210,6 +223,7 @@ class LanguageModel(NNsight):
         validate: bool = False,
         compile: bool | None = None,
         remote: bool = False,
+        blocking: bool = True,
         **generate_kwargs: Any,
     ) -> Tracer:
         """A tracing block around ``transformers``' ``generate`` (keyword arguments go to ``generate``).
@@ -227,8 +241,6 @@ class LanguageModel(NNsight):
             ...         model.transformer.h[0].output[:, -1] += steer
             ...     out = model.generator.output.save()
         """
-        if remote:
-            raise remote_error()
         new = generate_kwargs.get("max_new_tokens")
         if new is not None and (not isinstance(new, int) or isinstance(new, bool) or new < 1):
             raise InputError(
@@ -237,7 +249,7 @@ class LanguageModel(NNsight):
                 "pass `max_new_tokens=1` or more, or use `model.trace(...)` to run the prompt without generating",
             )
         compile = self._compile if compile is None else compile
-        return Generator(
+        tracer = Generator(
             self,
             inputs,
             generate_kwargs,
@@ -246,6 +258,7 @@ class LanguageModel(NNsight):
             invoker_args=invoker_args,
             compile=compile,
         )
+        return remote_tracer(tracer, blocking) if remote else tracer
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
@@ -354,6 +367,27 @@ class LanguageModel(NNsight):
             return self._build_target(self._module, None, generating)
         return super()._target(fake)
 
+    def _build_target(self, module: torch.nn.Module, last: str | None, generating=None) -> Target:
+        """The base target, except that an output embedding accelerate placed (hooked: its weight may be offloaded
+        to meta, or on another device than its input site's value) is not applied by the last-position pass
+        from its weight (``facts.unembedding``): the module runs, on the last position only."""
+        target = super()._build_target(module, last, generating)
+        if target.facts.unembedding is not None and last is not None:
+            head = module.get_submodule(last)
+            if execution_device(head) is not None or any(p.is_meta for p in head.parameters()):
+                target.facts = ModelFacts(last, None)
+        return target
+
+    @contextlib.contextmanager
+    def _generating(self, generate: dict | None) -> Any:
+        """While a run is a generate block: the run calls ``generate`` with these keyword arguments."""
+        checkpoint = self._checkpoint
+        checkpoint.generating = generate
+        try:
+            yield
+        finally:
+            checkpoint.generating = None
+
     def _last_position_module(self) -> str | None:
         """The output embeddings (``lm_head``): a causal LM applies them last, to each position on its own."""
         if self._checkpoint.generating is not None:
@@ -361,16 +395,25 @@ class LanguageModel(NNsight):
         return super()._last_position_module()
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The HF model's forward (position ids from the attention mask), or ``generate`` in a generate block."""
+        """The HF model's forward (position ids from the attention mask), or ``generate`` in a generate block.
+        Inputs go where the input embeddings run (``loading.input_device``); a shape run (fake tensors) of a model
+        accelerate offloads runs with fakes in place of the offloaded weights (``loading.offload_as_fakes``)."""
         module = self._module
         kwargs = _to_device(kwargs, module)
+        if not torch.compiler.is_compiling() and offloaded(module) and running_on_fakes(kwargs):
+            with offload_as_fakes(module, kwargs):
+                return self._call(module, args, kwargs)
+        return self._call(module, args, kwargs)
+
+    def _call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         generating = self._checkpoint.generating
         if generating is not None:
             options = dict(generating)
             options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            hf: Any = module
             if _streams(options, module):
-                options.setdefault("streamer", module.generator.streamer)
-            return module.generator(module.generate(*args, **kwargs, **options))
+                options.setdefault("streamer", hf.generator.streamer)
+            return hf.generator(hf.generate(*args, **kwargs, **options))
         mask = kwargs.get("attention_mask")
         if (
             mask is not None
@@ -463,11 +506,13 @@ def _is_list_of(value: Any, kind: Any) -> bool:
 
 
 def _to_device(kwargs: dict, module: torch.nn.Module) -> dict:
-    """Input tensors on the device of the model's first weight (on a meta model: fake inputs, moved to meta)."""
-    param = next(module.parameters(), None)
-    if param is None:
+    """Input tensors on the device the model's input embeddings run on (``loading.input_device``: accelerate's
+    execution device on a dispatched or offloaded model, whose first weight may be on meta; on a model built on
+    meta: fake inputs, moved to meta)."""
+    device = input_device(module)
+    if device is None:
         return kwargs
-    return {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 __all__ = ["Generation", "Generator", "LanguageModel", "Streamer", "TOKENIZER_KWARGS", "WrapperModule"]

@@ -20,6 +20,7 @@ import torch
 
 from ...ir import Op
 from ...runtime import Target
+from ...runtime.devices import forward_slot
 from .backward import BackwardSplit
 from .dispatcher import Dispatcher
 from .program import Program
@@ -211,8 +212,10 @@ def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: 
 def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
     for member, fn, _ in regions:
         member.__dict__["forward"] = fn
-    for module, fn in entry.skip_forwards:
-        module.__dict__["forward"] = fn
+    # (module, slot, what was there): on a module accelerate hooked the forward goes inside accelerate's
+    swapped = [(m, slot, m.__dict__.get(slot)) for m, _ in entry.skip_forwards for slot in (forward_slot(m),)]
+    for (module, slot, _), (_, fn) in zip(swapped, entry.skip_forwards):
+        module.__dict__[slot] = fn
     config = torch._dynamo.config
     # hook guards on (a graph never outlives a hook change); set directly: config.patch() builds a class per call
     skip = config.skip_nnmodule_hook_guards
@@ -223,9 +226,12 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
         config.skip_nnmodule_hook_guards = skip
         for member, _, _ in regions:
             member.__dict__.pop("forward", None)
-        for module, fn in entry.skip_forwards:
-            if module.__dict__.get("forward") is fn:
-                del module.__dict__["forward"]
+        for (module, slot, before), (_, fn) in zip(swapped, entry.skip_forwards):
+            if module.__dict__.get(slot) is fn:
+                if before is None:
+                    del module.__dict__[slot]
+                else:
+                    module.__dict__[slot] = before
 
 
 def _entry(program, params, args, kwargs):

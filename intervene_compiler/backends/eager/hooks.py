@@ -22,6 +22,8 @@ import torch
 import torch.nn.modules.module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
+from ...runtime.devices import forward_slot
+
 
 class _Hook:
     """A forward (pre-)hook with kwargs, put into the module's hook dicts exactly as
@@ -45,20 +47,30 @@ class _Hook:
 
 
 class InstanceForward:
-    """A ``forward`` set on a module instance for a run (``_install``); ``remove`` deletes it if it is still
-    there. The base of the runner's wraps, skips and rewritten forwards."""
+    """A ``forward`` set on a module instance for a run (``_install``); ``remove`` puts back what was there (if
+    it is still the run's): nothing, or a forward set on the instance before. The base of the runner's wraps,
+    skips and rewritten forwards. On a module accelerate hooked it replaces ``_old_forward``, which accelerate's
+    own ``forward`` calls after moving the inputs and loading offloaded weights (``runtime.devices.forward_slot``)."""
 
-    __slots__ = ("module", "forward")
+    __slots__ = ("module", "forward", "slot", "before")
 
     def _install(self, module: torch.nn.Module, bound: Any) -> None:
+        d = module.__dict__
+        slot = forward_slot(module)
         self.module = module
         self.forward = bound
-        module.__dict__["forward"] = bound
+        self.slot = slot
+        self.before = d.get(slot)
+        d[slot] = bound
 
     def remove(self) -> None:
         d = self.module.__dict__
-        if d.get("forward") is self.forward:
-            del d["forward"]
+        slot = self.slot
+        if d.get(slot) is self.forward:
+            if self.before is None:
+                del d[slot]
+            else:
+                d[slot] = self.before
 
 
 class _Wrap(InstanceForward):
