@@ -89,11 +89,53 @@ _OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", 
 # non-private attributes of values a graph may read (tensors, model outputs, caches of our own): any name that
 # is not denied. Writes: only these
 _SETTABLE = frozenset({"grad", "requires_grad", "data"})
-# methods of containers and model outputs a graph may call, besides tensor methods
+# methods of containers, model outputs and optimizers a graph may call, besides tensor methods
 _CONTAINER_METHODS = frozenset(
     "append extend insert pop clear copy index count keys values items get update setdefault to_tuple add "
-    "discard remove".split()
+    "discard remove step zero_grad".split()
 )
+
+
+# tensor factories (not tensor operations, so not in PyTorch's list): allowed with a bound on the size they make;
+# ``empty`` is not (its memory is not cleared)
+_FACTORIES = (
+    "zeros",
+    "ones",
+    "full",
+    "rand",
+    "randn",
+    "randint",
+    "arange",
+    "linspace",
+    "logspace",
+    "eye",
+    "tensor",
+)
+MAX_ELEMENTS = 1 << 28
+
+
+def _bounded(factory: Any) -> Any:
+    """``factory`` refusing to make a tensor of more than ``MAX_ELEMENTS`` elements."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        sizes = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+        for a in args:
+            if isinstance(a, (tuple, list, torch.Size)) and all(isinstance(x, int) for x in a):
+                sizes.extend(a)
+        size = kwargs.get("size")
+        if isinstance(size, (tuple, list, torch.Size)):
+            sizes.extend(x for x in size if isinstance(x, int))
+        count = 1
+        for n in sizes:
+            count *= max(int(n), 1)
+        if factory is torch.arange or factory is torch.linspace or factory is torch.logspace:
+            count = max((abs(int(x)) for x in sizes), default=0)
+        if count > MAX_ELEMENTS:
+            raise ValueError(f"torch.{factory.__name__} would make more than {MAX_ELEMENTS} elements")
+        return factory(*args, **kwargs)
+
+    make.__name__ = make.__qualname__ = factory.__name__
+    return make
 
 
 def _denied(name: str) -> bool:
@@ -155,6 +197,8 @@ def _build() -> tuple[dict[str, Any], frozenset[str]]:
                 table[f"einops.{name}"] = found
     except ImportError:
         pass
+    for name in _FACTORIES:
+        table[f"torch.{name}"] = _bounded(getattr(torch, name))
     table["torch.nn.parameter.Parameter"] = torch.nn.Parameter
     table["torch.nn.Parameter"] = torch.nn.Parameter
     for name in _OPTIMIZERS:
@@ -168,11 +212,11 @@ def _build() -> tuple[dict[str, Any], frozenset[str]]:
 
 
 def _protocol() -> list[Any]:
-    """This package's own callables that recorded graphs call."""
-    from ..passes.last_position import keep_last_position
+    """This package's own callables that recorded graphs call (a request carries a graph as recorded: the passes'
+    own callables are added on the server, after it is read)."""
     from ..tracing.envoy import module_tensor
 
-    return [keep_last_position, module_tensor]
+    return [module_tensor]
 
 
 _TABLE: dict[str, Any] | None = None

@@ -23,7 +23,7 @@ import torch
 
 from .. import errors
 from ..errors import InterventionError, SourceLoc
-from ..ir import Graph
+from ..ir import Graph, Op
 from ..ir.nodes import walk_nodes
 from ..ir.serialize import from_data
 from .allowlist import UnsafeRequest, check_graph, safe_target
@@ -55,6 +55,14 @@ class BadRequest(ValueError):
 
 
 @dataclass
+class SessionSlot:
+    """One trace of a session request: the model it runs on, and its ``generate()`` options if it generates."""
+
+    model: str
+    generate: dict | None = None
+
+
+@dataclass
 class Request:
     model: str
     kind: str
@@ -62,6 +70,12 @@ class Request:
     inputs: list[tuple[tuple, dict]]
     compile: bool = True
     generate: dict = field(default_factory=dict)
+    slots: list[SessionSlot] = field(default_factory=list)  # a session's traces
+    saved: set[int] = field(default_factory=set)  # a session's saved ids
+
+    @property
+    def models(self) -> set[str]:
+        return {self.model, *(s.model for s in self.slots)}
 
 
 def read_request(document: dict, tensors: list[torch.Tensor]) -> Request:
@@ -83,14 +97,21 @@ def _read(document: dict, tensors: list[torch.Tensor]) -> Request:
     kind = document.get("kind")
     if not isinstance(model, str) or not model:
         raise BadRequest("the request names no model")
-    if kind not in ("trace", "generate"):
-        raise BadRequest(f"unknown request kind {kind!r}: 'trace' or 'generate'")
+    if kind not in ("trace", "generate", "session"):
+        raise BadRequest(f"unknown request kind {kind!r}: 'trace', 'generate' or 'session'")
     data = document.get("graph")
     if not isinstance(data, dict):
         raise BadRequest("the request has no graph")
     _check_size(data)
     graph = from_data(data, tensors, resolve=safe_target)
     check_graph(graph)
+    compile = document.get("compile", True)
+    if not isinstance(compile, bool):
+        raise BadRequest("`compile` must be true or false")
+    if kind == "session":
+        return _read_session(document, tensors, model, graph, compile)
+    if graph.kind == "session" or any(n.op in _SESSION_OPS for n in walk_nodes(graph.nodes)):
+        raise BadRequest("a trace request holds no session nodes")
     inputs = decode(document.get("inputs"), tensors)
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("the request has no inputs (one (args, kwargs) per invoke)")
@@ -108,7 +129,14 @@ def _read(document: dict, tensors: list[torch.Tensor]) -> Request:
         pairs.append((item[0], item[1]))
     if len(pairs) != len(graph.invokes):
         raise BadRequest(f"the graph has {len(graph.invokes)} invokes but the request {len(pairs)} inputs")
-    options = decode(document.get("generate", {"dict": []}), tensors)
+    options = _generate_options(decode(document.get("generate", {"dict": []}), tensors))
+    return Request(model, kind, graph, pairs, compile, options)
+
+
+_SESSION_OPS = frozenset({Op.TRACE, Op.LOOP, Op.EXIT})
+
+
+def _generate_options(options: Any) -> dict:
     if not isinstance(options, dict):
         raise BadRequest("generate options must be a mapping")
     for k, v in options.items():
@@ -117,10 +145,31 @@ def _read(document: dict, tensors: list[torch.Tensor]) -> Request:
             raise BadRequest(f"generate() option {k!r} is not accepted remotely")
         if not isinstance(v, kind_of) or (kind_of is int and isinstance(v, bool)):
             raise BadRequest(f"generate() option {k!r} must be a {kind_of.__name__}")
-    compile = document.get("compile", True)
-    if not isinstance(compile, bool):
-        raise BadRequest("`compile` must be true or false")
-    return Request(model, kind, graph, pairs, compile, options)
+    return options
+
+
+def _read_session(document: dict, tensors: list, model: str, graph: Graph, compile: bool) -> Request:
+    """A session request: its graph (TRACE nodes name slots), one slot per trace, the ids it saves."""
+    if graph.kind != "session":
+        raise BadRequest("a session request's graph is a session graph")
+    slots_data = document.get("traces")
+    if not isinstance(slots_data, list) or not slots_data:
+        raise BadRequest("a session request lists its traces")
+    slots = []
+    for item in slots_data:
+        if not isinstance(item, dict) or not isinstance(item.get("model"), str):
+            raise BadRequest("each trace of a session names its model")
+        gen = item.get("generate")
+        slots.append(
+            SessionSlot(item["model"], None if gen is None else _generate_options(decode(gen, tensors)))
+        )
+    for n in walk_nodes(graph.nodes):
+        if n.op is Op.TRACE and not (type(n.target) is int and 0 <= n.target < len(slots)):
+            raise BadRequest(f"a trace node names slot {n.target!r}, but the session has {len(slots)} traces")
+    saved = document.get("saved")
+    if not isinstance(saved, list) or not all(type(i) is int for i in saved):
+        raise BadRequest("a session request lists the ids it saves")
+    return Request(model, "session", graph, [], compile, {}, slots, set(saved))
 
 
 def _check_size(data: dict) -> None:
@@ -148,15 +197,59 @@ class JobTimeout(RuntimeError):
     """A job ran past its key's time limit."""
 
 
-def run_request(model: Any, request: Request, deadline: float | None = None) -> Any:
+def run_request(model: Any, request: Request, deadline: float | None = None, models: Any = None) -> Any:
     """Run a checked request on a loaded ``LanguageModel`` (``NNsight.run_graph``); a generate request stops with
-    :class:`JobTimeout` at the first step past ``deadline`` (``time.monotonic()``)."""
+    :class:`JobTimeout` at the first step past ``deadline`` (``time.monotonic()``). A session runs its traces on
+    ``models[name]`` (``backends/session.run_session``), each trace checking the deadline first."""
+    if request.kind == "session":
+        return _run_session(request, models or {request.model: model}, deadline)
     generate = None
     if request.kind == "generate":
         generate = dict(request.generate)
         if deadline is not None:
             generate["stopping_criteria"] = _deadline_criteria(deadline)
     return model.run_graph(request.graph, request.inputs, compile=request.compile, generate=generate)
+
+
+@dataclass
+class _SessionResult:
+    values: dict
+    skipped: dict = field(default_factory=dict)
+
+
+def _run_session(request: Request, models: dict, deadline: float | None) -> _SessionResult:
+    from ..execute import run_session
+
+    missing = sorted({slot.model for slot in request.slots} - set(models))
+    if missing:
+        raise BadRequest(f"this server does not serve {', '.join(missing)}")
+    traces = [_Slot(models[slot.model], slot, request.compile, deadline) for slot in request.slots]
+    values = run_session(request.graph, traces, request.saved)
+    return _SessionResult(values)
+
+
+class _Slot:
+    """A session trace on the server (``backends.session.SessionTrace``): inputs prepared by the model, the
+    bound graph run by ``run_graph``."""
+
+    loc: SourceLoc | None = None  # the trace's line is the client's: errors name their own lines
+
+    def __init__(self, model: Any, slot: SessionSlot, compile: bool, deadline: float | None):
+        self.model = model
+        self.slot = slot
+        self.compile = compile
+        self.deadline = deadline
+
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
+        return self.model.prepare_inputs(*args, **kwargs)
+
+    def run(self, graph: Graph, prepared: list[tuple[tuple, dict]]) -> dict[int, Any]:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobTimeout("the job ran past its time limit")
+        generate = None if self.slot.generate is None else dict(self.slot.generate)
+        if generate is not None and self.deadline is not None:
+            generate["stopping_criteria"] = _deadline_criteria(self.deadline)
+        return dict(self.model.run_graph(graph, prepared, compile=self.compile, generate=generate).values)
 
 
 def _deadline_criteria(deadline: float) -> Any:

@@ -44,9 +44,16 @@ class ModelWorker(threading.Thread):
     """Runs one model's jobs, in order, on its own thread (the model is loaded once, by this thread)."""
 
     def __init__(
-        self, name: str, source: str, store: JobStore, compile: bool = True, load: dict | None = None
+        self,
+        name: str,
+        source: str,
+        store: JobStore,
+        compile: bool = True,
+        load: dict | None = None,
+        peers: dict | None = None,
     ):
         super().__init__(name=f"worker:{name}", daemon=True)
+        self.peers = peers if peers is not None else {}  # model name -> worker: a session's other models
         self.model_name = name
         self.source = source
         self.store = store
@@ -102,7 +109,8 @@ class ModelWorker(threading.Thread):
             request = read_request(document, tensors)
             if request.compile is True and not self.compile:
                 request.compile = False
-            result = run_request(self.model, request, time.monotonic() + max_seconds)
+            models = {name: w.model for name, w in self.peers.items() if w.model is not None}
+            result = run_request(self.model, request, time.monotonic() + max_seconds, models)
             document, tensors = result_document(result)
             message = pack(document, tensors)
             if len(message) > max_result:
@@ -129,9 +137,9 @@ class Service:
     def __init__(self, models: dict[str, str], data_dir: str, api_keys: str, compile: bool = True):
         self.store = JobStore(data_dir)
         self.keys = KeyRing(api_keys)
-        self.workers = {
-            name: ModelWorker(name, source, self.store, compile) for name, source in models.items()
-        }
+        self.workers: dict[str, ModelWorker] = {}
+        for name, source in models.items():
+            self.workers[name] = ModelWorker(name, source, self.store, compile, peers=self.workers)
         self.started = time.time()
 
     def start(self) -> None:
@@ -159,7 +167,7 @@ class Service:
         self.store.close()
 
     def stats(self) -> dict:
-        from ..backends.compiled import compile_stats
+        from .. import compile_stats
 
         stats = compile_stats()
         return {
@@ -218,7 +226,12 @@ def create_app(service: Service) -> Any:
             worker = service.workers.get(model)
             if worker is None:
                 raise HTTPException(404, f"this server does not serve the model {model!r}")
-            await asyncio.to_thread(read_request, document, tensors)
+            checked = await asyncio.to_thread(read_request, document, tensors)
+            for other in sorted(checked.models - {model}):
+                if not key.may_use(other):
+                    raise HTTPException(403, f"this key may not use the model {other!r}")
+                if other not in service.workers:
+                    raise HTTPException(404, f"this server does not serve the model {other!r}")
         except (WireError, BadRequest) as e:
             raise HTTPException(400, str(e)) from None
         except RecursionError:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..ir.serialize import _value_data, _value_from
+from ..ir.serialize import value_from_data, value_to_data
 from ..runtime import CacheEntry, ModuleCache
 
 VERSION = 1
@@ -111,7 +111,7 @@ def encode(value: Any, tensors: list) -> Any:
     if isinstance(value, (tuple, list, dict)) and t not in (tuple, list, dict):  # namedtuples, subclasses
         plain: Any = tuple(value) if hasattr(value, "_fields") else t.__mro__[1](value)
         return encode(plain, tensors)
-    return _value_data(value, tensors, abstract=False)
+    return value_to_data(value, tensors)
 
 
 def decode(data: Any, tensors: list) -> Any:
@@ -146,7 +146,7 @@ def decode(data: Any, tensors: list) -> Any:
             return [decode(x, tensors) for x in data["list"]]
         if "dict" in data and len(data) == 1:
             return {decode(k, tensors): decode(v, tensors) for k, v in data["dict"]}
-        return _value_from(data, tensors)
+        return value_from_data(data, tensors)
     except WireError:
         raise
     except Exception as e:  # malformed nesting: wrong arity, unhashable keys, unknown tags

@@ -158,6 +158,11 @@ class NNsight(Envoy):
                     raise model_error(e, None) from e
                 raise
 
+    def prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
+        """One invoke's input as this model takes it: ``(args, kwargs, batch size)`` (a language model tokenizes
+        text). A session's traces on the service prepare their inputs this way."""
+        return self._prepare_inputs(*args, **kwargs)
+
     def _generating(self, generate: dict | None) -> Any:
         """The context in which a run is a generate block (a language model's: ``LanguageModel``)."""
         if generate is not None:
@@ -175,12 +180,12 @@ class NNsight(Envoy):
         ``.save()``, and only saved values survive. See :class:`~intervene_compiler.tracing.session.Session`
         for ``session.iter``, ``session.log``, ``session.exit`` and training state created inside a session.
         """
-        if remote:
-            raise remote_error()
+        blocking = kwargs.pop("blocking", True)
         checks = {k: kwargs.pop(k) for k in ("validate", "scan") if k in kwargs}
         if kwargs:
             raise TypeError(f"session() got unexpected keyword arguments {sorted(kwargs)}")
-        return Session(self, validate=any(checks.values()))
+        session = Session(self, validate=any(checks.values()))
+        return remote_tracer(session, blocking) if remote else session
 
     def clear_reuse(self) -> None:
         """Forget the unedited decoder-layer outputs kept for reuse across traces of one prompt (``reuse=True``).

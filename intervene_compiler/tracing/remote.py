@@ -51,26 +51,90 @@ class RemoteJob:
 
 
 def _bind(tracer: Any, values: dict, skipped: dict) -> None:
+    if getattr(tracer, "_tracers", None) is not None:  # a session: it and its traces hold the values
+        tracer._results.update(values)
+        if not tracer._finished:
+            tracer._finish(None)
+        return
     tracer._results = values
     tracer._skipped = skipped
     tracer._stop_loc = None
     tracer.output = None
 
 
-def run_remote(tracer: Any, graph: Graph, prepared: list, kind: str, options: dict, blocking: bool) -> None:
-    """Submit the block; wait for it when ``blocking`` (see the module docstring)."""
-    from ..ir.serialize import to_data
-    from ..remote.client import RemoteClient, RemoteError
-    from ..remote.wire import VERSION, encode, pack
+def _model_id(model: Any, loc: SourceLoc | None) -> str:
+    from ..remote.client import RemoteError
 
-    loc = tracer._with_loc
-    source = getattr(getattr(tracer.model, "_checkpoint", None), "source", None)
+    source = getattr(getattr(model, "_checkpoint", None), "source", None)
     if source is None:
         raise RemoteError(
             "remote execution needs a model the service hosts, named by its id",
             loc,
             "load it with `LanguageModel('<hub id or folder the service serves>')`",
         )
+    return str(source)
+
+
+def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bool) -> bool:
+    """Submit a whole session as one job (its traces, loops, logs and training state run on the service);
+    returns whether its values are bound (blocking)."""
+    from ..ir.serialize import to_data
+    from ..remote.client import RemoteClient
+    from ..remote.wire import VERSION, encode, pack
+
+    loc = session._with_loc
+    if not session._tracers:
+        return True  # nothing reaches a model: nothing to send
+    slots = []
+    tensors: list = []
+    for tracer in session._tracers:
+        options = getattr(tracer, "_generate_kwargs", None)
+        slots.append(
+            {
+                "model": _model_id(tracer.model, loc),
+                "generate": None if options is None else encode(dict(options), tensors),
+            }
+        )
+    data, graph_tensors = to_data(graph)
+    offset = len(graph_tensors)
+    # the slots' tensors follow the graph's
+    slots_json = _shift_tensors(slots, offset)
+    document = {
+        "version": VERSION,
+        "model": slots[0]["model"],
+        "kind": "session",
+        "compile": True,
+        "graph": data,
+        "traces": slots_json,
+        "saved": sorted(saved),
+    }
+    client = RemoteClient()
+    job_id = client.submit(pack(document, graph_tensors + tensors), loc)
+    session.job = job = RemoteJob(client, job_id, session, loc)
+    if blocking:
+        job.wait()
+    return blocking
+
+
+def _shift_tensors(data: Any, offset: int) -> Any:
+    """``data`` with every ``{"tensor": i}`` moved to ``i + offset``."""
+    if isinstance(data, dict):
+        if set(data) == {"tensor"} and type(data["tensor"]) is int:
+            return {"tensor": data["tensor"] + offset}
+        return {k: _shift_tensors(v, offset) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_shift_tensors(v, offset) for v in data]
+    return data
+
+
+def run_remote(tracer: Any, graph: Graph, prepared: list, kind: str, options: dict, blocking: bool) -> None:
+    """Submit the block; wait for it when ``blocking`` (see the module docstring)."""
+    from ..ir.serialize import to_data
+    from ..remote.client import RemoteClient
+    from ..remote.wire import VERSION, encode, pack
+
+    loc = tracer._with_loc
+    source = _model_id(tracer.model, loc)
     data, tensors = to_data(graph)
     document = {
         "version": VERSION,

@@ -69,6 +69,9 @@ class Session(Recorder):
         self._session_token: Token[Session | None] | None = None
         self._patches: list[tuple[Any, str, Any]] = []
         self.graph: Graph | None = None
+        self._remote: dict | None = None  # remote=True: {"blocking": bool} (tracing/remote.py)
+        self._with_loc: SourceLoc | None = None
+        self.job: Any = None
 
     # -- context protocol ---------------------------------------------------------------------------------------
     def __enter__(self) -> Session:
@@ -95,9 +98,15 @@ class Session(Recorder):
             return False
         try:
             self.graph = self._build_graph()
-            traces = [_SessionTrace(t, loc) for t, loc in zip(self._tracers, self._trace_locs)]
             self._results = {}
-            run_session(self.graph, traces, self._all_saved(), self._results)
+            if self._remote is not None:  # the service runs the whole session as one job (tracing/remote.py)
+                from .remote import run_remote_session
+
+                if not run_remote_session(self, self.graph, self._all_saved(), self._remote["blocking"]):
+                    return False  # not blocking: `session.job.wait()` binds the values
+            else:
+                traces = [_SessionTrace(t, loc) for t, loc in zip(self._tracers, self._trace_locs)]
+                run_session(self.graph, traces, self._all_saved(), self._results)
         except BaseException as e:
             self._finish(e)
             raise
