@@ -439,3 +439,189 @@ def test_hostile_requests_get_a_4xx_and_run_nothing(server, lm_dirs, tmp_path, r
     with lm.trace("Hello world", remote=True):
         out = lm.transformer.h[0].output.save()
     assert out.shape[-1] == 64
+
+
+# -- sessions ------------------------------------------------------------------------------------------------------
+def _session(lm, remote_flag):
+    with lm.session(remote=remote_flag) as session:
+        with lm.trace("The quick brown fox"):
+            clean = lm.transformer.h[0].output[:, -1]  # no .save(): a value passed between traces
+        with lm.trace("A slow red dog"):
+            lm.transformer.h[0].output[:, -1] = clean
+            patched = lm.lm_head.output[:, -1].save()
+        session.log("patched")
+        hidden = ic.list().save()
+        with session.iter(["one", "two three", "four"], return_context=True) as (text, iterator):
+            with lm.trace(text):
+                hidden.append(lm.transformer.h[1].output[:, -1])
+                last = lm.lm_head.output[:, -1].argmax(-1).save()
+            with iterator.cond(ic.apply(len, hidden) == 2):
+                iterator.exit()
+    return patched, hidden, last
+
+
+def test_a_session_is_one_remote_job(remote, lm_dirs, capsys):
+    got = _session(ic.LanguageModel(lm_dirs["gpt2"]), True)
+    lines = capsys.readouterr().err
+    assert lines.count(" - RECEIVED") == 1 and " - LOG: patched" in lines  # one job; its log line
+    want = _session(ic.LanguageModel(lm_dirs["gpt2"]), False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    assert len(got[1]) == len(want[1]) == 2  # exit() after the second item
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[2], want[2])
+
+
+def _lora_training(llama, init, remote_flag):
+    """The walkthrough's LoRA training in a session (its weights start from ``init`` so that the remote and local
+    runs start equal: inside a session ``torch.randn`` runs where the session does)."""
+    from torch.utils.data import DataLoader
+
+    module = llama.model.layers[-1].mlp
+    answer = llama.tokenizer.encode(" Paris")[1]
+    dataset = [["_", answer]] * 4
+    with llama.session(remote=remote_flag) as session:
+        WA = torch.nn.Parameter(init.clone(), requires_grad=True).save()
+        WB = torch.nn.Parameter(torch.zeros(init.shape[1], init.shape[0]), requires_grad=True).save()
+        optimizer = torch.optim.AdamW([WA, WB], lr=0.5)
+        with session.iter(DataLoader(dataset, batch_size=2)) as batch:
+            with llama.trace(batch[0]):
+                module.output = torch.matmul(torch.matmul(module.input[0][0], WA), WB) + module.output
+                loss = torch.nn.functional.cross_entropy(llama.lm_head.output[:, -1], batch[1])
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        session.log("trained")
+    return WA, WB
+
+
+def test_lora_training_in_a_remote_session(remote, lm_dirs):
+    init = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    got = _lora_training(ic.LanguageModel(lm_dirs["llama"]), init, True)
+    want = _lora_training(ic.LanguageModel(lm_dirs["llama"]), init, False)
+    assert got[1].abs().sum() > 0  # it trained
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_non_blocking_session(remote, lm_dirs):
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with lm.session(remote=True, blocking=False) as session:
+        with lm.trace("Hello world"):
+            out = lm.transformer.h[0].output.save()
+    session.job.wait(timeout=120)
+    with lm.trace("Hello world"):
+        want = lm.transformer.h[0].output.save()
+    torch.testing.assert_close(out.value, want, rtol=1e-4, atol=1e-4)
+
+
+# -- load and faults -----------------------------------------------------------------------------------------------
+def test_eight_clients_twenty_five_jobs_each(remote, lm_dirs):
+    """8 concurrent clients x 25 jobs: none lost, none mixed up, each equal to the local run."""
+    import threading
+
+    prompts = ["Hello world", "The quick brown fox", "one two three", "A slow red dog", "four"]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        lm = ic.LanguageModel(
+            lm_dirs["gpt2"]
+        )  # each client its own (meta) model: blocks on one model take turns
+        try:
+            for j in range(25):
+                with lm.trace(prompts[(c + j) % len(prompts)], remote=True):
+                    lm.transformer.h[0].output[:, -1] = float(c * 25 + j) / 100
+                    logits = lm.lm_head.output[:, -1].save()
+                results[(c, j)] = logits
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    ic.CONFIG.APP.REMOTE_LOGGING = False
+    try:
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        ic.CONFIG.APP.REMOTE_LOGGING = True
+    assert not errors, errors[:3]
+    assert len(results) == 200
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    for (c, j), got in results.items():
+        with lm.trace(prompts[(c + j) % len(prompts)]):
+            lm.transformer.h[0].output[:, -1] = float(c * 25 + j) / 100
+            want = lm.lm_head.output[:, -1].save()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _wait_status(client: RemoteClient, job_id: str, wanted: set[str], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.status(job_id)["status"]
+        if status in wanted:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {wanted}")
+
+
+def test_kill_and_restart(lm_dirs, tmp_path, monkeypatch):
+    """kill -9 with a job running and jobs queued, restart on the same data dir: the completed result is still
+    there, the running job ends as ERROR with the reason, the queued ones run, a blocking client gets its value."""
+    import threading
+
+    server = Server(tmp_path, [lm_dirs["gpt2"]]).start("--eager")
+    monkeypatch.setattr(ic.CONFIG.API, "HOST", f"127.0.0.1:{server.port}")
+    monkeypatch.setattr(ic.CONFIG.API, "APIKEY", server.key)
+    monkeypatch.setattr(ic.CONFIG.APP, "REMOTE_LOGGING", False)
+    try:
+        lm = ic.LanguageModel(lm_dirs["gpt2"])
+        with lm.trace("Hello world", remote=True) as tracer:
+            lm.transformer.h[0].output.save()
+        done = tracer.job.id
+        with lm.session(remote=True, blocking=False) as session:  # long: 3000 traces
+            seen = ic.list().save()
+            with session.iter(["Hello world"] * 3000) as text:
+                with lm.trace(text):
+                    seen.append(lm.transformer.h[0].output[0, -1, 0])
+        running = session.job.id
+        queued = []
+        for text in ("one two", "three"):
+            with lm.trace(text, remote=True, blocking=False) as tracer:
+                proxy = lm.transformer.h[1].output.save()
+            queued.append((tracer.job, proxy, text))
+        client = RemoteClient()
+        _wait_status(client, running, {"RUNNING"})
+        blocking: dict = {}
+
+        def wait_blocking() -> None:
+            other = ic.LanguageModel(lm_dirs["gpt2"])
+            try:
+                with other.trace("blocking client", remote=True):
+                    value = other.transformer.h[1].output.save()
+                blocking["value"] = value
+            except BaseException as e:  # a clear error is allowed, a hang is not
+                blocking["error"] = e
+
+        waiter = threading.Thread(target=wait_blocking)
+        waiter.start()
+        time.sleep(0.5)
+        server.kill()
+        server.start("--eager")
+        assert _wait_status(client, running, {"COMPLETED", "ERROR"}) == "ERROR"
+        assert "stopped while the job was running" in json.dumps(client.status(running)["error"])
+        for job, proxy, text in queued:
+            job.wait(timeout=120)
+            with lm.trace(text):
+                want = lm.transformer.h[1].output.save()
+            torch.testing.assert_close(proxy.value, want, rtol=1e-4, atol=1e-4)
+        document, tensors = wire.unpack(client.download(done))  # completed before the kill: still there
+        assert document["values"]
+        waiter.join(timeout=180)
+        assert not waiter.is_alive()
+        assert "value" in blocking or isinstance(blocking.get("error"), ic.InterventionError), blocking
+        stats = httpx.get(server.url + "/v1/stats").json()
+        assert "RUNNING" not in stats["jobs"] and "QUEUED" not in stats["jobs"], stats
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -49,9 +50,18 @@ class RemoteClient:
         return {"X-API-Key": self.api_key} if self.api_key else {}
 
     def _http(self) -> Any:
+        """A shared HTTP client for this service and key (made once: building one loads the TLS trust store, which
+        costs tens of milliseconds; it keeps its connections open between jobs)."""
         import httpx
 
-        return httpx.Client(base_url=self.url, headers=self._headers(), timeout=self.timeout)
+        key = (self.url, self.api_key, self.timeout)
+        with _CLIENTS_LOCK:
+            http = _CLIENTS.get(key)
+            if http is None:
+                http = _CLIENTS[key] = httpx.Client(
+                    base_url=self.url, headers=self._headers(), timeout=self.timeout
+                )
+        return _Borrowed(http)
 
     def submit(self, message: bytes, loc: SourceLoc | None = None) -> str:
         try:
@@ -90,10 +100,10 @@ class RemoteClient:
                     yield event
                     if event["status"] in ("COMPLETED", "ERROR"):
                         return
-        except Exception:  # no websocket (proxy, closed early): poll
+        except Exception:  # no websocket (proxy, closed early, the service restarting): poll
             pass
         while True:
-            state = self.status(job_id)
+            state = self._status_retrying(job_id)
             for event in state["events"]:
                 if event["seq"] > seen:
                     seen = event["seq"]
@@ -101,6 +111,25 @@ class RemoteClient:
                     if event["status"] in ("COMPLETED", "ERROR"):
                         return
             time.sleep(poll)
+
+    def _status_retrying(self, job_id: str, patience: float = 60.0) -> dict:
+        """The job's status; while the service cannot be reached (restarting), retry for ``patience`` seconds,
+        then a clear error (never a hang)."""
+        import httpx
+
+        start = time.monotonic()
+        while True:
+            try:
+                return self.status(job_id)
+            except httpx.TransportError as e:
+                if time.monotonic() - start > patience:
+                    raise RemoteError(
+                        f"lost contact with the intervention service at {self.url} while waiting for job "
+                        f"{job_id}: {type(e).__name__}: {e}",
+                        None,
+                        f"when the service is back, `RemoteClient().status('{job_id}')` tells what became of it",
+                    ) from None
+                time.sleep(0.5)
 
     def download(self, job_id: str, progress: bool = True) -> bytes:
         chunks = []
@@ -125,6 +154,23 @@ class RemoteClient:
             if bar is not None:
                 bar.close()
         return b"".join(chunks)
+
+
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+class _Borrowed:
+    """``with client._http() as http:`` on a shared client: leaving the block keeps it open."""
+
+    def __init__(self, http: Any):
+        self.http = http
+
+    def __enter__(self) -> Any:
+        return self.http
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 _FIXES = {

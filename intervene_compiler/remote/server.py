@@ -254,7 +254,7 @@ def create_app(service: Service) -> Any:
             "id": job.id,
             "model": job.model,
             "status": job.status,
-            "error": json.loads(job.error) if job.error else None,
+            "error": _error_data(job.error),
             "events": [_event(seq, st, msg) for seq, st, msg in events],
         }
 
@@ -303,8 +303,19 @@ def create_app(service: Service) -> Any:
 def _event(seq: int, status: str, message: str | None) -> dict:
     out: dict[str, Any] = {"seq": seq, "status": status}
     if message is not None:
-        out["message"] = json.loads(message) if status == "ERROR" and message.startswith("{") else message
+        out["message"] = _error_data(message) if status == "ERROR" else message
     return out
+
+
+def _error_data(text: str | None) -> Any:
+    """A stored error: the error as data, or (a plain message) that message as data."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"message": text}
+    return data if isinstance(data, dict) else {"message": text}
 
 
 def _read(path: str) -> bytes:

@@ -14,6 +14,7 @@ queued again: none stays RUNNING, none is lost, and a COMPLETED result stays dow
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -176,13 +177,20 @@ class JobStore:
             job = Job(*row)
             if job.status == "RUNNING":
                 self.set_status(
-                    job.id, "ERROR", "the server stopped while the job was running; submit it again"
+                    job.id, "ERROR", _error("the server stopped while the job was running; submit it again")
                 )
             elif not os.path.exists(self.payload_path(job.id)):
-                self.set_status(job.id, "ERROR", "the server stopped before the job's request was stored")
+                self.set_status(
+                    job.id, "ERROR", _error("the server stopped before the job's request was stored")
+                )
             else:
                 again.append(job)
         return again
+
+
+def _error(message: str) -> str:
+    """An ERROR event's message: the error as data (``remote/jobs.py error_document``)."""
+    return json.dumps({"type": None, "base": "RuntimeError", "message": message, "loc": None, "hint": None})
 
 
 __all__ = ["TERMINAL", "Job", "JobStore"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..errors import SourceLoc
 from ..ir import Graph
 
@@ -95,7 +97,7 @@ def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bo
                 "generate": None if options is None else encode(dict(options), tensors),
             }
         )
-    data, graph_tensors = to_data(graph)
+    data, graph_tensors = to_data(_portable(graph))
     offset = len(graph_tensors)
     # the slots' tensors follow the graph's
     slots_json = _shift_tensors(slots, offset)
@@ -114,6 +116,24 @@ def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bo
     if blocking:
         job.wait()
     return blocking
+
+
+def _portable(graph: Graph) -> Graph:
+    """The session graph with each value that cannot travel as data but can be iterated (a ``DataLoader`` given
+    to ``session.iter``) replaced by the list of its items, taken here, once, as the local run would."""
+    from ..errors import SerializationError
+    from ..ir.serialize import value_to_data
+
+    params = list(graph.params)
+    for i, p in enumerate(params):
+        if isinstance(p, torch.Tensor):
+            continue
+        try:
+            value_to_data(p, [])
+        except SerializationError:
+            if hasattr(p, "__iter__") and not isinstance(p, (str, bytes, dict)):
+                params[i] = list(p)
+    return graph.replace(params=tuple(params))
 
 
 def _shift_tensors(data: Any, offset: int) -> Any:
