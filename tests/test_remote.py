@@ -44,6 +44,7 @@ class Server:
         self.key = add_key(self.key_file, "alice")
         self.bob = add_key(self.key_file, "bob", models=[models[0]])
         self.tiny = add_key(self.key_file, "tiny", max_request_bytes=500, rate_per_minute=3)
+        self.hasty = add_key(self.key_file, "hasty", max_seconds=1.0, max_result_bytes=4000)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -515,6 +516,28 @@ def test_non_blocking_session(remote, lm_dirs):
     torch.testing.assert_close(out.value, want, rtol=1e-4, atol=1e-4)
 
 
+def test_time_and_result_limits(remote, lm_dirs, monkeypatch):
+    """A job past its key's time limit ends as ERROR with the reason, a result over its size too; the next job on
+    that model is correct."""
+    monkeypatch.setattr(ic.CONFIG.API, "APIKEY", remote.hasty)
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with pytest.raises(TimeoutError, match="time limit"):
+        with lm.session(remote=True) as session:
+            seen = ic.list().save()
+            with session.iter(["Hello world"] * 5000) as text:
+                with lm.trace(text):
+                    seen.append(lm.transformer.h[0].output[0, -1, 0])
+    with pytest.raises(ValueError, match="more than this key's"):
+        with lm.trace("Hello world " * 8, remote=True):
+            lm.lm_head.output.save()  # 384 logits x ~40 positions x 4 bytes
+    monkeypatch.setattr(ic.CONFIG.API, "APIKEY", remote.key)
+    with lm.trace("Hello world", remote=True):
+        got = lm.transformer.h[1].output.save()
+    with lm.trace("Hello world"):
+        want = lm.transformer.h[1].output.save()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 # -- load and faults -----------------------------------------------------------------------------------------------
 def test_eight_clients_twenty_five_jobs_each(remote, lm_dirs):
     """8 concurrent clients x 25 jobs: none lost, none mixed up, each equal to the local run."""
@@ -625,3 +648,80 @@ def test_kill_and_restart(lm_dirs, tmp_path, monkeypatch):
         assert "RUNNING" not in stats["jobs"] and "QUEUED" not in stats["jobs"], stats
     finally:
         server.stop()
+
+
+# -- generated requests: schemathesis on the OpenAPI schema, hypothesis mutations of a valid request ---------------
+import schemathesis  # noqa: E402 - the fuzzing part of this file
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def api_operations(server):
+    schema = schemathesis.openapi.from_dict(httpx.get(server.url + "/openapi.json").json())
+    schema.config.update(base_url=server.url)
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+@given(data=st.data())
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_http_requests_never_fail_server_side(server, api_operations, data):
+    """schemathesis: requests generated from the served OpenAPI schema (every route, path parameters, headers,
+    binary bodies) are answered without a server error, a refusal with a message."""
+    operation = data.draw(st.sampled_from(api_operations))
+    case = data.draw(operation.as_strategy())
+    import requests
+
+    with requests.Session() as session:  # closed here: an unclosed socket would warn in a later test
+        response = case.call(session=session, headers={"X-API-Key": server.key})
+    assert response.status_code < 500, (case, response.status_code, response.text[:300])
+    if 400 <= response.status_code < 500:
+        assert response.json().get("detail")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, (*prefix, i))
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_mutated_requests_get_an_answer_and_run_nothing(server, lm_dirs, tmp_path_factory, data):
+    message = _MESSAGES.get("gpt2") or _MESSAGES.setdefault("gpt2", _valid_message(lm_dirs["gpt2"]))
+    if data.draw(st.booleans()):  # bytes
+        body = bytearray(message)
+        for _ in range(data.draw(st.integers(1, 8))):
+            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+        body = bytes(body)
+    else:  # the document: one field replaced by any JSON value
+        doc, tensors = wire.unpack(message)
+        paths = [p for p in _paths(doc) if p]
+        path = data.draw(st.sampled_from(paths))
+        value = data.draw(_JSON)
+        target = doc
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+        body = wire.pack(doc, tensors)
+    r = _post(server, body, server.key)
+    assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    if r.status_code == 200:  # accepted: it ends, as a result or an error, never a crash of the server
+        client = RemoteClient(f"127.0.0.1:{server.port}", server.key)
+        assert _wait_status(client, r.json()["id"], {"COMPLETED", "ERROR"}) in ("COMPLETED", "ERROR")
+    else:
+        assert r.json().get("detail")
+
+
+_MESSAGES: dict[str, bytes] = {}

@@ -11,6 +11,7 @@ naming the same line, as the local run raises.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -158,6 +159,14 @@ class RemoteClient:
 
 _CLIENTS: dict[tuple, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_clients() -> None:
+    with _CLIENTS_LOCK:
+        for http in _CLIENTS.values():
+            http.close()
+        _CLIENTS.clear()
 
 
 class _Borrowed:

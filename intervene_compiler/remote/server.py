@@ -205,7 +205,19 @@ def create_app(service: Service) -> Any:
             raise HTTPException(401, "missing or unknown API key (header X-API-Key)")
         return key
 
-    @app.post("/v1/jobs", summary="Submit a job (a safetensors request message)")
+    @app.post(
+        "/v1/jobs",
+        summary="Submit a job (a safetensors request message)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            "parameters": [
+                {"name": "X-API-Key", "in": "header", "required": True, "schema": {"type": "string"}}
+            ],
+        },
+    )
     async def submit(request: Request) -> dict:
         key = _key(request)
         if not service.keys.allow_request(key):
