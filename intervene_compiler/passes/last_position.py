@@ -69,6 +69,10 @@ class UnembedColumns:
             picked = tokens % linear.out_features
         elif type(picked) is tuple:  # x[:, -1, (a, b)] picks two entries; weight[(a, b)] is weight[a, b]
             picked = list(picked)
+        elif (
+            type(picked) is int
+        ):  # one entry: weight[i] is 1-D, and F.linear takes a bias only with a 2-D weight
+            picked, one = [picked], True
         last = x[rows, -1]
         if type(linear) is not torch.nn.Linear:  # a subclass (a quantized Linear) may store its weight packed
             out = linear(last)[..., picked]

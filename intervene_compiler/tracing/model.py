@@ -406,19 +406,18 @@ def _warn_site_named_submodules(module: torch.nn.Module) -> None:
 
 
 def remote_tracer(tracer: Any, blocking: bool) -> Any:
-    """Mark a block to run on the intervention service (``remote/client.py``) when it exits."""
+    """Mark a block to run on the intervention service (``remote/client.py``) when it exits. The model must be
+    one the service can host: a ``LanguageModel`` made from a hub id or folder (a wrapped module has no name)."""
+    if getattr(getattr(tracer.model, "_checkpoint", None), "source", None) is None:
+        raise TracingError(
+            f"remote execution needs a model the service hosts, named by its id; this "
+            f"{type(tracer.model).__name__} wraps a module built here",
+            user_location(),
+            "load it as `LanguageModel('<hub id or folder the service serves>')`, or drop `remote=True`",
+        )
     tracer._remote = {"blocking": bool(blocking)}
     tracer._with_loc = user_location()
     return tracer
-
-
-def remote_error() -> TracingError:
-    """``remote=True`` is not honoured yet: say so rather than run locally."""
-    return TracingError(
-        "remote execution (`remote=True`) is not available in this package yet",
-        user_location(),
-        "drop `remote=True` to run on this machine",
-    )
 
 
 class Editor:

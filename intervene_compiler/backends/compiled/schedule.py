@@ -86,6 +86,11 @@ def record_schedule(target: Target, graph: Graph, args: tuple, kwargs: dict) -> 
     # a traceback, by torch's fake tensor module: the eager run's error is the one the user should see
     log = logging.getLogger("torch._subclasses.fake_tensor")
     disabled, log.disabled = log.disabled, True
+    # the model's code sees ``torch.compiler.is_compiling()`` as Dynamo will show it, so the fake run takes the
+    # path the compiled program takes: transformers' MoE experts pick ``F.grouped_mm`` when not compiling, whose
+    # fake kernel accepts only bfloat16 (the CPU kernel takes float32), and a custom op with a fake kernel under
+    # Dynamo
+    compiling, torch.compiler._is_compiling_flag = torch.compiler._is_compiling_flag, True
     try:
         with mode, torch.no_grad():
             fake_graph = graph.replace(params=tuple(to_fake(p, mode) for p in graph.params))
@@ -95,6 +100,7 @@ def record_schedule(target: Target, graph: Graph, args: tuple, kwargs: dict) -> 
             recorder.execute(fake_copy(args, mode), fake_copy(kwargs, mode))
     finally:
         log.disabled = disabled
+        torch.compiler._is_compiling_flag = compiling
     return recorder
 
 
