@@ -725,3 +725,45 @@ def test_mutated_requests_get_an_answer_and_run_nothing(server, lm_dirs, tmp_pat
 
 
 _MESSAGES: dict[str, bytes] = {}
+
+
+# -- the walkthrough's remote cells ([37]-[42], [49]) on the tiny Llama, remote against local -------------------
+def test_walkthrough_remote_cells(remote, lm_dirs, capsys):
+    def cells(remote_flag):
+        llama = ic.LanguageModel(lm_dirs["llama"])
+        out = {}
+        with llama.trace("The Eiffel Tower is in the city of", remote=remote_flag):  # [37]
+            hidden_states = llama.model.layers[-1].output.save()
+            output = llama.output.save()
+        out["hidden"], out["logits"] = hidden_states, output["logits"]
+        with llama.session(remote=remote_flag) as session:  # [39]
+            session.log("-- Early Stop --")
+            session.exit()
+        with llama.session(remote=remote_flag) as session:  # [41]
+            li = ic.list()
+            [li.append([num]) for num in range(0, 3)]
+            li2 = ic.list().save()
+            with session.iter(li) as item:
+                with session.iter(item) as item_2:
+                    li2.append(item_2)
+        out["li2"] = li2
+        with llama.session(remote=remote_flag) as session:  # [42]
+            with session.iter([0, 1, 2, 3], return_context=True) as (item, iterator):
+                iterator.log(item)
+                with iterator.cond(item == 2):
+                    iterator.exit()
+        with llama.generate("Hello", max_new_tokens=3, remote=remote_flag):  # [49], without the LoRA
+            generated = llama.generator.output.save()
+        out["generated"] = generated
+        return out
+
+    got = cells(True)
+    err = capsys.readouterr().err
+    assert " - LOG: -- Early Stop --" in err
+    assert [line.split("LOG: ")[1] for line in err.splitlines() if " - LOG: " in line][1:] == ["0", "1", "2"]
+    want = cells(False)
+    assert type(got["logits"]) is torch.Tensor or isinstance(got["logits"], torch.Tensor)
+    torch.testing.assert_close(got["hidden"], want["hidden"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+    assert got["li2"] == want["li2"] == [0, 1, 2]
+    assert torch.equal(got["generated"], want["generated"])

@@ -153,8 +153,8 @@ def _read_session(document: dict, tensors: list, model: str, graph: Graph, compi
     if graph.kind != "session":
         raise BadRequest("a session request's graph is a session graph")
     slots_data = document.get("traces")
-    if not isinstance(slots_data, list) or not slots_data:
-        raise BadRequest("a session request lists its traces")
+    if not isinstance(slots_data, list):
+        raise BadRequest("a session request lists its traces (none when it runs no model)")
     slots = []
     for item in slots_data:
         if not isinstance(item, dict) or not isinstance(item.get("model"), str):

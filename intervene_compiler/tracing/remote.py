@@ -85,8 +85,6 @@ def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bo
     from ..remote.wire import VERSION, encode, pack
 
     loc = session._with_loc
-    if not session._tracers:
-        return True  # nothing reaches a model: nothing to send
     slots = []
     tensors: list = []
     for tracer in session._tracers:
@@ -103,7 +101,7 @@ def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bo
     slots_json = _shift_tensors(slots, offset)
     document = {
         "version": VERSION,
-        "model": slots[0]["model"],
+        "model": slots[0]["model"] if slots else _model_id(session.model, loc),
         "kind": "session",
         "compile": True,
         "graph": data,
