@@ -356,6 +356,9 @@ class WorkloadResult:
     when: str = ""
     plots: list[dict] = field(default_factory=list)  # {"metric", "title", "log"}: one panel each
     device: str = "cpu"  # device_label() of the run (results saved before --device existed are CPU ones)
+    # a group whose rows have another first metric than ``primary`` (the scale workload's overhead and memory
+    # tables): group -> that metric, used by its ratio columns
+    group_primary: dict[str, str] = field(default_factory=dict)
 
     def row(self, system: str, group: str = "") -> Row | None:
         for r in self.rows:
@@ -363,11 +366,14 @@ class WorkloadResult:
                 return r
         return None
 
+    def primary_of(self, group: str) -> str:
+        return self.group_primary.get(group, self.primary)
+
     def value(self, system: str, metric: str | None = None, group: str = "") -> float | None:
         r = self.row(system, group)
         if r is None or r.status != OK:
             return None
-        return r.metrics.get(metric or self.primary)
+        return r.metrics.get(metric or self.primary_of(group))
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -8,7 +8,7 @@ import time
 
 from .harness import FELL_BACK, OK, WorkloadResult, fmt_ratio, machine, ratio
 
-ORDER = ("overhead", "patching", "generation", "training", "memory", "compile")
+ORDER = ("overhead", "patching", "generation", "training", "memory", "compile", "scale")
 
 
 def save(out: str, result: WorkloadResult) -> None:
@@ -51,15 +51,18 @@ def _num(x) -> str:
 
 
 def table(result: WorkloadResult) -> list[str]:
-    metrics: list[str] = []
-    for r in result.rows:
-        for k in r.metrics:
-            if k not in metrics:
-                metrics.append(k)
+    """One table per group of rows: the metrics its rows have, and ratios of the group's first metric
+    (``result.primary_of(group)``) to its baseline's and floor's."""
     lines = []
     groups = list(dict.fromkeys(r.group for r in result.rows))
     for group in groups:
         rows = [r for r in result.rows if r.group == group]
+        metrics: list[str] = []
+        for r in rows:
+            for k in r.metrics:
+                if k not in metrics:
+                    metrics.append(k)
+        primary = result.primary_of(group)
         base = next((r for r in rows if r.role == "baseline" and r.status == OK), None)
         floor = next((r for r in rows if r.role == "floor" and r.status == OK), None)
         if group:
@@ -81,15 +84,11 @@ def table(result: WorkloadResult) -> list[str]:
                 cells += ["—"] * len(metrics)
             else:
                 cells += [_num(r.metrics.get(m)) for m in metrics]
-            value = r.metrics.get(result.primary) if r.status == OK else None
+            value = r.metrics.get(primary) if r.status == OK else None
             if base is not None:
-                cells.append(
-                    fmt_ratio(ratio(value, base.metrics.get(result.primary))) if value is not None else ""
-                )
+                cells.append(fmt_ratio(ratio(value, base.metrics.get(primary))) if value is not None else "")
             if floor is not None:
-                cells.append(
-                    fmt_ratio(ratio(value, floor.metrics.get(result.primary))) if value is not None else ""
-                )
+                cells.append(fmt_ratio(ratio(value, floor.metrics.get(primary))) if value is not None else "")
             note = r.note if r.status == OK else f"{r.status}" + (f"; {r.note}" if r.note else "")
             cells.append(note.replace("|", "/"))
             lines.append("| " + " | ".join(cells) + " |")
@@ -121,7 +120,8 @@ def markdown(results: list[WorkloadResult], mode: str, plots: dict[str, str]) ->
         )
         out.append("")
     out.append(
-        "Ratios divide a row's first metric (a time; peak memory in the memory workload) by the plain-PyTorch-"
+        "Ratios divide a row's first metric (a time; peak memory in the memory workload and the scale workload's "
+        "load tables) by the plain-PyTorch-"
         'eager baseline\'s of its table ("vs plain eager") and by the compiled plain floor\'s ("vs floor"): '
         "below 1.00x is faster or smaller. Every system of a workload ran in one process, interleaved, after its "
         "results were checked against the baseline's."
@@ -132,7 +132,7 @@ def markdown(results: list[WorkloadResult], mode: str, plots: dict[str, str]) ->
     for r in results:
         out.append(f"- {r.summary}")
     out.append("")
-    out.append("## Targets (issue 6)")
+    out.append("## Targets (issue 6; issue 18: scale)")
     out.append("")
     out.append("| workload | target | measured | met |")
     out.append("|---|---|---|---|")
@@ -169,6 +169,7 @@ def plot(out: str, result: WorkloadResult) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     panels = []
@@ -198,6 +199,8 @@ def plot(out: str, result: WorkloadResult) -> str | None:
         ax.barh(labels, values, color=cols)
         if spec.get("log"):
             ax.set_xscale("log")
+            # under one decade matplotlib labels the minor ticks too, and they overlap: major labels only
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for y, v in enumerate(values):
             ax.text(v, y, f" {_num(v)}", va="center", fontsize=8)
         ax.set_title(spec["title"], fontsize=10)

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore"),  # peers' deprecation chatter is not ours to fail on
 ]
 
-WORKLOADS = ["overhead", "patching", "generation", "training", "memory"]
+WORKLOADS = ["overhead", "patching", "generation", "training", "memory", "scale"]
 
 
 @pytest.mark.compiled  # the overhead and generation workloads run compile=True and torch.compile
@@ -142,3 +142,32 @@ def test_device_checks_and_timing_sync():
         assert harness._sync is None  # CPU timings read the clock without any synchronization
     finally:
         harness.restore_sync(previous)
+
+
+def test_report_table_per_group_metrics_and_primary():
+    """The scale workload's tables: each group shows its own metrics, and its ratios use its own first metric."""
+    from bench.harness import Row, WorkloadResult
+    from bench.report import table
+
+    result = WorkloadResult("k", "K", "m", primary="sweep s", group_primary={"load": "peak MB"})
+    result.rows = [
+        Row("plain", "sweep", {"sweep s": 2.0}, role="baseline"),
+        Row("ours", "sweep", {"sweep s": 1.0}, role="ours"),
+        Row("plain", "load", {"peak MB": 100.0}, role="baseline"),
+        Row("ours", "load", {"peak MB": 120.0}, role="ours"),
+    ]
+    text = "\n".join(table(result))
+    sweep, load = text.split("**load**")
+    assert "peak MB" not in sweep and "sweep s" not in load
+    assert "| ours | 1.00 | 0.50x |" in sweep
+    assert "| ours | 120 | 1.20x |" in load
+    assert result.value("ours", group="load") == 120.0
+
+
+def test_scale_sweep_layers_spread_over_the_depth():
+    from bench.workloads.scale import sweep_layers
+
+    assert sweep_layers(24, 4) == [0, 8, 15, 23]
+    assert sweep_layers(16, 4) == [0, 5, 10, 15]
+    assert sweep_layers(2, 4) == [0, 1]
+    assert sweep_layers(16, 2) == [0, 15]
