@@ -70,11 +70,22 @@ def test_remote_is_never_ignored(net, tmp_path):
         with pytest.raises(TracingError, match="remote=True") as info:
             open_block()
         assert info.value.loc is not None and info.value.loc.filename == __file__
+    # a model a service can host: the block goes to the service (none listens here), never runs locally
+    from intervene_compiler.remote.client import RemoteError
+
     lm = ic.LanguageModel(save_tiny_lm(tmp_path / "lm"))
-    with pytest.raises(TracingError, match="remote=True"):
-        lm.generate("Hello", max_new_tokens=2, remote=True)
-    with pytest.raises(TracingError, match="remote=True"):
-        lm.trace("Hello", remote=True)
+    ic.CONFIG.API.HOST, saved = "127.0.0.1:9", ic.CONFIG.API.HOST  # the discard port: nothing answers
+    try:
+        with pytest.raises(RemoteError, match="cannot reach the intervention service"):
+            with lm.generate("Hello", max_new_tokens=2, remote=True):
+                lm.generator.output.save()
+        with pytest.raises(RemoteError, match="cannot reach the intervention service") as error:
+            with lm.trace("Hello", remote=True):
+                lm.transformer.h[0].output.save()
+        assert error.value.loc is not None and error.value.loc.filename == __file__
+    finally:
+        ic.CONFIG.API.HOST = saved
+    assert not lm.dispatched  # nothing loaded, nothing ran here
 
 
 def test_a_failing_edit_leaves_no_edit_behind(net):
