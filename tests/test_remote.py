@@ -254,6 +254,8 @@ def test_http_answers(server, lm_dirs):
     assert httpx.get(server.url + f"/v1/jobs/{job}", headers={"X-API-Key": server.bob}).status_code == 404
     schema = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/jobs" in schema["paths"] and "/v1/stats" in schema["paths"]
+    stats = httpx.get(server.url + "/stats").json()
+    assert {"compiles", "cache_hits", "fallbacks", "queue_depth"} <= set(stats)
 
 
 def _hostile(message: bytes, canary: str) -> list[tuple[str, bytes]]:

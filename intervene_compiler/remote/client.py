@@ -142,11 +142,11 @@ class RemoteClient:
                 )
             total = int(r.headers.get("content-length") or 0)
             bar = None
-            if progress and total > (1 << 20):
+            if progress:  # as the walkthrough shows it
                 from tqdm.auto import tqdm
 
                 bar = tqdm(
-                    total=total, unit="B", unit_scale=True, desc=f"{job_id[:8]} result", file=sys.stderr
+                    total=total or None, unit="B", unit_scale=True, desc="Downloading result", file=sys.stderr
                 )
             for chunk in r.iter_bytes():
                 chunks.append(chunk)
@@ -233,7 +233,7 @@ def follow(
         if not isinstance(message, dict):
             message = {"message": str(message)}
         raise error_from(message, loc)
-    document, tensors = unpack(client.download(job_id))
+    document, tensors = unpack(client.download(job_id, progress=CONFIG.APP.REMOTE_LOGGING))
     return read_result(document, tensors)
 
 

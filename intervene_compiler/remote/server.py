@@ -309,6 +309,10 @@ def create_app(service: Service) -> Any:
     async def stats() -> dict:
         return service.stats()
 
+    @app.get("/stats", summary="The same as /v1/stats")
+    async def stats_alias() -> dict:
+        return service.stats()
+
     return app
 
 
