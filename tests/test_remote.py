@@ -769,3 +769,21 @@ def test_walkthrough_remote_cells(remote, lm_dirs, capsys):
     torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
     assert got["li2"] == want["li2"] == [0, 1, 2]
     assert torch.equal(got["generated"], want["generated"])
+
+
+def test_options_a_remote_trace_honours_or_refuses(remote, lm_dirs):
+    """``compile=False`` reaches the service (the job runs eagerly: nothing compiles); ``reuse=True`` cannot apply
+    to a remote trace and raises rather than being ignored."""
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    before = httpx.get(remote.url + "/v1/stats").json()
+    with lm.trace("an eager remote trace", remote=True, compile=False):
+        lm.transformer.h[0].output[:, 0] = 3.0
+        got = lm.transformer.h[1].output.save()
+    after = httpx.get(remote.url + "/v1/stats").json()
+    assert after["compiles"] == before["compiles"] and after["cache_hits"] == before["cache_hits"]
+    with lm.trace("an eager remote trace"):
+        lm.transformer.h[0].output[:, 0] = 3.0
+        want = lm.transformer.h[1].output.save()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ic.TracingError, match="reuse=True"):
+        lm.trace("Hello", remote=True, reuse=True)

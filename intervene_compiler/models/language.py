@@ -248,6 +248,7 @@ class LanguageModel(NNsight):
                 user_location(),
                 "pass `max_new_tokens=1` or more, or use `model.trace(...)` to run the prompt without generating",
             )
+        asked = compile
         compile = self._compile if compile is None else compile
         tracer = Generator(
             self,
@@ -258,7 +259,7 @@ class LanguageModel(NNsight):
             invoker_args=invoker_args,
             compile=compile,
         )
-        return remote_tracer(tracer, blocking) if remote else tracer
+        return remote_tracer(tracer, blocking, asked) if remote else tracer
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:

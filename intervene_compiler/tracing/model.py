@@ -104,13 +104,19 @@ class NNsight(Envoy):
         runs about half the layers. Opt in only if the weights are not written through ``.data`` or a NumPy view
         between traces (see :meth:`clear_reuse`).
         """
-        compile = self._compile if compile is None else compile
-        reuse = self._reuse_default if reuse is None else reuse
         if remote:
             if not trace:
                 raise TracingError("`trace=False` runs the model here: drop `remote=True`", user_location())
+            if reuse:
+                raise TracingError(
+                    "`reuse=True` replays layers this process computed: it does not apply to a remote trace",
+                    user_location(),
+                    "drop `reuse=True` (the service compiles each structure once for every user instead)",
+                )
             tracer = Tracer(self, inputs, kwargs, scan=scan, validate=validate, invoker_args=invoker_args)
-            return remote_tracer(tracer, blocking)
+            return remote_tracer(tracer, blocking, compile)
+        compile = self._compile if compile is None else compile
+        reuse = self._reuse_default if reuse is None else reuse
         if not trace:
             tracer = Tracer(
                 self, inputs, kwargs, needs_output=True, invoker_args=invoker_args, compile=compile
@@ -405,7 +411,7 @@ def _warn_site_named_submodules(module: torch.nn.Module) -> None:
                 return
 
 
-def remote_tracer(tracer: Any, blocking: bool) -> Any:
+def remote_tracer(tracer: Any, blocking: bool, compile: bool | None = None) -> Any:
     """Mark a block to run on the intervention service (``remote/client.py``) when it exits. The model must be
     one the service can host: a ``LanguageModel`` made from a hub id or folder (a wrapped module has no name)."""
     if getattr(getattr(tracer.model, "_checkpoint", None), "source", None) is None:
@@ -415,7 +421,8 @@ def remote_tracer(tracer: Any, blocking: bool) -> Any:
             user_location(),
             "load it as `LanguageModel('<hub id or folder the service serves>')`, or drop `remote=True`",
         )
-    tracer._remote = {"blocking": bool(blocking)}
+    # compile: what the caller asked for (None: the service's default, compiled)
+    tracer._remote = {"blocking": bool(blocking), "compile": compile}
     tracer._with_loc = user_location()
     return tracer
 

@@ -158,7 +158,8 @@ def run_remote(tracer: Any, graph: Graph, prepared: list, kind: str, options: di
         "version": VERSION,
         "model": source,
         "kind": kind,
-        "compile": True,  # the service compiles each structure once for all its users
+        # the service compiles each structure once for all its users, unless the caller said compile=False
+        "compile": tracer._remote.get("compile") is not False,
         "graph": data,
         "inputs": encode([(tuple(a), dict(k)) for a, k in prepared], tensors),
         "generate": encode(dict(options), tensors),
