@@ -95,36 +95,77 @@ class ModelWorker(threading.Thread):
                 self.limits.pop(job_id, None)
 
     def _run(self, job_id: str) -> None:
-        from ..runtime.values import LOG_SINK
-
         store = self.store
         max_result, max_seconds = self.limits.get(job_id, (256 << 20, 300.0))
         store.set_status(job_id, "RUNNING")
-        LOG_SINK.sink = lambda text: store.log(job_id, text)
-        try:
-            if self.load_error is not None:
-                raise RuntimeError(f"the model {self.model_name!r} failed to load: {self.load_error}")
-            with open(store.payload_path(job_id), "rb") as f:
-                document, tensors = unpack(f.read())
-            request = read_request(document, tensors)
-            if request.compile is True and not self.compile:
-                request.compile = False
-            models = {name: w.model for name, w in self.peers.items() if w.model is not None}
-            result = run_request(self.model, request, time.monotonic() + max_seconds, models)
-            document, tensors = result_document(result)
-            message = pack(document, tensors)
-            if len(message) > max_result:
-                raise _TooLarge(f"the result has {len(message)} bytes, more than this key's {max_result}")
-            store.write_file(store.result_path(job_id), message)
-            store.set_status(job_id, "COMPLETED")
-        except _TooLarge as e:
-            store.set_status(
-                job_id, "ERROR", json.dumps({"type": None, "base": "ValueError", "message": str(e)})
-            )
-        except Exception as e:
-            store.set_status(job_id, "ERROR", json.dumps(error_document(e)))
-        finally:
-            LOG_SINK.sink = None
+        if self.load_error is not None:
+            error = RuntimeError(f"the model {self.model_name!r} failed to load: {self.load_error}")
+            store.set_status(job_id, "ERROR", json.dumps(error_document(error)))
+            return
+        with open(store.payload_path(job_id), "rb") as f:
+            payload = f.read()
+        models = {name: w.model for name, w in self.peers.items() if w.model is not None}
+        status, data, _ = run_payload(
+            self.model,
+            payload,
+            max_seconds,
+            max_result,
+            models,
+            self.compile,
+            lambda text: store.log(job_id, text),
+        )
+        finish(store, job_id, status, data)
+
+
+def run_payload(
+    model: Any,
+    payload: bytes,
+    max_seconds: float,
+    max_result: int,
+    models: dict | None = None,
+    compile: bool = True,
+    log: Any = None,
+) -> tuple[str, bytes | str, list[str]]:
+    """Run one job's request on ``model`` (where the model lives: a worker thread, a Ray replica):
+    ``("COMPLETED", the result message, logs)`` or ``("ERROR", the error as JSON, logs)``. LOG lines go to ``log``
+    as they come when given, and are returned too."""
+    from ..runtime.values import LOG_SINK
+
+    logs: list[str] = []
+
+    def sink(text: str) -> None:
+        logs.append(text)
+        if log is not None:
+            log(text)
+
+    LOG_SINK.sink = sink
+    try:
+        document, tensors = unpack(payload)
+        request = read_request(document, tensors)
+        if request.compile is True and not compile:
+            request.compile = False
+        result = run_request(model, request, time.monotonic() + max_seconds, models)
+        document, tensors = result_document(result)
+        message = pack(document, tensors)
+        if len(message) > max_result:
+            raise _TooLarge(f"the result has {len(message)} bytes, more than this key's {max_result}")
+        return "COMPLETED", message, logs
+    except _TooLarge as e:
+        return "ERROR", json.dumps({"type": None, "base": "ValueError", "message": str(e)}), logs
+    except Exception as e:
+        return "ERROR", json.dumps(error_document(e)), logs
+    finally:
+        LOG_SINK.sink = None
+
+
+def finish(store: JobStore, job_id: str, status: str, data: bytes | str) -> None:
+    """Store a job's outcome: the result file before the COMPLETED status, or the ERROR with its reason."""
+    if status == "COMPLETED":
+        assert isinstance(data, bytes)
+        store.write_file(store.result_path(job_id), data)
+        store.set_status(job_id, "COMPLETED")
+    else:
+        store.set_status(job_id, "ERROR", data if isinstance(data, str) else data.decode())
 
 
 class _TooLarge(Exception):
@@ -134,12 +175,33 @@ class _TooLarge(Exception):
 class Service:
     """The server's state: the store, the key ring, one worker per model."""
 
-    def __init__(self, models: dict[str, str], data_dir: str, api_keys: str, compile: bool = True):
+    def __init__(
+        self,
+        models: dict[str, str],
+        data_dir: str,
+        api_keys: str,
+        compile: bool = True,
+        ray: dict | None = None,
+    ):
         self.store = JobStore(data_dir)
         self.keys = KeyRing(api_keys)
-        self.workers: dict[str, ModelWorker] = {}
-        for name, source in models.items():
-            self.workers[name] = ModelWorker(name, source, self.store, compile, peers=self.workers)
+        self.workers: dict[str, Any] = {}
+        self.ray = (
+            ray  # {"address", "replicas", "gpus"}: the models are Ray Serve deployments (ray_serving.py)
+        )
+        if ray is not None:
+            import ray as ray_module
+
+            from .ray_serving import RayWorker
+
+            ray_module.init(address=ray.get("address"), include_dashboard=False, log_to_driver=False)
+            for name, source in models.items():
+                self.workers[name] = RayWorker(
+                    name, source, self.store, ray["replicas"], ray["gpus"], compile
+                )
+        else:
+            for name, source in models.items():
+                self.workers[name] = ModelWorker(name, source, self.store, compile, peers=self.workers)
         self.started = time.time()
 
     def start(self) -> None:
@@ -164,6 +226,12 @@ class Service:
             w.stop()
         for w in self.workers.values():
             w.join(timeout=30)
+        if self.ray is not None:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
         self.store.close()
 
     def stats(self) -> dict:
@@ -178,6 +246,10 @@ class Service:
             "running": {name: w.running for name, w in self.workers.items()},
             "jobs": self.store.counts(),
             "uptime_s": time.time() - self.started,
+            # Ray: per model, how many jobs each replica (by process id) ran
+            "replicas": {
+                name: _count(getattr(w, "seen", {}).values()) for name, w in self.workers.items() if self.ray
+            },
         }
 
 
@@ -316,6 +388,13 @@ def create_app(service: Service) -> Any:
     return app
 
 
+def _count(values: Any) -> dict:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
 def _event(seq: int, status: str, message: str | None) -> dict:
     out: dict[str, Any] = {"seq": seq, "status": status}
     if message is not None:
@@ -354,7 +433,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eager", action="store_true", help="run jobs eagerly (default: the compiled backend)"
     )
+    parser.add_argument("--ray", action="store_true", help="deploy the models on Ray Serve (ray_serving.py)")
+    parser.add_argument(
+        "--address", default=None, help="with --ray: a cluster's address ('auto'); default: local"
+    )
+    parser.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per model")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica")
     args = parser.parse_args(argv)
+    if not args.ray and (args.address or args.replicas != 1 or args.gpus_per_replica):
+        parser.error("--address, --replicas and --gpus-per-replica need --ray")
     if args.add_key:
         print(add_key(args.api_keys, args.add_key))
         return
@@ -363,7 +450,12 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     os.makedirs(args.data_dir, exist_ok=True)
-    service = Service({m: m for m in args.model}, args.data_dir, args.api_keys, compile=not args.eager)
+    ray = None
+    if args.ray:
+        ray = {"address": args.address, "replicas": args.replicas, "gpus": args.gpus_per_replica}
+    service = Service(
+        {m: m for m in args.model}, args.data_dir, args.api_keys, compile=not args.eager, ray=ray
+    )
     service.start()
     try:
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
