@@ -160,6 +160,36 @@ def test_value_and_scale_sweep_compiles_once(gpt):
     assert stats["compiles"] == 1 and stats["cache_hits"] == 4 and stats["fallbacks"] == 0, stats
 
 
+def test_a_value_written_through_a_tuple_element_sweeps_without_compiling_again(gpt):
+    """``attn.output[0][:, :, :4] = v`` (an element of a tuple output, an index of slices only): the value is an
+    input of the program, so a sweep compiles once; each value equals eager mode and a plain hook."""
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(6))
+    net = gpt._module
+    for step in range(4):
+        value = 0.5 * step + 1.0
+        outs = []
+        for compile in (True, False):
+            with gpt.trace(ids, compile=compile):
+                gpt.transformer.h[0].attn.output[0][:, :, :4] = value
+                outs.append(gpt.output.logits.save())
+
+        def hook(m, args, out, value=value):
+            first = out[0].clone()
+            first[:, :, :4] = value
+            return (first, *out[1:])
+
+        handle = net.transformer.h[0].attn.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                plain = net(ids).logits
+        finally:
+            handle.remove()
+        torch.testing.assert_close(outs[0].value, outs[1].value)
+        torch.testing.assert_close(outs[1].value, plain)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["cache_hits"] == 3 and stats["fallbacks"] == 0, stats
+
+
 def test_truncation_cuts_the_compiled_program(gpt):
     ids = torch.randint(0, 128, (1, 8))
     with gpt.trace(ids, compile=True) as tracer:

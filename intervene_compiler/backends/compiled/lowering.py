@@ -114,6 +114,9 @@ def _lift_node(node: Node, new_param) -> Node:
         if lifted:
             index, positions = _lift_index(node.args[1], lifted, new_param)
             return _as_call(node, put, (node.args[0], index, positions, _lift_float(node.args[2], new_param)))
+        value = _lift_float(node.args[2], new_param)  # an index of slices only: the value still varies
+        if value is not node.args[2]:
+            return replace(node, args=(node.args[0], node.args[1], value))
     elif op is Op.UPDATE:
         writes = []
         for index, value in node.args[1]:
