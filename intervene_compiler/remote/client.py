@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import sys
 import threading
 import time
@@ -22,8 +21,6 @@ from typing import Any
 from ..errors import InterventionError, SourceLoc
 from .jobs import error_from, read_result
 from .wire import unpack
-
-log = logging.getLogger("intervene_compiler.remote")
 
 
 class RemoteError(InterventionError, RuntimeError):
@@ -51,8 +48,8 @@ class RemoteClient:
         return {"X-API-Key": self.api_key} if self.api_key else {}
 
     def _http(self) -> Any:
-        """A shared HTTP client for this service and key (made once: building one loads the TLS trust store, which
-        costs tens of milliseconds; it keeps its connections open between jobs)."""
+        """The shared HTTP client for this service and key (made once: building one loads the TLS trust store,
+        which costs tens of milliseconds; it keeps its connections open between jobs; closed at exit)."""
         import httpx
 
         key = (self.url, self.api_key, self.timeout)
@@ -62,14 +59,13 @@ class RemoteClient:
                 http = _CLIENTS[key] = httpx.Client(
                     base_url=self.url, headers=self._headers(), timeout=self.timeout
                 )
-        return _Borrowed(http)
+        return http
 
     def submit(self, message: bytes, loc: SourceLoc | None = None) -> str:
         try:
-            with self._http() as http:
-                r = http.post(
-                    "/v1/jobs", content=message, headers={"content-type": "application/octet-stream"}
-                )
+            r = self._http().post(
+                "/v1/jobs", content=message, headers={"content-type": "application/octet-stream"}
+            )
         except Exception as e:
             raise _unreachable(self.url, e, loc) from None
         if r.status_code != 200:
@@ -81,8 +77,7 @@ class RemoteClient:
         return str(r.json()["id"])
 
     def status(self, job_id: str) -> dict:
-        with self._http() as http:
-            r = http.get(f"/v1/jobs/{job_id}")
+        r = self._http().get(f"/v1/jobs/{job_id}")
         if r.status_code != 200:
             raise RemoteError(f"cannot read job {job_id} ({r.status_code}): {_detail(r)}")
         return dict(r.json())
@@ -134,7 +129,7 @@ class RemoteClient:
 
     def download(self, job_id: str, progress: bool = True) -> bytes:
         chunks = []
-        with self._http() as http, http.stream("GET", f"/v1/jobs/{job_id}/result") as r:
+        with self._http().stream("GET", f"/v1/jobs/{job_id}/result") as r:
             if r.status_code != 200:
                 r.read()
                 raise RemoteError(
@@ -167,19 +162,6 @@ def _close_clients() -> None:
         for http in _CLIENTS.values():
             http.close()
         _CLIENTS.clear()
-
-
-class _Borrowed:
-    """``with client._http() as http:`` on a shared client: leaving the block keeps it open."""
-
-    def __init__(self, http: Any):
-        self.http = http
-
-    def __enter__(self) -> Any:
-        return self.http
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 _FIXES = {

@@ -348,10 +348,6 @@ def _loc_from(data: Any) -> SourceLoc | None:
     return None
 
 
-def node_count(graph: Graph) -> int:
-    return sum(1 for _ in walk_nodes(graph.nodes))
-
-
 __all__ = [
     "BadRequest",
     "JobTimeout",

@@ -111,17 +111,13 @@ class RayWorker(threading.Thread):
 
     def _run(self, job_id: str) -> None:
         from .jobs import error_document
-        from .server import finish
+        from .server import begin_job, finish
 
         store = self.store
-        max_result, max_seconds = self.limits.get(job_id, (256 << 20, 300.0))
-        store.set_status(job_id, "RUNNING")
-        if self.load_error is not None:
-            error = RuntimeError(f"the model {self.model_name!r} failed to deploy: {self.load_error}")
-            store.set_status(job_id, "ERROR", json.dumps(error_document(error)))
+        begun = begin_job(self, job_id, "deploy")
+        if begun is None:
             return
-        with open(store.payload_path(job_id), "rb") as f:
-            payload = f.read()
+        payload, max_result, max_seconds = begun
         last: BaseException | None = None
         for _attempt in range(2):  # a replica that died mid-job: Ray restarts it; the job runs once more
             try:

@@ -96,14 +96,10 @@ class ModelWorker(threading.Thread):
 
     def _run(self, job_id: str) -> None:
         store = self.store
-        max_result, max_seconds = self.limits.get(job_id, (256 << 20, 300.0))
-        store.set_status(job_id, "RUNNING")
-        if self.load_error is not None:
-            error = RuntimeError(f"the model {self.model_name!r} failed to load: {self.load_error}")
-            store.set_status(job_id, "ERROR", json.dumps(error_document(error)))
+        begun = begin_job(self, job_id, "load")
+        if begun is None:
             return
-        with open(store.payload_path(job_id), "rb") as f:
-            payload = f.read()
+        payload, max_result, max_seconds = begun
         models = {name: w.model for name, w in self.peers.items() if w.model is not None}
         status, data, _ = run_payload(
             self.model,
@@ -115,6 +111,20 @@ class ModelWorker(threading.Thread):
             lambda text: store.log(job_id, text),
         )
         finish(store, job_id, status, data)
+
+
+def begin_job(worker: Any, job_id: str, what: str) -> tuple[bytes, int, float] | None:
+    """Mark a worker's job RUNNING and read its request: ``(payload, max result bytes, max seconds)``, or None
+    when the worker's model failed to ``what`` (the job then ends as ERROR with the reason)."""
+    store = worker.store
+    max_result, max_seconds = worker.limits.get(job_id, (256 << 20, 300.0))
+    store.set_status(job_id, "RUNNING")
+    if worker.load_error is not None:
+        error = RuntimeError(f"the model {worker.model_name!r} failed to {what}: {worker.load_error}")
+        store.set_status(job_id, "ERROR", json.dumps(error_document(error)))
+        return None
+    with open(store.payload_path(job_id), "rb") as f:
+        return f.read(), max_result, max_seconds
 
 
 def run_payload(

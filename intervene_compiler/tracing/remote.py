@@ -81,13 +81,12 @@ def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bo
     """Submit a whole session as one job (its traces, loops, logs and training state run on the service);
     returns whether its values are bound (blocking)."""
     from ..ir.serialize import to_data
-    from ..remote.client import RemoteClient
-    from ..remote.wire import VERSION, encode, pack
+    from ..remote.wire import VERSION, encode
 
     loc = session._with_loc
+    data, tensors = to_data(_portable(graph))
     slots = []
-    tensors: list = []
-    for tracer in session._tracers:
+    for tracer in session._tracers:  # the options' tensors (if any) follow the graph's in the same list
         options = getattr(tracer, "_generate_kwargs", None)
         slots.append(
             {
@@ -95,25 +94,29 @@ def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bo
                 "generate": None if options is None else encode(dict(options), tensors),
             }
         )
-    data, graph_tensors = to_data(_portable(graph))
-    offset = len(graph_tensors)
-    # the slots' tensors follow the graph's
-    slots_json = _shift_tensors(slots, offset)
     document = {
         "version": VERSION,
         "model": slots[0]["model"] if slots else _model_id(session.model, loc),
         "kind": "session",
         "compile": True,
         "graph": data,
-        "traces": slots_json,
+        "traces": slots,
         "saved": sorted(saved),
     }
+    _submit(session, document, tensors, loc, blocking)
+    return blocking
+
+
+def _submit(owner: Any, document: dict, tensors: list, loc: SourceLoc | None, blocking: bool) -> None:
+    """Send a request; ``owner.job`` is its job, followed to the end when ``blocking``."""
+    from ..remote.client import RemoteClient
+    from ..remote.wire import pack
+
     client = RemoteClient()
-    job_id = client.submit(pack(document, graph_tensors + tensors), loc)
-    session.job = job = RemoteJob(client, job_id, session, loc)
+    job_id = client.submit(pack(document, tensors), loc)
+    owner.job = job = RemoteJob(client, job_id, owner, loc)
     if blocking:
         job.wait()
-    return blocking
 
 
 def _portable(graph: Graph) -> Graph:
@@ -134,22 +137,10 @@ def _portable(graph: Graph) -> Graph:
     return graph.replace(params=tuple(params))
 
 
-def _shift_tensors(data: Any, offset: int) -> Any:
-    """``data`` with every ``{"tensor": i}`` moved to ``i + offset``."""
-    if isinstance(data, dict):
-        if set(data) == {"tensor"} and type(data["tensor"]) is int:
-            return {"tensor": data["tensor"] + offset}
-        return {k: _shift_tensors(v, offset) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_shift_tensors(v, offset) for v in data]
-    return data
-
-
 def run_remote(tracer: Any, graph: Graph, prepared: list, kind: str, options: dict, blocking: bool) -> None:
     """Submit the block; wait for it when ``blocking`` (see the module docstring)."""
     from ..ir.serialize import to_data
-    from ..remote.client import RemoteClient
-    from ..remote.wire import VERSION, encode, pack
+    from ..remote.wire import VERSION, encode
 
     loc = tracer._with_loc
     source = _model_id(tracer.model, loc)
@@ -164,11 +155,7 @@ def run_remote(tracer: Any, graph: Graph, prepared: list, kind: str, options: di
         "inputs": encode([(tuple(a), dict(k)) for a, k in prepared], tensors),
         "generate": encode(dict(options), tensors),
     }
-    client = RemoteClient()
-    job_id = client.submit(pack(document, tensors), loc)
-    tracer.job = job = RemoteJob(client, job_id, tracer, loc)
-    if blocking:
-        job.wait()
+    _submit(tracer, document, tensors, loc, blocking)
 
 
 __all__ = ["RemoteJob", "run_remote"]
