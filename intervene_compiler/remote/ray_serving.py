@@ -23,23 +23,46 @@ _STOP = object()
 
 
 class ModelReplica:
-    """One replica of a model's deployment (the class Ray Serve instantiates on a worker)."""
+    """One replica of a model's deployment (the class Ray Serve instantiates on a worker): the model loaded
+    once, its compiled programs, and its co-batching (``batching.run_jobs``), fed by Ray Serve's own request
+    batching (``serve.batch``: the requests that reach the replica within the window, up to ``max_batch``)."""
 
-    def __init__(self, source: str, compile: bool = True):
+    def __init__(self, source: str, compile: bool = True, max_batch: int = 1, window: float = 0.0):
         from ..models import LanguageModel
+        from .batching import BatchStats
 
         self.model = LanguageModel(source, dispatch=True)
         self.compile = compile
         self.pid = os.getpid()
+        self.stats = BatchStats()
+        self.batched = _batched(max_batch, window).__get__(self)
 
-    def run(self, payload: bytes, max_seconds: float, max_result: int) -> tuple[str, Any, list[str], int]:
-        from .server import run_payload
+    async def run(self, payload: bytes, max_seconds: float, max_result: int) -> tuple:
+        """One job: ``(status, data, logs, jobs its forward carried, that forward's number, this replica's
+        pid)``."""
+        return await self.batched((payload, max_seconds, max_result))
 
-        status, data, logs = run_payload(self.model, payload, max_seconds, max_result, None, self.compile)
-        return status, data, logs, self.pid
+    def run_many(self, items: list[tuple[bytes, float, int]]) -> list[tuple]:
+        from .batching import JobIn, run_jobs
+
+        outcomes = run_jobs(self.model, [JobIn(*item) for item in items], None, self.compile, self.stats)
+        return [(o.status, o.data, o.logs, o.carried, o.forward, self.pid) for o in outcomes]
 
 
-def deploy(name: str, source: str, replicas: int, gpus: float, compile: bool) -> Any:
+def _batched(max_batch: int, window: float) -> Any:
+    """``serve.batch`` around :meth:`ModelReplica.run_many` with this deployment's size and window."""
+    from ray import serve
+
+    @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=window)
+    async def batched(self: ModelReplica, items: list) -> list:
+        return self.run_many(items)
+
+    return batched
+
+
+def deploy(
+    name: str, source: str, replicas: int, gpus: float, compile: bool, max_batch: int = 1, window: float = 0.0
+) -> Any:
     """Deploy ``source`` as the Ray Serve application ``name``; its handle."""
     from ray import serve
 
@@ -48,16 +71,24 @@ def deploy(name: str, source: str, replicas: int, gpus: float, compile: bool) ->
         options["num_gpus"] = gpus
     deployment: Any = serve.deployment(ModelReplica)
     deployment = deployment.options(
-        name="model", num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=1
+        name="model", num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=max_batch
     )
-    return serve.run(deployment.bind(source, compile), name=name, route_prefix=None)
+    return serve.run(deployment.bind(source, compile, max_batch, window), name=name, route_prefix=None)
 
 
 class RayWorker(threading.Thread):
     """The head's side of one model's deployment: queued jobs go to the replicas, outcomes to the store."""
 
     def __init__(
-        self, name: str, source: str, store: JobStore, replicas: int, gpus: float, compile: bool = True
+        self,
+        name: str,
+        source: str,
+        store: JobStore,
+        replicas: int,
+        gpus: float,
+        compile: bool = True,
+        max_batch: int = 1,
+        window: float = 0.0,
     ):
         super().__init__(name=f"ray:{name}", daemon=True)
         self.model_name = name
@@ -75,6 +106,10 @@ class RayWorker(threading.Thread):
         self.limits: dict[str, tuple[int, float]] = {}
         self.handle: Any = None
         self.seen: dict[str, int] = {}  # job id -> the pid of the replica that ran it (stats, tests)
+        self.max_batch = max_batch
+        self.window = window
+        self.batching = _Carried()
+        self.pumps = replicas * max(2, max_batch)  # requests in flight: enough for every replica to batch
 
     def submit(self, job_id: str, max_result_bytes: int, max_seconds: float) -> None:
         self.limits[job_id] = (max_result_bytes, max_seconds)
@@ -82,18 +117,20 @@ class RayWorker(threading.Thread):
         self.jobs.put(job_id)
 
     def stop(self) -> None:
-        for _ in range(self.replicas * 2):
+        for _ in range(self.pumps):
             self.jobs.put(_STOP)
 
     def run(self) -> None:
         app = "ic-" + "".join(c if c.isalnum() else "-" for c in self.model_name)[-40:]
         try:
-            self.handle = deploy(app, self.source, self.replicas, self.gpus, self.compile)
+            self.handle = deploy(
+                app, self.source, self.replicas, self.gpus, self.compile, self.max_batch, self.window
+            )
         except BaseException as e:
             self.load_error = e
         finally:
             self.loaded.set()
-        pumps = [threading.Thread(target=self._pump, daemon=True) for _ in range(self.replicas * 2)]
+        pumps = [threading.Thread(target=self._pump, daemon=True) for _ in range(self.pumps)]
         for p in pumps:
             p.start()
         for p in pumps:
@@ -121,17 +158,36 @@ class RayWorker(threading.Thread):
         last: BaseException | None = None
         for _attempt in range(2):  # a replica that died mid-job: Ray restarts it; the job runs once more
             try:
-                status, data, logs, pid = self.handle.run.remote(payload, max_seconds, max_result).result()
+                response = self.handle.run.remote(payload, max_seconds, max_result)
+                status, data, logs, carried, forward, pid = response.result()
             except Exception as e:  # the replica died (RayActorError and kin) or Serve could not reach one
                 last = e
                 continue
             for line in logs:
                 store.log(job_id, line)
             self.seen[job_id] = pid
+            self.batching.add(pid, forward, carried)
             finish(store, job_id, status, data)
             return
         error = RuntimeError(f"the replica running the job failed twice: {type(last).__name__}: {last}")
         store.set_status(job_id, "ERROR", json.dumps(error_document(error)))
+
+
+class _Carried:
+    """The head's view of its replicas' co-batching: each job reports how many jobs its forward carried."""
+
+    def __init__(self) -> None:
+        self.forwards: dict[tuple[int, int], int] = {}  # (replica pid, forward number) -> jobs it carried
+        self.lock = threading.Lock()
+
+    def add(self, pid: int, forward: int, carried: int) -> None:
+        with self.lock:
+            self.forwards[(pid, forward)] = carried
+
+    def document(self) -> dict:
+        with self.lock:
+            sizes = list(self.forwards.values())
+        return {"jobs_per_forward": {str(k): sizes.count(k) for k in sorted(set(sizes))}}
 
 
 __all__ = ["ModelReplica", "RayWorker", "deploy"]

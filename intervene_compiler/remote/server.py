@@ -3,7 +3,9 @@
 ``intervene-serve --model ID_OR_FOLDER [--model ...] --host 127.0.0.1 --port N --data-dir DIR --api-keys FILE``
 (or ``python -m intervene_compiler.remote``). The HTTP front accepts, checks and stores jobs; each model's
 :class:`ModelWorker` (its own thread, its model loaded once, the compiled backend on by default) runs that model's
-jobs one at a time. A job is a request (``jobs.py``): the IR as data, never code.
+jobs in order: it takes the jobs queued within ``--batch-window-ms`` of the first, up to ``--max-batch``, and runs
+those that can share a forward as one batched forward (co-batching, ``batching.py``), the others one at a time.
+A job is a request (``jobs.py``): the IR as data, never code.
 
 Routes (the OpenAPI schema is at ``/openapi.json``):
 
@@ -15,7 +17,8 @@ Routes (the OpenAPI schema is at ``/openapi.json``):
   ``ERROR``), the error as data.
 - ``GET /v1/jobs/{id}/result``: the result message of a COMPLETED job (409 before).
 - ``WS /v1/jobs/{id}/events``: the same events, pushed as they happen, until the job ends.
-- ``GET /v1/models``, ``GET /v1/stats`` (compiles, cache hits, fallbacks, queue depth, jobs by status).
+- ``GET /v1/models``, ``GET /v1/stats`` (compiles, cache hits, fallbacks, queue depth, jobs by status, jobs per
+  forward).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 
-from .jobs import BadRequest, error_document, read_request, result_document, run_request
+from .batching import BatchStats, JobIn, run_jobs
+from .jobs import BadRequest, error_document, read_request
 from .keys import ApiKey, KeyRing, add_key
 from .store import TERMINAL, JobStore
-from .wire import WireError, pack, unpack
+from .wire import WireError, unpack
 
 _STOP = object()
 
@@ -51,6 +55,8 @@ class ModelWorker(threading.Thread):
         compile: bool = True,
         load: dict | None = None,
         peers: dict | None = None,
+        max_batch: int = 1,
+        window: float = 0.0,
     ):
         super().__init__(name=f"worker:{name}", daemon=True)
         self.peers = peers if peers is not None else {}  # model name -> worker: a session's other models
@@ -65,6 +71,9 @@ class ModelWorker(threading.Thread):
         self.load_error: BaseException | None = None
         self.running: str | None = None
         self.limits: dict[str, tuple[int, float]] = {}  # job id -> (max result bytes, max seconds)
+        self.max_batch = max_batch  # jobs one forward may carry (co-batching: batching.py)
+        self.window = window  # seconds to wait for more jobs after the first
+        self.batching = BatchStats()
 
     def submit(self, job_id: str, max_result_bytes: int, max_seconds: float) -> None:
         self.limits[job_id] = (max_result_bytes, max_seconds)
@@ -84,33 +93,58 @@ class ModelWorker(threading.Thread):
         finally:
             self.loaded.set()
         while True:
-            job_id = self.jobs.get()
-            if job_id is _STOP:
-                return
-            self.running = job_id
+            batch, stop = take_batch(self.jobs, self.max_batch, self.window)
+            self.running = batch[0] if batch else None
             try:
-                self._run(job_id)
+                if batch:
+                    self._run(batch)
             finally:
                 self.running = None
-                self.limits.pop(job_id, None)
+                for job_id in batch:
+                    self.limits.pop(job_id, None)
+            if stop:
+                return
 
-    def _run(self, job_id: str) -> None:
+    def _run(self, batch: list[str]) -> None:
         store = self.store
-        begun = begin_job(self, job_id, "load")
-        if begun is None:
+        jobs: list[str] = []
+        inputs: list[JobIn] = []
+        for job_id in batch:
+            begun = begin_job(self, job_id, "load")
+            if begun is not None:
+                payload, max_result, max_seconds = begun
+                jobs.append(job_id)
+                inputs.append(JobIn(payload, max_seconds, max_result, _logger(store, job_id)))
+        if not jobs:
             return
-        payload, max_result, max_seconds = begun
         models = {name: w.model for name, w in self.peers.items() if w.model is not None}
-        status, data, _ = run_payload(
-            self.model,
-            payload,
-            max_seconds,
-            max_result,
-            models,
-            self.compile,
-            lambda text: store.log(job_id, text),
-        )
-        finish(store, job_id, status, data)
+        outcomes = run_jobs(self.model, inputs, models, self.compile, self.batching)
+        for job_id, outcome in zip(jobs, outcomes):
+            finish(store, job_id, outcome.status, outcome.data)
+
+
+def take_batch(jobs: queue.Queue, max_batch: int, window: float) -> tuple[list[str], bool]:
+    """The next jobs of a worker's queue: wait for one, then take what else comes within ``window`` seconds
+    (what is queued already, when 0), up to ``max_batch``. Also whether the queue asked the worker to stop."""
+    first = jobs.get()
+    if first is _STOP:
+        return [], True
+    batch = [first]
+    deadline = time.monotonic() + window
+    while len(batch) < max_batch:
+        remaining = deadline - time.monotonic()
+        try:
+            job_id = jobs.get(timeout=remaining) if remaining > 0 else jobs.get_nowait()
+        except queue.Empty:
+            break
+        if job_id is _STOP:
+            return batch, True
+        batch.append(job_id)
+    return batch, False
+
+
+def _logger(store: JobStore, job_id: str) -> Any:
+    return lambda text: store.log(job_id, text)
 
 
 def begin_job(worker: Any, job_id: str, what: str) -> tuple[bytes, int, float] | None:
@@ -127,47 +161,6 @@ def begin_job(worker: Any, job_id: str, what: str) -> tuple[bytes, int, float] |
         return f.read(), max_result, max_seconds
 
 
-def run_payload(
-    model: Any,
-    payload: bytes,
-    max_seconds: float,
-    max_result: int,
-    models: dict | None = None,
-    compile: bool = True,
-    log: Any = None,
-) -> tuple[str, bytes | str, list[str]]:
-    """Run one job's request on ``model`` (where the model lives: a worker thread, a Ray replica):
-    ``("COMPLETED", the result message, logs)`` or ``("ERROR", the error as JSON, logs)``. LOG lines go to ``log``
-    as they come when given, and are returned too."""
-    from ..runtime.values import LOG_SINK
-
-    logs: list[str] = []
-
-    def sink(text: str) -> None:
-        logs.append(text)
-        if log is not None:
-            log(text)
-
-    LOG_SINK.sink = sink
-    try:
-        document, tensors = unpack(payload)
-        request = read_request(document, tensors)
-        if request.compile is True and not compile:
-            request.compile = False
-        result = run_request(model, request, time.monotonic() + max_seconds, models)
-        document, tensors = result_document(result)
-        message = pack(document, tensors)
-        if len(message) > max_result:
-            raise _TooLarge(f"the result has {len(message)} bytes, more than this key's {max_result}")
-        return "COMPLETED", message, logs
-    except _TooLarge as e:
-        return "ERROR", json.dumps({"type": None, "base": "ValueError", "message": str(e)}), logs
-    except Exception as e:
-        return "ERROR", json.dumps(error_document(e)), logs
-    finally:
-        LOG_SINK.sink = None
-
-
 def finish(store: JobStore, job_id: str, status: str, data: bytes | str) -> None:
     """Store a job's outcome: the result file before the COMPLETED status, or the ERROR with its reason."""
     if status == "COMPLETED":
@@ -176,10 +169,6 @@ def finish(store: JobStore, job_id: str, status: str, data: bytes | str) -> None
         store.set_status(job_id, "COMPLETED")
     else:
         store.set_status(job_id, "ERROR", data if isinstance(data, str) else data.decode())
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Service:
@@ -192,13 +181,14 @@ class Service:
         api_keys: str,
         compile: bool = True,
         ray: dict | None = None,
+        max_batch: int = 1,
+        window: float = 0.0,
     ):
         self.store = JobStore(data_dir)
         self.keys = KeyRing(api_keys)
         self.workers: dict[str, Any] = {}
-        self.ray = (
-            ray  # {"address", "replicas", "gpus"}: the models are Ray Serve deployments (ray_serving.py)
-        )
+        # {"address", "replicas": {model: count}, "gpus"}: the models are Ray Serve deployments (ray_serving.py)
+        self.ray = ray
         if ray is not None:
             import ray as ray_module
 
@@ -206,12 +196,15 @@ class Service:
 
             ray_module.init(address=ray.get("address"), include_dashboard=False, log_to_driver=False)
             for name, source in models.items():
+                replicas = ray["replicas"].get(name, ray["replicas"].get("", 1))
                 self.workers[name] = RayWorker(
-                    name, source, self.store, ray["replicas"], ray["gpus"], compile
+                    name, source, self.store, replicas, ray["gpus"], compile, max_batch, window
                 )
         else:
             for name, source in models.items():
-                self.workers[name] = ModelWorker(name, source, self.store, compile, peers=self.workers)
+                self.workers[name] = ModelWorker(
+                    name, source, self.store, compile, peers=self.workers, max_batch=max_batch, window=window
+                )
         self.started = time.time()
 
     def start(self) -> None:
@@ -260,6 +253,8 @@ class Service:
             "replicas": {
                 name: _count(getattr(w, "seen", {}).values()) for name, w in self.workers.items() if self.ray
             },
+            # co-batching, per model: how many jobs each forward carried, jobs re-run alone, compiled merged runs
+            "batching": {name: w.batching.document() for name, w in self.workers.items()},
         }
 
 
@@ -398,6 +393,17 @@ def create_app(service: Service) -> Any:
     return app
 
 
+def _replicas(parser: argparse.ArgumentParser, given: list[str]) -> dict[str, int]:
+    """``--replicas`` values as {model: count}; "" is every other model's count."""
+    out: dict[str, int] = {}
+    for item in given:
+        name, _, count = item.rpartition("=")
+        if not count.isdigit() or int(count) < 1:
+            parser.error(f"--replicas {item!r}: give N or MODEL=N with N at least 1")
+        out[name] = int(count)
+    return out
+
+
 def _count(values: Any) -> dict:
     out: dict[str, int] = {}
     for v in values:
@@ -447,11 +453,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--address", default=None, help="with --ray: a cluster's address ('auto'); default: local"
     )
-    parser.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per model")
+    parser.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="N|MODEL=N",
+        help="with --ray: replicas per model (N for every model, MODEL=N for one; repeat)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="co-batching: most jobs one forward carries (1: every job runs alone); default 16",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=2.0,
+        help="co-batching: how long a worker waits for more jobs after the first (0: only those queued)",
+    )
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica")
     args = parser.parse_args(argv)
-    if not args.ray and (args.address or args.replicas != 1 or args.gpus_per_replica):
+    if not args.ray and (args.address or args.replicas or args.gpus_per_replica):
         parser.error("--address, --replicas and --gpus-per-replica need --ray")
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        parser.error("--max-batch is at least 1 and --batch-window-ms at least 0")
+    replicas = _replicas(parser, args.replicas)
     if args.add_key:
         print(add_key(args.api_keys, args.add_key))
         return
@@ -462,9 +489,18 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.data_dir, exist_ok=True)
     ray = None
     if args.ray:
-        ray = {"address": args.address, "replicas": args.replicas, "gpus": args.gpus_per_replica}
+        unknown = sorted(set(replicas) - set(args.model) - {""})
+        if unknown:
+            parser.error(f"--replicas names models not served: {', '.join(unknown)}")
+        ray = {"address": args.address, "replicas": replicas, "gpus": args.gpus_per_replica}
     service = Service(
-        {m: m for m in args.model}, args.data_dir, args.api_keys, compile=not args.eager, ray=ray
+        {m: m for m in args.model},
+        args.data_dir,
+        args.api_keys,
+        compile=not args.eager,
+        ray=ray,
+        max_batch=args.max_batch,
+        window=args.batch_window_ms / 1000,
     )
     service.start()
     try:

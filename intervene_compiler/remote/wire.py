@@ -31,7 +31,14 @@ class WireError(ValueError):
 def pack(document: dict, tensors: list[torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
-    named = {str(i): t.detach().contiguous().cpu() for i, t in enumerate(tensors)}
+    named = {}
+    storages: set[int] = set()
+    for i, t in enumerate(tensors):
+        t = t.detach().contiguous().cpu()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared memory
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        named[str(i)] = t
     return save(named, metadata={"ic": json.dumps(document)})
 
 

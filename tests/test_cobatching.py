@@ -1,0 +1,252 @@
+"""Co-batching (issue 22): queued jobs for one model run as ONE batched forward, each job its own invokes.
+
+In-process tests build real request messages with the client (``remote=True``, the submission captured instead
+of posted) and run them through ``remote.batching.run_jobs`` on a loaded model, against each job run alone and a
+local run. The server test sends 32 jobs from 8 clients to a real server process with co-batching on.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+from test_remote import Server
+
+import intervene_compiler as ic
+from intervene_compiler.remote import batching
+from intervene_compiler.remote.jobs import error_from, read_result
+from intervene_compiler.remote.wire import pack, unpack
+from intervene_compiler.tracing import remote as remote_tracing
+
+PROMPTS = ["The quick brown fox", "A slow red dog", "Hello world", "One two three four five six"]
+
+
+@pytest.fixture(scope="module")
+def served(lm_dirs):
+    """The model as the service holds it (weights loaded)."""
+    return ic.LanguageModel(lm_dirs["gpt2"], dispatch=True)
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    """Requests the client would post, kept as messages instead."""
+    messages: list[bytes] = []
+    monkeypatch.setattr(ic.CONFIG.API, "HOST", "127.0.0.1:9")
+    monkeypatch.setattr(
+        remote_tracing,
+        "_submit",
+        lambda owner, doc, tensors, loc, blocking: messages.append(pack(doc, tensors)),
+    )
+    return messages
+
+
+def _job(lm, i: int, remote: bool):
+    """Job ``i``: two invokes of different lengths (left padding inside the job), a cross-invoke patch, saves."""
+    with lm.trace(**({"remote": True, "blocking": False} if remote else {})) as tracer:
+        with tracer.invoke(PROMPTS[i % 3]):
+            clean = lm.transformer.h[i % 2].output[:, -1]
+            hidden = lm.transformer.h[0].output.save()
+        with tracer.invoke(PROMPTS[(i + 1) % 3]):
+            lm.transformer.h[i % 2].output[:, -1] = clean * (i + 1)
+            logits = lm.lm_head.output[:, -1].save()
+            root = lm.output.logits[:, -2].save()
+    return hidden, logits, root
+
+
+def _values(outcome) -> list[torch.Tensor]:
+    assert outcome.status == "COMPLETED", outcome.data
+    values, _ = read_result(*unpack(outcome.data))
+    return [values[k] for k in sorted(values)]
+
+
+def test_cobatched_jobs_equal_their_solo_runs(lm_dirs, served, capture):
+    client = ic.LanguageModel(lm_dirs["gpt2"])
+    for i in range(6):
+        _job(client, i, True)
+    jobs = [batching.JobIn(m, 60.0, 1 << 30) for m in capture]
+    requests = [batching.parse(m) for m in capture]
+    keys = [batching.batch_key(r) for r in requests]
+    assert all(k is not None for k in keys)
+    assert len(set(keys)) == 2  # two longest lengths among the jobs: two forwards
+    stats = batching.BatchStats()
+    outcomes = batching.run_jobs(served, jobs, None, False, stats)
+    sizes = [keys.count(k) for k in keys]
+    assert stats.forwards == {n: 1 for n in sizes} and stats.reruns == 0
+    local = ic.LanguageModel(lm_dirs["gpt2"])
+    for i, outcome in enumerate(outcomes):
+        assert outcome.carried == sizes[i]
+        alone = _values(batching.run_alone(served, requests[i], jobs[i]))
+        want = [v.value for v in _job(local, i, False)]
+        got = _values(outcome)
+        assert [g.shape for g in got] == [w.shape for w in want]  # the job's own rows and positions only
+        for g, a, w in zip(got, alone, want):
+            torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_job_gets_its_own_error_and_the_others_complete(lm_dirs, served, capture):
+    client = ic.LanguageModel(lm_dirs["gpt2"])
+    _job(client, 0, True)
+    with client.trace(remote=True, blocking=False) as tracer:  # the same longest length as the others
+        with tracer.invoke(PROMPTS[0]):
+            client.transformer.h[0].output[:, 99].save()  # out of bounds: raises inside the merged forward
+        with tracer.invoke(PROMPTS[1]):
+            client.transformer.h[1].output.save()
+    _job(client, 3, True)
+    keys = [batching.batch_key(batching.parse(m)) for m in capture]
+    assert keys[0] is not None and keys.count(keys[0]) == 3
+    stats = batching.BatchStats()
+    outcomes = batching.run_jobs(
+        served, [batching.JobIn(m, 60.0, 1 << 30) for m in capture], None, False, stats
+    )
+    assert [o.status for o in outcomes] == ["COMPLETED", "ERROR", "COMPLETED"]
+    assert stats.reruns == 3 and stats.forwards == {1: 3}
+    import json
+
+    error = error_from(json.loads(outcomes[1].data))
+    assert isinstance(error, IndexError) and "output[:, 99]" in str(error)
+    assert error.loc is not None and error.loc.lineno > 0  # the user's line
+    local = ic.LanguageModel(lm_dirs["gpt2"])
+    for outcome, i in ((outcomes[0], 0), (outcomes[2], 3)):
+        for g, w in zip(_values(outcome), (v.value for v in _job(local, i, False))):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_jobs_that_cannot_share_a_forward_run_alone(lm_dirs, served, capture):
+    client = ic.LanguageModel(lm_dirs["gpt2"])
+    with client.trace(PROMPTS[0], remote=True, blocking=False):  # the model output holds the whole KV cache
+        client.output.save()
+    with client.trace(PROMPTS[0], remote=True, blocking=False):  # keyword arguments: not per row
+        client.transformer.h[0].inputs.save()
+    with client.trace(PROMPTS[0], remote=True, blocking=False) as tracer:  # its log lines are its own
+        tracer.log(client.transformer.h[0].output.sum())
+    with client.trace(PROMPTS[0], remote=True, blocking=False) as tracer:  # a stop ends the whole forward
+        client.transformer.h[0].output.save()
+        tracer.stop()
+    with client.generate(PROMPTS[0], max_new_tokens=2, remote=True, blocking=False):
+        client.generator.output.save()
+    with client.edit() as edited:  # a persistent edit addresses the whole batch: it would touch every job
+        client.transformer.h[0].output[:] = 0
+    with edited.trace(PROMPTS[0], remote=True, blocking=False):
+        edited.transformer.h[1].output.save()
+    requests = [batching.parse(m) for m in capture]
+    assert [batching.batch_key(r) for r in requests] == [None] * 6
+    _job(client, 0, True)
+    plain = batching.parse(capture[-1])
+    assert batching.batch_key(plain) is not None
+    stats = batching.BatchStats()
+    outcomes = batching.run_jobs(
+        served, [batching.JobIn(m, 60.0, 1 << 30) for m in capture], None, False, stats
+    )
+    assert all(o.status == "COMPLETED" for o in outcomes), [
+        o.data for o in outcomes if o.status != "COMPLETED"
+    ]
+    assert stats.forwards == {1: 7}
+
+
+def test_a_merged_structure_compiles_once_it_repeats(lm_dirs, served, capture):
+    client = ic.LanguageModel(lm_dirs["gpt2"])
+    for i in range(2):
+        with client.trace(PROMPTS[0], remote=True, blocking=False):
+            client.transformer.h[1].output[:, -1] = float(i + 1)
+            client.lm_head.output[:, -1].save()
+    stats = batching.BatchStats()
+    rounds = [
+        batching.run_jobs(served, [batching.JobIn(m, 60.0, 1 << 30) for m in capture], None, True, stats)
+    ]
+    assert stats.compiled == 0  # a combination seen once runs eagerly
+    before = ic.compile_stats()["compiles"]
+    rounds.append(
+        batching.run_jobs(served, [batching.JobIn(m, 60.0, 1 << 30) for m in capture], None, True, stats)
+    )
+    rounds.append(
+        batching.run_jobs(served, [batching.JobIn(m, 60.0, 1 << 30) for m in capture], None, True, stats)
+    )
+    assert stats.compiled == 2 and ic.compile_stats()["compiles"] == before + 1  # compiled once, then a hit
+    for eager, compiled in zip(rounds[0], rounds[2]):
+        for a, b in zip(_values(eager), _values(compiled)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_merging_keeps_each_job_inside_its_own_rows(lm_dirs, capture):
+    client = ic.LanguageModel(lm_dirs["gpt2"])
+    for i in range(3):
+        _job(client, i, True)
+    requests = [batching.parse(m) for m in capture]
+    graph, inputs, spans = batching.merge([r.graph for r in requests], [r.inputs for r in requests])
+    assert len(graph.invokes) == 6 and len(inputs) == 6
+    rows = [(r.start, r.stop) for r in graph.invokes]
+    assert rows == [(i, i + 1) for i in range(6)]
+    for j, span in enumerate(spans):
+        own = {n.id for n in graph.nodes if span.first <= n.id <= span.last}
+        for n in graph.nodes:
+            if n.id in own:
+                assert set(n.deps) <= own  # no reference leaves the job
+                site = n.target if n.op.name in ("SITE", "SET", "UPDATE") else None
+                if site is not None:
+                    assert site.invoke in (2 * j, 2 * j + 1)  # and no site outside its invokes
+
+
+@pytest.mark.remote
+def test_32_jobs_from_8_clients_cobatched_on_the_server(lm_dirs, tmp_path, monkeypatch):
+    server = Server(tmp_path, [lm_dirs["gpt2"]]).start("--max-batch", "16", "--batch-window-ms", "150")
+    try:
+        monkeypatch.setattr(ic.CONFIG.API, "HOST", f"127.0.0.1:{server.port}")
+        monkeypatch.setattr(ic.CONFIG.API, "APIKEY", server.key)
+        monkeypatch.setattr(ic.CONFIG.APP, "REMOTE_LOGGING", False)
+        results: dict[int, list] = {}
+        errors: list[BaseException] = []
+
+        def client(c: int) -> None:
+            lm = ic.LanguageModel(lm_dirs["gpt2"])
+            try:
+                for j in range(4):
+                    i = c * 4 + j
+                    if i == 13:  # one job raises inside its batch
+                        with lm.trace(PROMPTS[1], remote=True, blocking=False) as tracer:
+                            lm.transformer.h[0].output[:, 99].save()
+                    else:
+                        with lm.trace(remote=True, blocking=False) as tracer:
+                            with tracer.invoke(PROMPTS[i % 4]):
+                                lm.transformer.h[i % 2].output[:, -1] = float(i) / 10
+                                saved = [lm.lm_head.output[:, -1].save()]
+                                if i % 3 == 0:
+                                    saved.append(lm.transformer.h[1].output.save())
+                    results[i] = [tracer.job, saved if i != 13 else None]
+                for j in range(4):
+                    job = results[c * 4 + j][0]
+                    try:
+                        job.wait(timeout=300)
+                    except Exception as e:  # the failing job's error, raised as a local run raises it
+                        results[c * 4 + j][1] = e
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert not errors, errors
+        local = ic.LanguageModel(lm_dirs["gpt2"])
+        for i in range(32):
+            if i == 13:
+                error = results[i][1]
+                assert isinstance(error, IndexError) and "output[:, 99]" in str(error)
+                continue
+            with local.trace(PROMPTS[i % 4]):
+                local.transformer.h[i % 2].output[:, -1] = float(i) / 10
+                want = [local.lm_head.output[:, -1].save()]
+                if i % 3 == 0:
+                    want.append(local.transformer.h[1].output.save())
+            for got, w in zip(results[i][1], want):
+                torch.testing.assert_close(got.value, w.value, rtol=1e-5, atol=1e-5)
+        stats = httpx.get(server.url + "/v1/stats").json()
+        forwards = stats["batching"][lm_dirs["gpt2"]]["jobs_per_forward"]
+        assert sum(int(k) * v for k, v in forwards.items()) >= 32
+        assert max(int(k) for k in forwards) > 1, forwards  # jobs shared forwards
+        assert stats["jobs"].get("COMPLETED") == 31 and stats["jobs"].get("ERROR") == 1
+    finally:
+        server.stop()
