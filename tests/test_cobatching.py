@@ -170,6 +170,42 @@ def test_a_merged_structure_compiles_once_it_repeats(lm_dirs, served, capture):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _generation(lm, i: int, remote: bool, **options):
+    extra = {"remote": True, "blocking": False} if remote else {}
+    with lm.generate(PROMPTS[i % 2], max_new_tokens=4, **options, **extra) as tracer:
+        hidden = list().save()
+        with tracer.all():
+            lm.model.layers[0].output[:, -1] += 0.25 * (i + 1)
+            hidden.append(lm.model.layers[-1].output[:, -1])
+        tokens = lm.generator.output.save()
+    return tokens, hidden
+
+
+def test_generations_that_run_the_same_steps_share_a_batch(lm_dirs, capture):
+    served = ic.LanguageModel(lm_dirs["llama"], dispatch=True)
+    client = ic.LanguageModel(lm_dirs["llama"])
+    for i in range(4):
+        _generation(client, i, True, min_new_tokens=4)
+    _generation(client, 4, True)  # may end early on its end-of-sequence token: alone
+    keys = [batching.batch_key(batching.parse(m)) for m in capture]
+    assert keys[4] is None and all(k is not None for k in keys[:4])
+    stats = batching.BatchStats()
+    outcomes = batching.run_jobs(
+        served, [batching.JobIn(m, 60.0, 1 << 30) for m in capture], None, False, stats
+    )
+    assert sum(n for n in stats.forwards.values()) < 5 and stats.reruns == 0
+    local = ic.LanguageModel(lm_dirs["llama"])
+    for i, outcome in enumerate(outcomes):
+        values = _values(outcome)
+        want_tokens, want_hidden = _generation(local, i, False, **({"min_new_tokens": 4} if i < 4 else {}))
+        tokens = next(v for v in values if isinstance(v, torch.Tensor))
+        assert torch.equal(tokens, want_tokens.value)
+        hidden = next(v for v in values if isinstance(v, list))
+        assert len(hidden) == len(want_hidden) == 4
+        for a, b in zip(hidden, want_hidden):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_merging_keeps_each_job_inside_its_own_rows(lm_dirs, capture):
     client = ic.LanguageModel(lm_dirs["gpt2"])
     for i in range(3):
@@ -250,3 +286,37 @@ def test_32_jobs_from_8_clients_cobatched_on_the_server(lm_dirs, tmp_path, monke
         assert stats["jobs"].get("COMPLETED") == 31 and stats["jobs"].get("ERROR") == 1
     finally:
         server.stop()
+
+
+@pytest.mark.remote
+def test_the_docs_sweep_runs_against_a_server(lm_dirs, tmp_path, monkeypatch, capsys):
+    """docs/serving.md's patching sweep, as written, against a server process; its effects equal local runs."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "serving.md").read_text()
+    sweep = text.split("## A patching sweep", 1)[1]
+    code = re.search(r"```python\n(.*?)```", sweep, re.S).group(1)
+    server = Server(tmp_path, [lm_dirs["gpt2"]]).start("--batch-window-ms", "20")
+    try:
+        monkeypatch.setattr(ic.CONFIG.API, "HOST", f"127.0.0.1:{server.port}")
+        monkeypatch.setattr(ic.CONFIG.API, "APIKEY", server.key)
+        monkeypatch.setattr(ic.CONFIG.APP, "REMOTE_LOGGING", False)
+        scope = {"MODEL": lm_dirs["gpt2"]}
+        exec(compile(code, "docs/serving.md", "exec"), scope)
+        forwards = httpx.get(server.url + "/v1/stats").json()["batching"][lm_dirs["gpt2"]]["jobs_per_forward"]
+    finally:
+        server.stop()
+    local = ic.LanguageModel(lm_dirs["gpt2"])
+    effect, prompts, targets = scope["effect"], scope["prompts"], scope["targets"]
+    assert effect.shape == (len(prompts), len(local.transformer.h))
+    for i, prompt in enumerate(prompts):
+        with local.trace(prompt):
+            clean = local.lm_head.output[:, -1].save()
+        for layer in range(effect.shape[1]):
+            with local.trace(prompt):
+                local.transformer.h[layer].output[:, -1] = 0
+                logits = local.lm_head.output[:, -1].save()
+            want = clean[0, targets[i]] - logits[0, targets[i]]
+            torch.testing.assert_close(effect[i, layer], want, rtol=1e-4, atol=1e-4)
+    assert max(int(k) for k in forwards) > 1, forwards  # the sweep's jobs shared forwards

@@ -11,9 +11,11 @@ values of its own nodes.
 
 What co-batches (:func:`batch_key`; anything else runs alone, as before):
 
-- a ``trace`` request (not ``generate``, not a session) without LOG (its lines are the job's own), explicit
-  STOP (it would end every job's forward), gradients, caches, iteration blocks, ad hoc module calls, module
-  parameters read as values (``module_tensor``) or attribute writes;
+- a ``trace`` request, or a ``generate`` request whose rows run the same steps in a batch as alone (the same
+  options, greedy, one beam, ``min_new_tokens`` at least ``max_new_tokens``: no row can end early on its
+  end-of-sequence token while the batch goes on), not a session; without LOG (its lines are the job's own),
+  explicit STOP (it would end every job's forward), gradients, caches, ad hoc module calls, module parameters
+  read as values (``module_tensor``) or attribute writes; iteration blocks only in generations;
 - every site read or written names one of the job's invokes (a whole-batch site, e.g. a persistent edit's,
   would touch every job) and is a module's ``output`` or ``input``, never ``inputs`` (keyword arguments hold
   values that are not per row: cache positions, masks); the root module only through ``.logits`` (its output
@@ -41,7 +43,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..ir import Graph, InvokeRows, Node, Op, ParamRef, Ref, Site, SiteKind, map_args, structure_key, verify
-from .jobs import Request, error_document, read_request, result_document, run_request
+from ..ir.nodes import walk_nodes
+from .jobs import Request, deadline_criteria, error_document, read_request, result_document, run_request
 from .wire import pack, unpack
 
 
@@ -170,7 +173,7 @@ def _result(result: Any, max_result: int, logs: list[str], carried: int = 1) -> 
 
 # -- which jobs may share a forward --------------------------------------------------------------------------
 _ALONE_OPS = frozenset(
-    {Op.LOG, Op.STOP, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.CACHE, Op.ITER, Op.MODULE, Op.SETATTR}
+    {Op.LOG, Op.STOP, Op.GRAD, Op.SET_GRAD, Op.BACKWARD, Op.CACHE, Op.MODULE, Op.SETATTR}
     | {Op.TRACE, Op.LOOP, Op.EXIT}
 )
 _SITE_OPS = frozenset({Op.SITE, Op.SET, Op.UPDATE})
@@ -179,8 +182,16 @@ _ROWS_KINDS = frozenset({SiteKind.OUTPUT, SiteKind.INPUT})
 
 def batch_key(request: Request) -> Any:
     """What a job must share with others to run in one forward with them (None: it runs alone): the model's
-    input layout (keyword names, the longest token length, dtypes, plain values) and how it compiles."""
-    if request.kind != "trace" or not request.inputs or not _own_rows_only(request.graph):
+    input layout (keyword names, the longest token length, dtypes, plain values), how it compiles, and a
+    generation's options."""
+    if request.kind not in ("trace", "generate") or not request.inputs:
+        return None
+    generate = None
+    if request.kind == "generate":
+        generate = _generation_key(request.generate)
+        if generate is None:
+            return None
+    if not _own_rows_only(request.graph, request.kind == "generate"):
         return None
     length = 0
     names: tuple[str, ...] | None = None
@@ -204,21 +215,33 @@ def batch_key(request: Request) -> Any:
                 layout.append((name, type(value), value))
             else:
                 return None
-    return (names, length, frozenset(layout), request.compile)
+    return (names, length, frozenset(layout), request.compile, generate)
 
 
-def _own_rows_only(graph: Graph) -> bool:
+def _generation_key(options: dict) -> Any:
+    """Generations share a batch when every row runs the same steps as alone: greedy, one beam, and no row can
+    stop early (an end-of-sequence token would end a row's run alone, but not the batch's): ``min_new_tokens``
+    at least ``max_new_tokens``. Their options, or None."""
+    if options.get("do_sample") or options.get("num_beams", 1) != 1:
+        return None
+    most = options.get("max_new_tokens")
+    if not isinstance(most, int) or options.get("min_new_tokens", 0) < most or "max_length" in options:
+        return None
+    return frozenset(options.items())
+
+
+def _own_rows_only(graph: Graph, generating: bool) -> bool:
     """Does every node of ``graph`` stay inside the job's own invokes' rows (see the module docstring)?"""
     invokes = len(graph.invokes)
     if graph.kind != "trace" or invokes == 0:
         return False
     users: dict[int, list[Node]] = {}
-    for n in graph.nodes:
+    for n in walk_nodes(graph.nodes):
         for d in n.refs:
             users.setdefault(d, []).append(n)
-    for n in graph.nodes:
+    for n in walk_nodes(graph.nodes):
         op = n.op
-        if op in _ALONE_OPS or n.body:
+        if op in _ALONE_OPS or (op is Op.ITER and not generating) or (n.body and op is not Op.ITER):
             return False
         if n.invoke is not None and not 0 <= n.invoke < invokes:
             return False
@@ -241,7 +264,8 @@ def _own_rows_only(graph: Graph) -> bool:
 # -- merging and splitting ---------------------------------------------------------------------------------------
 @dataclass
 class _Span:
-    """Where one job sits in a merged graph: its ids moved by ``offset``, from ``first`` to ``last``."""
+    """Where one job sits in a merged graph: its ids (nested graphs' too) moved by ``offset``, from ``first``
+    to ``last``."""
 
     offset: int
     first: int
@@ -258,33 +282,13 @@ def merge(graphs: list[Graph], inputs: list[list[tuple[tuple, dict]]]) -> tuple[
     next_id = 0
     rows = 0
     for graph in graphs:
-        offset = next_id - graph.nodes[0].id if graph.nodes else next_id
-        shift = len(params)
-        base = len(invokes)
-
-        def remap(leaf: Any, offset: int = offset, shift: int = shift) -> Any:
-            return Ref(leaf.id + offset) if type(leaf) is Ref else ParamRef(leaf.index + shift)
-
-        for n in graph.nodes:
-            target = n.target
-            if isinstance(target, Site):
-                target = Site(target.path, target.kind, target.call, base + (target.invoke or 0))
-            nodes.append(
-                Node(
-                    n.id + offset,
-                    n.op,
-                    target,
-                    map_args(n.args, remap),
-                    tuple((k, map_args(v, remap)) for k, v in n.kwargs),
-                    tuple((g + offset, b) for g, b in n.guards),
-                    tuple(a + offset for a in n.after),
-                    None if n.invoke is None else base + n.invoke,
-                    (),
-                    n.loc,
-                )
-            )
-        spans.append(_Span(offset, next_id, nodes[-1].id if graph.nodes else next_id - 1))
-        next_id = (nodes[-1].id + 1) if graph.nodes else next_id
+        ids = [n.id for n in walk_nodes(graph.nodes)]
+        if not ids:
+            continue
+        offset = next_id - min(ids)
+        nodes.extend(_moved(graph.nodes, offset, len(params), len(invokes)))
+        spans.append(_Span(offset, next_id, max(ids) + offset))
+        next_id = max(ids) + offset + 1
         params.extend(graph.params)
         for r in graph.invokes:
             invokes.append(InvokeRows(r.start + rows, r.stop + rows))
@@ -298,6 +302,36 @@ def merge(graphs: list[Graph], inputs: list[list[tuple[tuple, dict]]]) -> tuple[
     )
     verify(merged, where="co-batching")
     return merged, [pair for job in inputs for pair in job], spans
+
+
+def _moved(nodes: tuple[Node, ...], offset: int, shift: int, base: int) -> list[Node]:
+    """``nodes`` (and their nested graphs) with ids moved by ``offset``, params by ``shift``, invokes by
+    ``base``."""
+
+    def remap(leaf: Any) -> Any:
+        return Ref(leaf.id + offset) if type(leaf) is Ref else ParamRef(leaf.index + shift)
+
+    out = []
+    for n in nodes:
+        target = n.target
+        if isinstance(target, Site):
+            target = Site(target.path, target.kind, target.call, base + (target.invoke or 0))
+        body = tuple(g.replace(nodes=tuple(_moved(g.nodes, offset, shift, base))) for g in n.body)
+        out.append(
+            Node(
+                n.id + offset,
+                n.op,
+                target,
+                map_args(n.args, remap),
+                tuple((k, map_args(v, remap)) for k, v in n.kwargs),
+                tuple((g + offset, b) for g, b in n.guards),
+                tuple(a + offset for a in n.after),
+                None if n.invoke is None else base + n.invoke,
+                body,
+                n.loc,
+            )
+        )
+    return out
 
 
 @dataclass
@@ -317,8 +351,13 @@ def _run_merged(model: Any, requests: list[Any], jobs: list[JobIn], stats: Batch
     if len(stats.seen) > _SEEN_SIZE:
         stats.seen.popitem(last=False)
     compile = requests[0].compile is True and seen >= 2
+    generate = None
+    if requests[0].kind == "generate":
+        generate = dict(requests[0].generate)  # the same options for every job of the group (batch_key)
+        deadline = time.monotonic() + min(j.max_seconds for j in jobs)  # past it, each job runs alone
+        generate["stopping_criteria"] = deadline_criteria(deadline)
     try:
-        result = model.run_graph(graph, inputs, compile=compile)
+        result = model.run_graph(graph, inputs, compile=compile, generate=generate)
     except Exception:  # someone's error: every job runs alone, so each gets its own outcome
         stats.reruns += len(jobs)
         return [_alone(model, r, j, stats) for r, j in zip(requests, jobs)]

@@ -207,7 +207,7 @@ def run_request(model: Any, request: Request, deadline: float | None = None, mod
     if request.kind == "generate":
         generate = dict(request.generate)
         if deadline is not None:
-            generate["stopping_criteria"] = _deadline_criteria(deadline)
+            generate["stopping_criteria"] = deadline_criteria(deadline)
     return model.run_graph(request.graph, request.inputs, compile=request.compile, generate=generate)
 
 
@@ -248,11 +248,11 @@ class _Slot:
             raise JobTimeout("the job ran past its time limit")
         generate = None if self.slot.generate is None else dict(self.slot.generate)
         if generate is not None and self.deadline is not None:
-            generate["stopping_criteria"] = _deadline_criteria(self.deadline)
+            generate["stopping_criteria"] = deadline_criteria(self.deadline)
         return dict(self.model.run_graph(graph, prepared, compile=self.compile, generate=generate).values)
 
 
-def _deadline_criteria(deadline: float) -> Any:
+def deadline_criteria(deadline: float) -> Any:
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Deadline(StoppingCriteria):
@@ -351,6 +351,7 @@ def _loc_from(data: Any) -> SourceLoc | None:
 __all__ = [
     "BadRequest",
     "JobTimeout",
+    "deadline_criteria",
     "Request",
     "error_document",
     "error_from",
