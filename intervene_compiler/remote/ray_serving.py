@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import threading
+import time
 from typing import Any
 
 from .store import JobStore
@@ -27,11 +28,14 @@ class ModelReplica:
     once, its compiled programs, and its co-batching (``batching.run_jobs``), fed by Ray Serve's own request
     batching (``serve.batch``: the requests that reach the replica within the window, up to ``max_batch``)."""
 
-    def __init__(self, source: str, compile: bool = True, max_batch: int = 1, window: float = 0.0):
+    def __init__(
+        self, source: str, compile: bool = True, max_batch: int = 1, window: float = 0.0, gpus: float = 0.0
+    ):
         from ..models import LanguageModel
         from .batching import BatchStats
 
-        self.model = LanguageModel(source, dispatch=True)
+        # with GPUs (Ray sets CUDA_VISIBLE_DEVICES to the replica's), accelerate spreads the model over them
+        self.model = LanguageModel(source, device_map="auto" if gpus else None, dispatch=True)
         self.compile = compile
         self.pid = os.getpid()
         self.stats = BatchStats()
@@ -73,7 +77,7 @@ def deploy(
     deployment = deployment.options(
         name="model", num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=max_batch
     )
-    return serve.run(deployment.bind(source, compile, max_batch, window), name=name, route_prefix=None)
+    return serve.run(deployment.bind(source, compile, max_batch, window, gpus), name=name, route_prefix=None)
 
 
 class RayWorker(threading.Thread):
@@ -109,6 +113,7 @@ class RayWorker(threading.Thread):
         self.max_batch = max_batch
         self.window = window
         self.batching = _Carried()
+        self.app = "ic-" + "".join(c if c.isalnum() else "-" for c in name)[-40:]  # the Serve application
         self.pumps = replicas * max(2, max_batch)  # requests in flight: enough for every replica to batch
 
     def submit(self, job_id: str, max_result_bytes: int, max_seconds: float) -> None:
@@ -121,10 +126,9 @@ class RayWorker(threading.Thread):
             self.jobs.put(_STOP)
 
     def run(self) -> None:
-        app = "ic-" + "".join(c if c.isalnum() else "-" for c in self.model_name)[-40:]
         try:
             self.handle = deploy(
-                app, self.source, self.replicas, self.gpus, self.compile, self.max_batch, self.window
+                self.app, self.source, self.replicas, self.gpus, self.compile, self.max_batch, self.window
             )
         except BaseException as e:
             self.load_error = e
@@ -156,12 +160,20 @@ class RayWorker(threading.Thread):
             return
         payload, max_result, max_seconds = begun
         last: BaseException | None = None
-        for _attempt in range(2):  # a replica that died mid-job: Ray restarts it; the job runs once more
+        for attempt in range(2):  # a replica that died mid-job: Ray restarts it; the job runs once more
+            if attempt:
+                self._await_replicas()
             try:
                 response = self.handle.run.remote(payload, max_seconds, max_result)
-                status, data, logs, carried, forward, pid = response.result()
-            except Exception as e:  # the replica died (RayActorError and kin) or Serve could not reach one
+                # bounded: a request Serve routed to a replica as it died can wait forever
+                status, data, logs, carried, forward, pid = response.result(timeout_s=max_seconds + _GRACE)
+            except Exception as e:  # the replica died (RayActorError and kin), no answer, or no replica
                 last = e
+                then = "sending it again" if attempt == 0 else "giving up"
+                print(
+                    f"intervene-serve: job {job_id}: the replica failed ({type(e).__name__}); {then}",
+                    flush=True,
+                )
                 continue
             for line in logs:
                 store.log(job_id, line)
@@ -171,6 +183,25 @@ class RayWorker(threading.Thread):
             return
         error = RuntimeError(f"the replica running the job failed twice: {type(last).__name__}: {last}")
         store.set_status(job_id, "ERROR", json.dumps(error_document(error)))
+
+    def _await_replicas(self, timeout: float = 120.0) -> None:
+        """Wait until Serve has noticed the failure and the deployment is healthy again (a new replica running),
+        so that the job is not sent to the replica that died."""
+        from ray import serve
+
+        time.sleep(2.0)  # the controller's health check and the router's replica list lag the death
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                app = serve.status().applications.get(self.app)
+                if app is not None and all(d.status == "HEALTHY" for d in app.deployments.values()):
+                    return
+            except Exception:  # the controller restarting: ask again
+                pass
+            time.sleep(0.5)
+
+
+_GRACE = 120.0  # seconds a replica's answer may take beyond the job's own limit (queueing behind a batch)
 
 
 class _Carried:

@@ -195,6 +195,12 @@ class Service:
             from .ray_serving import RayWorker
 
             ray_module.init(address=ray.get("address"), include_dashboard=False, log_to_driver=False)
+            # for the operator (ray status, ray.kill, more nodes joining); never served over HTTP: Ray runs
+            # any code its clients send
+            print(f"intervene-serve: Ray at {ray_module.get_runtime_context().gcs_address}", flush=True)
+            from ray import serve
+
+            serve.start(proxy_location="Disabled")  # our HTTP front serves; no Serve HTTP proxy on port 8000
             for name, source in models.items():
                 replicas = ray["replicas"].get(name, ray["replicas"].get("", 1))
                 self.workers[name] = RayWorker(
@@ -316,6 +322,12 @@ def create_app(service: Service) -> Any:
             if worker is None:
                 raise HTTPException(404, f"this server does not serve the model {model!r}")
             checked = await asyncio.to_thread(read_request, document, tensors)
+            if service.ray is not None and len(checked.models) > 1:
+                raise HTTPException(
+                    400,
+                    "a session using several models does not run on Ray replicas yet (each holds one model): "
+                    "run it on a server without --ray, or split it into one session per model",
+                )
             for other in sorted(checked.models - {model}):
                 if not key.may_use(other):
                     raise HTTPException(403, f"this key may not use the model {other!r}")

@@ -185,13 +185,18 @@ class NNsight(Envoy):
         The traces run in order when the block exits; a value from one trace can feed a later one without
         ``.save()``, and only saved values survive. See :class:`~intervene_compiler.tracing.session.Session`
         for ``session.iter``, ``session.log``, ``session.exit`` and training state created inside a session.
+        ``remote=True`` runs it as one job on the service (``blocking=False``: return at once; ``compile=False``:
+        its traces run eagerly there).
         """
         blocking = kwargs.pop("blocking", True)
+        compile = kwargs.pop("compile", None)
         checks = {k: kwargs.pop(k) for k in ("validate", "scan") if k in kwargs}
         if kwargs:
             raise TypeError(f"session() got unexpected keyword arguments {sorted(kwargs)}")
+        if compile is not None and not remote:  # locally each trace takes its own compile=
+            raise TypeError("session(compile=...) is for remote=True; locally, pass compile= to each trace")
         session = Session(self, validate=any(checks.values()))
-        return remote_tracer(session, blocking) if remote else session
+        return remote_tracer(session, blocking, compile) if remote else session
 
     def clear_reuse(self) -> None:
         """Forget the unedited decoder-layer outputs kept for reuse across traces of one prompt (``reuse=True``).

@@ -98,7 +98,7 @@ def run_remote_session(session: Any, graph: Graph, saved: set[int], blocking: bo
         "version": VERSION,
         "model": slots[0]["model"] if slots else _model_id(session.model, loc),
         "kind": "session",
-        "compile": True,
+        "compile": session._remote.get("compile") is not False,
         "graph": data,
         "traces": slots,
         "saved": sorted(saved),
