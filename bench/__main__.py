@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--only",
         default="",
-        help="comma-separated workloads: overhead,patching,generation,training,memory,compile,scale",
+        help="comma-separated workloads: overhead,patching,generation,training,memory,compile,scale,remote,serving",
     )
     run.add_argument("--threads", type=int, default=1, help="torch threads for the timed runs (default 1)")
     run.add_argument(
@@ -96,9 +96,10 @@ def run(
     settings.floors = floors and settings.floors
     settings.device = device
     label = device_label(device)
-    # `scale` (GPT-2 medium and a 1B Llama: a 6 GB checkpoint cache, ~10 min on a 2-core CPU) runs by default in
-    # --full only; --quick and --smoke run it with --only scale
-    keys = only or [k for k in ALL if k != "scale" or mode == "full"]
+    # `scale` (GPT-2 medium and a 1B Llama: a 6 GB checkpoint cache, ~10 min on a 2-core CPU) and `serving` (four
+    # service processes, two of them on Ray, ~3 min) run by default in --full only; --quick and --smoke run them with
+    # --only
+    keys = only or [k for k in ALL if k not in ("scale", "serving") or mode == "full"]
     unknown = [k for k in keys if k not in ALL]
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}: choose from {list(ALL)}")

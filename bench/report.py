@@ -8,7 +8,7 @@ import time
 
 from .harness import FELL_BACK, OK, WorkloadResult, fmt_ratio, machine, ratio
 
-ORDER = ("overhead", "patching", "generation", "training", "memory", "compile", "scale", "remote")
+ORDER = ("overhead", "patching", "generation", "training", "memory", "compile", "scale", "remote", "serving")
 
 
 def save(out: str, result: WorkloadResult) -> None:
