@@ -152,7 +152,7 @@ def test_a_merged_structure_compiles_once_it_repeats(lm_dirs, served, capture):
         with client.trace(PROMPTS[0], remote=True, blocking=False):
             client.transformer.h[1].output[:, -1] = float(i + 1)
             client.lm_head.output[:, -1].save()
-    stats = batching.BatchStats()
+    stats = batching.BatchStats(compile_after=2)  # the server's --compile-merged-after
     rounds = [
         batching.run_jobs(served, [batching.JobIn(m, 60.0, 1 << 30) for m in capture], None, True, stats)
     ]

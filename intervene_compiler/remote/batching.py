@@ -26,9 +26,10 @@ What co-batches (:func:`batch_key`; anything else runs alone, as before):
 
 A merged run that raises re-runs its jobs one at a time, so the job at fault gets its own located error and
 the others complete. A job whose saved values hold anything but tensors and plain data (an object the batch
-shares, never narrowed to rows) is re-run alone too. A merged structure compiles once it repeats (the server's
-compile setting allowing): the first time a combination of jobs is seen it runs on the eager reference backend,
-since compiling a combination that never comes back costs seconds for nothing.
+shares, never narrowed to rows) is re-run alone too. A merged structure compiles once it has been seen
+``--compile-merged-after`` times (default 16; the server's compile setting allowing): until then it runs on the
+eager reference backend, since compiling a combination of jobs that does not come back blocks the worker for
+seconds for nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class Outcome:
     forward: int = 0
 
 
+# A merged structure compiles once it has been seen this many times. Compiling blocks the worker (seconds on a CPU:
+# every queued job waits), and a mix of jobs rarely comes back: in a bench of 16 clients patching random blocks,
+# compiling a combination on its second occurrence stalled the queue for 8-30 s and never paid back.
+COMPILE_MERGED_AFTER = 16
+
+
 @dataclass
 class BatchStats:
     """What co-batching did on one worker: jobs per forward, merged runs that failed, compiled merged runs."""
@@ -77,6 +84,9 @@ class BatchStats:
     reruns: int = 0  # jobs re-run alone after their merged run failed (or held a shared value)
     compiled: int = 0  # merged runs on the compiled backend
     seen: OrderedDict = field(default_factory=OrderedDict)  # merged structure key -> times seen (bounded)
+    compile_after: int = (
+        COMPILE_MERGED_AFTER  # occurrences of a merged structure before it compiles (0: never)
+    )
 
     def count(self, jobs: int) -> int:
         """Count a forward that carried ``jobs`` jobs; its number."""
@@ -350,7 +360,7 @@ def _run_merged(model: Any, requests: list[Any], jobs: list[JobIn], stats: Batch
     stats.seen.move_to_end(key)
     if len(stats.seen) > _SEEN_SIZE:
         stats.seen.popitem(last=False)
-    compile = requests[0].compile is True and seen >= 2
+    compile = requests[0].compile is True and 0 < stats.compile_after <= seen
     generate = None
     if requests[0].kind == "generate":
         generate = dict(requests[0].generate)  # the same options for every job of the group (batch_key)

@@ -29,8 +29,19 @@ class ModelReplica:
     batching (``serve.batch``: the requests that reach the replica within the window, up to ``max_batch``)."""
 
     def __init__(
-        self, source: str, compile: bool = True, max_batch: int = 1, window: float = 0.0, gpus: float = 0.0
+        self,
+        source: str,
+        compile: bool = True,
+        max_batch: int = 1,
+        window: float = 0.0,
+        gpus: float = 0.0,
+        compile_after: int = 16,
     ):
+        import torch
+
+        threads = os.environ.get("OMP_NUM_THREADS")  # --threads reaches replicas through the runtime env
+        if threads and threads.isdigit():
+            torch.set_num_threads(int(threads))
         from ..models import LanguageModel
         from .batching import BatchStats
 
@@ -38,7 +49,7 @@ class ModelReplica:
         self.model = LanguageModel(source, device_map="auto" if gpus else None, dispatch=True)
         self.compile = compile
         self.pid = os.getpid()
-        self.stats = BatchStats()
+        self.stats = BatchStats(compile_after=compile_after)
         self.batched = _batched(max_batch, window).__get__(self)
 
     async def run(self, payload: bytes, max_seconds: float, max_result: int) -> tuple:
@@ -65,7 +76,14 @@ def _batched(max_batch: int, window: float) -> Any:
 
 
 def deploy(
-    name: str, source: str, replicas: int, gpus: float, compile: bool, max_batch: int = 1, window: float = 0.0
+    name: str,
+    source: str,
+    replicas: int,
+    gpus: float,
+    compile: bool,
+    max_batch: int = 1,
+    window: float = 0.0,
+    compile_after: int = 16,
 ) -> Any:
     """Deploy ``source`` as the Ray Serve application ``name``; its handle."""
     from ray import serve
@@ -77,7 +95,8 @@ def deploy(
     deployment = deployment.options(
         name="model", num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=max_batch
     )
-    return serve.run(deployment.bind(source, compile, max_batch, window, gpus), name=name, route_prefix=None)
+    bound = deployment.bind(source, compile, max_batch, window, gpus, compile_after)
+    return serve.run(bound, name=name, route_prefix=None)
 
 
 class RayWorker(threading.Thread):
@@ -113,6 +132,7 @@ class RayWorker(threading.Thread):
         self.max_batch = max_batch
         self.window = window
         self.batching = _Carried()
+        self.compile_after = 16  # the replicas' --compile-merged-after
         self.app = "ic-" + "".join(c if c.isalnum() else "-" for c in name)[-40:]  # the Serve application
         self.pumps = replicas * max(2, max_batch)  # requests in flight: enough for every replica to batch
 
@@ -128,7 +148,14 @@ class RayWorker(threading.Thread):
     def run(self) -> None:
         try:
             self.handle = deploy(
-                self.app, self.source, self.replicas, self.gpus, self.compile, self.max_batch, self.window
+                self.app,
+                self.source,
+                self.replicas,
+                self.gpus,
+                self.compile,
+                self.max_batch,
+                self.window,
+                self.compile_after,
             )
         except BaseException as e:
             self.load_error = e

@@ -35,7 +35,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 
-from .batching import BatchStats, JobIn, run_jobs
+from .batching import COMPILE_MERGED_AFTER, BatchStats, JobIn, run_jobs
 from .jobs import BadRequest, error_document, read_request
 from .keys import ApiKey, KeyRing, add_key
 from .store import TERMINAL, JobStore
@@ -183,6 +183,8 @@ class Service:
         ray: dict | None = None,
         max_batch: int = 1,
         window: float = 0.0,
+        compile_merged_after: int = COMPILE_MERGED_AFTER,
+        threads: int | None = None,
     ):
         self.store = JobStore(data_dir)
         self.keys = KeyRing(api_keys)
@@ -194,7 +196,10 @@ class Service:
 
             from .ray_serving import RayWorker
 
-            ray_module.init(address=ray.get("address"), include_dashboard=False, log_to_driver=False)
+            # no address: a new local instance ("local"), never a cluster RAY_ADDRESS or `ray start` left behind
+            address = ray.get("address") or "local"
+            env = {"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None
+            ray_module.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=env)
             # for the operator (ray status, ray.kill, more nodes joining); never served over HTTP: Ray runs
             # any code its clients send
             print(f"intervene-serve: Ray at {ray_module.get_runtime_context().gcs_address}", flush=True)
@@ -206,11 +211,13 @@ class Service:
                 self.workers[name] = RayWorker(
                     name, source, self.store, replicas, ray["gpus"], compile, max_batch, window
                 )
+                self.workers[name].compile_after = compile_merged_after
         else:
             for name, source in models.items():
                 self.workers[name] = ModelWorker(
                     name, source, self.store, compile, peers=self.workers, max_batch=max_batch, window=window
                 )
+                self.workers[name].batching.compile_after = compile_merged_after
         self.started = time.time()
 
     def start(self) -> None:
@@ -239,7 +246,11 @@ class Service:
             import ray
             from ray import serve
 
-            serve.shutdown()
+            if self.ray.get("address"):  # someone's cluster: remove our applications only, then disconnect
+                for w in self.workers.values():
+                    serve.delete(w.app)
+            else:
+                serve.shutdown()
             ray.shutdown()
         self.store.close()
 
@@ -461,6 +472,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eager", action="store_true", help="run jobs eagerly (default: the compiled backend)"
     )
+    parser.add_argument(
+        "--compile-merged-after",
+        type=int,
+        default=COMPILE_MERGED_AFTER,
+        metavar="N",
+        help="co-batching: compile a merged combination of jobs once seen N times (0: never); default 16",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for each model's forwards (default: torch's)"
+    )
     parser.add_argument("--ray", action="store_true", help="deploy the models on Ray Serve (ray_serving.py)")
     parser.add_argument(
         "--address", default=None, help="with --ray: a cluster's address ('auto'); default: local"
@@ -488,8 +509,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.ray and (args.address or args.replicas or args.gpus_per_replica):
         parser.error("--address, --replicas and --gpus-per-replica need --ray")
-    if args.max_batch < 1 or args.batch_window_ms < 0:
-        parser.error("--max-batch is at least 1 and --batch-window-ms at least 0")
+    if args.max_batch < 1 or args.batch_window_ms < 0 or args.compile_merged_after < 0:
+        parser.error("--max-batch is at least 1, --batch-window-ms and --compile-merged-after at least 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads is at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     replicas = _replicas(parser, args.replicas)
     if args.add_key:
         print(add_key(args.api_keys, args.add_key))
@@ -513,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         ray=ray,
         max_batch=args.max_batch,
         window=args.batch_window_ms / 1000,
+        compile_merged_after=args.compile_merged_after,
+        threads=args.threads,
     )
     service.start()
     try:
