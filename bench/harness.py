@@ -482,3 +482,11 @@ def machine() -> dict[str, str]:
         mod, version = peer(name)
         info[name] = version if mod is not None else "not installed"
     return info
+
+
+def loadavg() -> str:
+    """The machine's 1-minute load average, for a row's notes ("?" where the system has none)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "?"

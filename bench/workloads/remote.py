@@ -14,9 +14,6 @@ The service runs on the same cores as the clients, so its compute competes with 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,65 +30,12 @@ from ..harness import (
     median,
     ratio,
 )
+from .serving import Service
 
 KEY = "remote"
 TITLE = "Remote execution"
 MS = "ms/call"
 CLIENTS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Service:
-    def __init__(self, folder: str, root: str):
-        from intervene_compiler.remote.keys import add_key
-
-        self.folder = folder
-        self.keys = os.path.join(root, "keys.json")
-        self.key = add_key(self.keys, "bench", rate_per_minute=1_000_000)
-        self.port = _free_port()
-        self.data = os.path.join(root, "data")
-        self.log = os.path.join(root, "server.log")
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> _Service:
-        import httpx
-
-        args = [
-            sys.executable,
-            "-m",
-            "intervene_compiler.remote",
-            "--model",
-            self.folder,
-            "--port",
-            str(self.port),
-        ]
-        args += ["--data-dir", self.data, "--api-keys", self.keys]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("the service exited: " + open(self.log).read()[-2000:])
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the service did not start within 180 s")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def _trace(lm, value: float, **options):
@@ -124,7 +68,7 @@ def run(settings: Settings) -> WorkloadResult:
             "the round trip, not the model's compute; service: compiled backend, SQLite WAL, loopback HTTP + "
             "websocket"
         )
-        with _Service(folder, root) as service:
+        with Service(folder, root) as service:
             saved_host, saved_key, saved_log = (
                 ic.CONFIG.API.HOST,
                 ic.CONFIG.API.APIKEY,

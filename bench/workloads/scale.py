@@ -61,6 +61,7 @@ from ..harness import (
     fmt_ratio,
     guarded,
     interleaved,
+    loadavg,
     log,
     median,
     peer,
@@ -762,13 +763,6 @@ def run_memory(
 # -- the workload ------------------------------------------------------------------------------------------------
 
 
-def _loadavg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except (AttributeError, OSError):
-        return ""
-
-
 def _threads(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
@@ -856,7 +850,7 @@ def run(settings: Settings) -> WorkloadResult:
             + ("; on CUDA runs the children still load on the CPU (host memory)" if settings.cuda else "")
         )
         summary: list[str] = []
-        load_before = _loadavg()
+        load_before = loadavg()
         try:
             for family in plan.families:
                 folder, saved_s = checkpoint(family, root)
@@ -898,7 +892,7 @@ def run(settings: Settings) -> WorkloadResult:
                 shutil.rmtree(temp, ignore_errors=True)
         if load_before and settings.time_it:
             result.notes.append(
-                f"machine load average (1 min) at the start {load_before}, at the end {_loadavg()} on "
+                f"machine load average (1 min) at the start {load_before}, at the end {loadavg()} on "
                 f"{all_threads()} cores: above the core count, other work shared the CPU and slowed the "
                 "all-threads rows most (a thread waiting for a busy core holds up the whole op)"
             )

@@ -45,6 +45,7 @@ from ..harness import (
     check_same,
     fmt_ratio,
     guarded,
+    loadavg,
     log,
     median,
     ratio,
@@ -148,15 +149,16 @@ def _cpu_seconds(pids: dict[int, str]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-class _Service:
-    """One service process with ``config``'s options; on exit it is stopped and waited for, with every process it
-    started (Ray's), and its port is closed before the next one starts."""
+class Service:
+    """One service process (``python -m intervene_compiler.remote``) hosting ``folder``, with ``config``'s options
+    (none: the defaults) and ``threads`` torch threads; on exit it is stopped and waited for, with every process it
+    started (Ray's), and its port is closed before the next one starts. The remote workload uses it too."""
 
-    def __init__(self, folder: str, root: str, config: Config, threads: int):
+    def __init__(self, folder: str, root: str, config: Config | None = None, threads: int | None = None):
         from intervene_compiler.remote.keys import add_key
 
         self.folder = folder
-        self.config = config
+        self.config = config if config is not None else Config("defaults", "defaults", ())
         self.threads = threads
         os.makedirs(root, exist_ok=True)
         self.keys = os.path.join(root, "keys.json")
@@ -166,7 +168,7 @@ class _Service:
         self.log = os.path.join(root, "server.log")
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> _Service:
+    def __enter__(self) -> Service:
         import httpx
 
         args = [
@@ -181,7 +183,8 @@ class _Service:
         args += ["--data-dir", self.data, "--api-keys", self.keys, *self.config.args]
         # torch threads per forward, in the service process and in each Ray replica; without --address the
         # service starts a Ray instance of its own
-        args += ["--threads", str(self.threads)]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
@@ -378,13 +381,6 @@ def _since(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
 # -- the workload ------------------------------------------------------------------------------------------------
 
 
-def _loadavg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except (AttributeError, OSError):
-        return "?"
-
-
 def run(settings: Settings) -> WorkloadResult:
     jobs = 8 if settings.mode == "full" else 3
     result = WorkloadResult(
@@ -423,7 +419,7 @@ def _measure(settings: Settings, result: WorkloadResult, root: str, jobs: int) -
 
     import intervene_compiler as ic
 
-    start_load = _loadavg()
+    start_load = loadavg()
     threads = torch.get_num_threads()  # the run's --threads: the service's forwards get as many
     folder, what = _checkpoint(settings, root)
     local = ic.LanguageModel(folder)  # the reference: the same traces, locally, eager
@@ -451,7 +447,7 @@ def _measure(settings: Settings, result: WorkloadResult, root: str, jobs: int) -
                 )
                 continue
         log(f"{TITLE}: {config.name}")
-        with _Service(folder, os.path.join(root, f"service-{i}"), config, threads) as service:
+        with Service(folder, os.path.join(root, f"service-{i}"), config, threads) as service:
             ic.CONFIG.API.HOST, ic.CONFIG.API.APIKEY = f"127.0.0.1:{service.port}", service.key
             _configuration(settings, result, config, service, clients, local, reference, prompts, jobs, group)
     if not settings.time_it:
@@ -477,7 +473,7 @@ def _measure(settings: Settings, result: WorkloadResult, root: str, jobs: int) -
     result.notes.append(
         f"the service and the {CLIENTS} client threads share this machine's {os.cpu_count()} cores (the clients "
         "trace and pack in one Python process); load average at the start / end: "
-        f"{start_load} / {_loadavg()}; torch threads per forward: {threads} (the run's --threads, given to the "
+        f"{start_load} / {loadavg()}; torch threads per forward: {threads} (the run's --threads, given to the "
         "service as its --threads: the embedded worker and each Ray replica), so a 2-replica service may use "
         "twice the cores of the others"
     )
@@ -492,7 +488,7 @@ def _configuration(
     settings: Settings,
     result: WorkloadResult,
     config: Config,
-    service: _Service,
+    service: Service,
     clients: list,
     local: Any,
     reference: dict,
