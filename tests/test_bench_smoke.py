@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore"),  # peers' deprecation chatter is not ours to fail on
 ]
 
-WORKLOADS = ["overhead", "patching", "generation", "training", "memory", "scale", "remote"]
+WORKLOADS = ["overhead", "patching", "generation", "training", "memory", "scale", "remote", "serving"]
 
 
 @pytest.mark.compiled  # the overhead and generation workloads run compile=True and torch.compile
