@@ -22,6 +22,7 @@ import torch
 
 from . import debug
 from .backends.compiled import record_fallback, run_compiled, run_generate_compiled, run_layered
+from .backends.compiled.entry import signature
 from .backends.compiled.layered import applies as layered_applies
 from .backends.eager import leaves, plain_values, run_graph, same_leaves
 from .backends.session import SessionTrace, run_session
@@ -39,30 +40,88 @@ class RunOptions:
 
     Attributes:
         compile: run through the compiled backend (Dynamo + Inductor), falling back to eager with a recorded
-            reason for what cannot compile.
+            reason for what cannot compile; ``"auto"``: eagerly until the same structure (optimized graph,
+            inputs' shapes, grad mode) has run ``AUTO_COMPILE_AFTER - 1`` times on the model, compiled from the
+            ``AUTO_COMPILE_AFTER``-th run on (a one-off trace never pays a compile; a sweep does).
         reuse: let shared-prefix runs replay (and memoize) the unedited decoder layers of earlier runs on the
             same prompt (``backends/eager/reuse.py``). Opt-in: a weight written through ``.data`` between runs
             bumps no version counter, and a replay would then be stale.
         fake: run on fake tensors (``model.scan``): shapes and dtypes, no compute.
     """
 
-    compile: bool = False
+    compile: bool | str = False
     reuse: bool = False
     fake: bool = False
 
     @staticmethod
-    def of(compile: bool, reuse: bool, fake: bool) -> RunOptions:
+    def of(compile: bool | str, reuse: bool, fake: bool) -> RunOptions:
         """The options for these flags, made once (a trace asks on every run; building a frozen dataclass costs
         more than the lookup)."""
-        key = (bool(compile), bool(reuse), bool(fake))
+        key = (compile if compile == "auto" else bool(compile), bool(reuse), bool(fake))
         options = _OPTIONS.get(key)
         if options is None:
             options = _OPTIONS[key] = RunOptions(*key)
         return options
 
 
-_OPTIONS: dict[tuple[bool, bool, bool], RunOptions] = {}
+_OPTIONS: dict[tuple[bool | str, bool, bool], RunOptions] = {}
 EAGER = RunOptions()
+AUTO_COMPILE_AFTER = 3  # compile="auto": the run of one structure that compiles (the ones before run eagerly)
+_AUTO_SIZE = 1024
+
+
+def compile_option(value: object) -> bool | str:
+    """A ``compile=`` argument checked: ``True``, ``False`` or ``"auto"``."""
+    if value == "auto" and isinstance(value, str):
+        return "auto"
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ValueError(f"compile={value!r}: pass True, False or 'auto'")
+
+
+def _auto_compiles(graph: Graph, inputs: list[tuple[tuple, dict]], target: Target) -> bool:
+    """compile="auto": count this run of the structure (numbers abstracted, as the compiled backend lifts them to
+    inputs: a value or position sweep is one structure); compile from its ``AUTO_COMPILE_AFTER``-th run on."""
+    counts = target.caches.auto
+    key = (_numbers_abstracted(graph.nodes), signature(inputs), torch.is_grad_enabled(), graph.invokes)
+    seen = counts.get(key, 0) + 1
+    if seen == 1 and len(counts) >= _AUTO_SIZE:
+        del counts[next(iter(counts))]
+    counts[key] = seen
+    return seen >= AUTO_COMPILE_AFTER
+
+
+def _numbers_abstracted(nodes: tuple) -> tuple:
+    return tuple(
+        (
+            n.op,
+            _abstract(n.target),
+            _abstract(n.args),
+            _abstract(n.kwargs),
+            n.guards,
+            n.after,
+            n.invoke,
+            tuple(_numbers_abstracted(g.nodes) for g in n.body),
+        )
+        for n in nodes
+    )
+
+
+def _abstract(value: object) -> object:
+    t = type(value)
+    if t is int or t is float:
+        return t
+    if t is tuple or t is list:
+        return tuple([_abstract(v) for v in value])  # type: ignore[attr-defined]
+    if t is dict:
+        return tuple([(k, _abstract(v)) for k, v in value.items()])  # type: ignore[attr-defined]
+    if t is slice:
+        return (slice, _abstract(value.start), _abstract(value.stop), _abstract(value.step))  # type: ignore[attr-defined]
+    try:
+        hash(value)
+    except TypeError:
+        return (t, id(value))
+    return value
 
 
 def execute(
@@ -93,6 +152,8 @@ def execute(
     graph = optimized.graph
     if debug.DEBUG >= 1:
         print(format_graph(graph))
+    if options.compile == "auto" and not options.fake:
+        options = RunOptions.of(_auto_compiles(graph, inputs, target), options.reuse, False)
     args, kwargs, repeat = _batch(graph, inputs, target, options)
     compile = options.compile
     if compile:
@@ -215,4 +276,12 @@ def _identical_rows(inputs: list[tuple[tuple, dict]]) -> bool:
     return all(same_leaves(first, leaves(other)) for other in inputs[1:])
 
 
-__all__ = ["EAGER", "RunOptions", "SessionTrace", "execute", "run_session"]
+__all__ = [
+    "AUTO_COMPILE_AFTER",
+    "EAGER",
+    "RunOptions",
+    "SessionTrace",
+    "compile_option",
+    "execute",
+    "run_session",
+]

@@ -31,6 +31,8 @@ class ModelCaches:
         self.compiled: Any = None  # the compiled backend's CompileCache, made on its first use
         # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
         self.reuse_memo: Any = None
+        # compile="auto" (execute.py): (structure with numbers abstracted, inputs' signature, grad mode) -> runs
+        self.auto: dict[Any, int] = {}
 
     def clear_compiled(self) -> None:
         """Drop the compiled programs and the compiled backend's dispatcher hooks."""

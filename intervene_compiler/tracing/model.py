@@ -51,7 +51,7 @@ class NNsight(Envoy):
         self,
         module: torch.nn.Module,
         rename: dict[str, str] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         reuse: bool = False,
     ):
         if not isinstance(module, torch.nn.Module):
@@ -60,7 +60,9 @@ class NNsight(Envoy):
         _warn_site_named_submodules(module)
         super().__init__(module, "", ModelState(rename))
         self._set_edits(())
-        object.__setattr__(self, "_compile", bool(compile))
+        from ..execute import compile_option
+
+        object.__setattr__(self, "_compile", compile_option(compile))
         object.__setattr__(self, "_reuse_default", bool(reuse))
         object.__setattr__(self, "_target_memo", None)
 
@@ -87,7 +89,7 @@ class NNsight(Envoy):
         scan: bool = False,
         validate: bool = False,
         invoker_args: dict | None = None,
-        compile: bool | None = None,
+        compile: bool | str | None = None,
         reuse: bool | None = None,
         remote: bool = False,
         blocking: bool = True,
@@ -98,8 +100,9 @@ class NNsight(Envoy):
         With ``trace=False`` the model runs at once (with any edits) and its output is returned.
         ``scan``/``validate`` run the interventions on fake tensors while recording, so mistakes surface at
         their line before the real run. ``compile=True`` runs the block through the compiled backend (model and
-        interventions as one graph compiled by Inductor, cached by structure); the default is the model's
-        (``NNsight(module, compile=...)``). ``reuse=True`` (default: the model's, ``NNsight(module, reuse=...)``,
+        interventions as one graph compiled by Inductor, cached by structure); ``compile="auto"`` runs a
+        structure eagerly until it has run twice and compiles it from its third run (one-off traces never pay a
+        compile, sweeps do); the default is the model's (``NNsight(module, compile=...)``). ``reuse=True`` (default: the model's, ``NNsight(module, reuse=...)``,
         off) replays the unedited decoder layers an earlier trace on the same prompt computed: a patching sweep
         runs about half the layers. Opt in only if the weights are not written through ``.data`` or a NumPy view
         between traces (see :meth:`clear_reuse`).
@@ -139,7 +142,7 @@ class NNsight(Envoy):
         self,
         graph: Graph,
         inputs: list[tuple[tuple, dict]],
-        compile: bool = False,
+        compile: bool | str = False,
         generate: dict | None = None,
     ) -> Any:
         """Run a recorded intervention graph on this model, as a block's exit would (the service runs a remote
@@ -416,7 +419,7 @@ def _warn_site_named_submodules(module: torch.nn.Module) -> None:
                 return
 
 
-def remote_tracer(tracer: Any, blocking: bool, compile: bool | None = None) -> Any:
+def remote_tracer(tracer: Any, blocking: bool, compile: bool | str | None = None) -> Any:
     """Mark a block to run on the intervention service (``remote/client.py``) when it exits. The model must be
     one the service can host: a ``LanguageModel`` made from a hub id or folder (a wrapped module has no name)."""
     if getattr(getattr(tracer.model, "_checkpoint", None), "source", None) is None:

@@ -45,7 +45,14 @@ class Results(TracerState):
         if self._reuse_note:
             parts.append(f"-- reuse across traces: {self._reuse_note}")
         entry = self._entry
-        if not self._compile:
+        if self._compile == "auto" and entry is None:
+            from ..execute import AUTO_COMPILE_AFTER
+
+            parts.append(
+                f"-- backend: eager (hooks); compile='auto' compiles a structure at its run {AUTO_COMPILE_AFTER} "
+                "(same shapes and grad mode), eager before"
+            )
+        elif not self._compile:
             parts.append("-- backend: eager (hooks)")
         elif entry is None:
             parts.append("-- backend: compiled, fell back to eager: unknown")

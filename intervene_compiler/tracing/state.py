@@ -51,7 +51,7 @@ class TracerState:
     _state: ModelState
     _mode: str
     _needs_output: bool
-    _compile: bool
+    _compile: bool | str
     _reuse: bool
     _validate: bool
     _session: Session | None  # the session the block records into, if any

@@ -104,7 +104,7 @@ class Tracer(Recording, FakeShapes, Running, Results):
         scan: bool = False,
         validate: bool = False,
         invoker_args: dict | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         reuse: bool = False,
     ):
         self.model = model
@@ -117,6 +117,10 @@ class Tracer(Recording, FakeShapes, Running, Results):
         self._site_cache: dict[SiteKey, Proxy] = {}
         self._saved_ids: set[int] = set()
         self._needs_output = needs_output
+        if type(compile) is not bool:
+            from ..execute import compile_option
+
+            compile = compile_option(compile)
         self._compile = compile
         self._reuse = reuse
         self._validate = validate = validate or scan or mode == "scan"
