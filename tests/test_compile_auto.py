@@ -16,12 +16,12 @@ from intervene_compiler.testing import tiny_mlp
 pytestmark = pytest.mark.compiled
 
 
-def _hooked(net, x, value):
-    """The same intervention with a plain forward hook: layer1's output set to ``value`` at column 0."""
+def _hooked(net, x, value, column=0):
+    """The same intervention with a plain forward hook: layer1's output set to ``value`` at ``column``."""
 
     def hook(module, args, out):
         out = out.clone()
-        out[:, 0] = value
+        out[:, column] = value
         return out
 
     handle = net.layer1.register_forward_hook(hook)
@@ -76,23 +76,10 @@ def test_auto_per_trace_and_bad_values():
         with model.trace(x, compile="auto"):
             model.layer1.output[:, 1] = float(i)
             out = model.output.save()
-        torch.testing.assert_close(out, _hooked_col(net, x, float(i)))
+        torch.testing.assert_close(out, _hooked(net, x, float(i), column=1))
     assert ic.compile_stats()["compiled_calls"] == before + 1
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         ic.NNsight(net, compile="yes")
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         with model.trace(x, compile="always"):
             model.output.save()
-
-
-def _hooked_col(net, x, value):
-    def hook(module, args, out):
-        out = out.clone()
-        out[:, 1] = value
-        return out
-
-    handle = net.layer1.register_forward_hook(hook)
-    try:
-        return net(x)
-    finally:
-        handle.remove()
