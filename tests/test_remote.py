@@ -787,3 +787,15 @@ def test_options_a_remote_trace_honours_or_refuses(remote, lm_dirs):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ic.TracingError, match="reuse=True"):
         lm.trace("Hello", remote=True, reuse=True)
+
+
+def test_a_remote_block_reading_weights_says_it_cannot_yet(lm_dirs, monkeypatch):
+    """The client's model is a meta model: a parameter used as a value has no data to send. A clear error at the
+    user's line, before anything is posted (the host below serves nothing)."""
+    monkeypatch.setattr(ic.CONFIG.API, "HOST", f"127.0.0.1:{_free_port()}")
+    lm = ic.LanguageModel(lm_dirs["gpt2"])
+    with pytest.raises(ic.TracingError, match="parameters or buffers") as info:
+        with lm.trace("Hello", remote=True):
+            lm.transformer.h[0].mlp.c_fc.weight[:] = 0
+            lm.lm_head.output.save()
+    assert info.value.loc is not None and info.value.loc.filename == __file__

@@ -112,6 +112,15 @@ def _submit(owner: Any, document: dict, tensors: list, loc: SourceLoc | None, bl
     from ..remote.client import RemoteClient
     from ..remote.wire import pack
 
+    if any(t.is_meta for t in tensors):  # a module's parameter or buffer read on the client's meta model
+        from ..errors import TracingError
+
+        raise TracingError(
+            "a remote block cannot use the model's parameters or buffers as values yet: the weights live on the "
+            "service, and this client's copy of the model has none",
+            loc,
+            "compute with activations (module inputs and outputs) instead, or run the block locally",
+        )
     client = RemoteClient()
     job_id = client.submit(pack(document, tensors), loc)
     owner.job = job = RemoteJob(client, job_id, owner, loc)
