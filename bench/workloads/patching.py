@@ -139,10 +139,18 @@ def _ours_clean_run(model, clean, layers) -> dict:
     return dict(zip(layers, (s.value for s in saved)))
 
 
-def _ours_loop(hf, clean, corrupt, compile, reuse=False):
+def _ours_model(hf, reuse=False, language=False):
+    """Ours on ``hf``: ``NNsight(hf)``, or ``LanguageModel`` as the walkthrough loads a model (its inputs, padding
+    and position ids; the ids given here need no tokenizing)."""
     import intervene_compiler as ic
 
-    model = ic.NNsight(hf, reuse=reuse)
+    if language:
+        return ic.LanguageModel(hf, tokenizer=models.tokenizer(), reuse=reuse)
+    return ic.NNsight(hf, reuse=reuse)
+
+
+def _ours_loop(hf, clean, corrupt, compile, reuse=False, language=False):
+    model = _ours_model(hf, reuse, language)
 
     def sweep(layers, positions):
         cache = _ours_clean_run(model, clean, layers)
@@ -159,12 +167,10 @@ def _ours_loop(hf, clean, corrupt, compile, reuse=False):
     return sweep
 
 
-def _ours_batched(hf, clean, corrupt, compile, layers_per_trace=1):
+def _ours_batched(hf, clean, corrupt, compile, layers_per_trace=1, language=False):
     """One trace per ``layers_per_trace`` layers of the sweep, one invoke per (layer, position). Eager, a trace
     covering a few layers packs again at each (the later ones' invokes join the pack there)."""
-    import intervene_compiler as ic
-
-    model = ic.NNsight(hf)
+    model = _ours_model(hf, False, language)
 
     def sweep(layers, positions):
         cache = _ours_clean_run(model, clean, layers)
@@ -251,7 +257,7 @@ def _tl_loop(hf, clean, corrupt):
 
 
 def _systems(settings: Settings, hf, clean, corrupt) -> list[Sweep]:
-    copies = models.copies(hf, 10)
+    copies = models.copies(hf, 12)
     systems = [Sweep("plain hooks loop", "baseline", _plain_loop(hf, clean, corrupt))]
     if settings.floors:
         systems.append(
@@ -301,6 +307,18 @@ def _systems(settings: Settings, hf, clean, corrupt) -> list[Sweep]:
             _ours_batched(copies[4], clean, corrupt, True),
             note="one trace per layer, one invoke per position",
             compiled_ours=True,
+        ),
+        Sweep(
+            "ours loop, eager, LanguageModel",
+            "ours",
+            _ours_loop(copies[10], clean, corrupt, False, language=True),
+            note="the model loaded as the walkthrough loads it (LanguageModel), as a user writes the loop",
+        ),
+        Sweep(
+            "ours batched, eager, LanguageModel",
+            "ours",
+            _ours_batched(copies[11], clean, corrupt, False, layers_per_trace=4, language=True),
+            note="LanguageModel; one trace per 4 layers, one invoke per (layer, position)",
         ),
     ]
     nnsight, why = peer("nnsight", settings)
