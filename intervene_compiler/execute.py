@@ -26,7 +26,7 @@ from .backends.compiled.entry import signature
 from .backends.compiled.layered import applies as layered_applies
 from .backends.eager import leaves, plain_values, run_graph, same_leaves
 from .backends.session import SessionTrace, run_session
-from .ir import Graph, Op, format_graph
+from .ir import Graph, Op, format_graph, structure_tuple
 from .ir.nodes import walk_nodes
 from .pipeline import Optimized, optimize
 from .runtime import RunResult, Target, to_fake
@@ -83,45 +83,12 @@ def _auto_compiles(graph: Graph, inputs: list[tuple[tuple, dict]], target: Targe
     """compile="auto": count this run of the structure (numbers abstracted, as the compiled backend lifts them to
     inputs: a value or position sweep is one structure); compile from its ``AUTO_COMPILE_AFTER``-th run on."""
     counts = target.caches.auto
-    key = (_numbers_abstracted(graph.nodes), signature(inputs), torch.is_grad_enabled(), graph.invokes)
+    key = (structure_tuple(graph, numbers=False), signature(inputs), torch.is_grad_enabled())
     seen = counts.get(key, 0) + 1
     if seen == 1 and len(counts) >= _AUTO_SIZE:
         del counts[next(iter(counts))]
     counts[key] = seen
     return seen >= AUTO_COMPILE_AFTER
-
-
-def _numbers_abstracted(nodes: tuple) -> tuple:
-    return tuple(
-        (
-            n.op,
-            _abstract(n.target),
-            _abstract(n.args),
-            _abstract(n.kwargs),
-            n.guards,
-            n.after,
-            n.invoke,
-            tuple(_numbers_abstracted(g.nodes) for g in n.body),
-        )
-        for n in nodes
-    )
-
-
-def _abstract(value: object) -> object:
-    t = type(value)
-    if t is int or t is float:
-        return t
-    if t is tuple or t is list:
-        return tuple([_abstract(v) for v in value])  # type: ignore[attr-defined]
-    if t is dict:
-        return tuple([(k, _abstract(v)) for k, v in value.items()])  # type: ignore[attr-defined]
-    if t is slice:
-        return (slice, _abstract(value.start), _abstract(value.stop), _abstract(value.step))  # type: ignore[attr-defined]
-    try:
-        hash(value)
-    except TypeError:
-        return (t, id(value))
-    return value
 
 
 def execute(

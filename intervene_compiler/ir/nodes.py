@@ -474,23 +474,26 @@ def prepend(prefix: Graph, graph: Graph) -> Graph:
     return graph.replace(nodes=nodes + graph.nodes, params=graph.params + prefix.params)
 
 
-def structure_tuple(graph: Graph) -> tuple:
+def structure_tuple(graph: Graph, numbers: bool = True) -> tuple:
     """A hashable, cheap form of ``graph``'s structure: everything but param values and source locations.
 
     Two graphs with equal tuples differ only in the runtime values their params hold (what the pass memo and
     the compile cache rely on). ``serialize.structure_key`` is the stable, printable digest of the same idea.
+    ``numbers=False`` abstracts int and float literals to their type (the compiled lowering lifts them to inputs:
+    a value or position sweep is one structure; ``compile="auto"`` counts runs by it).
     """
-    return (tuple(_node_tuple(n) for n in graph.nodes), graph.invokes, graph.kind, graph.needs_output)
+    nodes = tuple(_node_tuple(n, numbers) for n in graph.nodes)
+    return (nodes, graph.invokes, graph.kind, graph.needs_output)
 
 
-def _node_tuple(node: Node) -> tuple:
-    body = tuple(structure_tuple(g) for g in node.body)
+def _node_tuple(node: Node, numbers: bool) -> tuple:
+    body = tuple(structure_tuple(g, numbers) for g in node.body)
     return (
         node.id,
         node.op,
-        _freeze(node.target),  # an ITER node's slice is unhashable before Python 3.12
-        _freeze(node.args),
-        _freeze(node.kwargs),
+        _freeze(node.target, numbers),  # an ITER node's slice is unhashable before Python 3.12
+        _freeze(node.args, numbers),
+        _freeze(node.kwargs, numbers),
         node.guards,
         node.after,
         node.invoke,
@@ -498,17 +501,25 @@ def _node_tuple(node: Node) -> tuple:
     )
 
 
-def _freeze(value: Any) -> Any:
-    """A hashable form of an argument structure (slices, lists and dicts are unhashable)."""
+def _freeze(value: Any, numbers: bool = True) -> Any:
+    """A hashable form of an argument structure (slices, lists and dicts are unhashable); ``numbers=False``: int
+    and float literals as their type."""
     t = type(value)
     if t is tuple:
-        return tuple(_freeze(v) for v in value)
+        return tuple(_freeze(v, numbers) for v in value)
     if t is list:
-        return ("[", *(_freeze(v) for v in value))
+        return ("[", *(_freeze(v, numbers) for v in value))
     if t is dict:
-        return ("{", *((k, _freeze(v)) for k, v in value.items()))
+        return ("{", *((k, _freeze(v, numbers)) for k, v in value.items()))
     if t is slice:
-        return (":", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+        return (
+            ":",
+            _freeze(value.start, numbers),
+            _freeze(value.stop, numbers),
+            _freeze(value.step, numbers),
+        )
+    if not numbers and (t is int or t is float):
+        return t
     return value
 
 
