@@ -45,7 +45,15 @@ import torch
 
 from ..ir import Graph, InvokeRows, Node, Op, ParamRef, Ref, Site, SiteKind, map_args, structure_key, verify
 from ..ir.nodes import walk_nodes
-from .jobs import Request, deadline_criteria, error_document, read_request, result_document, run_request
+from .jobs import (
+    Request,
+    SavedValues,
+    deadline_criteria,
+    error_document,
+    read_request,
+    result_document,
+    run_request,
+)
 from .wire import pack, unpack
 
 
@@ -135,8 +143,7 @@ def run_jobs(
     for i, job in enumerate(jobs):
         request = requests[i]
         if outcomes[i] is None and request is not None:
-            outcomes[i] = outcome = run_alone(model, request, job, models)
-            outcome.forward = stats.count(1)
+            outcomes[i] = _alone(model, request, job, stats, models)
     return [o for o in outcomes if o is not None]
 
 
@@ -344,12 +351,6 @@ def _moved(nodes: tuple[Node, ...], offset: int, shift: int, base: int) -> list[
     return out
 
 
-@dataclass
-class _JobResult:
-    values: dict
-    skipped: dict
-
-
 def _run_merged(model: Any, requests: list[Any], jobs: list[JobIn], stats: BatchStats) -> list[Outcome]:
     graph, inputs, spans = merge([r.graph for r in requests], [r.inputs for r in requests])
     rows = graph.invokes[-1].stop
@@ -383,14 +384,17 @@ def _run_merged(model: Any, requests: list[Any], jobs: list[JobIn], stats: Batch
             stats.reruns += 1
             out.append(_alone(model, request, job, stats))
             continue
-        outcome = _result(_JobResult(values, skipped), job.max_result, [], len(jobs))
+        outcome = _result(SavedValues(values, skipped), job.max_result, [], len(jobs))
         outcome.forward = forward
         out.append(outcome)
     return out
 
 
-def _alone(model: Any, request: Request, job: JobIn, stats: BatchStats) -> Outcome:
-    outcome = run_alone(model, request, job)
+def _alone(
+    model: Any, request: Request, job: JobIn, stats: BatchStats, models: dict | None = None
+) -> Outcome:
+    """Run one job in its own forward, counted as one."""
+    outcome = run_alone(model, request, job, models)
     outcome.forward = stats.count(1)
     return outcome
 

@@ -212,12 +212,15 @@ def run_request(model: Any, request: Request, deadline: float | None = None, mod
 
 
 @dataclass
-class _SessionResult:
+class SavedValues:
+    """Saved values by node id, and the saves a false ``tracer.cond`` skipped (a run's result, as
+    :func:`result_document` reads it): a session's, or one job's share of a co-batched run."""
+
     values: dict
     skipped: dict = field(default_factory=dict)
 
 
-def _run_session(request: Request, models: dict, deadline: float | None) -> _SessionResult:
+def _run_session(request: Request, models: dict, deadline: float | None) -> SavedValues:
     from ..execute import run_session
 
     missing = sorted({slot.model for slot in request.slots} - set(models))
@@ -225,7 +228,7 @@ def _run_session(request: Request, models: dict, deadline: float | None) -> _Ses
         raise BadRequest(f"this server does not serve {', '.join(missing)}")
     traces = [_Slot(models[slot.model], slot, request.compile, deadline) for slot in request.slots]
     values = run_session(request.graph, traces, request.saved)
-    return _SessionResult(values)
+    return SavedValues(values)
 
 
 class _Slot:
@@ -353,6 +356,7 @@ __all__ = [
     "JobTimeout",
     "deadline_criteria",
     "Request",
+    "SavedValues",
     "error_document",
     "error_from",
     "read_request",

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from .batching import COMPILE_MERGED_AFTER, BatchStats, JobIn, run_jobs
 from .store import JobStore
 
 _STOP = object()
@@ -35,16 +36,11 @@ class ModelReplica:
         max_batch: int = 1,
         window: float = 0.0,
         gpus: float = 0.0,
-        compile_after: int = 16,
+        compile_after: int = COMPILE_MERGED_AFTER,
     ):
-        import torch
-
-        threads = os.environ.get("OMP_NUM_THREADS")  # --threads reaches replicas through the runtime env
-        if threads and threads.isdigit():
-            torch.set_num_threads(int(threads))
         from ..models import LanguageModel
-        from .batching import BatchStats
 
+        # --threads reaches a replica as OMP_NUM_THREADS (the runtime env), which torch takes as its thread count
         # with GPUs (Ray sets CUDA_VISIBLE_DEVICES to the replica's), accelerate spreads the model over them
         self.model = LanguageModel(source, device_map="auto" if gpus else None, dispatch=True)
         self.compile = compile
@@ -58,8 +54,6 @@ class ModelReplica:
         return await self.batched((payload, max_seconds, max_result))
 
     def run_many(self, items: list[tuple[bytes, float, int]]) -> list[tuple]:
-        from .batching import JobIn, run_jobs
-
         outcomes = run_jobs(self.model, [JobIn(*item) for item in items], None, self.compile, self.stats)
         return [(o.status, o.data, o.logs, o.carried, o.forward, self.pid) for o in outcomes]
 
@@ -83,7 +77,7 @@ def deploy(
     compile: bool,
     max_batch: int = 1,
     window: float = 0.0,
-    compile_after: int = 16,
+    compile_after: int = COMPILE_MERGED_AFTER,
 ) -> Any:
     """Deploy ``source`` as the Ray Serve application ``name``; its handle."""
     from ray import serve
@@ -112,6 +106,7 @@ class RayWorker(threading.Thread):
         compile: bool = True,
         max_batch: int = 1,
         window: float = 0.0,
+        compile_after: int = COMPILE_MERGED_AFTER,
     ):
         super().__init__(name=f"ray:{name}", daemon=True)
         self.model_name = name
@@ -132,7 +127,7 @@ class RayWorker(threading.Thread):
         self.max_batch = max_batch
         self.window = window
         self.batching = _Carried()
-        self.compile_after = 16  # the replicas' --compile-merged-after
+        self.compile_after = compile_after  # the replicas' --compile-merged-after
         self.app = "ic-" + "".join(c if c.isalnum() else "-" for c in name)[-40:]  # the Serve application
         self.pumps = replicas * max(2, max_batch)  # requests in flight: enough for every replica to batch
 

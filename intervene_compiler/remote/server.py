@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Any
 
+import torch
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 
@@ -57,6 +58,7 @@ class ModelWorker(threading.Thread):
         peers: dict | None = None,
         max_batch: int = 1,
         window: float = 0.0,
+        compile_after: int = COMPILE_MERGED_AFTER,
     ):
         super().__init__(name=f"worker:{name}", daemon=True)
         self.peers = peers if peers is not None else {}  # model name -> worker: a session's other models
@@ -73,7 +75,7 @@ class ModelWorker(threading.Thread):
         self.limits: dict[str, tuple[int, float]] = {}  # job id -> (max result bytes, max seconds)
         self.max_batch = max_batch  # jobs one forward may carry (co-batching: batching.py)
         self.window = window  # seconds to wait for more jobs after the first
-        self.batching = BatchStats()
+        self.batching = BatchStats(compile_after=compile_after)
 
     def submit(self, job_id: str, max_result_bytes: int, max_seconds: float) -> None:
         self.limits[job_id] = (max_result_bytes, max_seconds)
@@ -209,15 +211,30 @@ class Service:
             for name, source in models.items():
                 replicas = ray["replicas"].get(name, ray["replicas"].get("", 1))
                 self.workers[name] = RayWorker(
-                    name, source, self.store, replicas, ray["gpus"], compile, max_batch, window
+                    name,
+                    source,
+                    self.store,
+                    replicas,
+                    ray["gpus"],
+                    compile,
+                    max_batch,
+                    window,
+                    compile_merged_after,
                 )
-                self.workers[name].compile_after = compile_merged_after
         else:
+            if threads:  # the workers' forwards run in this process
+                torch.set_num_threads(threads)
             for name, source in models.items():
                 self.workers[name] = ModelWorker(
-                    name, source, self.store, compile, peers=self.workers, max_batch=max_batch, window=window
+                    name,
+                    source,
+                    self.store,
+                    compile,
+                    peers=self.workers,
+                    max_batch=max_batch,
+                    window=window,
+                    compile_after=compile_merged_after,
                 )
-                self.workers[name].batching.compile_after = compile_merged_after
         self.started = time.time()
 
     def start(self) -> None:
@@ -511,12 +528,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--address, --replicas and --gpus-per-replica need --ray")
     if args.max_batch < 1 or args.batch_window_ms < 0 or args.compile_merged_after < 0:
         parser.error("--max-batch is at least 1, --batch-window-ms and --compile-merged-after at least 0")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads is at least 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads is at least 1")
     replicas = _replicas(parser, args.replicas)
     if args.add_key:
         print(add_key(args.api_keys, args.add_key))

@@ -102,10 +102,10 @@ class NNsight(Envoy):
         their line before the real run. ``compile=True`` runs the block through the compiled backend (model and
         interventions as one graph compiled by Inductor, cached by structure); ``compile="auto"`` runs a
         structure eagerly until it has run twice and compiles it from its third run (one-off traces never pay a
-        compile, sweeps do); the default is the model's (``NNsight(module, compile=...)``). ``reuse=True`` (default: the model's, ``NNsight(module, reuse=...)``,
-        off) replays the unedited decoder layers an earlier trace on the same prompt computed: a patching sweep
-        runs about half the layers. Opt in only if the weights are not written through ``.data`` or a NumPy view
-        between traces (see :meth:`clear_reuse`).
+        compile, sweeps do); the default is the model's (``NNsight(module, compile=...)``). ``reuse=True``
+        (default: the model's, ``NNsight(module, reuse=...)``, off) replays the unedited decoder layers an
+        earlier trace on the same prompt computed: a patching sweep runs about half the layers. Opt in only if the
+        weights are not written through ``.data`` or a NumPy view between traces (see :meth:`clear_reuse`).
         """
         if remote:
             if not trace:
