@@ -57,10 +57,13 @@ class Sweep:
     stats: dict = field(default_factory=dict)
 
 
-def _plain_loop(hf, clean, corrupt):
-    blocks = hf.transformer.h
+def plain_loop(hf, blocks_path: str, clean, corrupt) -> tuple[Callable, Callable]:
+    """Plain PyTorch hooks: ``run_clean(layers)`` caches those blocks' outputs on the clean prompt;
+    ``run_patch(cache, layer, positions)`` patches each position of that block into the corrupted prompt, one
+    forward per patch, and gives the logit differences (also the scale workload's baseline)."""
+    blocks = hf.get_submodule(blocks_path)
 
-    def sweep(layers, positions):
+    def run_clean(layers):
         cache = {}
         handles = [
             blocks[i].register_forward_hook(lambda m, a, o, i=i: cache.__setitem__(i, o)) for i in layers
@@ -70,19 +73,34 @@ def _plain_loop(hf, clean, corrupt):
         finally:
             for h in handles:
                 h.remove()
+        return cache
+
+    def run_patch(cache, layer, positions):
+        out = torch.empty(len(positions), device=corrupt.device)
+        for pi, pos in enumerate(positions):
+
+            def patch(m, a, o, pos=pos):
+                o[:, pos] = cache[layer][:, pos]
+
+            handle = blocks[layer].register_forward_hook(patch)
+            try:
+                logits = hf(corrupt).logits
+            finally:
+                handle.remove()
+            out[pi] = logits[0, -1, A_TOKEN] - logits[0, -1, B_TOKEN]
+        return out
+
+    return run_clean, run_patch
+
+
+def _plain_loop(hf, clean, corrupt):
+    run_clean, run_patch = plain_loop(hf, "transformer.h", clean, corrupt)
+
+    def sweep(layers, positions):
+        cache = run_clean(layers)
         out = torch.empty(len(layers), len(positions), device=corrupt.device)
         for li, layer in enumerate(layers):
-            for pi, pos in enumerate(positions):
-
-                def patch(m, a, o, layer=layer, pos=pos):
-                    o[:, pos] = cache[layer][:, pos]
-
-                handle = blocks[layer].register_forward_hook(patch)
-                try:
-                    logits = hf(corrupt).logits
-                finally:
-                    handle.remove()
-                out[li, pi] = logits[0, -1, A_TOKEN] - logits[0, -1, B_TOKEN]
+            out[li] = run_patch(cache, layer, positions)
         return out
 
     return sweep

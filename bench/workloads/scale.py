@@ -69,10 +69,10 @@ from ..harness import (
     ratio,
     timed,
 )
+from .patching import A_TOKEN, B_TOKEN, plain_loop
 
 KEY = "scale"
 TITLE = "Scale: GPT-2 medium and a 1B Llama from a checkpoint"
-A_TOKEN, B_TOKEN = 5, 7
 SEED = 0
 FORMAT = 1  # bump when what a cached checkpoint holds changes
 
@@ -357,39 +357,6 @@ class Sweep:
     def sweep(self, layers: list[int], positions: list[int]) -> torch.Tensor:
         cache = self.clean(layers)
         return torch.stack([self.patch(cache, layer, positions) for layer in layers])
-
-
-def plain_loop(hf, blocks_path: str, clean, corrupt) -> tuple[Callable, Callable]:
-    blocks = walk(hf, blocks_path)
-
-    def run_clean(layers):
-        cache = {}
-        handles = [
-            blocks[i].register_forward_hook(lambda m, a, o, i=i: cache.__setitem__(i, o)) for i in layers
-        ]
-        try:
-            hf(clean)
-        finally:
-            for h in handles:
-                h.remove()
-        return cache
-
-    def run_patch(cache, layer, positions):
-        out = torch.empty(len(positions), device=corrupt.device)
-        for pi, pos in enumerate(positions):
-
-            def patch(m, a, o, pos=pos):
-                o[:, pos] = cache[layer][:, pos]
-
-            handle = blocks[layer].register_forward_hook(patch)
-            try:
-                logits = hf(corrupt).logits
-            finally:
-                handle.remove()
-            out[pi] = logits[0, -1, A_TOKEN] - logits[0, -1, B_TOKEN]
-        return out
-
-    return run_clean, run_patch
 
 
 def _clean_run(model, blocks_path: str, clean) -> Callable:
