@@ -320,3 +320,28 @@ def test_the_docs_sweep_runs_against_a_server(lm_dirs, tmp_path, monkeypatch, ca
             want = clean[0, targets[i]] - logits[0, targets[i]]
             torch.testing.assert_close(effect[i, layer], want, rtol=1e-4, atol=1e-4)
     assert max(int(k) for k in forwards) > 1, forwards  # the sweep's jobs shared forwards
+
+
+def test_the_service_passes_its_batching_options_to_its_workers(lm_dirs, tmp_path):
+    """--max-batch, --batch-window-ms, --compile-merged-after and --threads reach the embedded workers."""
+    from intervene_compiler.remote.keys import add_key
+    from intervene_compiler.remote.server import Service
+
+    add_key(str(tmp_path / "keys.json"), "alice")
+    threads = torch.get_num_threads()
+    try:
+        service = Service(
+            {"gpt2": lm_dirs["gpt2"]},
+            str(tmp_path / "data"),
+            str(tmp_path / "keys.json"),
+            max_batch=4,
+            window=0.01,
+            compile_merged_after=5,
+            threads=1,
+        )
+        worker = service.workers["gpt2"]
+        assert (worker.max_batch, worker.window, worker.batching.compile_after) == (4, 0.01, 5)
+        assert torch.get_num_threads() == 1
+        service.store.close()
+    finally:
+        torch.set_num_threads(threads)
