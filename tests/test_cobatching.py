@@ -114,6 +114,39 @@ def test_a_failing_job_gets_its_own_error_and_the_others_complete(lm_dirs, serve
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_each_run_starts_its_own_jobs_in_arrival_order_and_stores_them_as_it_ends(lm_dirs, served, capture):
+    """A worker marks a job RUNNING as its forward begins and stores it as it ends: a job taken with a long one
+    but waiting behind it stays QUEUED (a server killed meanwhile runs it again), and no completed result waits for
+    the rest of the batch."""
+    client = ic.LanguageModel(lm_dirs["gpt2"])
+    with client.trace(PROMPTS[0], remote=True, blocking=False):  # runs alone: the root output
+        client.output.save()
+    _job(client, 0, True)  # these two share a forward
+    with client.trace(PROMPTS[3], remote=True, blocking=False):  # alone: another longest length
+        client.transformer.h[0].output.save()
+    _job(client, 3, True)
+    events: list[tuple] = []
+    outcomes = batching.run_jobs(
+        served,
+        [batching.JobIn(m, 60.0, 1 << 30) for m in capture],
+        None,
+        False,
+        batching.BatchStats(),
+        lambda indices: events.append(("start", *indices)),
+        lambda i, outcome: events.append(("done", i, outcome.status)),
+    )
+    assert [o.status for o in outcomes] == ["COMPLETED"] * 4
+    assert events == [
+        ("start", 0),
+        ("done", 0, "COMPLETED"),
+        ("start", 1, 3),
+        ("done", 1, "COMPLETED"),
+        ("done", 3, "COMPLETED"),
+        ("start", 2),
+        ("done", 2, "COMPLETED"),
+    ]
+
+
 def test_jobs_that_cannot_share_a_forward_run_alone(lm_dirs, served, capture):
     client = ic.LanguageModel(lm_dirs["gpt2"])
     with client.trace(PROMPTS[0], remote=True, blocking=False):  # the model output holds the whole KV cache

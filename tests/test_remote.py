@@ -593,10 +593,13 @@ def _wait_status(client: RemoteClient, job_id: str, wanted: set[str], timeout: f
 
 def test_kill_and_restart(lm_dirs, tmp_path, monkeypatch):
     """kill -9 with a job running and jobs queued, restart on the same data dir: the completed result is still
-    there, the running job ends as ERROR with the reason, the queued ones run, a blocking client gets its value."""
+    there, the running job ends as ERROR with the reason, the queued ones run, a blocking client gets its value.
+    A batch window of 1 s makes the worker take the queued jobs with the running one (co-batching): they still wait
+    as QUEUED, not RUNNING, so the restarted server runs them."""
     import threading
 
-    server = Server(tmp_path, [lm_dirs["gpt2"]]).start("--eager")
+    window = ("--batch-window-ms", "1000")
+    server = Server(tmp_path, [lm_dirs["gpt2"]]).start("--eager", *window)
     monkeypatch.setattr(ic.CONFIG.API, "HOST", f"127.0.0.1:{server.port}")
     monkeypatch.setattr(ic.CONFIG.API, "APIKEY", server.key)
     monkeypatch.setattr(ic.CONFIG.APP, "REMOTE_LOGGING", False)
@@ -633,7 +636,7 @@ def test_kill_and_restart(lm_dirs, tmp_path, monkeypatch):
         waiter.start()
         time.sleep(0.5)
         server.kill()
-        server.start("--eager")
+        server.start("--eager", *window)
         assert _wait_status(client, running, {"COMPLETED", "ERROR"}) == "ERROR"
         assert "stopped while the job was running" in json.dumps(client.status(running)["error"])
         for job, proxy, text in queued:

@@ -118,32 +118,51 @@ def run_jobs(
     models: dict | None = None,
     compile: bool = True,
     stats: BatchStats | None = None,
+    start: Callable[[list[int]], None] | None = None,
+    done: Callable[[int, Outcome], None] | None = None,
 ) -> list[Outcome]:
-    """Run ``jobs`` on ``model``: those that can share a forward in merged runs, the rest one at a time. One
-    outcome per job, in order."""
+    """Run ``jobs`` on ``model``: those that can share a forward in merged runs, the rest one at a time, in the
+    order the jobs came (a group runs where its first job came). One outcome per job, in order.
+
+    ``start(indices)`` is called as a run begins, with the jobs it carries (a worker marks them RUNNING then, not
+    before: a job still waiting behind another is QUEUED, and a server that stops is free to run it again);
+    ``done(index, outcome)`` as each job's outcome is known (a worker stores it then, not after the whole batch)."""
     stats = stats if stats is not None else BatchStats()
     outcomes: list[Outcome | None] = [None] * len(jobs)
     requests: list[Request | None] = [None] * len(jobs)
     groups: dict[Any, list[int]] = {}
+
+    def begin(members: list[int]) -> None:
+        if start is not None:
+            start(members)
+
+    def end(i: int, outcome: Outcome) -> None:
+        outcomes[i] = outcome
+        if done is not None:
+            done(i, outcome)
+
     for i, job in enumerate(jobs):
         try:
             parsed = parse(job.payload, compile)
         except Exception as e:  # a stored request that no longer reads (checked at submission: not expected)
-            outcomes[i] = Outcome("ERROR", json.dumps(error_document(e)), [])
+            begin([i])
+            end(i, Outcome("ERROR", json.dumps(error_document(e)), []))
             continue
         requests[i] = parsed
         key = batch_key(parsed) if len(jobs) > 1 else None
         groups.setdefault(key if key is not None else ("alone", i), []).append(i)
-    for members in groups.values():
+    for members in sorted(groups.values()):
+        begin(members)
         if len(members) > 1:
             group = [r for r in (requests[i] for i in members) if r is not None]
-            done = _run_merged(model, group, [jobs[i] for i in members], stats)
-            for i, outcome in zip(members, done):
-                outcomes[i] = outcome
-    for i, job in enumerate(jobs):
-        request = requests[i]
-        if outcomes[i] is None and request is not None:
-            outcomes[i] = _alone(model, request, job, stats, models)
+            merged = _run_merged(model, group, [jobs[i] for i in members], stats)
+            for i, outcome in zip(members, merged):
+                end(i, outcome)
+        else:
+            (i,) = members
+            request = requests[i]
+            assert request is not None
+            end(i, _alone(model, request, jobs[i], stats, models))
     return [o for o in outcomes if o is not None]
 
 

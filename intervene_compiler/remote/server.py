@@ -96,7 +96,6 @@ class ModelWorker(threading.Thread):
             self.loaded.set()
         while True:
             batch, stop = take_batch(self.jobs, self.max_batch, self.window)
-            self.running = batch[0] if batch else None
             try:
                 if batch:
                     self._run(batch)
@@ -112,17 +111,24 @@ class ModelWorker(threading.Thread):
         jobs: list[str] = []
         inputs: list[JobIn] = []
         for job_id in batch:
-            begun = begin_job(self, job_id, "load")
-            if begun is not None:
-                payload, max_result, max_seconds = begun
+            read = read_job(self, job_id, "load")
+            if read is not None:
+                payload, max_result, max_seconds = read
                 jobs.append(job_id)
                 inputs.append(JobIn(payload, max_seconds, max_result, _logger(store, job_id)))
         if not jobs:
             return
+
+        def start(indices: list[int]) -> None:  # RUNNING as its forward begins: the rest stay QUEUED
+            self.running = jobs[indices[0]]
+            for i in indices:
+                store.set_status(jobs[i], "RUNNING")
+
+        def done(i: int, outcome: Any) -> None:  # stored as soon as known, not after the whole batch
+            finish(store, jobs[i], outcome.status, outcome.data)
+
         models = {name: w.model for name, w in self.peers.items() if w.model is not None}
-        outcomes = run_jobs(self.model, inputs, models, self.compile, self.batching)
-        for job_id, outcome in zip(jobs, outcomes):
-            finish(store, job_id, outcome.status, outcome.data)
+        run_jobs(self.model, inputs, models, self.compile, self.batching, start, done)
 
 
 def take_batch(jobs: queue.Queue, max_batch: int, window: float) -> tuple[list[str], bool]:
@@ -149,18 +155,25 @@ def _logger(store: JobStore, job_id: str) -> Any:
     return lambda text: store.log(job_id, text)
 
 
-def begin_job(worker: Any, job_id: str, what: str) -> tuple[bytes, int, float] | None:
-    """Mark a worker's job RUNNING and read its request: ``(payload, max result bytes, max seconds)``, or None
-    when the worker's model failed to ``what`` (the job then ends as ERROR with the reason)."""
+def read_job(worker: Any, job_id: str, what: str) -> tuple[bytes, int, float] | None:
+    """A worker's job's request: ``(payload, max result bytes, max seconds)``, or None when the worker's model
+    failed to ``what`` (the job then ends as ERROR with the reason)."""
     store = worker.store
     max_result, max_seconds = worker.limits.get(job_id, (256 << 20, 300.0))
-    store.set_status(job_id, "RUNNING")
     if worker.load_error is not None:
         error = RuntimeError(f"the model {worker.model_name!r} failed to {what}: {worker.load_error}")
         store.set_status(job_id, "ERROR", json.dumps(error_document(error)))
         return None
     with open(store.payload_path(job_id), "rb") as f:
         return f.read(), max_result, max_seconds
+
+
+def begin_job(worker: Any, job_id: str, what: str) -> tuple[bytes, int, float] | None:
+    """:func:`read_job`, the job then marked RUNNING."""
+    read = read_job(worker, job_id, what)
+    if read is not None:
+        worker.store.set_status(job_id, "RUNNING")
+    return read
 
 
 def finish(store: JobStore, job_id: str, status: str, data: bytes | str) -> None:
