@@ -42,12 +42,11 @@ from .entry import (
     UNSUPPORTED,
     CompileCache,
     Entry,
-    backend_for,
     cache_of,
     call,
+    compile_entry,
     count_call,
     failure_reason,
-    fresh_entry,
     model_device,
     param_signature,
     record_fallback,
@@ -438,7 +437,7 @@ def _build_step(
         return entry
     entry.bounds = index_bounds(graph, recorder.env, shim)
     entry.program = Program(shim, graph, recorder.order, split, dynamic_conds)
-    entry.fn = torch.compile(fresh_entry(), fullgraph=True, dynamic=False, backend=backend_for(entry))
+    compile_entry(entry)
     return entry
 
 

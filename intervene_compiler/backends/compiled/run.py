@@ -25,12 +25,11 @@ from .entry import (
     UNSUPPORTED,
     CompileCache,
     Entry,
-    backend_for,
     cache_of,
     call,
+    compile_entry,
     count_call,
     failure_reason,
-    fresh_entry,
     model_device,
     param_signature,
     prewarm_inductor,
@@ -326,6 +325,5 @@ def _build(
     )
     if family is not None:
         program.set_family(family, int(family.member))
-    # static shapes: the key already holds them, and automatic-dynamic state is shared by name across copies
-    entry.fn = torch.compile(fresh_entry(), fullgraph=True, dynamic=False, backend=backend_for(entry))
+    compile_entry(entry)
     return entry

@@ -1,0 +1,163 @@
+"""The compiled call's fast path (issue 20): a repeated ``compile=True`` trace runs Dynamo's compiled code directly,
+after checking Dynamo's own guards for it (``compile_stats()["direct_calls"]`` counts those calls). Anything a
+guard covers leaves it (a module's mode, a hook added by the user, a weight's dtype), as does any change of the key
+(structure, shape, dtype, grad mode); values always equal the eager backend's and plain PyTorch hooks'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import intervene_compiler as ic
+from intervene_compiler.testing import assert_clean, tiny_mlp
+
+pytestmark = pytest.mark.compiled
+
+
+class Moody(torch.nn.Module):
+    """A block whose forward depends on ``self.training`` without randomness: train doubles, eval does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = torch.nn.Linear(5, 10)
+        self.layer2 = torch.nn.Linear(10, 2)
+
+    def forward(self, x):
+        h = self.layer1(x)
+        if self.training:
+            h = h * 2
+        return self.layer2(h)
+
+
+def _hooked(net, x, value):
+    """Plain PyTorch: layer1's output column 0 set to ``value``, the model's output and layer1's output."""
+    seen = []
+
+    def hook(module, args, out):
+        out = out.clone()
+        out[:, 0] = value
+        seen.append(out)
+        return out
+
+    handle = net.layer1.register_forward_hook(hook)
+    try:
+        return net(x), seen[0]
+    finally:
+        handle.remove()
+
+
+def _trace(model, x, value, **options):
+    with model.trace(x, **options):
+        model.layer1.output[:, 0] = value
+        hidden = model.layer1.output.save()
+        out = model.output.save()
+    return out, hidden
+
+
+def _direct() -> int:
+    return ic.compile_stats()["direct_calls"]
+
+
+def _check(model, net, x, value, **options):
+    out, hidden = _trace(model, x, value, compile=True, **options)
+    want_out, want_hidden = _hooked(net, x, value)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(hidden, want_hidden)
+    eager_out, eager_hidden = _trace(model, x, value, compile=False, **options)
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(hidden, eager_hidden)
+
+
+def test_a_repeated_trace_takes_the_direct_call():
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)  # compiles: through torch.compile's wrapper
+    assert _direct() == 0 and ic.compile_stats()["compiles"] == 1
+    for i in range(3):  # a value sweep: one structure, each call direct
+        _check(model, net, x, float(i))
+        assert _direct() == i + 1
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["compiled_calls"] == 4
+    model.clear_compiled()  # the dispatcher's inert hooks stay until then
+    assert_clean(net)
+
+
+def test_a_new_shape_dtype_or_grad_mode_leaves_it():
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)
+    _check(model, net, x, 2.0)
+    assert _direct() == 1
+    _check(model, net, torch.rand(3, 5), 2.0)  # a new shape: a new entry, compiled through the wrapper
+    assert _direct() == 1 and ic.compile_stats()["compiles"] == 2
+    with torch.no_grad():  # grad mode: another key
+        _check(model, net, x, 2.0)
+    assert _direct() == 1 and ic.compile_stats()["compiles"] == 3
+    with torch.no_grad():
+        _check(model, net, x, 3.0)
+    assert _direct() == 2
+    net.double()  # the weights' dtype: a double input is another key; the float entry's guards now fail
+    _check(model, net, x.double(), 2.0)
+    assert _direct() == 2 and ic.compile_stats()["compiles"] == 4
+    _check(model, net, x.double(), 4.0)
+    assert _direct() == 3
+    assert ic.compile_stats()["fallbacks"] == 0
+
+
+def test_a_module_mode_the_forward_reads_fails_a_guard_and_recompiles():
+    net = Moody().eval()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)
+    _check(model, net, x, 1.0)
+    assert _direct() == 1
+    net.train()  # Dynamo guards on `self.training`: the direct call's check fails, the wrapper recompiles
+    _check(model, net, x, 1.0)
+    stats = ic.compile_stats()
+    assert _direct() == 1 and stats["recompiles"] == 1
+    _check(model, net, x, 1.0)  # both compiled versions are direct from now on
+    net.eval()
+    _check(model, net, x, 1.0)
+    assert _direct() == 3 and ic.compile_stats()["recompiles"] == 1
+
+
+def test_a_hook_the_user_adds_is_honoured():
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)
+    _check(model, net, x, 1.0)
+    before = _direct()
+    handle = net.layer2.register_forward_hook(lambda m, a, out: out + 100.0)
+    try:
+        out, _ = _trace(model, x, 1.0, compile=True)
+        want, _ = _hooked(net, x, 1.0)  # the user's hook runs in plain PyTorch too
+        torch.testing.assert_close(out, want)
+        assert float(out.min()) > 50  # the hook's +100 is there
+        assert _direct() == before  # the hook dicts' guard failed: recompiled through the wrapper
+    finally:
+        handle.remove()
+    out, _ = _trace(model, x, 1.0, compile=True)
+    torch.testing.assert_close(out, _hooked(net, x, 1.0)[0])
+
+
+def test_weights_changed_between_calls_are_read():
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)
+    _check(model, net, x, 1.0)
+    with torch.no_grad():
+        net.layer2.weight.mul_(3.0)  # in place: the same tensor, read by the compiled code at each call
+    _check(model, net, x, 1.0)
+    assert _direct() == 2 and ic.compile_stats()["recompiles"] == 0
+    net.layer2.weight = torch.nn.Parameter(torch.randn(2, 10))  # a new tensor: Dynamo decides, values equal
+    _check(model, net, x, 1.0)
+    _check(model, net, x, 1.0)
