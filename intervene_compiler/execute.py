@@ -17,6 +17,7 @@ that knows both sides. A third backend (remote execution) plugs in here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,7 +43,9 @@ class RunOptions:
         compile: run through the compiled backend (Dynamo + Inductor), falling back to eager with a recorded
             reason for what cannot compile; ``"auto"``: eagerly until the same structure (optimized graph,
             inputs' shapes, grad mode) has run ``AUTO_COMPILE_AFTER - 1`` times on the model, compiled from the
-            ``AUTO_COMPILE_AFTER``-th run on (a one-off trace never pays a compile; a sweep does).
+            ``AUTO_COMPILE_AFTER``-th run on (a one-off trace never pays a compile; a sweep does);
+            ``"reduce-overhead"``: compiled, replayed as CUDA graphs on a CUDA device (on another device it runs as
+            ``True`` and says so: a warning and ``explain()``).
         reuse: let shared-prefix runs replay (and memoize) the unedited decoder layers of earlier runs on the
             same prompt (``backends/eager/reuse.py``). Opt-in: a weight written through ``.data`` between runs
             bumps no version counter, and a replay would then be stale.
@@ -57,7 +60,7 @@ class RunOptions:
     def of(compile: bool | str, reuse: bool, fake: bool) -> RunOptions:
         """The options for these flags, made once (a trace asks on every run; building a frozen dataclass costs
         more than the lookup)."""
-        key = (compile if compile == "auto" else bool(compile), bool(reuse), bool(fake))
+        key = (compile if compile in _MODES else bool(compile), bool(reuse), bool(fake))
         options = _OPTIONS.get(key)
         if options is None:
             options = _OPTIONS[key] = RunOptions(*key)
@@ -65,30 +68,53 @@ class RunOptions:
 
 
 _OPTIONS: dict[tuple[bool | str, bool, bool], RunOptions] = {}
+_MODES = ("auto", "reduce-overhead")  # the string values of compile=
 EAGER = RunOptions()
 AUTO_COMPILE_AFTER = 3  # compile="auto": the run of one structure that compiles (the ones before run eagerly)
 _AUTO_SIZE = 1024
 
 
 def compile_option(value: object) -> bool | str:
-    """A ``compile=`` argument checked: ``True``, ``False`` or ``"auto"``."""
-    if value == "auto" and isinstance(value, str):
-        return "auto"
+    """A ``compile=`` argument checked: ``True``, ``False``, ``"auto"`` or ``"reduce-overhead"``."""
+    if isinstance(value, str) and value in _MODES:
+        return value
     if isinstance(value, bool) or value in (0, 1):
         return bool(value)
-    raise ValueError(f"compile={value!r}: pass True, False or 'auto'")
+    raise ValueError(f"compile={value!r}: pass True, False, 'auto' or 'reduce-overhead'")
 
 
 def _auto_compiles(graph: Graph, inputs: list[tuple[tuple, dict]], target: Target) -> bool:
     """compile="auto": count this run of the structure (numbers abstracted, as the compiled backend lifts them to
     inputs: a value or position sweep is one structure); compile from its ``AUTO_COMPILE_AFTER``-th run on."""
-    counts = target.caches.auto
-    key = (structure_tuple(graph, numbers=False), signature(inputs), torch.is_grad_enabled())
+    caches = target.caches
+    counts = caches.auto
+    key = (_auto_number(graph, caches), signature(inputs), torch.is_grad_enabled())
     seen = counts.get(key, 0) + 1
     if seen == 1 and len(counts) >= _AUTO_SIZE:
         del counts[next(iter(counts))]
     counts[key] = seen
     return seen >= AUTO_COMPILE_AFTER
+
+
+def _auto_number(graph: Graph, caches: Any) -> int:
+    """The number of ``graph``'s structure with numbers abstracted, found once per nodes tuple (the pass memo
+    hands a repeated trace the same one): equal structures, equal numbers."""
+    memo = caches.auto_nodes
+    mkey = (id(graph.nodes), graph.invokes, graph.kind, graph.needs_output)
+    hit = memo.get(mkey)
+    if hit is not None and hit[0] is graph.nodes:
+        return hit[1]
+    numbers = caches.auto_numbers
+    structure = structure_tuple(graph, numbers=False)
+    number = numbers.get(structure)
+    if number is None:
+        if len(numbers) >= _AUTO_SIZE * 4:
+            numbers.clear()  # numbers are never reused (the counter goes on): a forgotten one is counted anew
+        number = numbers[structure] = next(caches.auto_counter)
+    if len(memo) >= _AUTO_SIZE:
+        del memo[next(iter(memo))]
+    memo[mkey] = (graph.nodes, number)  # keeps the nodes alive: their id is not reused meanwhile
+    return number
 
 
 def execute(
@@ -123,6 +149,7 @@ def execute(
         options = RunOptions.of(_auto_compiles(graph, inputs, target), options.reuse, False)
     args, kwargs, repeat = _batch(graph, inputs, target, options)
     compile = options.compile
+    cuda_graphs = compile == "reduce-overhead"
     if compile:
         reason = _not_compiled(graph, target.generating is not None) or offload_reason(target.module)
         if reason is not None:
@@ -131,11 +158,11 @@ def execute(
     if options.fake:
         result = _run_fake(target, graph, args, kwargs)
     elif compile and target.generating is not None:
-        result = run_generate_compiled(target, graph, args, kwargs)
+        result = run_generate_compiled(target, graph, args, kwargs, cuda_graphs)
     elif compile and repeat:
         result = run_layered(target, graph, args, kwargs, repeat, options.reuse)
     elif compile:
-        result = run_compiled(target, graph, args, kwargs)
+        result = run_compiled(target, graph, args, kwargs, cuda_graphs)
     else:
         result = run_graph(target, graph, args, kwargs, repeat, options.reuse and repeat > 0)
     result.graph = graph
@@ -202,7 +229,10 @@ def _batch(graph: Graph, inputs: list[tuple[tuple, dict]], target: Target, optio
         not options.fake
         and target.shares_prefix
         and _prefix_graph(graph)
-        and (not options.compile or _layered(target, graph, inputs))
+        # (CUDA graphs replay one program: the layered run is a loop of eager runner and compiled layers)
+        and (
+            not options.compile or (options.compile != "reduce-overhead" and _layered(target, graph, inputs))
+        )
         and _identical_rows(inputs)
     ):
         args, kwargs = inputs[0]

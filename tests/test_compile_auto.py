@@ -78,8 +78,8 @@ def test_auto_per_trace_and_bad_values():
             out = model.output.save()
         torch.testing.assert_close(out, _hooked(net, x, float(i), column=1))
     assert ic.compile_stats()["compiled_calls"] == before + 1
-    with pytest.raises(ValueError, match="True, False or 'auto'"):
+    with pytest.raises(ValueError, match="True, False, 'auto' or 'reduce-overhead'"):
         ic.NNsight(net, compile="yes")
-    with pytest.raises(ValueError, match="True, False or 'auto'"):
+    with pytest.raises(ValueError, match="True, False, 'auto' or 'reduce-overhead'"):
         with model.trace(x, compile="always"):
             model.output.save()

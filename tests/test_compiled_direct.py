@@ -161,3 +161,32 @@ def test_weights_changed_between_calls_are_read():
     net.layer2.weight = torch.nn.Parameter(torch.randn(2, 10))  # a new tensor: Dynamo decides, values equal
     _check(model, net, x, 1.0)
     _check(model, net, x, 1.0)
+
+
+def test_reduce_overhead_off_a_gpu_runs_as_compile_true_and_says_so():
+    """compile="reduce-overhead" asks for CUDA graphs; on the CPU they cannot be used: the trace compiles as
+    compile=True does, with a warning at the user's line (once per model) and a line in explain()."""
+    import io
+    import warnings
+
+    net = tiny_mlp()
+    model = ic.NNsight(net, compile="reduce-overhead")
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for value in (1.0, 2.0, 3.0):
+            out, hidden = _trace(model, x, value)
+            want_out, want_hidden = _hooked(net, x, value)
+            torch.testing.assert_close(out, want_out)
+            torch.testing.assert_close(hidden, want_hidden)
+    said = [w for w in caught if "CUDA graphs need a CUDA device" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__  # the trace's line, not ours
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["direct_calls"] == 2 and stats["fallbacks"] == 0
+    with model.trace(x) as tracer:
+        model.layer1.output.save()
+    text = tracer.explain(file=io.StringIO())
+    assert "CUDA graphs: not used: the model is on cpu" in text
+    with pytest.raises(ValueError, match="'reduce-overhead'"):
+        ic.NNsight(net, compile="max-autotune")

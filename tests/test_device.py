@@ -181,3 +181,64 @@ def test_steered_generation_compiled_matches_eager_and_hooks(lm_dirs):
     assert torch.equal(ids.to(want.device), want)
     lm.clear_compiled()
     assert_clean(hf)
+
+
+@pytest.mark.compiled
+def test_reduce_overhead_matches_eager_and_keeps_each_calls_values(gpt):
+    """compile="reduce-overhead": CUDA graphs on a GPU (each saved value copied out of the graph's buffers, which
+    the next replay overwrites), compile=True elsewhere (and explain() says so); values equal eager's."""
+    import io
+    import warnings
+
+    ids = _ids()
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # off a GPU: "CUDA graphs need a CUDA device" (tested on the CPU)
+        for i in range(4):  # replays after the first: each call's values must survive the next
+            with torch.no_grad(), gpt.trace(ids, compile="reduce-overhead", reuse=False) as tracer:
+                gpt.transformer.h[1].output[:, 2] = gpt.transformer.h[1].output[:, 2] * float(i + 1)
+                hidden = gpt.transformer.h[2].output.save()
+                logits = gpt.lm_head.output[:, -1].save()
+            got.append((hidden, logits))
+    for i, (hidden, logits) in enumerate(got):
+        with torch.no_grad(), gpt.trace(ids, reuse=False):
+            gpt.transformer.h[1].output[:, 2] = gpt.transformer.h[1].output[:, 2] * float(i + 1)
+            want_hidden = gpt.transformer.h[2].output.save()
+            want_logits = gpt.lm_head.output[:, -1].save()
+        torch.testing.assert_close(hidden, want_hidden, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    text = tracer.explain(file=io.StringIO())
+    if DEVICE.type == "cuda":
+        assert "CUDA graphs: on" in text
+    else:
+        assert "CUDA graphs: not used" in text
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 1 and stats["recompiles"] == 0 and stats["fallbacks"] == 0, stats
+
+
+@pytest.mark.compiled
+def test_reduce_overhead_generation_matches_eager(lm_dirs):
+    """Decode steps under compile="reduce-overhead" (CUDA graphs on a GPU) give eager's tokens and logits."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from intervene_compiler.testing import steered_generate
+
+    path = lm_dirs["gpt2"]
+    hf = AutoModelForCausalLM.from_pretrained(path).to(DEVICE).eval()
+    lm = ic.LanguageModel(hf, tokenizer=AutoTokenizer.from_pretrained(path))
+    torch.manual_seed(4)
+    steer = torch.randn(64, device=DEVICE) * 4
+    prompt, n, block = "The Eiffel Tower is in the city of", 6, "transformer.h.1"
+    ic.reset_compile_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # off a GPU: "CUDA graphs need a CUDA device"
+        ids, _, logits = steered_generate(lm, prompt, n, steer, block, compile="reduce-overhead")
+    eager_ids, _, eager_logits = steered_generate(lm, prompt, n, steer, block, compile=False)
+    assert torch.equal(ids, eager_ids)
+    for got, want in zip(logits, eager_logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert ic.compile_stats()["fallbacks"] == 0
+    lm.clear_compiled()
+    assert_clean(hf)

@@ -9,6 +9,7 @@ paths need. Nothing here knows about envoys, tracers or proxies.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,8 +32,12 @@ class ModelCaches:
         self.compiled: Any = None  # the compiled backend's CompileCache, made on its first use
         # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
         self.reuse_memo: Any = None
-        # compile="auto" (execute.py): (structure with numbers abstracted, inputs' signature, grad mode) -> runs
+        # compile="auto" (execute.py): (structure number, inputs' signature, grad mode) -> runs; the structure
+        # (numbers abstracted) of a graph's nodes, and its number: id(nodes) -> (nodes, number); structure -> number
         self.auto: dict[Any, int] = {}
+        self.auto_nodes: dict[Any, tuple[Any, int]] = {}
+        self.auto_numbers: dict[Any, int] = {}
+        self.auto_counter = itertools.count()
 
     def clear_compiled(self) -> None:
         """Drop the compiled programs and the compiled backend's dispatcher hooks."""

@@ -11,6 +11,7 @@ recompile limit.
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ...errors import user_location
 from ...ir import Op
 from ...runtime import Target
 from ...runtime.devices import forward_slot
@@ -102,6 +104,8 @@ class Entry:
     users_error: bool = False
     # (module, forward) set on the instance during each call: the modules the graph skips (run.py)
     skip_forwards: tuple = ()
+    # compile="reduce-overhead": None when not asked for, "on" (CUDA graphs replay the program), or why not
+    cuda_graphs: str | None = None
     code: Any = None  # the code object compiled (fresh_entry's copy): Dynamo's cache for it is this entry's
     # the direct call (see call): ((Dynamo's guard check, its transformed code as a function), ...) per cache
     # entry of ``code``, newest first; None until a call through ``fn`` has compiled one
@@ -125,6 +129,12 @@ class Entry:
             f"-- backend: compiled; {len(self.graphs)} graph(s) compiled for this structure, "
             f"{self.calls} call(s) so far"
         ]
+        if self.cuda_graphs == "on":
+            parts.append(
+                "-- CUDA graphs: on (compile='reduce-overhead'; saved values are copied out of them)"
+            )
+        elif self.cuda_graphs is not None:
+            parts.append(f"-- CUDA graphs: not used: {self.cuda_graphs}")
         if self.graphs:
             parts.append("-- spliced FX graph:\n" + self.graphs[-1].code.strip())
         return parts
@@ -143,6 +153,17 @@ class CompileCache:
         ] = {}  # (structure, tensor params) -> backward.host_only_params
         # the model's first parameter (False: none), whose dtype a floating-point input must have (run.py)
         self.first_weight: Any = None
+        self.warned_cuda_graphs = False  # compile="reduce-overhead" off a CUDA device: warned once per model
+        self.plans: dict[Any, Any] = {}  # run.py's Plan per graph nodes
+        self.structure_ids: dict[tuple, int] = {}  # a lowered structure -> its number in keys (run.py)
+        self._sids = 0
+
+    def next_sid(self) -> int:
+        """A new structure number (never reused: the numbering outlives a cleared table)."""
+        self._sids += 1
+        if len(self.structure_ids) > 4096:
+            self.structure_ids.clear()
+        return self._sids
 
     def lookup(self, key: Any, build) -> Entry:
         """The entry for ``key``, made by ``build()`` on a miss (evicting the oldest past ``size``); it becomes
@@ -165,6 +186,8 @@ class CompileCache:
         self.first_weight = None
         self.entries.clear()
         self.host_only.clear()
+        self.plans.clear()
+        self.structure_ids.clear()
         self.last = None
         if self.dispatcher is not None:
             self.dispatcher.remove()
@@ -233,12 +256,16 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
     swapped = [(m, slot, m.__dict__.get(slot)) for m, _ in entry.skip_forwards for slot in (forward_slot(m),)]
     for (module, slot, _), (_, fn) in zip(swapped, entry.skip_forwards):
         module.__dict__[slot] = fn
+    graphs = entry.cuda_graphs == "on"
     try:
+        if graphs:  # a new step of the CUDA graph tree: the last call's outputs were copied out (below)
+            torch.compiler.cudagraph_mark_step_begin()
         if entry.direct is not None and not regions:
             code = _direct(entry, params, args, kwargs)
             if code is not None:
                 STATS["direct_calls"] += 1
-                return code(entry.program, params, args, kwargs)
+                result = code(entry.program, params, args, kwargs)
+                return copy_out(result) if graphs else result
         config = torch._dynamo.config
         # hook guards on (a graph never outlives a hook change); set directly: config.patch() builds a class per
         # call
@@ -249,7 +276,7 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
         finally:
             config.skip_nnmodule_hook_guards = skip
         entry.direct = _direct_codes(entry) if not regions else None
-        return result
+        return copy_out(result) if graphs else result
     finally:
         for member, _, _ in regions:
             member.__dict__.pop("forward", None)
@@ -293,24 +320,12 @@ def compile_entry(entry: Entry) -> None:
 # after checking the guards Dynamo keeps for it with Dynamo's own guard manager, exactly as its frame evaluation
 # would before running that code. Nothing is skipped that Dynamo checks; a failed guard (a module's mode, a new
 # hook, a weight's dtype, global state) takes the wrapper, which recompiles as it always did.
-_PROGRAM = "L['program']"
-_PROGRAM_TARGET = "L['program'].target"
-
-
 def _guard_filter(entries: list) -> list[bool]:
-    """Keep every guard but those on our Program's own attributes: a program is built once for its entry's key
-    (the structure, shapes, dtypes, grad mode) and never changed after; its per-call state is reset by each call.
-    Guards reached through ``program.target`` (the model: its modules, hooks, weights, forward) all stay."""
-    keep = []
-    for e in entries:
-        name = e.name
-        ours = (
-            name.startswith(_PROGRAM)
-            and name != _PROGRAM
-            and not (name == _PROGRAM_TARGET or name.startswith(_PROGRAM_TARGET + "."))
-        )
-        keep.append(not ours)
-    return keep
+    """Keep every guard but those on our Program's own attributes (``program.events``, ``program.graph``, ...): a
+    program is built once for its entry's key (the structure, shapes, dtypes, grad mode) and never changed after;
+    its per-call state is reset by each call. Guards reached through ``program.target`` (the model: its modules,
+    hooks, weights, forward) all stay, as do the ones on the program object itself and on its class."""
+    return [not (e.name.startswith("program.") and not e.name.startswith("program.target")) for e in entries]
 
 
 def _direct_codes(entry: Entry) -> tuple | None:
@@ -388,7 +403,7 @@ def _join_prewarm() -> None:
 
 def backend_for(entry: Entry):
     """The ``torch.compile`` backend of ``entry``: counts compiles and recompiles, keeps each FX graph (explain),
-    then compiles with Inductor."""
+    then compiles with Inductor (with its CUDA graph trees when ``entry.cuda_graphs`` is on)."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx
@@ -398,9 +413,52 @@ def backend_for(entry: Entry):
             STATS["recompiles"] += 1
         STATS["compiles"] += 1
         entry.graphs.append(gm)
+        if entry.cuda_graphs == "on":
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
         return compile_fx(gm, example_inputs)
 
     return backend
+
+
+# -- CUDA graphs (compile="reduce-overhead") ---------------------------------------------------------------------
+def cuda_graphs_state(cache: CompileCache, asked: bool, device: torch.device) -> str | None:
+    """What an entry built now does about CUDA graphs: None (not asked for), "on", or why they are not used. On a
+    device without them the program compiles as ``compile=True`` would, and the first such entry of a model says
+    so in a warning (``explain()`` says so for every one)."""
+    if not asked:
+        return None
+    if device.type == "cuda":
+        return "on"
+    why = (
+        f"the model is on {device.type}, and CUDA graphs need a CUDA device: compile='reduce-overhead' runs as "
+        "compile=True here"
+    )
+    if not cache.warned_cuda_graphs:
+        cache.warned_cuda_graphs = True
+        loc = user_location()  # the user's trace, not this line
+        if loc is None:
+            warnings.warn(why, UserWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(why, UserWarning, loc.filename, loc.lineno)
+    return why
+
+
+def copy_out(value: Any) -> Any:
+    """``value`` with its tensors copied out of the CUDA graph's static output buffers, which the next replay
+    overwrites: tensors in tuples, lists, dicts and model outputs (``ModelOutput``). Other objects (a KV cache,
+    whose tensors are the model's static buffers the next step writes into) stay as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    t = type(value)
+    if t is tuple or t is list:
+        return t(copy_out(v) for v in value)
+    if t is dict:
+        return {k: copy_out(v) for k, v in value.items()}
+    if isinstance(value, dict) and hasattr(value, "to_tuple"):  # transformers' ModelOutput: copied in place
+        for k in list(value.keys()):
+            value[k] = copy_out(value[k])
+        return value
+    return value
 
 
 def record_fallback(entry: Entry | None, reason: str, prefix: str = "") -> None:
@@ -472,7 +530,9 @@ __all__ = [
     "compile_entry",
     "compile_stats",
     "CompileCache",
+    "copy_out",
     "count_call",
+    "cuda_graphs_state",
     "Entry",
     "failure_reason",
     "fresh_entry",

@@ -46,6 +46,7 @@ from .entry import (
     call,
     compile_entry,
     count_call,
+    cuda_graphs_state,
     failure_reason,
     model_device,
     param_signature,
@@ -61,7 +62,9 @@ _SITE_OPS = (Op.SITE, Op.SET, Op.UPDATE)
 _CONTAINER_MAKERS = (list, dict, set)  # outer values that the Python part mutates (``ic.list()``, ...)
 
 
-def run_generate_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
+def run_generate_compiled(
+    target: Target, graph: Graph, args: tuple, kwargs: dict, cuda_graphs: bool = False
+) -> RunResult:
     """Run a generate block's graph with every step's forward compiled (see the module docstring).
 
     ``target.generating`` holds the block's ``generate()`` arguments; a static KV cache and no transformers
@@ -83,7 +86,7 @@ def run_generate_compiled(target: Target, graph: Graph, args: tuple, kwargs: dic
     had_forward = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
     original = module.forward
-    state = _StepState(target, cache, plan, run, original)
+    state = _StepState(target, cache, plan, run, original, cuda_graphs)
 
     @functools.wraps(original)
     def forward(*a: Any, **kw: Any) -> Any:
@@ -312,8 +315,15 @@ class _StepState:
     """A compiled generate block's steps: ``step`` runs in place of the root's forward at every step."""
 
     def __init__(
-        self, target: Target, cache: CompileCache, plan: _Plan, run: Interpreter, forward: Callable[..., Any]
+        self,
+        target: Target,
+        cache: CompileCache,
+        plan: _Plan,
+        run: Interpreter,
+        forward: Callable[..., Any],
+        cuda_graphs: bool = False,
     ):
+        self.cuda_graphs = cuda_graphs  # compile="reduce-overhead": steps replayed as CUDA graphs on a GPU
         self.target = target
         self.cache = cache
         self.plan = plan
@@ -341,9 +351,13 @@ class _StepState:
             signature(args),
             signature(kwargs),  # a KV cache by its layout (see entry.signature)
             torch.is_grad_enabled(),
+            self.cuda_graphs,
         )
         entry = cache.lookup(
-            key, lambda: _build_step(shim, cache, lowered.replace(params=params), key, args, kwargs, exported)
+            key,
+            lambda: _build_step(
+                shim, cache, lowered.replace(params=params), key, args, kwargs, exported, self.cuda_graphs
+            ),
         )
         if entry.fallback is None:
             if ints and entry.bounds:
@@ -417,9 +431,17 @@ class _StepState:
 
 
 def _build_step(
-    shim: Target, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, exported: tuple
+    shim: Target,
+    cache: CompileCache,
+    graph: Graph,
+    key,
+    args: tuple,
+    kwargs: dict,
+    exported: tuple,
+    cuda_graphs: bool = False,
 ) -> Entry:
     entry = Entry(key)
+    entry.cuda_graphs = cuda_graphs_state(cache, cuda_graphs, model_device(shim.module))
     try:
         recorder = record_schedule(shim, graph, args, kwargs)
     except Exception as e:

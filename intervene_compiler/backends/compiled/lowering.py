@@ -11,6 +11,7 @@ program.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -206,7 +207,7 @@ def _shape_of(value: Any, env: dict, params: tuple) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def check_bounds(graph: Graph, ints: list, bounds: dict[int, tuple[int, int, int]]) -> None:
+def check_bounds(graph: Graph, ints: Sequence, bounds: dict[int, tuple[int, int, int]]) -> None:
     """Raise, before a compiled call, the IndexError eager indexing raises for a lifted index outside its dimension
     (the compiled take/put would wrap it), at the same user line and with the same type."""
     bad = out_of_bounds(ints, bounds)
@@ -218,7 +219,7 @@ def check_bounds(graph: Graph, ints: list, bounds: dict[int, tuple[int, int, int
     raise execution_error(error, node.loc, format_node(node)) from error
 
 
-def out_of_bounds(ints: list, bounds: dict[int, tuple[int, int, int]]) -> tuple[int, str] | None:
+def out_of_bounds(ints: Sequence, bounds: dict[int, tuple[int, int, int]]) -> tuple[int, str] | None:
     """The first lifted index outside its dimension: ``(node id, the message eager indexing gives)``, else None."""
     for index, value in ints:
         bound = bounds.get(index)

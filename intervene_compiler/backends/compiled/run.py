@@ -9,6 +9,7 @@ reason is recorded in :func:`compile_stats` and shown by ``tracer.explain()``, n
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from .entry import (
     call,
     compile_entry,
     count_call,
+    cuda_graphs_state,
     failure_reason,
     model_device,
     param_signature,
@@ -37,45 +39,63 @@ from .entry import (
     signature,
 )
 from .grad_edits import GradEdits
-from .lowering import check_bounds, index_bounds, lift_family, lift_values
+from .lowering import Family, check_bounds, index_bounds, lift_family, lift_values
 from .predication import effective_guards, unpredicated_reason
 from .program import NoGradientThere, Program, family_gates
 from .schedule import dynamic_conds_of, record_schedule
 
 
-def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> RunResult:
-    """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry."""
+def run_compiled(
+    target: Target, graph: Graph, args: tuple, kwargs: dict, cuda_graphs: bool = False
+) -> RunResult:
+    """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry.
+    ``cuda_graphs``: replay the program as CUDA graphs (``compile="reduce-overhead"``; see ``entry.cuda_graphs_state``)."""
     cache = cache_of(target)
     mixed = _mixed_precision_input(args, kwargs, cache, target.module)
     if mixed is not None:
         record_fallback(None, mixed)
         return run_graph(target, graph, args, kwargs)
     device = model_device(target.module)
-    ints: list = []
-    lowered = lift_values(graph, device, ints)
-    keyed, family = lift_family(lowered, target.module, device)  # a ModuleList member index becomes an input
-    structure = structure_tuple(keyed)
+    plan = _plan_of(cache, graph, target.module, device)
+    lowered_params = graph.params + plan.lifted
+    params = lowered_params + plan.member  # a ModuleList member index is an input (lift_family)
+    family = plan.family
     # a property of the structure and which params are tensors: found once, not per call
-    host_key = (structure, tuple([isinstance(p, torch.Tensor) for p in keyed.params]))
+    host_key = (plan.sid, tuple([isinstance(p, torch.Tensor) for p in params]))
     host_only = cache.host_only.get(host_key)
     if host_only is None:
+        keyed = graph.replace(nodes=plan.keyed_nodes, params=params)
         host_only = cache.host_only[host_key] = host_only_params(keyed)
         if len(cache.host_only) > 1024:
             del cache.host_only[next(iter(cache.host_only))]
     key = (
-        structure,
-        param_signature(keyed.params, host_only),
+        plan.sid,
+        param_signature(params, host_only),
         signature(args),
         signature(kwargs),
         torch.is_grad_enabled(),
+        cuda_graphs,
     )
-    entry = cache.lookup(key, lambda: _build(target, cache, lowered, key, args, kwargs, family))
+    entry = cache.lookup(
+        key,
+        lambda: _build(
+            cuda_graphs,
+            target,
+            cache,
+            graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
+            key,
+            args,
+            kwargs,
+            family,
+        ),
+    )
     program, split = entry.program, entry.split
     if entry.users_error:
         cache.forget(key)
         return _eager(target, graph, args, kwargs, entry)
     if entry.fallback is not None or program is None or split is None:  # (a compiled entry has both)
         return _eager(target, graph, args, kwargs, entry)
+    ints = plan.ints
     if ints and entry.bounds:
         check_bounds(graph, ints, entry.bounds)
     compiled_before = len(entry.graphs)
@@ -85,7 +105,7 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
     )
     try:
         gates = () if family is None else family_gates(family.size, family.member, device)
-        saved, output = call(cache, entry, keyed.params + probes + gates, args, kwargs)
+        saved, output = call(cache, entry, params + probes + gates, args, kwargs)
     except Exception as e:
         if _interrupted(e):  # Ctrl-C while Dynamo traced: not the structure's fault, and not to be swallowed
             cache.forget(key)
@@ -99,7 +119,7 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
     entry.calls += 1
     count_call(entry, compiled_before)
     env = dict(zip(program.saved_ids + program.needed + program.dynamic_conds, saved))
-    wanted = saved_ids(graph.nodes)
+    wanted = plan.wanted
     skipped: dict = {}
     held: Callable[[int], bool] | None = None
     if entry.guards:  # tracer.cond: drop what a false condition skipped (computed anyway, see Program)
@@ -116,7 +136,7 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
         for nid in wanted:
             held(nid)
     if split.post:
-        _run_after_backward(split, program, env, probes, lowered.params, held)
+        _run_after_backward(split, program, env, probes, lowered_params, held)
     values = {i: env[i] for i in wanted if i in env and i not in skipped}
     for i, names in entry.cache_ids.items():
         if i in values:
@@ -124,6 +144,58 @@ def run_compiled(target: Target, graph: Graph, args: tuple, kwargs: dict) -> Run
             values[i] = ModuleCache({name: CacheEntry(*got[name]) for name in names if name in got})
     skipped = {i: skipped[i] for i in wanted if i in skipped}
     return RunResult(values, output, None, skipped, explain=entry)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the compiled call derives from a graph's nodes alone, found once per nodes tuple (the pass memo
+    hands back the same optimized nodes for a repeated trace): the lowering's nodes and the constant params it
+    appends (lifted index ints and float operands, then a family's member index), the bounds to check, the
+    structure's id in the cache key, and the ids the call hands back."""
+
+    nodes: tuple  # the graph's nodes: kept alive, so the id keying the memo is not reused meanwhile
+    lowered_nodes: tuple  # lift_values
+    lifted: tuple  # the params lift_values appends, on the model's device
+    ints: tuple  # (param index, value) of each lifted index (check_bounds)
+    keyed_nodes: tuple  # lift_family: a family's member path as ``*``
+    member: tuple  # () or the family's member index param
+    family: Family | None
+    sid: int  # the keyed structure's number in the cache (equal structures, equal numbers)
+    wanted: tuple  # saved ids
+
+
+def _plan_of(cache: CompileCache, graph: Graph, module: torch.nn.Module, device: torch.device) -> Plan:
+    memo = cache.plans
+    mkey = (id(graph.nodes), graph.invokes, graph.kind, graph.needs_output, len(graph.params), device)
+    plan = memo.get(mkey)
+    if plan is not None and plan.nodes is graph.nodes:
+        return plan
+    ints: list = []
+    lowered = lift_values(graph, device, ints)
+    keyed, family = lift_family(lowered, module, device)
+    structure = structure_tuple(keyed)
+    sid = cache.structure_ids.get(structure)
+    if sid is None:
+        sid = cache.structure_ids[structure] = cache.next_sid()
+    n = len(graph.params)
+    plan = Plan(
+        graph.nodes,
+        lowered.nodes,
+        lowered.params[n:],
+        tuple(ints),
+        keyed.nodes,
+        keyed.params[len(lowered.params) :],
+        family,
+        sid,
+        saved_ids(graph.nodes),
+    )
+    if len(memo) >= _PLANS:
+        del memo[next(iter(memo))]
+    memo[mkey] = plan
+    return plan
+
+
+_PLANS = 1024
 
 
 def _skip_forward(root: torch.nn.Module, path: str, program: Program) -> tuple[torch.nn.Module, Any]:
@@ -246,9 +318,17 @@ def _probe_grad(node, probe: torch.Tensor) -> torch.Tensor:
 
 
 def _build(
-    target: Target, cache: CompileCache, graph: Graph, key, args: tuple, kwargs: dict, family=None
+    cuda_graphs: bool,
+    target: Target,
+    cache: CompileCache,
+    graph: Graph,
+    key,
+    args: tuple,
+    kwargs: dict,
+    family=None,
 ) -> Entry:
     entry = Entry(key)
+    entry.cuda_graphs = cuda_graphs_state(cache, cuda_graphs, model_device(target.module))
     reason = next((why for n in graph.nodes if (why := UNSUPPORTED.get(n.op)) is not None), None)
     if reason is None and any(n.body for n in graph.nodes):
         reason = "nested graphs are not compiled yet"
