@@ -1,7 +1,8 @@
 """Workload 1, trace overhead: one trace saving one module's output, microseconds per call.
 
 Two models: the walkthrough's tiny 2-layer MLP (input ``(1, 5)``, saves ``layer1``) and a small transformer (the
-test suite's tiny GPT-2: 2 blocks, width 32, 8 tokens; saves block 0's output). Systems: the raw forward (plain
+test suite's tiny GPT-2: 2 blocks, width 32, 8 tokens; saves block 0's output); ``--full`` adds GPT-2 small (12
+blocks, random weights, 16 tokens; saves block 5's output). Systems: the raw forward (plain
 PyTorch eager, the baseline), the raw forward compiled with ``torch.compile`` (the floor), the raw forward with one
 forward hook registered and removed around the call (what a user saving one value writes), ours eager and
 ``compile=True``, nnsight and TransformerLens ``run_with_hooks`` when installed.
@@ -193,6 +194,27 @@ def _transformer_systems(settings: Settings) -> tuple[list[System], str]:
     return systems, "tiny GPT-2 (2 blocks, width 32, vocab 128, 8 tokens), saves block 0's output"
 
 
+def _gpt2_small_systems(settings: Settings) -> tuple[list[System], str]:
+    """GPT-2 small (``--full``: 12 blocks, random weights, 16 tokens), saving block 5's output: where the forward
+    is compute-bound and each system's per-call cost is a small share of it."""
+    hf = models.gpt2(settings, settings.sweep_layers)
+    ids = models.token_ids(settings)
+    block = min(5, settings.sweep_layers - 1)
+    systems = _systems(
+        settings,
+        hf,
+        ids,
+        f"transformer.h.{block}",
+        lambda out: out.logits,
+        lambda module: models.tl_bridge(module, settings.device),
+        f"blocks.{block}.hook_out",
+    )
+    return (
+        systems,
+        f"GPT-2 small ({settings.sweep_layers} blocks, {settings.tokens} tokens), saves block {block}'s output",
+    )
+
+
 def run(settings: Settings) -> WorkloadResult:
     result = WorkloadResult(
         KEY,
@@ -207,7 +229,10 @@ def run(settings: Settings) -> WorkloadResult:
     def body():
         import intervene_compiler as ic
 
-        for build in (_mlp_systems, _transformer_systems):
+        builds = [_mlp_systems, _transformer_systems]
+        if settings.full_shapes:  # GPT-2 small: a compile of about 15 s per compiled system
+            builds.append(_gpt2_small_systems)
+        for build in builds:
             systems, group = build(settings)
             log(f"{TITLE}: {group}")
             live = [s for s in systems if s.fn is not None]
