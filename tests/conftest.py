@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from intervene_compiler import NNsight
 from intervene_compiler.testing import assert_clean, tiny_gpt2, tiny_llama, tiny_mlp
+
+# no output by default in tests: the one-line note of a slow first compile (runtime/progress.py) is off
+logging.getLogger("intervene_compiler").setLevel(logging.WARNING)
 
 # test tiers (tests/README.md): a test with none of these markers belongs to the fast `eager` tier
 SLOW_TIERS = ("compiled", "differential", "bench", "device", "remote")

@@ -124,14 +124,21 @@ class _SessionRun:
         except Exception as e:
             raise execution_error(e, node.loc, "session.iter()") from e
         body = node.body[0].nodes
-        for item in iterator:
-            self.env[node.id] = item
-            try:
-                self.block(body)
-            except _Exit as e:
-                if e.loop == node.id:
-                    break
-                raise
+        bar = _progress_bar(items, node) if ("progress", True) in node.kwargs else None
+        try:
+            for item in iterator:
+                self.env[node.id] = item
+                try:
+                    self.block(body)
+                except _Exit as e:
+                    if e.loop == node.id:
+                        break
+                    raise
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _trace(self, node: Node) -> None:
         trace = self.traces[node.target]
@@ -224,6 +231,14 @@ def _self_contained(body: Graph) -> tuple[Graph, tuple[int, ...], int, tuple[Nod
 
     graph = body.replace(nodes=shift(body.nodes))
     return graph, tuple(outer), base, tuple(hoisted)
+
+
+def _progress_bar(items: Any, node: Node) -> Any:
+    """``session.iter(..., progress=True)``'s bar over ``items``, named after the loop's line."""
+    from ..runtime.progress import length_of, progress_bar
+
+    where = f"session.iter (line {node.loc.lineno})" if node.loc is not None else "session.iter"
+    return progress_bar(length_of(items), where, "item")
 
 
 __all__ = ["SessionTrace", "run_session"]

@@ -89,6 +89,7 @@ class _Checkpoint:
     load_kwargs: dict = field(default_factory=dict)
     loaded: torch.nn.Module | None = None  # the module with real weights, once dispatched
     generating: dict | None = None  # generate() keyword arguments while a generate block runs
+    progress: bool = False  # that block asked for a bar over its new tokens (generate(progress=True))
 
 
 class LanguageModel(NNsight):
@@ -248,6 +249,12 @@ class LanguageModel(NNsight):
                 user_location(),
                 "pass `max_new_tokens=1` or more, or use `model.trace(...)` to run the prompt without generating",
             )
+        progress = generate_kwargs.pop("progress", False)
+        if progress and remote:
+            raise TypeError(
+                "generate(progress=True) draws a bar where generate runs, and remote=True runs it on the service; "
+                "drop progress=True (the job's status lines are printed: ic.CONFIG.APP.REMOTE_LOGGING)"
+            )
         asked = compile
         compile = self._compile if compile is None else compile
         tracer = Generator(
@@ -259,6 +266,7 @@ class LanguageModel(NNsight):
             invoker_args=invoker_args,
             compile=compile,
         )
+        tracer._progress = bool(progress)
         return remote_tracer(tracer, blocking, asked) if remote else tracer
 
     # -- inputs --------------------------------------------------------------------------------------------------
@@ -414,7 +422,13 @@ class LanguageModel(NNsight):
             hf: Any = module
             if _streams(options, module):
                 options.setdefault("streamer", hf.generator.streamer)
-            return hf.generator(hf.generate(*args, **kwargs, **options))
+            if not self._checkpoint.progress:
+                return hf.generator(hf.generate(*args, **kwargs, **options))
+            bar = _token_bar(options)
+            try:
+                return hf.generator(hf.generate(*args, **kwargs, **options))
+            finally:
+                bar.close()
         mask = kwargs.get("attention_mask")
         if (
             mask is not None
@@ -426,6 +440,25 @@ class LanguageModel(NNsight):
         return module(*args, **kwargs)
 
 
+def _token_bar(options: dict) -> Any:
+    """``generate(progress=True)``: a tqdm bar over the new tokens, moved by a stopping criterion that never stops
+    (it runs once per generated token, after the step's forward), added to ``options``' own criteria."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from ..runtime.progress import progress_bar
+
+    new = options.get("max_new_tokens")
+    bar = progress_bar(new if isinstance(new, int) else None, "generate", "token")
+
+    class _Tick(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    options["stopping_criteria"] = StoppingCriteriaList([*(options.get("stopping_criteria") or ()), _Tick()])
+    return bar
+
+
 class Generator(Tracer):
     """The tracing block ``LanguageModel.generate`` opens: the run calls ``generate`` instead of the forward."""
 
@@ -434,15 +467,18 @@ class Generator(Tracer):
         # the interventions need)
         super().__init__(model, inputs, {}, needs_output="streamer" in generate_kwargs, **options)
         self._generate_kwargs = generate_kwargs
+        self._progress = False  # generate(progress=True): a tqdm bar over the new tokens (_call)
 
     def _run(self) -> None:
         self._check_positions()
         checkpoint = self.model._checkpoint
         checkpoint.generating = self._generate_kwargs
+        checkpoint.progress = self._progress
         try:
             super()._run()
         finally:
             checkpoint.generating = None
+            checkpoint.progress = False
 
     def _step_count(self) -> int | None:
         """One step per generated token: ``max_new_tokens`` (None when generate was not told)."""

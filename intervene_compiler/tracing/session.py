@@ -121,9 +121,10 @@ class Session(Recorder):
             tracer._finish_in_session(self._results, error)
 
     # -- public API inside the block -----------------------------------------------------------------------------
-    def iter(self, iterable: Any, return_context: bool = False) -> Loop:
-        """``with session.iter(items) as item:`` records the body once; it runs once per item of ``items``."""
-        return Loop(self, iterable, return_context, user_location())
+    def iter(self, iterable: Any, return_context: bool = False, progress: bool = False) -> Loop:
+        """``with session.iter(items) as item:`` records the body once; it runs once per item of ``items``.
+        ``progress=True`` shows a tqdm bar over the items while the session runs (a local session only)."""
+        return Loop(self, iterable, return_context, user_location(), progress)
 
     def log(self, *values: Any) -> None:
         """Print ``values`` when the session runs."""
@@ -260,7 +261,20 @@ class Loop:
     loop, usually under ``iterator.cond(...)``), ``log(...)``, ``cond(...)`` and ``iter(...)`` for nesting.
     """
 
-    def __init__(self, session: Session, iterable: Any, return_context: bool, loc: SourceLoc | None):
+    def __init__(
+        self,
+        session: Session,
+        iterable: Any,
+        return_context: bool,
+        loc: SourceLoc | None,
+        progress: bool = False,
+    ):
+        if progress and getattr(session, "_remote", None) is not None:
+            raise TracingError(
+                "session.iter(progress=True) shows a bar where the session runs, and this one runs on the service",
+                loc,
+                "drop `progress=True`: a remote job's status lines are printed instead (ic.CONFIG.APP.REMOTE_LOGGING)",
+            )
         if isinstance(iterable, (str, bytes)) or not (
             isinstance(iterable, Proxy) or hasattr(iterable, "__iter__")
         ):
@@ -273,6 +287,7 @@ class Loop:
         self.iterable = iterable
         self.return_context = return_context
         self.loc = loc
+        self.progress = bool(progress)
         self.id: int | None = None  # set when the loop is entered
         self._arg: Any = None
         # what the body replaces while it records: the session's nodes, guards and open loop
@@ -306,7 +321,7 @@ class Loop:
             Op.LOOP,
             None,
             (self._arg,),
-            (),
+            (("progress", True),) if self.progress else (),
             guards,
             (),
             None,
@@ -326,8 +341,8 @@ class Loop:
     def cond(self, condition: Any) -> Cond:
         return self.session.cond(condition)
 
-    def iter(self, iterable: Any, return_context: bool = False) -> Loop:
-        return Loop(self.session, iterable, return_context, user_location())
+    def iter(self, iterable: Any, return_context: bool = False, progress: bool = False) -> Loop:
+        return Loop(self.session, iterable, return_context, user_location(), progress)
 
     def apply(self, fn, *args: Any, **kwargs: Any) -> Proxy:
         return self.session.apply(fn, *args, **kwargs)

@@ -10,6 +10,7 @@ recompile limit.
 
 from __future__ import annotations
 
+import time
 import types
 import warnings
 import weakref
@@ -23,6 +24,7 @@ from ...errors import user_location
 from ...ir import Op
 from ...runtime import Target
 from ...runtime.devices import forward_slot
+from ...runtime.progress import note_compile
 from .backward import BackwardSplit
 from .dispatcher import Dispatcher
 from .program import Program
@@ -271,10 +273,13 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
         # call
         skip = config.skip_nnmodule_hook_guards
         config.skip_nnmodule_hook_guards = False
+        compiled, start = len(entry.graphs), time.perf_counter()
         try:
             result = entry.fn(entry.program, params, args, kwargs)
         finally:
             config.skip_nnmodule_hook_guards = skip
+        if len(entry.graphs) > compiled:
+            note_compile(_what(entry), time.perf_counter() - start)
         entry.direct = _direct_codes(entry) if not regions else None
         return copy_out(result) if graphs else result
     finally:
@@ -286,6 +291,15 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
                     del module.__dict__[slot]
                 else:
                     module.__dict__[slot] = before
+
+
+def _what(entry: Entry) -> str:
+    """What ``entry`` compiled, for the compile note."""
+    program = entry.program
+    model = type(program.target.module).__name__ if program is not None else "the model"
+    if isinstance(entry.key, tuple) and entry.key and entry.key[0] == "generate-step":
+        return f"a generation step of {model} with its interventions"
+    return f"{model} and the trace's interventions as one program"
 
 
 def _entry(program, params, args, kwargs):

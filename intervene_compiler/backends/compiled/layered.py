@@ -28,13 +28,16 @@ fallback); an error that eager mode raises too is the user's and is raised as su
 from __future__ import annotations
 
 import inspect
+import time
 import types
+import weakref
 from typing import Any
 
 import torch
 
 from ...ir import Graph, Op
 from ...runtime import RunResult, Target
+from ...runtime.progress import note_compile
 from ..eager import run_graph
 from ..eager.packing import inside_a_layer
 from .entry import Entry, backend_for, cache_of, count_call, failure_reason, record_fallback, signature
@@ -63,12 +66,28 @@ def applies(target: Target, graph: Graph) -> bool:
     sites = (n.target.path for n in graph.nodes if n.op is Op.SITE or n.op is Op.SET or n.op is Op.UPDATE)
     if inside_a_layer(path, sites):
         return False
-    params = list(layers[0].parameters())
-    if not params or params[0].device.type not in _DEVICES:
+    first, size = _layer_size(layers[0])
+    if first is None or first.device.type not in _DEVICES or size < MIN_LAYER_PARAMS:
         return False
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        return False
-    return sum(p.numel() for p in params) >= MIN_LAYER_PARAMS
+    # (walked per call only here, for layers big enough: the forward dwarfs it)
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in layers[0].parameters()))
+
+
+_SIZES: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # layer -> (its first parameter, parameter count)
+
+
+def _layer_size(layer: torch.nn.Module) -> tuple[Any, int]:
+    """A decoder layer's first parameter (None: it has none) and its number of parameters, found once per layer:
+    walking its modules cost more than a small compiled call. The first parameter's ``.device`` follows
+    ``model.to(...)``; a parameter replaced by one of another size changes only which way a trace compiles (both
+    are exact)."""
+    found = _SIZES.get(layer)
+    if found is None:
+        params = list(layer.parameters())
+        found = _SIZES[layer] = (params[0] if params else None, sum(p.numel() for p in params))
+    return found
 
 
 def run_layered(
@@ -110,6 +129,7 @@ def _layer_forward(entry: Entry, cls: type[torch.nn.Module]):
             return eager(layer, *args, **kwargs)
         key = (signature(args), signature(kwargs))
         compiled = layouts.get(key)
+        fresh = compiled is None  # this call compiles it
         if compiled is None:
             if len(layouts) >= _MAX_LAYOUTS:  # (an argument keyed by identity would compile every call)
                 record_fallback(
@@ -121,7 +141,14 @@ def _layer_forward(entry: Entry, cls: type[torch.nn.Module]):
                 _fresh(cls.forward), backend=_backend(entry, layout), fullgraph=True
             )
         try:
-            return compiled(layer, *args, **kwargs)
+            if not fresh:
+                return compiled(layer, *args, **kwargs)
+            start = time.perf_counter()
+            out = compiled(layer, *args, **kwargs)
+            note_compile(
+                f"the {cls.__name__} forward shared by every decoder layer", time.perf_counter() - start
+            )
+            return out
         except Exception as e:
             out = eager(layer, *args, **kwargs)  # raises the user's error, if eager mode has one too
             record_fallback(entry, failure_reason(e), prefix=f"{cls.__name__} layers: ")
