@@ -163,6 +163,24 @@ def test_weights_changed_between_calls_are_read():
     _check(model, net, x, 1.0)
 
 
+def test_dynamo_reset_drops_the_direct_call_too():
+    """After ``torch._dynamo.reset()`` Dynamo's caches are gone: the next call compiles again, as plain
+    ``torch.compile`` would (a user resets to recompile with other settings), instead of running the old code."""
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)
+    _check(model, net, x, 2.0)
+    assert _direct() == 1
+    torch._dynamo.reset()
+    _check(model, net, x, 3.0)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 2 and _direct() == 1
+    _check(model, net, x, 4.0)
+    assert _direct() == 2
+
+
 def test_reduce_overhead_off_a_gpu_runs_as_compile_true_and_says_so():
     """compile="reduce-overhead" asks for CUDA graphs; on the CPU they cannot be used: the trace compiles as
     compile=True does, with a warning at the user's line (once per model) and a line in explain()."""

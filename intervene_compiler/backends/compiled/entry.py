@@ -342,13 +342,17 @@ def _guard_filter(entries: list) -> list[bool]:
     return [not (e.name.startswith("program.") and not e.name.startswith("program.target")) for e in entries]
 
 
+try:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
+except ImportError:  # another torch: no direct calls (_direct_codes gives None)
+    _cache_entries = None  # type: ignore[assignment]
+
+
 def _direct_codes(entry: Entry) -> tuple | None:
     """``((guard check, code), ...)`` for the cache entries Dynamo holds for ``entry``'s code, newest first (the
     order its frame evaluation tries them), or None when they cannot be read (then every call takes the wrapper)."""
     try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        found = _debug_get_cache_entry_list(entry.code)
+        found = _cache_entries(entry.code)
         return (
             tuple(
                 (
@@ -368,8 +372,11 @@ def _direct(entry: Entry, params: tuple, args: tuple, kwargs: dict) -> Any:
     being compiled or exported, nor under a non-default ``torch.compiler.set_stance``."""
     if torch.compiler.is_compiling() or _stance() != "default":
         return None
+    direct = entry.direct or ()
+    if len(_cache_entries(entry.code)) != len(direct):  # torch._dynamo.reset() dropped them: recompile
+        return None
     frame = {"program": entry.program, "params": params, "args": args, "kwargs": kwargs}
-    for check, code in entry.direct or ():
+    for check, code in direct:
         if check(frame):
             return code
     return None
