@@ -68,6 +68,18 @@ def _check(model, net, x, value, **options):
     torch.testing.assert_close(hidden, eager_hidden)
 
 
+def _warm(net=None):
+    """``(net, model, x)`` after two compiled traces: the first compiles, the second is direct."""
+    net = tiny_mlp() if net is None else net
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)
+    _check(model, net, x, 2.0)
+    assert _direct() == 1 and ic.compile_stats()["compiles"] == 1
+    return net, model, x
+
+
 def test_a_repeated_trace_takes_the_direct_call():
     net = tiny_mlp()
     model = ic.NNsight(net)
@@ -85,13 +97,7 @@ def test_a_repeated_trace_takes_the_direct_call():
 
 
 def test_a_new_shape_dtype_or_grad_mode_leaves_it():
-    net = tiny_mlp()
-    model = ic.NNsight(net)
-    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
-    ic.reset_compile_stats()
-    _check(model, net, x, 1.0)
-    _check(model, net, x, 2.0)
-    assert _direct() == 1
+    net, model, x = _warm()
     _check(model, net, torch.rand(3, 5), 2.0)  # a new shape: a new entry, compiled through the wrapper
     assert _direct() == 1 and ic.compile_stats()["compiles"] == 2
     with torch.no_grad():  # grad mode: another key
@@ -109,13 +115,7 @@ def test_a_new_shape_dtype_or_grad_mode_leaves_it():
 
 
 def test_a_module_mode_the_forward_reads_fails_a_guard_and_recompiles():
-    net = Moody().eval()
-    model = ic.NNsight(net)
-    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
-    ic.reset_compile_stats()
-    _check(model, net, x, 1.0)
-    _check(model, net, x, 1.0)
-    assert _direct() == 1
+    net, model, x = _warm(Moody().eval())
     net.train()  # Dynamo guards on `self.training`: the direct call's check fails, the wrapper recompiles
     _check(model, net, x, 1.0)
     stats = ic.compile_stats()
@@ -127,12 +127,7 @@ def test_a_module_mode_the_forward_reads_fails_a_guard_and_recompiles():
 
 
 def test_a_hook_the_user_adds_is_honoured():
-    net = tiny_mlp()
-    model = ic.NNsight(net)
-    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
-    ic.reset_compile_stats()
-    _check(model, net, x, 1.0)
-    _check(model, net, x, 1.0)
+    net, model, x = _warm()
     before = _direct()
     handle = net.layer2.register_forward_hook(lambda m, a, out: out + 100.0)
     try:
@@ -148,12 +143,7 @@ def test_a_hook_the_user_adds_is_honoured():
 
 
 def test_weights_changed_between_calls_are_read():
-    net = tiny_mlp()
-    model = ic.NNsight(net)
-    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
-    ic.reset_compile_stats()
-    _check(model, net, x, 1.0)
-    _check(model, net, x, 1.0)
+    net, model, x = _warm()
     with torch.no_grad():
         net.layer2.weight.mul_(3.0)  # in place: the same tensor, read by the compiled code at each call
     _check(model, net, x, 1.0)
@@ -166,13 +156,7 @@ def test_weights_changed_between_calls_are_read():
 def test_dynamo_reset_drops_the_direct_call_too():
     """After ``torch._dynamo.reset()`` Dynamo's caches are gone: the next call compiles again, as plain
     ``torch.compile`` would (a user resets to recompile with other settings), instead of running the old code."""
-    net = tiny_mlp()
-    model = ic.NNsight(net)
-    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
-    ic.reset_compile_stats()
-    _check(model, net, x, 1.0)
-    _check(model, net, x, 2.0)
-    assert _direct() == 1
+    net, model, x = _warm()
     torch._dynamo.reset()
     _check(model, net, x, 3.0)
     stats = ic.compile_stats()
