@@ -107,7 +107,7 @@ class LanguageModel(NNsight):
         rename: module aliases, as for :class:`NNsight`.
         **hf_kwargs: any other ``from_pretrained`` keyword argument (``attn_implementation``, ``revision``, ...).
 
-    Example:
+    Examples:
         >>> model = LanguageModel("openai-community/gpt2")
         >>> with model.trace("The Eiffel Tower is in the city of"):
         ...     logits = model.lm_head.output[:, -1].save()
@@ -236,7 +236,7 @@ class LanguageModel(NNsight):
         that step as one compiled program (a static KV cache: one program for the prefill, one for decode);
         blocks it cannot compile run eagerly, with the reason in ``ic.compile_stats()["fallback_reasons"]``.
 
-        Example:
+        Examples:
             >>> with model.generate("Hello", max_new_tokens=3) as tracer:
             ...     with tracer.all():
             ...         model.transformer.h[0].output[:, -1] += steer

@@ -41,7 +41,7 @@ class NNsight(Envoy):
         rename: aliases, e.g. ``{"transformer.h": "layers", "mlp": "ff"}``: a dotted path becomes an attribute of
             the root (``model.layers``), a plain name an alias at every level that has that child.
 
-    Example:
+    Examples:
         >>> model = NNsight(net)
         >>> with model.trace(x):
         ...     h = model.layer1.output.save()
