@@ -1,4 +1,4 @@
-"""Tiny real models for tests, docs and the demo: transformers architectures from configs, seeded weights.
+"""Tiny real models for tests and docs: transformers architectures from configs, seeded weights.
 
 No network: every model is built from a config with ``torch.manual_seed`` weights. ``tiny_mlp`` is the
 walkthrough's two-layer network.
