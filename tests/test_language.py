@@ -82,6 +82,20 @@ def test_dispatch_and_dtype(lm_dirs):
     assert h.value.dtype == torch.float64
 
 
+def test_parameters_frozen_before_loading_stay_frozen(lm_dirs):
+    """``requires_grad_(False)`` on a model still on the meta device holds after the first trace loads it: a
+    gradient through the frozen weights is not computed, as on a model frozen after loading."""
+    model = ic.LanguageModel(lm_dirs["gpt2"])
+    assert not model.dispatched
+    model.transformer.h[0].requires_grad_(False)  # part of it, on meta
+    with model.trace(PROMPT):
+        model.transformer.h[1].output.save()
+    assert model.dispatched
+    frozen = {n for n, p in model._module.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model._module.named_parameters() if n.startswith("transformer.h.0.")}
+    assert frozen
+
+
 def test_device_map_goes_to_transformers(lm_dirs):
     try:
         import accelerate  # noqa: F401

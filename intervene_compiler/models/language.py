@@ -184,6 +184,7 @@ class LanguageModel(NNsight):
         if ckpt.loaded is None:
             module = AutoModelForCausalLM.from_pretrained(ckpt.source, **ckpt.load_kwargs)
             _add_generator(module)
+            _keep_frozen(self._module, module)
             ckpt.loaded = module
         if self._module is not ckpt.loaded:
             self._point_envoys_at(ckpt.loaded)
@@ -438,6 +439,19 @@ class LanguageModel(NNsight):
         ):
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return module(*args, **kwargs)
+
+
+def _keep_frozen(meta: torch.nn.Module, loaded: torch.nn.Module) -> None:
+    """Parameters the user froze (``requires_grad_(False)``) on the model while it was still on the meta device
+    stay frozen in the loaded one (``from_pretrained`` makes every parameter require grad)."""
+    if meta is loaded:
+        return
+    frozen = {name for name, p in meta.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return
+    for name, p in loaded.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
 
 
 def _token_bar(options: dict) -> Any:
