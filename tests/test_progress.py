@@ -4,6 +4,7 @@ tqdm bar that counts the items and the new tokens; the first slow compile of a p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 
@@ -87,19 +88,29 @@ def test_progress_on_a_remote_block_raises(lm_dirs):
         lm.transformer.h[0].output.save()
 
 
+@contextlib.contextmanager
+def _logging_at_info(logger, handler):
+    """The package's logger at INFO with ``handler`` (``setLevel``: it clears the logger's cache of enabled levels,
+    which the test suite's WARNING filled), back as it was after."""
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_a_slow_first_compile_says_so_once(monkeypatch):
     logger = logging.getLogger("intervene_compiler")
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
     monkeypatch.setattr(progress, "_NOTED", [])
-    monkeypatch.setattr(logger, "level", logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with _logging_at_info(logger, handler):
         progress.note_compile("a quick thing", 0.01)  # under COMPILE_NOTE_S: nothing
         progress.note_compile("GPT2LMHeadModel and the trace's interventions as one program", 4.2)
         progress.note_compile("another thing", 9.0)  # once per process
-    finally:
-        logger.removeHandler(handler)
     lines = buffer.getvalue().splitlines()
     assert len(lines) == 1 and "compiled GPT2LMHeadModel" in lines[0] and "4.2 s" in lines[0]
     assert "IC_COMPILE_LOG=0" in lines[0]
@@ -112,15 +123,11 @@ def test_the_compile_note_names_the_model(monkeypatch):
     handler = logging.StreamHandler(buffer)
     monkeypatch.setattr(progress, "_NOTED", [])
     monkeypatch.setattr(progress, "COMPILE_NOTE_S", 0.0)  # any compile is slow enough here
-    monkeypatch.setattr(logger, "level", logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with _logging_at_info(logger, handler):
         model = ic.NNsight(tiny_mlp())
         for value in (1.0, 2.0):
             with model.trace(torch.rand(1, 5), compile=True):
                 model.layer1.output[:, 0] = value
                 model.output.save()
-    finally:
-        logger.removeHandler(handler)
     lines = buffer.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("compiled Sequential and the trace's interventions")

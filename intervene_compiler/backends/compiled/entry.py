@@ -342,16 +342,20 @@ def _guard_filter(entries: list) -> list[bool]:
     return [not (e.name.startswith("program.") and not e.name.startswith("program.target")) for e in entries]
 
 
-try:
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
-except ImportError:  # another torch: no direct calls (_direct_codes gives None)
-    _cache_entries = None  # type: ignore[assignment]
+# Dynamo's reader of a code object's cache entries, imported by the first _direct_codes (importing torch._dynamo
+# at our import would patch torch.manual_seed and friends: `import intervene_compiler` patches nothing)
+_cache_entries: Any = None
 
 
 def _direct_codes(entry: Entry) -> tuple | None:
     """``((guard check, code), ...)`` for the cache entries Dynamo holds for ``entry``'s code, newest first (the
     order its frame evaluation tries them), or None when they cannot be read (then every call takes the wrapper)."""
+    global _cache_entries
     try:
+        if _cache_entries is None:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            _cache_entries = _debug_get_cache_entry_list
         found = _cache_entries(entry.code)
         return (
             tuple(
