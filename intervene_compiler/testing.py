@@ -289,3 +289,18 @@ def generate_with_hooks(
         for h in handles:
             h.remove()
     return ids, logits, hidden
+
+
+def stop_process(proc: Any, timeout: float = 30.0) -> None:
+    """Stop a process a test started (a server): terminate it, and kill it if it has not exited within
+    ``timeout`` seconds. Nothing happens to a process that has already exited (or to None)."""
+    import subprocess
+
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from intervene_compiler.testing import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = ["index.md", *sorted(f"guide/{p.name}" for p in (DOCS / "guide").glob("*.md"))]
@@ -271,10 +273,4 @@ class RemoteSetup:
         return [*argv[: i + 1], str(self.port), *argv[i + 2 :]]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        stop_process(self.proc)

@@ -21,6 +21,7 @@ import torch
 import intervene_compiler as ic
 from intervene_compiler.remote import wire
 from intervene_compiler.remote.client import RemoteClient, RemoteError
+from intervene_compiler.testing import stop_process
 
 pytestmark = pytest.mark.remote
 
@@ -82,12 +83,7 @@ class Server:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
