@@ -30,7 +30,7 @@ from .backends.session import SessionTrace, run_session
 from .ir import Graph, Op, format_graph, structure_tuple
 from .ir.nodes import walk_nodes
 from .pipeline import Optimized, optimize
-from .runtime import RunResult, Target, to_fake
+from .runtime import RunResult, Target, nodes_memo, to_fake
 from .runtime.devices import offload_reason
 from .runtime.source import owner_and_call
 
@@ -99,22 +99,13 @@ def _auto_compiles(graph: Graph, inputs: list[tuple[tuple, dict]], target: Targe
 def _auto_number(graph: Graph, caches: Any) -> int:
     """The number of ``graph``'s structure with numbers abstracted, found once per nodes tuple (the pass memo
     hands a repeated trace the same one): equal structures, equal numbers."""
-    memo = caches.auto_nodes
-    mkey = (id(graph.nodes), graph.invokes, graph.kind, graph.needs_output)
-    hit = memo.get(mkey)
-    if hit is not None and hit[0] is graph.nodes:
-        return hit[1]
-    numbers = caches.auto_numbers
-    structure = structure_tuple(graph, numbers=False)
-    number = numbers.get(structure)
-    if number is None:
-        if len(numbers) >= _AUTO_SIZE * 4:
-            numbers.clear()  # numbers are never reused (the counter goes on): a forgotten one is counted anew
-        number = numbers[structure] = next(caches.auto_counter)
-    if len(memo) >= _AUTO_SIZE:
-        del memo[next(iter(memo))]
-    memo[mkey] = (graph.nodes, number)  # keeps the nodes alive: their id is not reused meanwhile
-    return number
+    return nodes_memo(
+        caches.auto_nodes,
+        graph.nodes,
+        (graph.invokes, graph.kind, graph.needs_output),
+        _AUTO_SIZE,
+        lambda: caches.auto_numbers.of(structure_tuple(graph, numbers=False)),
+    )
 
 
 def execute(

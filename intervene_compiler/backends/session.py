@@ -12,6 +12,7 @@ are stored under their session ids.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -124,8 +125,8 @@ class _SessionRun:
         except Exception as e:
             raise execution_error(e, node.loc, "session.iter()") from e
         body = node.body[0].nodes
-        bar = _progress_bar(items, node) if ("progress", True) in node.kwargs else None
-        try:
+        asked = ("progress", True) in node.kwargs
+        with _progress_bar(items, node) if asked else contextlib.nullcontext() as bar:
             for item in iterator:
                 self.env[node.id] = item
                 try:
@@ -136,9 +137,6 @@ class _SessionRun:
                     raise
                 if bar is not None:
                     bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
 
     def _trace(self, node: Node) -> None:
         trace = self.traces[node.target]

@@ -266,8 +266,8 @@ class LanguageModel(NNsight):
             validate=validate,
             invoker_args=invoker_args,
             compile=compile,
+            progress=bool(progress),
         )
-        tracer._progress = bool(progress)
         return remote_tracer(tracer, blocking, asked) if remote else tracer
 
     # -- inputs --------------------------------------------------------------------------------------------------
@@ -423,13 +423,8 @@ class LanguageModel(NNsight):
             hf: Any = module
             if _streams(options, module):
                 options.setdefault("streamer", hf.generator.streamer)
-            if not self._checkpoint.progress:
+            with _token_bar(options) if self._checkpoint.progress else contextlib.nullcontext():
                 return hf.generator(hf.generate(*args, **kwargs, **options))
-            bar = _token_bar(options)
-            try:
-                return hf.generator(hf.generate(*args, **kwargs, **options))
-            finally:
-                bar.close()
         mask = kwargs.get("attention_mask")
         if (
             mask is not None
@@ -476,12 +471,19 @@ def _token_bar(options: dict) -> Any:
 class Generator(Tracer):
     """The tracing block ``LanguageModel.generate`` opens: the run calls ``generate`` instead of the forward."""
 
-    def __init__(self, model: LanguageModel, inputs: tuple, generate_kwargs: dict, **options: Any):
+    def __init__(
+        self,
+        model: LanguageModel,
+        inputs: tuple,
+        generate_kwargs: dict,
+        progress: bool = False,
+        **options: Any,
+    ):
         # a streamer of the caller's own sees the whole generation (generation is not cut after the last step
         # the interventions need)
         super().__init__(model, inputs, {}, needs_output="streamer" in generate_kwargs, **options)
         self._generate_kwargs = generate_kwargs
-        self._progress = False  # generate(progress=True): a tqdm bar over the new tokens (_call)
+        self._progress = progress  # generate(progress=True): a tqdm bar over the new tokens (_call)
 
     def _run(self) -> None:
         self._check_positions()

@@ -15,7 +15,7 @@ from .families import (
 from .inert import strip_inert_hooks
 from .results import CacheEntry, ModuleCache, RunResult
 from .rows import conform, narrow, repeat_rows, replace
-from .target import ModelCaches, Target
+from .target import ModelCaches, StructureNumbers, Target, nodes_memo
 from .values import VALUE_OPS, resolve
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "VALUE_OPS",
     "CacheEntry",
     "ModelCaches",
+    "StructureNumbers",
     "ModuleCache",
     "RunResult",
     "Target",
@@ -32,6 +33,7 @@ __all__ = [
     "decoder_layers_path",
     "fake_copy",
     "narrow",
+    "nodes_memo",
     "repeat_rows",
     "replace",
     "resolve",

@@ -18,6 +18,47 @@ import torch
 from ..ir import NO_FACTS, ModelFacts
 
 
+def nodes_memo(memo: dict, nodes: Any, extra: Any, size: int, make: Callable[[], Any]) -> Any:
+    """The value ``make()`` derives from a graph's ``nodes`` (and ``extra``: what else it depends on), from
+    ``memo`` when made before (a repeated trace hands the same optimized nodes tuple).
+
+    Keyed by the tuple's id, and each entry holds the tuple itself (checked by identity): its id cannot be reused
+    while the entry exists, so an entry is never found for another tuple. Past ``size`` entries the oldest goes.
+    """
+    key = (id(nodes), extra)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is nodes:
+        return hit[1]
+    value = make()
+    if type(nodes) is tuple:  # immutable: safe to reuse for the same object
+        if len(memo) >= size:
+            del memo[next(iter(memo))]
+        memo[key] = (nodes, value)
+    return value
+
+
+class StructureNumbers:
+    """Numbers for structures (hashable tuples): equal structures, equal numbers, so a key can hold a number
+    instead of hashing a structure on every call. Numbers are never reused: past ``size`` structures the table
+    is forgotten, and a forgotten structure gets a new number (a key made with it is not found again)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.table: dict[Any, int] = {}
+        self.size = size
+        self._counter = itertools.count()
+
+    def of(self, structure: Any) -> int:
+        number = self.table.get(structure)
+        if number is None:
+            if len(self.table) >= self.size:
+                self.table.clear()
+            number = self.table[structure] = next(self._counter)
+        return number
+
+    def clear(self) -> None:
+        self.table.clear()
+
+
 class ModelCaches:
     """What the runtime keeps per model between runs; shared by a model and its edited copies.
 
@@ -28,16 +69,15 @@ class ModelCaches:
 
     def __init__(self) -> None:
         self.optimized: dict[Any, Any] = {}  # pipeline.optimize's memo: structure and facts -> pass results
-        self.plans: dict[int, tuple[Any, Any]] = {}  # the eager runner's plans: id(nodes) -> (nodes, plan)
+        self.plans: dict[Any, tuple[Any, Any]] = {}  # the eager runner's plans, per nodes tuple (nodes_memo)
         self.compiled: Any = None  # the compiled backend's CompileCache, made on its first use
         # unedited decoder-layer outputs of the last prompt (backends/eager/reuse.py)
         self.reuse_memo: Any = None
-        # compile="auto" (execute.py): (structure number, inputs' signature, grad mode) -> runs; the structure
-        # (numbers abstracted) of a graph's nodes, and its number: id(nodes) -> (nodes, number); structure -> number
+        # compile="auto" (execute.py): (structure number, inputs' signature, grad mode) -> runs; the number of a
+        # graph's structure (numbers abstracted), per nodes tuple (nodes_memo)
         self.auto: dict[Any, int] = {}
         self.auto_nodes: dict[Any, tuple[Any, int]] = {}
-        self.auto_numbers: dict[Any, int] = {}
-        self.auto_counter = itertools.count()
+        self.auto_numbers = StructureNumbers()
 
     def clear_compiled(self) -> None:
         """Drop the compiled programs and the compiled backend's dispatcher hooks."""

@@ -22,7 +22,7 @@ import torch
 
 from ...errors import user_location
 from ...ir import Op
-from ...runtime import Target
+from ...runtime import StructureNumbers, Target
 from ...runtime.devices import forward_slot
 from ...runtime.progress import note_compile
 from .backward import BackwardSplit
@@ -156,16 +156,8 @@ class CompileCache:
         # the model's first parameter (False: none), whose dtype a floating-point input must have (run.py)
         self.first_weight: Any = None
         self.warned_cuda_graphs = False  # compile="reduce-overhead" off a CUDA device: warned once per model
-        self.plans: dict[Any, Any] = {}  # run.py's Plan per graph nodes
-        self.structure_ids: dict[tuple, int] = {}  # a lowered structure -> its number in keys (run.py)
-        self._sids = 0
-
-    def next_sid(self) -> int:
-        """A new structure number (never reused: the numbering outlives a cleared table)."""
-        self._sids += 1
-        if len(self.structure_ids) > 4096:
-            self.structure_ids.clear()
-        return self._sids
+        self.plans: dict[Any, Any] = {}  # run.py's Plan per graph nodes (runtime.nodes_memo)
+        self.structures = StructureNumbers()  # a lowered structure's number in keys (run.py)
 
     def lookup(self, key: Any, build) -> Entry:
         """The entry for ``key``, made by ``build()`` on a miss (evicting the oldest past ``size``); it becomes
@@ -189,7 +181,7 @@ class CompileCache:
         self.entries.clear()
         self.host_only.clear()
         self.plans.clear()
-        self.structure_ids.clear()
+        self.structures.clear()
         self.last = None
         if self.dispatcher is not None:
             self.dispatcher.remove()
@@ -308,7 +300,11 @@ def _entry(program, params, args, kwargs):
 
 def fresh_entry():
     """A copy of ``_entry`` with its own code object: its own Dynamo cache and recompile budget."""
-    code = _entry.__code__.replace()
+    return _as_entry(_entry.__code__.replace())
+
+
+def _as_entry(code: types.CodeType) -> types.FunctionType:
+    """``code`` (a copy of ``_entry``'s, or the code Dynamo made of one) as a function in ``_entry``'s module."""
     return types.FunctionType(code, _entry.__globals__, "_entry", None, None)
 
 
@@ -357,16 +353,7 @@ def _direct_codes(entry: Entry) -> tuple | None:
 
             _cache_entries = _debug_get_cache_entry_list
         found = _cache_entries(entry.code)
-        return (
-            tuple(
-                (
-                    ce.guard_manager.check,
-                    types.FunctionType(ce.code, _entry.__globals__, "_entry", None, None),
-                )
-                for ce in found
-            )
-            or None
-        )
+        return tuple((ce.guard_manager.check, _as_entry(ce.code)) for ce in found) or None
     except Exception:  # another torch's internals: the wrapper serves every call
         return None
 

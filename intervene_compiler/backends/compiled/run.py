@@ -16,7 +16,7 @@ import torch
 
 from ...errors import GradientError, InterventionError, execution_error
 from ...ir import Graph, Op, Ref, format_node, saved_ids, structure_tuple
-from ...runtime import VALUE_OPS, CacheEntry, ModuleCache, RunResult, Target, resolve
+from ...runtime import VALUE_OPS, CacheEntry, ModuleCache, RunResult, Target, nodes_memo, resolve
 from ...runtime.source import SOURCE, owner_and_call
 from ..eager import no_backward_error, run_graph
 from ..eager.events import skip_forward
@@ -153,7 +153,6 @@ class Plan:
     appends (lifted index ints and float operands, then a family's member index), the bounds to check, the
     structure's id in the cache key, and the ids the call hands back."""
 
-    nodes: tuple  # the graph's nodes: kept alive, so the id keying the memo is not reused meanwhile
     lowered_nodes: tuple  # lift_values
     lifted: tuple  # the params lift_values appends, on the model's device
     ints: tuple  # (param index, value) of each lifted index (check_bounds)
@@ -165,34 +164,25 @@ class Plan:
 
 
 def _plan_of(cache: CompileCache, graph: Graph, module: torch.nn.Module, device: torch.device) -> Plan:
-    memo = cache.plans
-    mkey = (id(graph.nodes), graph.invokes, graph.kind, graph.needs_output, len(graph.params), device)
-    plan = memo.get(mkey)
-    if plan is not None and plan.nodes is graph.nodes:
-        return plan
+    extra = (graph.invokes, graph.kind, graph.needs_output, len(graph.params), device)
+    return nodes_memo(cache.plans, graph.nodes, extra, _PLANS, lambda: _plan(cache, graph, module, device))
+
+
+def _plan(cache: CompileCache, graph: Graph, module: torch.nn.Module, device: torch.device) -> Plan:
     ints: list = []
     lowered = lift_values(graph, device, ints)
     keyed, family = lift_family(lowered, module, device)
-    structure = structure_tuple(keyed)
-    sid = cache.structure_ids.get(structure)
-    if sid is None:
-        sid = cache.structure_ids[structure] = cache.next_sid()
     n = len(graph.params)
-    plan = Plan(
-        graph.nodes,
+    return Plan(
         lowered.nodes,
         lowered.params[n:],
         tuple(ints),
         keyed.nodes,
         keyed.params[len(lowered.params) :],
         family,
-        sid,
+        cache.structures.of(structure_tuple(keyed)),
         saved_ids(graph.nodes),
     )
-    if len(memo) >= _PLANS:
-        del memo[next(iter(memo))]
-    memo[mkey] = plan
-    return plan
 
 
 _PLANS = 1024

@@ -14,6 +14,7 @@ from __future__ import annotations
 from ...ir import Node, Op, Ref, SiteKind, is_mutation, saved_ids
 from ...ir.nodes import walk_nodes
 from ...runtime.source import owner_and_call
+from ...runtime.target import nodes_memo
 
 # hot paths compare ops with these module constants: ``Op.SITE`` is a (slow) enum class attribute lookup
 _SITE, _SET, _UPDATE, _GRAD, _SET_GRAD = Op.SITE, Op.SET, Op.UPDATE, Op.GRAD, Op.SET_GRAD
@@ -292,20 +293,9 @@ _PLANS_SIZE = 256
 
 
 def plan_for(graph_nodes: tuple[Node, ...], plans: dict) -> GraphPlan:
-    """The plan of ``graph_nodes``, from ``plans`` (the model's ``ModelCaches.plans``) when made before.
-
-    Keyed by the tuple's id, and each entry holds the tuple itself (checked by identity): its id cannot be reused
-    while the entry exists, so an entry is never found for another tuple.
-    """
-    hit = plans.get(id(graph_nodes))
-    if hit is not None and hit[0] is graph_nodes:
-        return hit[1]
-    plan = GraphPlan(graph_nodes)
-    if type(graph_nodes) is tuple:  # immutable: safe to reuse for the same object
-        if len(plans) >= _PLANS_SIZE:
-            del plans[next(iter(plans))]
-        plans[id(graph_nodes)] = (graph_nodes, plan)
-    return plan
+    """The plan of ``graph_nodes``, from ``plans`` (the model's ``ModelCaches.plans``) when made before
+    (``runtime.nodes_memo``)."""
+    return nodes_memo(plans, graph_nodes, None, _PLANS_SIZE, lambda: GraphPlan(graph_nodes))
 
 
 __all__ = ["GraphPlan", "Reads", "hook_paths", "plan_for"]
