@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import LanguageModel, compile_stats, reset_compile_stats
+from .testing import plain_patch_logits
 
 KEYS = tuple("abcdefgh")
 VALUES = tuple("0123456789")
@@ -337,18 +338,7 @@ def hooks_sweep(model: LanguageModel, clean: str, corrupted: str, answer: int, w
             handle.remove()
     diffs = torch.empty(len(blocks), clean_ids.shape[1])
     for layer, pos in _cells(len(blocks), clean_ids.shape[1], False, ""):
-
-        def patch(m: Any, a: Any, out: torch.Tensor, layer: int = layer, pos: int = pos) -> torch.Tensor:
-            out = out.clone()
-            out[:, pos] = cache[layer][:, pos]
-            return out
-
-        handle = blocks[layer].register_forward_hook(patch)
-        try:
-            with torch.no_grad():
-                logits = hf(corrupted_ids).logits[0, -1]
-        finally:
-            handle.remove()
+        logits = plain_patch_logits(hf, corrupted_ids, layer, pos, cache[layer][:, pos])[0]
         diffs[layer, pos] = logits[answer] - logits[wrong]
     return diffs
 
