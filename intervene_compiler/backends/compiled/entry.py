@@ -10,6 +10,7 @@ recompile limit.
 
 from __future__ import annotations
 
+import re
 import time
 import types
 import warnings
@@ -244,6 +245,11 @@ def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: 
 
 
 def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
+    if not regions and not entry.skip_forwards and entry.cuda_graphs is None and entry.direct is not None:
+        code = _direct(entry, params, args, kwargs)  # the common repeat: nothing to set up around the call
+        if code is not None:
+            STATS["direct_calls"] += 1
+            return code(entry.program, params, args, kwargs)
     for member, fn, _ in regions:
         member.__dict__["forward"] = fn
     # (module, slot, what was there): on a module accelerate hooked the forward goes inside accelerate's
@@ -331,27 +337,62 @@ def compile_entry(entry: Entry) -> None:
 # would before running that code. Nothing is skipped that Dynamo checks; a failed guard (a module's mode, a new
 # hook, a weight's dtype, global state) takes the wrapper, which recompiles as it always did.
 def _guard_filter(entries: list) -> list[bool]:
-    """Keep every guard but those on our Program's own attributes (``program.events``, ``program.graph``, ...): a
-    program is built once for its entry's key (the structure, shapes, dtypes, grad mode) and never changed after;
-    its per-call state is reset by each call. Guards reached through ``program.target`` (the model: its modules,
-    hooks, weights, forward) all stay, as do the ones on the program object itself and on its class."""
-    return [not (e.name.startswith("program.") and not e.name.startswith("program.target")) for e in entries]
+    """Keep every guard but those on our own objects, which never change once an entry is built:
+
+    - the ``Program``'s (``program.events``, ``program.graph``, its class's methods, the aliasing of the program
+      that the model's hooks reach through their dispatcher): a program is built once for its entry's key (the
+      structure, shapes, dtypes, grad mode) and never changed after; its per-call state is reset by each call,
+      and ``call`` sets the dispatcher's program before each call;
+    - the identity of this package's module-level objects (its enums, classes, functions, frozen sets), which our
+      code never rebinds (a value guard on one of our globals, a flag, stays).
+
+    Guards reached through ``program.target`` (the model: its modules, hooks, weights, forward) all stay, as do
+    those on the arguments, torch's globals and the global state (grad mode, dtype, ...)."""
+    return [_keeps(e.name, e.guard_type) for e in entries]
 
 
-# Dynamo's reader of a code object's cache entries, imported by the first _direct_codes (importing torch._dynamo
-# at our import would patch torch.manual_seed and friends: `import intervene_compiler` patches nothing)
+_OURS = re.compile(r"\bprogram\b(?!\.target\b)")
+_IDENTITY = frozenset(
+    {
+        "ID_MATCH",
+        "CLASS_MATCH",
+        "MODULE_MATCH",
+        "CLOSURE_MATCH",
+        "TYPE_MATCH",
+        "SEQUENCE_LENGTH",
+        "DUPLICATE_INPUT",
+    }
+)
+
+
+def _keeps(name: str, kind: str) -> bool:
+    if _OURS.search(name):
+        return False
+    if kind == "DUPLICATE_INPUT" and name.endswith(".dispatcher.program"):
+        return False
+    return not (kind in _IDENTITY and "__import_intervene_compiler" in name)
+
+
+# Dynamo's reader of a code object's cache entries and the ids of the code objects it has compiled since its last
+# reset, imported by the first _direct_codes (importing torch._dynamo at our import would patch torch.manual_seed
+# and friends: `import intervene_compiler` patches nothing)
 _cache_entries: Any = None
+_compiled_codes: Any = None
 
 
 def _direct_codes(entry: Entry) -> tuple | None:
     """``((guard check, code), ...)`` for the cache entries Dynamo holds for ``entry``'s code, newest first (the
     order its frame evaluation tries them), or None when they cannot be read (then every call takes the wrapper)."""
-    global _cache_entries
+    global _cache_entries, _compiled_codes
     try:
         if _cache_entries is None:
+            from torch._dynamo.convert_frame import input_codes
             from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+            _compiled_codes = input_codes.seen_ids
             _cache_entries = _debug_get_cache_entry_list
+        if id(entry.code) not in _compiled_codes:
+            return None
         found = _cache_entries(entry.code)
         return tuple((ce.guard_manager.check, _as_entry(ce.code)) for ce in found) or None
     except Exception:  # another torch's internals: the wrapper serves every call
@@ -363,11 +404,12 @@ def _direct(entry: Entry, params: tuple, args: tuple, kwargs: dict) -> Any:
     being compiled or exported, nor under a non-default ``torch.compiler.set_stance``."""
     if torch.compiler.is_compiling() or _stance() != "default":
         return None
-    direct = entry.direct or ()
-    if len(_cache_entries(entry.code)) != len(direct):  # torch._dynamo.reset() dropped them: recompile
+    # torch._dynamo.reset() dropped the entry's compiled code (it forgets every code object it compiled): the
+    # wrapper compiles it again, as plain torch.compile would
+    if id(entry.code) not in _compiled_codes:
         return None
     frame = {"program": entry.program, "params": params, "args": args, "kwargs": kwargs}
-    for check, code in direct:
+    for check, code in entry.direct or ():
         if check(frame):
             return code
     return None
@@ -494,13 +536,13 @@ def failure_reason(e: BaseException) -> str:
 def signature(value: Any) -> Any:
     """A hashable key of a call argument: tensors by shape, dtype, device and grad; containers walked; a KV cache
     by its layout; other hashable values as themselves; anything else by identity."""
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, torch.Tensor):  # (a torch.Size is a tuple: equal to and hashed as one)
+        return ("T", value.shape, value.dtype, value.device, value.requires_grad)
     t = type(value)
     if t is tuple or t is list:
-        return (t.__name__, *(signature(v) for v in value))
+        return (t.__name__, *[signature(v) for v in value])
     if t is dict:
-        return ("{", *((k, signature(v)) for k, v in value.items()))
+        return ("{", *[(k, signature(v)) for k, v in value.items()]) if value else _NO_ITEMS
     layers = getattr(value, "layers", None)
     if isinstance(layers, list) and hasattr(value, "get_seq_length"):  # a KV cache: by layout, not identity
         return (t.__qualname__, tuple(_kv_layer_signature(layer) for layer in layers))
@@ -509,6 +551,9 @@ def signature(value: Any) -> Any:
     except TypeError:
         return (t.__qualname__, id(value))
     return value
+
+
+_NO_ITEMS = ("{",)  # an empty dict's signature (the usual kwargs)
 
 
 def _kv_layer_signature(layer: Any) -> tuple:

@@ -60,35 +60,29 @@ def run_compiled(
     lowered_params = graph.params + plan.lifted
     params = lowered_params + plan.member  # a ModuleList member index is an input (lift_family)
     family = plan.family
-    # a property of the structure and which params are tensors: found once, not per call
-    host_key = (plan.sid, tuple([isinstance(p, torch.Tensor) for p in params]))
-    host_only = cache.host_only.get(host_key)
-    if host_only is None:
-        keyed = graph.replace(nodes=plan.keyed_nodes, params=params)
-        host_only = cache.host_only[host_key] = host_only_params(keyed)
-        if len(cache.host_only) > 1024:
-            del cache.host_only[next(iter(cache.host_only))]
     key = (
         plan.sid,
-        param_signature(params, host_only),
+        _param_signature(cache, plan, graph, params) if params else (),
         signature(args),
         signature(kwargs),
         torch.is_grad_enabled(),
         cuda_graphs,
     )
-    entry = cache.lookup(
-        key,
-        lambda: _build(
-            cuda_graphs,
-            target,
-            cache,
-            graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
+    entry = cache.entries.get(key)
+    if entry is None or entry is not cache.last:  # (the common repeat: the last entry again, already newest)
+        entry = cache.lookup(
             key,
-            args,
-            kwargs,
-            family,
-        ),
-    )
+            lambda: _build(
+                cuda_graphs,
+                target,
+                cache,
+                graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
+                key,
+                args,
+                kwargs,
+                family,
+            ),
+        )
     program, split = entry.program, entry.split
     if entry.users_error:
         cache.forget(key)
@@ -99,13 +93,19 @@ def run_compiled(
     if ints and entry.bounds:
         check_bounds(graph, ints, entry.bounds)
     compiled_before = len(entry.graphs)
-    probes = tuple(
-        torch.zeros(shape, dtype=dtype, device=where, requires_grad=True)
-        for shape, dtype, where in entry.probe_specs
+    probes = (
+        tuple(
+            torch.zeros(shape, dtype=dtype, device=where, requires_grad=True)
+            for shape, dtype, where in entry.probe_specs
+        )
+        if entry.probe_specs
+        else ()
     )
     try:
-        gates = () if family is None else family_gates(family.size, family.member, device)
-        saved, output = call(cache, entry, params + probes + gates, args, kwargs)
+        inputs = params + probes if probes else params
+        if family is not None:
+            inputs += family_gates(family.size, family.member, device)
+        saved, output = call(cache, entry, inputs, args, kwargs)
     except Exception as e:
         if _interrupted(e):  # Ctrl-C while Dynamo traced: not the structure's fault, and not to be swallowed
             cache.forget(key)
@@ -118,8 +118,12 @@ def run_compiled(
         return _eager(target, graph, args, kwargs, entry)
     entry.calls += 1
     count_call(entry, compiled_before)
-    env = dict(zip(program.saved_ids + program.needed + program.dynamic_conds, saved))
+    env = dict(zip(program.returned_ids, saved))
     wanted = plan.wanted
+    if (
+        not entry.guards and not split.post and not entry.cache_ids
+    ):  # a plain trace's values as they came back
+        return RunResult({i: env[i] for i in wanted if i in env}, output, None, {}, explain=entry)
     skipped: dict = {}
     held: Callable[[int], bool] | None = None
     if entry.guards:  # tracer.cond: drop what a false condition skipped (computed anyway, see Program)
@@ -144,6 +148,19 @@ def run_compiled(
             values[i] = ModuleCache({name: CacheEntry(*got[name]) for name in names if name in got})
     skipped = {i: skipped[i] for i in wanted if i in skipped}
     return RunResult(values, output, None, skipped, explain=entry)
+
+
+def _param_signature(cache: CompileCache, plan: Plan, graph: Graph, params: tuple) -> tuple:
+    """The params' part of the key. Which params only host effects touch is a property of the structure and of
+    which params are tensors: found once, not per call (see ``param_signature``)."""
+    host_key = (plan.sid, tuple([isinstance(p, torch.Tensor) for p in params]))
+    host_only = cache.host_only.get(host_key)
+    if host_only is None:
+        keyed = graph.replace(nodes=plan.keyed_nodes, params=params)
+        host_only = cache.host_only[host_key] = host_only_params(keyed)
+        if len(cache.host_only) > 1024:
+            del cache.host_only[next(iter(cache.host_only))]
+    return param_signature(params, host_only)
 
 
 @dataclass(frozen=True)
@@ -231,7 +248,7 @@ def _mixed_precision_input(
     Inductor's kernels promote: the eager run decides, so both modes give the same answer or the same error.
     The model's first parameter is found once (``module.half()`` changes that same tensor's dtype)."""
     weights: torch.dtype | None = None
-    for v in (*args, *kwargs.values()):
+    for v in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             if weights is None:
                 first = cache.first_weight
