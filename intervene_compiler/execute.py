@@ -89,7 +89,10 @@ def _auto_compiles(graph: Graph, inputs: list[tuple[tuple, dict]], target: Targe
     caches = target.caches
     counts = caches.auto
     key = (_auto_number(graph, caches), signature(inputs), torch.is_grad_enabled())
-    seen = counts.get(key, 0) + 1
+    seen = counts.get(key, 0)
+    if seen >= AUTO_COMPILE_AFTER:  # compiles from now on: nothing left to count
+        return True
+    seen += 1
     if seen == 1 and len(counts) >= _AUTO_SIZE:
         del counts[next(iter(counts))]
     counts[key] = seen

@@ -192,3 +192,97 @@ def test_reduce_overhead_off_a_gpu_runs_as_compile_true_and_says_so():
     assert "CUDA graphs: not used: the model is on cpu" in text
     with pytest.raises(ValueError, match="'reduce-overhead'"):
         ic.NNsight(net, compile="max-autotune")
+
+
+def test_the_guard_filter_drops_only_guards_on_our_own_objects():
+    """What the direct call checks is Dynamo's guards minus those on objects of ours that never change once an
+    entry is built (the program, our module-level enums and functions); every guard on the model, the inputs,
+    torch and the global state stays."""
+    from intervene_compiler.backends.compiled.entry import _keeps
+
+    layer = "program.target.forward.__self__._module._modules['layer1']"
+    assert _keeps(layer + "._forward_hooks", "DICT_KEYS_MATCH")
+    assert _keeps(layer + "._parameters['weight']", "TENSOR_MATCH")
+    assert _keeps(layer, "TYPE_MATCH")
+    assert _keeps("args[0]", "TENSOR_MATCH")
+    assert _keeps(
+        "G['__import_torch_dot_nn_dot_modules_dot_module']._global_forward_hooks", "DICT_KEYS_MATCH"
+    )
+    assert _keeps("G['__import_intervene_compiler_dot_debug'].DEBUG", "CONSTANT_MATCH")  # a flag of ours
+    assert _keeps("G['__import_intervene_compiler_dot_grad_edits'].GradEdits.active", "SEQUENCE_LENGTH")
+    assert not _keeps("program.events", "DICT_KEYS_MATCH")
+    assert not _keeps("list(dict.keys(program.events))[0]", "SEQUENCE_LENGTH")
+    assert not _keeps("type(program).__mro__[1].evaluate", "CLOSURE_MATCH")
+    assert not _keeps(layer + "._forward_hooks[list(dict.keys(x))[0]].dispatcher.program", "DUPLICATE_INPUT")
+    assert not _keeps("G['__import_intervene_compiler_dot_ir_dot_nodes']._OUTPUT", "DUPLICATE_INPUT")
+    assert not _keeps(
+        "G['__import_intervene_compiler_dot_backends_dot_compiled_dot_program'].Op.COND", "ID_MATCH"
+    )
+
+
+def test_the_guard_filter_on_a_real_compile(monkeypatch):
+    """The names Dynamo gives its guards are the ones the filter expects: on a real compile it drops the
+    program's guards and keeps the model's weights, hooks and the input's."""
+    from intervene_compiler.backends.compiled import entry as entry_module
+
+    seen: list = []
+    original = entry_module._guard_filter
+
+    def recording(entries):
+        keep = original(entries)
+        seen.extend(zip(entries, keep))
+        return keep
+
+    monkeypatch.setattr(entry_module, "_guard_filter", recording)
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    ic.reset_compile_stats()
+    _check(model, net, x, 1.0)
+    kept = {(e.guard_type, e.name) for e, k in seen if k}
+    dropped = {e.name for e, k in seen if not k}
+    assert any(name.startswith("program.events") for name in dropped)
+    assert ("TENSOR_MATCH", "args[0]") in kept
+    assert any(
+        kind == "TENSOR_MATCH" and name.endswith("['layer1']._parameters['weight']") for kind, name in kept
+    )
+    assert any(name.endswith("['layer1']._forward_hooks") for _, name in kept)
+    assert not any(name.startswith("program.") and not name.startswith("program.target") for _, name in kept)
+    _check(model, net, x, 2.0)  # and the filtered guards still pass on a repeat: the direct call
+    assert _direct() == 1
+
+
+def test_a_repeated_save_only_trace_rechecks_what_its_shortcut_assumes():
+    """A trace that only saves hands the compiled call the same optimized graph every time: the call keeps its
+    last plan and entry (``run.Hot``) and takes them again while the inputs' signature, the grad mode and the
+    weights' dtype stay the same. Each change goes back to the full lookup (and its mixed-precision check)."""
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+
+    def saved(x):
+        with model.trace(x, compile=True):
+            hidden = model.layer1.output.save()
+        return hidden
+
+    ic.reset_compile_stats()
+    for seed in range(3):  # new values, one signature: compiled once, then direct
+        x = torch.rand(2, 5, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(saved(x), net.layer1(x))
+    assert ic.compile_stats()["compiles"] == 1 and _direct() == 2
+    wide = torch.rand(3, 5)
+    torch.testing.assert_close(saved(wide), net.layer1(wide))  # a new shape
+    with torch.no_grad():  # a new grad mode
+        torch.testing.assert_close(saved(x), net.layer1(x))
+    assert ic.compile_stats()["compiles"] == 3
+    torch.testing.assert_close(saved(x), net.layer1(x))  # back to the first entry
+    net.double()  # the weights' dtype: a float input is now a mixed-precision call, which eager mode decides
+    with pytest.raises(Exception) as compiled:
+        saved(x)
+    with pytest.raises(type(compiled.value)) as eager:
+        with model.trace(x):
+            model.layer1.output.save()
+    assert (
+        str(compiled.value).splitlines()[0] == str(eager.value).splitlines()[0]
+    )  # (each names its own line)
+    assert "same dtype" in str(compiled.value.__cause__)
+    torch.testing.assert_close(saved(x.double()), net.layer1(x.double()))

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvokeError, SourceLoc, user_location
+from ..execute import compile_option
 from ..ir import Graph, Node, Op
 from . import current
 from .contexts import Barrier, Cond, Invoker, WholeBatch
@@ -118,8 +119,6 @@ class Tracer(Recording, FakeShapes, Running, Results):
         self._saved_ids: set[int] = set()
         self._needs_output = needs_output
         if type(compile) is not bool:
-            from ..execute import compile_option
-
             compile = compile_option(compile)
         self._compile = compile
         self._reuse = reuse

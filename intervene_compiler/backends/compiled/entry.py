@@ -159,6 +159,7 @@ class CompileCache:
         self.warned_cuda_graphs = False  # compile="reduce-overhead" off a CUDA device: warned once per model
         self.plans: dict[Any, Any] = {}  # run.py's Plan per graph nodes (runtime.nodes_memo)
         self.structures = StructureNumbers()  # a lowered structure's number in keys (run.py)
+        self.hot: Any = None  # run.py's Hot: the last plain call, which a repeat of it skips finding again
 
     def lookup(self, key: Any, build) -> Entry:
         """The entry for ``key``, made by ``build()`` on a miss (evicting the oldest past ``size``); it becomes
@@ -176,6 +177,7 @@ class CompileCache:
     def forget(self, key: Any) -> None:
         """Drop ``key``'s entry: its next call builds (and compiles) it again."""
         self.entries.pop(key, None)
+        self.hot = None
 
     def clear(self) -> None:
         self.first_weight = None
@@ -184,6 +186,7 @@ class CompileCache:
         self.plans.clear()
         self.structures.clear()
         self.last = None
+        self.hot = None
         if self.dispatcher is not None:
             self.dispatcher.remove()
             self.dispatcher = None
@@ -208,14 +211,20 @@ def model_device(module: torch.nn.Module) -> torch.device:
     lifted indices, family gates and probes are made there. The tensor is found once per model (walking every
     module for it cost more than the rest of a small compiled call); ``module.to(device)`` moves that same
     Parameter object, so its ``.device`` stays current."""
+    first = first_tensor(module)
+    return _CPU if first is None else first.device
+
+
+def first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    """The tensor whose device :func:`model_device` reports (None: the model has no parameter or buffer)."""
     try:
-        first = _FIRST_TENSOR[module]
+        return _FIRST_TENSOR[module]
     except KeyError:
-        first = next(iter(module.parameters()), None)
+        first: torch.Tensor | None = next(iter(module.parameters()), None)
         if first is None:
             first = next(iter(module.buffers()), None)
         _FIRST_TENSOR[module] = first
-    return _CPU if first is None else first.device
+        return first
 
 
 def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: dict):
@@ -343,8 +352,8 @@ def _guard_filter(entries: list) -> list[bool]:
       that the model's hooks reach through their dispatcher): a program is built once for its entry's key (the
       structure, shapes, dtypes, grad mode) and never changed after; its per-call state is reset by each call,
       and ``call`` sets the dispatcher's program before each call;
-    - the identity of this package's module-level objects (its enums, classes, functions, frozen sets), which our
-      code never rebinds (a value guard on one of our globals, a flag, stays).
+    - the identity of this package's module-level objects (its enums, classes, functions, modules), which our
+      code never rebinds (a type, length or value guard on one of our globals stays: a flag, a list that grows).
 
     Guards reached through ``program.target`` (the model: its modules, hooks, weights, forward) all stay, as do
     those on the arguments, torch's globals and the global state (grad mode, dtype, ...)."""
@@ -358,14 +367,13 @@ _IDENTITY = frozenset(
         "CLASS_MATCH",
         "MODULE_MATCH",
         "CLOSURE_MATCH",
-        "TYPE_MATCH",
-        "SEQUENCE_LENGTH",
         "DUPLICATE_INPUT",
     }
 )
 
 
 def _keeps(name: str, kind: str) -> bool:
+    """Whether the guard ``kind`` on source ``name`` stays (see :func:`_guard_filter`)."""
     if _OURS.search(name):
         return False
     if kind == "DUPLICATE_INPUT" and name.endswith(".dispatcher.program"):
@@ -592,6 +600,7 @@ __all__ = [
     "cuda_graphs_state",
     "Entry",
     "failure_reason",
+    "first_tensor",
     "fresh_entry",
     "model_device",
     "param_signature",

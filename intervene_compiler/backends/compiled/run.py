@@ -32,6 +32,7 @@ from .entry import (
     count_call,
     cuda_graphs_state,
     failure_reason,
+    first_tensor,
     model_device,
     param_signature,
     prewarm_inductor,
@@ -51,38 +52,60 @@ def run_compiled(
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry.
     ``cuda_graphs``: replay the program as CUDA graphs (``compile="reduce-overhead"``; see ``entry.cuda_graphs_state``)."""
     cache = cache_of(target)
-    mixed = _mixed_precision_input(args, kwargs, cache, target.module)
-    if mixed is not None:
-        record_fallback(None, mixed)
-        return run_graph(target, graph, args, kwargs)
-    device = model_device(target.module)
-    plan = _plan_of(cache, graph, target.module, device)
-    lowered_params = graph.params + plan.lifted
-    params = lowered_params + plan.member  # a ModuleList member index is an input (lift_family)
-    family = plan.family
-    key = (
-        plan.sid,
-        _param_signature(cache, plan, graph, params) if params else (),
-        signature(args),
-        signature(kwargs),
-        torch.is_grad_enabled(),
-        cuda_graphs,
-    )
-    entry = cache.entries.get(key)
-    if entry is None or entry is not cache.last:  # (the common repeat: the last entry again, already newest)
-        entry = cache.lookup(
-            key,
-            lambda: _build(
-                cuda_graphs,
-                target,
-                cache,
-                graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
-                key,
-                args,
-                kwargs,
-                family,
-            ),
+    args_key, kwargs_key, grad = signature(args), signature(kwargs), torch.is_grad_enabled()
+    hot: Hot | None = cache.hot
+    entry: Entry
+    if (
+        hot is not None
+        and hot.graph is graph
+        and hot.entry is cache.last
+        and hot.args == args_key
+        and hot.kwargs == kwargs_key
+        and hot.grad is grad
+        and hot.cuda_graphs is cuda_graphs
+        and hot.weights is _weights_dtype(cache)
+        and (hot.first is None or hot.first.device == hot.device)  # (``model.to(device)``: lifted constants)
+    ):  # the last call again (a repeated trace): its plan and entry, found as they were then
+        plan, device, entry = hot.plan, hot.device, hot.entry
+        lowered_params = plan.lifted  # (the graph has no params)
+        params = lowered_params + plan.member
+    else:
+        hot = None
+        mixed = _mixed_precision_input(args, kwargs, cache, target.module)
+        if mixed is not None:
+            record_fallback(None, mixed)
+            return run_graph(target, graph, args, kwargs)
+        device = model_device(target.module)
+        plan = _plan_of(cache, graph, target.module, device)
+        lowered_params = graph.params + plan.lifted
+        params = lowered_params + plan.member  # a ModuleList member index is an input (lift_family)
+        key = (
+            plan.sid,
+            _param_signature(cache, plan, graph, params) if params else (),
+            args_key,
+            kwargs_key,
+            grad,
+            cuda_graphs,
         )
+        found = cache.entries.get(key)
+        if found is not None and found is cache.last:  # the common repeat: the last entry, already newest
+            entry = found
+        else:
+            entry = cache.lookup(
+                key,
+                lambda: _build(
+                    cuda_graphs,
+                    target,
+                    cache,
+                    graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
+                    key,
+                    args,
+                    kwargs,
+                    plan.family,
+                ),
+            )
+    key = entry.key
+    family = plan.family
     program, split = entry.program, entry.split
     if entry.users_error:
         cache.forget(key)
@@ -118,6 +141,11 @@ def run_compiled(
         return _eager(target, graph, args, kwargs, entry)
     entry.calls += 1
     count_call(entry, compiled_before)
+    if (
+        hot is None and not graph.params
+    ):  # (a graph with params is a new object per trace: never the same again)
+        weights, first = _weights_dtype(cache), first_tensor(target.module)
+        cache.hot = Hot(graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first)
     env = dict(zip(program.returned_ids, saved))
     wanted = plan.wanted
     if (
@@ -148,6 +176,32 @@ def run_compiled(
             values[i] = ModuleCache({name: CacheEntry(*got[name]) for name in names if name in got})
     skipped = {i: skipped[i] for i in wanted if i in skipped}
     return RunResult(values, output, None, skipped, explain=entry)
+
+
+@dataclass(frozen=True, slots=True)
+class Hot:
+    """A model's last plain compiled call (``CompileCache.hot``): the graph (the pass memo hands a repeated trace
+    the same object), what its key was made of, and what was found for it. A call of the same graph on inputs of
+    the same signature, in the same grad mode, on weights of the same dtype and device, whose entry is still the
+    cache's last, takes its plan and entry as they are instead of finding them again (the mixed-precision check, the
+    plan memo, the key and the lookup would all give the same answer). Only a graph without params is kept."""
+
+    graph: Graph
+    entry: Entry
+    args: Any
+    kwargs: Any
+    grad: bool
+    cuda_graphs: bool
+    weights: torch.dtype | None
+    plan: Plan
+    device: torch.device
+    first: torch.Tensor | None  # the tensor whose device model_device read
+
+
+def _weights_dtype(cache: CompileCache) -> torch.dtype | None:
+    """The dtype of the model's first weight, as the mixed-precision check found it (None before it looked)."""
+    first = cache.first_weight
+    return first.dtype if isinstance(first, torch.Tensor) else None
 
 
 def _param_signature(cache: CompileCache, plan: Plan, graph: Graph, params: tuple) -> tuple:
