@@ -239,7 +239,7 @@ _NOT_PREFIX_OPS = frozenset({Op.ITER, Op.CACHE, Op.GRAD, Op.SET_GRAD, Op.BACKWAR
 
 
 def _layered(target: Target, graph: Graph, inputs: list[tuple[tuple, dict]]) -> bool:
-    return plain_values(leaves(inputs[0])) and layered_applies(target, graph)
+    return layered_applies(target, graph) and plain_values(leaves(inputs[0]))
 
 
 def _prefix_graph(graph: Graph) -> bool:

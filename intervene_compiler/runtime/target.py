@@ -37,6 +37,19 @@ def nodes_memo(memo: dict, nodes: Any, extra: Any, size: int, make: Callable[[],
     return value
 
 
+def submodule(module: torch.nn.Module, path: str) -> Any:
+    """``module.get_submodule(path)``, walked through the ``_modules`` dicts (where ``nn.Module`` keeps its
+    children: ``get_submodule``'s attribute lookups cost more than a small compiled call's bookkeeping); anything
+    else (a path through a non-module attribute) asks ``get_submodule``."""
+    found: Any = module
+    try:
+        for name in path.split("."):
+            found = found._modules[name]
+    except (AttributeError, KeyError):
+        return module.get_submodule(path)
+    return found
+
+
 class StructureNumbers:
     """Numbers for structures (hashable tuples): equal structures, equal numbers, so a key can hold a number
     instead of hashing a structure on every call. Numbers are never reused: past ``size`` structures the table
@@ -129,8 +142,7 @@ class Target:
         path = self.layers
         if path is None:
             return None
-        layers: Any = self.module.get_submodule(path)  # a ModuleList in every DECODER_LAYERS family
-        return path, layers
+        return path, submodule(self.module, path)  # a ModuleList in every DECODER_LAYERS family
 
     def with_forward(self, forward: Callable[..., Any]) -> Target:
         """This target, called through ``forward`` instead (a compiled generation step runs the root's own)."""

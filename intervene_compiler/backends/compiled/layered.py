@@ -61,13 +61,15 @@ def applies(target: Target, graph: Graph) -> bool:
     if found is None or not len(found[1]):
         return False
     path, layers = found
+    first, size = _layer_size(
+        layers[0]
+    )  # (first: small layers, the usual reason, cost the least to rule out)
+    if first is None or first.device.type not in _DEVICES or size < MIN_LAYER_PARAMS:
+        return False
     if any("forward" in layer.__dict__ for layer in layers):  # accelerate's dispatch hooks, a user's patch
         return False
     sites = (n.target.path for n in graph.nodes if n.op is Op.SITE or n.op is Op.SET or n.op is Op.UPDATE)
     if inside_a_layer(path, sites):
-        return False
-    first, size = _layer_size(layers[0])
-    if first is None or first.device.type not in _DEVICES or size < MIN_LAYER_PARAMS:
         return False
     # (walked per call only here, for layers big enough: the forward dwarfs it)
     return not (torch.is_grad_enabled() and any(p.requires_grad for p in layers[0].parameters()))
