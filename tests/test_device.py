@@ -5,7 +5,8 @@ keeps them working; ``IC_TEST_DEVICE`` picks the device. On a lent GPU: ``python
 
 What is checked on the device: eager reads and edits against hooks (the fast read path and wraps included),
 compiled parity with zero recompiles over position, value and layer sweeps, batched patches, reuse across
-traces, a compiled steering-vector training loop, and steered generation compiled against eager and hooks.
+traces, a compiled steering-vector training loop, steered generation compiled against eager and hooks, and (with an
+accelerator only) a compiled trace repeated across a move of the model between the CPU and the device.
 """
 
 from __future__ import annotations
@@ -241,4 +242,29 @@ def test_reduce_overhead_generation_matches_eager(lm_dirs):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert ic.compile_stats()["fallbacks"] == 0
     lm.clear_compiled()
+    assert_clean(hf)
+
+
+@pytest.mark.compiled
+@pytest.mark.skipif(
+    DEVICE.type == "cpu", reason="moves a model between the CPU and an accelerator: needs one"
+)
+def test_the_compiled_shortcut_leaves_on_a_device_change():
+    """A repeated save-only compiled trace takes its last plan and entry again (run.Hot); moving the model (and
+    its input) to another device leaves that shortcut and Dynamo's direct call: values stay the hooks' on each
+    device, and moving back finds the first device's program again."""
+    hf = tiny_gpt2(n_layer=2)
+    model = ic.NNsight(hf)
+    ic.reset_compile_stats()
+    for device in ("cpu", "cpu", DEVICE, DEVICE, "cpu"):
+        hf.to(device)
+        ids = _ids().to(device)
+        with torch.no_grad(), model.trace(ids, compile=True):
+            saved = model.transformer.h[0].output.save()
+        want = _hooked_block_outputs(hf, ids)[0]
+        assert saved.device.type == torch.device(device).type
+        torch.testing.assert_close(saved, want)
+    stats = ic.compile_stats()
+    assert stats["compiles"] == 2 and stats["direct_calls"] == 3 and stats["fallbacks"] == 0, stats
+    model.clear_compiled()
     assert_clean(hf)
