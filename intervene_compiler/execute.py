@@ -87,16 +87,22 @@ def _auto_compiles(graph: Graph, inputs: list[tuple[tuple, dict]], target: Targe
     """compile="auto": count this run of the structure (numbers abstracted, as the compiled backend lifts them to
     inputs: a value or position sweep is one structure); compile from its ``AUTO_COMPILE_AFTER``-th run on."""
     caches = target.caches
+    inputs_key, grad = signature(inputs), torch.is_grad_enabled()
+    last = caches.auto_last
+    if last is not None and last[0] is graph and last[1] == inputs_key and last[2] is grad:
+        return True  # the same optimized graph as the last run, which compiled: a repeated trace
     counts = caches.auto
-    key = (_auto_number(graph, caches), signature(inputs), torch.is_grad_enabled())
+    key = (_auto_number(graph, caches), inputs_key, grad)
     seen = counts.get(key, 0)
-    if seen >= AUTO_COMPILE_AFTER:  # compiles from now on: nothing left to count
-        return True
-    seen += 1
-    if seen == 1 and len(counts) >= _AUTO_SIZE:
-        del counts[next(iter(counts))]
-    counts[key] = seen
-    return seen >= AUTO_COMPILE_AFTER
+    if seen < AUTO_COMPILE_AFTER:  # (past it the structure compiles from now on: nothing left to count)
+        seen += 1
+        if seen == 1 and len(counts) >= _AUTO_SIZE:
+            del counts[next(iter(counts))]
+        counts[key] = seen
+    if seen < AUTO_COMPILE_AFTER:
+        return False
+    caches.auto_last = (graph, inputs_key, grad)
+    return True
 
 
 def _auto_number(graph: Graph, caches: Any) -> int:

@@ -83,3 +83,34 @@ def test_auto_per_trace_and_bad_values():
     with pytest.raises(ValueError, match="True, False, 'auto' or 'reduce-overhead'"):
         with model.trace(x, compile="always"):
             model.output.save()
+
+
+def test_auto_on_a_repeated_save_only_trace():
+    """A save-only trace hands the runtime the same optimized graph every time: once its structure compiles, a
+    repeat takes that decision again at once, while a new shape or grad mode still counts from one."""
+    net = tiny_mlp()
+    model = ic.NNsight(net, compile="auto")
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(4))
+    wide = torch.rand(3, 5, generator=torch.Generator().manual_seed(5))
+    before = ic.compile_stats()["compiled_calls"]
+
+    def saved(inputs):
+        with model.trace(inputs):
+            hidden = model.layer1.output.save()
+        torch.testing.assert_close(hidden, net.layer1(inputs))
+
+    def compiled_calls() -> int:
+        return ic.compile_stats()["compiled_calls"] - before
+
+    for _ in range(AUTO_COMPILE_AFTER + 2):
+        saved(x)
+    assert compiled_calls() == 3  # runs 3, 4 and 5
+    saved(wide)  # a new shape: its first run, eager
+    assert compiled_calls() == 3
+    saved(x)  # back to the first shape: compiled
+    assert compiled_calls() == 4
+    with torch.no_grad():  # another grad mode: its first run, eager
+        saved(x)
+    assert compiled_calls() == 4
+    saved(x)
+    assert compiled_calls() == 5
