@@ -150,9 +150,14 @@ class _Hook:
         return (make_inert, ())
 
     def fire(self, kind: SiteKind, value: Any) -> Any:
-        """Hand the event to the running program; its new value if it writes there, else None."""
+        """Hand the event to the running program; its new value if it writes there, else None.
+
+        Inert outside a program's call: with no program set, and with a program set but no call of it running
+        here (its ``call_state`` is None), which is what a plain forward of the model on another thread sees
+        while this thread's compiled code runs (that code holds the hooks' work; only Dynamo's tracing of the
+        program, or a run of it outside Dynamo, makes a call state these hooks then read)."""
         program = self.dispatcher.program
-        if program is None or program.adhoc:
+        if program is None or program.call_state is None or program.adhoc:
             return None
         path = self.path
         calls = program.calls_in if kind is SiteKind.INPUTS else program.calls_out
