@@ -286,3 +286,15 @@ def test_a_repeated_save_only_trace_rechecks_what_its_shortcut_assumes():
     )  # (each names its own line)
     assert "same dtype" in str(compiled.value.__cause__)
     torch.testing.assert_close(saved(x.double()), net.layer1(x.double()))
+
+
+def test_our_dynamo_settings_hold_only_while_dynamo_may_trace():
+    """Our compiles turn hook guards on and Dynamo's profiler region around its pre-graph code off (two calls in
+    every call of the code it generates); both settings are the user's again after the trace."""
+    config = torch._dynamo.config
+    before = (config.skip_nnmodule_hook_guards, config.record_runtime_overhead)
+    net, model, x = _warm()
+    assert (config.skip_nnmodule_hook_guards, config.record_runtime_overhead) == before
+    entry = model._state.caches.compiled.last
+    names = {name for _, code in entry.direct for name in code.__code__.co_names}
+    assert "record_pregraph_bytecode_enter" not in names and any(n.startswith("__compiled_fn") for n in names)

@@ -40,7 +40,16 @@ from ...runtime import RunResult, Target
 from ...runtime.progress import note_compile
 from ..eager import run_graph
 from ..eager.packing import inside_a_layer
-from .entry import Entry, backend_for, cache_of, count_call, failure_reason, record_fallback, signature
+from .entry import (
+    DynamoSettings,
+    Entry,
+    backend_for,
+    cache_of,
+    count_call,
+    failure_reason,
+    record_fallback,
+    signature,
+)
 
 MIN_LAYER_PARAMS = 1_000_000  # GPT-2 small's layers have 7.1M; below, one whole-model program costs less
 # where the cost model was measured (a GPU, where compiling fuses more and CUDA graphs remove the per-layer Python,
@@ -103,16 +112,12 @@ def run_layered(
     entry = cache_of(target).lookup(("layered", cls), lambda: Entry(key=("layered", cls), layered=True))
     kwargs = {**kwargs, "use_cache": False}
     before = len(entry.graphs)
-    config = torch._dynamo.config
-    # guards on the hooks of the modules inside a layer (a hook added later recompiles instead of being ignored)
-    skip = config.skip_nnmodule_hook_guards
-    config.skip_nnmodule_hook_guards = False
-    try:
+    with (
+        DynamoSettings()
+    ):  # (hook guards inside a layer: a hook added later recompiles instead of being ignored)
         result = run_graph(
             target, graph, args, kwargs, repeat, reuse=reuse, layer_forward=_layer_forward(entry, cls)
         )
-    finally:
-        config.skip_nnmodule_hook_guards = skip
     entry.calls += 1
     if entry.fallback is None:
         count_call(entry, before)
