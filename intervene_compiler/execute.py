@@ -99,8 +99,8 @@ def _auto_compiles(graph: Graph, inputs: list[tuple[tuple, dict]], target: Targe
         if seen == 1 and len(counts) >= _AUTO_SIZE:
             del counts[next(iter(counts))]
         counts[key] = seen
-    if seen < AUTO_COMPILE_AFTER:
-        return False
+        if seen < AUTO_COMPILE_AFTER:
+            return False
     caches.auto_last = (graph, inputs_key, grad)
     return True
 

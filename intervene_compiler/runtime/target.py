@@ -91,9 +91,8 @@ class ModelCaches:
         self.auto: dict[Any, int] = {}
         self.auto_nodes: dict[Any, tuple[Any, int]] = {}
         self.auto_numbers = StructureNumbers()
-        self.auto_last: Any = (
-            None  # (optimized graph, inputs' signature, grad mode) of the last run that compiled
-        )
+        # (optimized graph, inputs' signature, grad mode) of the last run that compiled
+        self.auto_last: Any = None
 
     def clear_compiled(self) -> None:
         """Drop the compiled programs and the compiled backend's dispatcher hooks."""

@@ -169,7 +169,7 @@ class CompileCache:
             entry = self.entries[key] = build()
             if len(self.entries) > self.size:
                 self.entries.popitem(last=False)
-        else:
+        elif entry is not self.last:  # (the last entry is the newest already: a repeat moves nothing)
             self.entries.move_to_end(key)
         self.last = entry
         return entry
@@ -254,33 +254,19 @@ def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: 
 
 
 def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
-    if not regions and not entry.skip_forwards and entry.cuda_graphs is None and entry.direct is not None:
-        code = _direct(entry, params, args, kwargs)  # the common repeat: nothing to set up around the call
-        if code is not None:
-            STATS["direct_calls"] += 1
-            return code(entry.program, params, args, kwargs)
+    graphs = entry.cuda_graphs == "on"
+    if not regions and not entry.skip_forwards and not graphs:  # nothing to set up around the call
+        return _run(entry, params, args, kwargs, regions)
     for member, fn, _ in regions:
         member.__dict__["forward"] = fn
     # (module, slot, what was there): on a module accelerate hooked the forward goes inside accelerate's
     swapped = [(m, slot, m.__dict__.get(slot)) for m, _ in entry.skip_forwards for slot in (forward_slot(m),)]
     for (module, slot, _), (_, fn) in zip(swapped, entry.skip_forwards):
         module.__dict__[slot] = fn
-    graphs = entry.cuda_graphs == "on"
     try:
         if graphs:  # a new step of the CUDA graph tree: the last call's outputs were copied out (below)
             torch.compiler.cudagraph_mark_step_begin()
-        if entry.direct is not None and not regions:
-            code = _direct(entry, params, args, kwargs)
-            if code is not None:
-                STATS["direct_calls"] += 1
-                result = code(entry.program, params, args, kwargs)
-                return copy_out(result) if graphs else result
-        compiled, start = len(entry.graphs), time.perf_counter()
-        with DynamoSettings():
-            result = entry.fn(entry.program, params, args, kwargs)
-        if len(entry.graphs) > compiled:
-            note_compile(_what(entry), time.perf_counter() - start)
-        entry.direct = _direct_codes(entry) if not regions else None
+        result = _run(entry, params, args, kwargs, regions)
         return copy_out(result) if graphs else result
     finally:
         for member, _, _ in regions:
@@ -291,6 +277,23 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
                     del module.__dict__[slot]
                 else:
                     module.__dict__[slot] = before
+
+
+def _run(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
+    """Run ``entry``'s compiled code: directly when Dynamo's guards for it pass (:func:`_direct`), else through
+    ``torch.compile``'s wrapper (which compiles on a miss), keeping what the direct call needs for next time."""
+    if entry.direct is not None and not regions:
+        code = _direct(entry, params, args, kwargs)
+        if code is not None:
+            STATS["direct_calls"] += 1
+            return code(entry.program, params, args, kwargs)
+    compiled, start = len(entry.graphs), time.perf_counter()
+    with DynamoSettings():
+        result = entry.fn(entry.program, params, args, kwargs)
+    if len(entry.graphs) > compiled:
+        note_compile(_what(entry), time.perf_counter() - start)
+    entry.direct = _direct_codes(entry) if not regions else None
+    return result
 
 
 class DynamoSettings:
@@ -414,8 +417,6 @@ def _direct_codes(entry: Entry) -> tuple | None:
 
             _compiled_codes = input_codes.seen_ids
             _cache_entries = _debug_get_cache_entry_list
-        if id(entry.code) not in _compiled_codes:
-            return None
         found = _cache_entries(entry.code)
         return tuple((ce.guard_manager.check, _as_entry(ce.code)) for ce in found) or None
     except Exception:  # another torch's internals: the wrapper serves every call

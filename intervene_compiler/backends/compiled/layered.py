@@ -70,9 +70,8 @@ def applies(target: Target, graph: Graph) -> bool:
     if found is None or not len(found[1]):
         return False
     path, layers = found
-    first, size = _layer_size(
-        layers[0]
-    )  # (first: small layers, the usual reason, cost the least to rule out)
+    # small layers first: the usual reason, and the cheapest to rule out
+    first, size = _layer_size(layers[0])
     if first is None or first.device.type not in _DEVICES or size < MIN_LAYER_PARAMS:
         return False
     if any("forward" in layer.__dict__ for layer in layers):  # accelerate's dispatch hooks, a user's patch
@@ -112,9 +111,8 @@ def run_layered(
     entry = cache_of(target).lookup(("layered", cls), lambda: Entry(key=("layered", cls), layered=True))
     kwargs = {**kwargs, "use_cache": False}
     before = len(entry.graphs)
-    with (
-        DynamoSettings()
-    ):  # (hook guards inside a layer: a hook added later recompiles instead of being ignored)
+    # (with hook guards inside a layer: a hook added later recompiles instead of being ignored)
+    with DynamoSettings():
         result = run_graph(
             target, graph, args, kwargs, repeat, reuse=reuse, layer_forward=_layer_forward(entry, cls)
         )

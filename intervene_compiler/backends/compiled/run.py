@@ -87,23 +87,19 @@ def run_compiled(
             grad,
             cuda_graphs,
         )
-        found = cache.entries.get(key)
-        if found is not None and found is cache.last:  # the common repeat: the last entry, already newest
-            entry = found
-        else:
-            entry = cache.lookup(
+        entry = cache.lookup(
+            key,
+            lambda: _build(
+                cuda_graphs,
+                target,
+                cache,
+                graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
                 key,
-                lambda: _build(
-                    cuda_graphs,
-                    target,
-                    cache,
-                    graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
-                    key,
-                    args,
-                    kwargs,
-                    plan.family,
-                ),
-            )
+                args,
+                kwargs,
+                plan.family,
+            ),
+        )
     key = entry.key
     family = plan.family
     program, split = entry.program, entry.split
@@ -141,16 +137,13 @@ def run_compiled(
         return _eager(target, graph, args, kwargs, entry)
     entry.calls += 1
     count_call(entry, compiled_before)
-    if (
-        hot is None and not graph.params
-    ):  # (a graph with params is a new object per trace: never the same again)
+    # (a graph with params is a new object per trace: never the same again)
+    if hot is None and not graph.params:
         weights, first = _weights_dtype(cache), first_tensor(target.module)
         cache.hot = Hot(graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first)
     env = dict(zip(program.returned_ids, saved))
     wanted = plan.wanted
-    if (
-        not entry.guards and not split.post and not entry.cache_ids
-    ):  # a plain trace's values as they came back
+    if not entry.guards and not split.post and not entry.cache_ids:  # a plain trace's values as returned
         return RunResult({i: env[i] for i in wanted if i in env}, output, None, {}, explain=entry)
     skipped: dict = {}
     held: Callable[[int], bool] | None = None
