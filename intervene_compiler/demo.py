@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import LanguageModel, compile_stats, reset_compile_stats
-from .testing import plain_patch_logits
+from .testing import plain_block_outputs, plain_patch_logits
 
 KEYS = tuple("abcdefgh")
 VALUES = tuple("0123456789")
@@ -325,17 +325,7 @@ def hooks_sweep(model: LanguageModel, clean: str, corrupted: str, answer: int, w
     hf: Any = model.dispatch()._model
     blocks = hf.transformer.h
     clean_ids, corrupted_ids = _ids(model, clean), _ids(model, corrupted)
-    cache: dict[int, torch.Tensor] = {}
-    handles = [
-        b.register_forward_hook(lambda m, a, out, i=i: cache.__setitem__(i, out))
-        for i, b in enumerate(blocks)
-    ]
-    try:
-        with torch.no_grad():
-            hf(clean_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    cache = plain_block_outputs(hf, clean_ids)
     diffs = torch.empty(len(blocks), clean_ids.shape[1])
     for layer, pos in _cells(len(blocks), clean_ids.shape[1], False, ""):
         logits = plain_patch_logits(hf, corrupted_ids, layer, pos, cache[layer][:, pos])[0]

@@ -100,6 +100,20 @@ def decoder_blocks(model: Any) -> torch.nn.ModuleList:
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
+def plain_block_outputs(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Reference for reading tests: every decoder block's output on ``ids``, in order, taken by plain forward hooks
+    (no autograd)."""
+    outputs: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda m, a, out: outputs.append(out)) for b in decoder_blocks(model)]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
 def plain_patch_logits(
     model: torch.nn.Module, ids: torch.Tensor, layer: int, pos: int, value
 ) -> torch.Tensor:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import intervene_compiler as ic
-from intervene_compiler.testing import assert_clean, plain_patch_logits, tiny_gpt2
+from intervene_compiler.testing import assert_clean, plain_block_outputs, plain_patch_logits, tiny_gpt2
 
 pytestmark = pytest.mark.device
 
@@ -44,23 +44,11 @@ def _ids(n: int = 1, t: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (n, t), generator=g).to(DEVICE)
 
 
-def _hooked_block_outputs(hf, ids) -> list[torch.Tensor]:
-    outs = []
-    handles = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in hf.transformer.h]
-    try:
-        with torch.no_grad():
-            hf(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
-
-
 def test_eager_reads_and_a_patch_match_hooks(gpt, hf):
     ids = _ids()
     with torch.no_grad(), gpt.trace(ids, reuse=False):
         saved = [gpt.transformer.h[i].output.save() for i in range(3)]
-    for got, want in zip(saved, _hooked_block_outputs(hf, ids)):
+    for got, want in zip(saved, plain_block_outputs(hf, ids)):
         assert got.value.device.type == DEVICE.type
         torch.testing.assert_close(got.value, want)
     v = torch.randn(32, device=DEVICE)
@@ -261,7 +249,7 @@ def test_the_compiled_shortcut_leaves_on_a_device_change():
         ids = _ids().to(device)
         with torch.no_grad(), model.trace(ids, compile=True):
             saved = model.transformer.h[0].output.save()
-        want = _hooked_block_outputs(hf, ids)[0]
+        want = plain_block_outputs(hf, ids)[0]
         assert saved.device.type == torch.device(device).type
         torch.testing.assert_close(saved, want)
     stats = ic.compile_stats()
