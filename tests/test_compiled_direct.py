@@ -254,8 +254,9 @@ def test_the_guard_filter_on_a_real_compile(monkeypatch):
 
 def test_a_repeated_save_only_trace_rechecks_what_its_shortcut_assumes():
     """A trace that only saves hands the compiled call the same optimized graph every time: the call keeps its
-    last plan and entry (``run.Hot``) and takes them again while the inputs' signature, the grad mode and the
-    weights' dtype stay the same. Each change goes back to the full lookup (and its mixed-precision check)."""
+    last plan and entry (``run.Hot``) and runs that entry's compiled code directly while Dynamo's guards for it
+    pass (``repeat_calls`` counts those calls). A new shape, grad mode, weights' dtype or hook fails a guard:
+    that call goes back to the full lookup (and its mixed-precision check), and its entry is the next shortcut."""
     net = tiny_mlp()
     model = ic.NNsight(net)
 
@@ -264,20 +265,39 @@ def test_a_repeated_save_only_trace_rechecks_what_its_shortcut_assumes():
             hidden = model.layer1.output.save()
         return hidden
 
+    def repeats():
+        return ic.compile_stats()["repeat_calls"]
+
     ic.reset_compile_stats()
-    for seed in range(3):  # new values, one signature: compiled once, then direct
+    for seed in range(3):  # new values, one signature: compiled once, then direct through the shortcut
         x = torch.rand(2, 5, generator=torch.Generator().manual_seed(seed))
         torch.testing.assert_close(saved(x), net.layer1(x))
-    assert ic.compile_stats()["compiles"] == 1 and _direct() == 2
+    assert ic.compile_stats()["compiles"] == 1 and _direct() == 2 and repeats() == 2
     wide = torch.rand(3, 5)
     torch.testing.assert_close(saved(wide), net.layer1(wide))  # a new shape
+    assert repeats() == 2
+    torch.testing.assert_close(saved(wide), net.layer1(wide))  # its entry is the shortcut now
+    assert repeats() == 3
     with torch.no_grad():  # a new grad mode
         torch.testing.assert_close(saved(x), net.layer1(x))
-    assert ic.compile_stats()["compiles"] == 3
-    torch.testing.assert_close(saved(x), net.layer1(x))  # back to the first entry
+    assert ic.compile_stats()["compiles"] == 3 and repeats() == 3
+    torch.testing.assert_close(saved(x), net.layer1(x))  # back to the first entry, found in full
+    assert repeats() == 3 and ic.compile_stats()["compiles"] == 3
+    plain = torch.nn.functional.linear(x, net.layer1.weight, net.layer1.bias)
+    handle = net.layer1.register_forward_hook(lambda m, a, o: o * 2)  # a hook: a guard fails, it recompiles
+    try:
+        torch.testing.assert_close(saved(x), plain * 2)
+        assert repeats() == 3 and ic.compile_stats()["recompiles"] == 1
+        torch.testing.assert_close(saved(x), plain * 2)
+        assert repeats() == 4
+    finally:
+        handle.remove()
+    torch.testing.assert_close(saved(x), net.layer1(x))  # and again without it
     net.double()  # the weights' dtype: a float input is now a mixed-precision call, which eager mode decides
+    repeated = repeats()
     with pytest.raises(Exception) as compiled:
         saved(x)
+    assert repeats() == repeated
     with pytest.raises(type(compiled.value)) as eager:
         with model.trace(x):
             model.layer1.output.save()

@@ -56,6 +56,29 @@ def test_saved_names_hold_values(net, compile):
     assert_clean(net)
 
 
+@pytest.mark.parametrize("compile", BOTH)
+def test_tensors_others_hold_keep_their_class(net, compile):
+    """A saved activation only the block's results hold becomes the saved tensor itself; a tensor that the user,
+    the model or anything else also holds is saved as an alias, so that their object is left as it was."""
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5)
+    kept: list = []
+    with model.trace(x, compile=compile):
+        seen = model.layer1.input.save()
+        hidden = model.layer1.output.save()
+        weight = model.layer1.weight.save()
+        kept.append(model.layer2.output.save())
+        also = kept[-1]
+    assert type(x) is torch.Tensor and type(net.layer1.weight) is torch.nn.Parameter
+    for value in (seen, hidden, weight, also):
+        assert isinstance(value, torch.Tensor) and value.value is value
+    torch.testing.assert_close(seen, x)
+    torch.testing.assert_close(hidden, _layer1(net, x))
+    assert weight.data_ptr() == net.layer1.weight.data_ptr()
+    assert also is kept[-1]  # one saved object for one proxy, wherever it is held
+    torch.testing.assert_close(also, net(x))
+
+
 def _traced_in_a_function(model, x, n):
     """Names local to a function, appended to a list, stored in a dict, in a loop of traces."""
     outs, by_step = [], {}

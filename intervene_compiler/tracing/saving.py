@@ -24,6 +24,7 @@ import gc
 import sys
 import threading
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -162,7 +163,13 @@ def _resolved(proxy: Proxy, memo: dict) -> Any:
             memo[key] = proxy
             return proxy
     if type(value) is torch.Tensor and not value.requires_grad:  # the common case: an activation
-        alias = value.as_subclass(SavedTensor)
+        if sys.getrefcount(value) <= _HELD_BY_RESULTS_ONLY and not _weakrefs(value):
+            # no one but this block's results holds it (a fresh activation): it becomes the saved tensor itself,
+            # and nobody can see its class change (an alias made per trace costs a loop of small traces ~2.5 us)
+            value.__class__ = SavedTensor
+            memo[key] = value
+            return value
+        alias = value.as_subclass(SavedTensor)  # the model's, the user's or a cache's tensor: left as it is
         memo[key] = alias
         return alias
     if proxy._id in tracer.__dict__.get("_plain_containers", ()):
@@ -174,6 +181,18 @@ def _resolved(proxy: Proxy, memo: dict) -> Any:
 
 
 _MISSING = object()
+_weakrefs = weakref.getweakrefcount
+
+
+def _count_held(results: dict, key: int) -> int:
+    """``sys.getrefcount`` of ``results[key]`` read as :func:`_resolved` reads it (the same shape of code)."""
+    value = results.get(key, _MISSING) if results else _MISSING
+    return sys.getrefcount(value)
+
+
+# What _resolved's refcount reads for a value that only the results dict holds: calibrated on this interpreter
+# (what a local and an argument add to the count is the interpreter's business, not ours)
+_HELD_BY_RESULTS_ONLY = _count_held({0: object()}, 0)
 
 
 def _of_a_model(value: torch.Tensor, owner: Any) -> bool:

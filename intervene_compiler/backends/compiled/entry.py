@@ -44,6 +44,7 @@ def reset_compile_stats() -> None:
         fallback_reasons=[],
         compiled_calls=0,
         direct_calls=0,
+        repeat_calls=0,
     )
 
 
@@ -53,7 +54,9 @@ def compile_stats() -> dict[str, Any]:
     ``compiles``: graphs compiled by Inductor; ``recompiles``: compiles of a key that already had a graph (a
     guard failed); ``cache_hits``: compiled calls that reused a program; ``fallbacks``/``fallback_reasons``:
     structures that run eagerly, and why; ``compiled_calls``: calls that ran compiled; ``direct_calls``: those of
-    them that ran Dynamo's compiled code directly, its guards checked by our call path (see ``entry.call``).
+    them that ran Dynamo's compiled code directly, its guards checked by our call path (see ``entry.call``);
+    ``repeat_calls``: those that repeated the model's last call and took its entry without looking it up
+    (``run.Hot``).
     """
     return {k: (list(v) if isinstance(v, list) else v) for k, v in STATS.items()}
 
@@ -227,19 +230,28 @@ def first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
         return first
 
 
-def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: dict):
+def call(
+    cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: dict, direct_only: bool = False
+):
     """Run ``entry``'s compiled function with the model's dispatcher serving its program (installing the hooks
     the program needs); returns what ``Program.run`` returns.
 
     A repeated call goes straight to Dynamo's compiled code (:func:`_direct`) when Dynamo's own guards for it
     pass, checked as Dynamo checks them; anything else (the first call, a failed guard, a recompile) goes through
-    ``torch.compile``'s wrapper, as before."""
+    ``torch.compile``'s wrapper, as before. ``direct_only`` (a :func:`plain_call` entry): :data:`MISSED` instead
+    of the wrapper."""
     dispatcher, program = cache.dispatcher, entry.program
     if dispatcher is None or program is None:
         raise RuntimeError("a compiled call of an entry that was never built (a bug in intervene_compiler)")
     dispatcher.ensure(program)
     dispatcher.program = program
     try:
+        if direct_only:
+            code = _direct(entry, params, args, kwargs)
+            if code is None:
+                return MISSED
+            STATS["direct_calls"] += 1
+            return code(program, params, args, kwargs)
         regions = dispatcher.usable_regions() if REGIONAL and entry.regional else ()
         try:
             return _call_with(entry, params, args, kwargs, regions)
@@ -251,6 +263,15 @@ def call(cache: CompileCache, entry: Entry, params: tuple, args: tuple, kwargs: 
             return _call_with(entry, params, args, kwargs, ())
     finally:
         dispatcher.program = None
+
+
+MISSED = object()  # call(direct_only=True): Dynamo's guards for the entry's code failed; nothing ran
+
+
+def plain_call(entry: Entry) -> bool:
+    """Whether a call of ``entry`` sets nothing up around its compiled code (regions, skipped modules' forwards,
+    CUDA graphs): its direct call is all of it."""
+    return not entry.skip_forwards and entry.cuda_graphs != "on" and not (REGIONAL and entry.regional)
 
 
 def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
@@ -418,7 +439,8 @@ def _direct_codes(entry: Entry) -> tuple | None:
             _compiled_codes = input_codes.seen_ids
             _cache_entries = _debug_get_cache_entry_list
         found = _cache_entries(entry.code)
-        return tuple((ce.guard_manager.check, _as_entry(ce.code)) for ce in found) or None
+        # (the guard manager's root: its ``check`` is the wrapper's, one Python call less)
+        return tuple((ce.guard_manager.root.check, _as_entry(ce.code)) for ce in found) or None
     except Exception:  # another torch's internals: the wrapper serves every call
         return None
 
@@ -433,7 +455,7 @@ def _direct(entry: Entry, params: tuple, args: tuple, kwargs: dict) -> Any:
     if id(entry.code) not in _compiled_codes:
         return None
     frame = {"program": entry.program, "params": params, "args": args, "kwargs": kwargs}
-    for check, code in entry.direct or ():
+    for check, code in entry.direct or ():  # (None: the entry's direct call was never read)
         if check(frame):
             return code
     return None
@@ -602,6 +624,7 @@ def param_signature(params: tuple, host_only: frozenset[int] = frozenset()) -> t
 
 
 __all__ = [
+    "MISSED",
     "REGIONAL",
     "STATS",
     "UNSUPPORTED",
@@ -621,6 +644,7 @@ __all__ = [
     "fresh_entry",
     "model_device",
     "param_signature",
+    "plain_call",
     "prewarm_inductor",
     "record_fallback",
     "reset_compile_stats",

@@ -23,6 +23,8 @@ from ..eager.events import skip_forward
 from .backward import BackwardSplit, host_only_params, split_backward
 from .dispatcher import Dispatcher
 from .entry import (
+    MISSED,
+    STATS,
     UNSUPPORTED,
     CompileCache,
     Entry,
@@ -35,6 +37,7 @@ from .entry import (
     first_tensor,
     model_device,
     param_signature,
+    plain_call,
     prewarm_inductor,
     record_fallback,
     signature,
@@ -52,56 +55,87 @@ def run_compiled(
     """Run ``graph`` compiled (or eagerly, if its structure cannot compile): the compiled backend's entry.
     ``cuda_graphs``: replay the program as CUDA graphs (``compile="reduce-overhead"``; see ``entry.cuda_graphs_state``)."""
     cache = cache_of(target)
-    args_key, kwargs_key, grad = signature(args), signature(kwargs), torch.is_grad_enabled()
     hot: Hot | None = cache.hot
-    entry: Entry
-    if (
-        hot is not None
-        and hot.graph is graph
-        and hot.entry is cache.last
-        and hot.args == args_key
-        and hot.kwargs == kwargs_key
-        and hot.grad is grad
-        and hot.cuda_graphs is cuda_graphs
-        and hot.weights is _weights_dtype(cache)
-        and (hot.first is None or hot.first.device == hot.device)  # (``model.to(device)``: lifted constants)
-    ):  # the last call again (a repeated trace): its plan and entry, found as they were then
-        plan, device, entry = hot.plan, hot.device, hot.entry
-        lowered_params = plan.lifted  # (the graph has no params)
-        params = lowered_params + plan.member
-    else:
-        hot = None
-        mixed = _mixed_precision_input(args, kwargs, cache, target.module)
-        if mixed is not None:
-            record_fallback(None, mixed)
-            return run_graph(target, graph, args, kwargs)
-        device = model_device(target.module)
-        plan = _plan_of(cache, graph, target.module, device)
-        lowered_params = graph.params + plan.lifted
-        params = lowered_params + plan.member  # a ModuleList member index is an input (lift_family)
-        key = (
-            plan.sid,
-            _param_signature(cache, plan, graph, params) if params else (),
-            args_key,
-            kwargs_key,
-            grad,
+    if hot is not None and hot.graph is graph and hot.entry is cache.last and hot.cuda_graphs is cuda_graphs:
+        # the last call's graph again (a repeated trace): its plan and entry, found as they were then, unless
+        # what the entry's key was made of changed
+        if (
+            hot.guarded
+            or (  # a guarded entry: Dynamo's guards on its code, checked by its direct call, cover it
+                hot.args == signature(args)
+                and hot.kwargs == signature(kwargs)
+                and hot.grad is torch.is_grad_enabled()
+                and hot.weights is _weights_dtype(cache)
+                and (
+                    hot.first is None or hot.first.device == hot.device
+                )  # (``model.to(device)``: lifted constants)
+            )
+        ):
+            result = _run_entry(target, graph, args, kwargs, cache, hot.plan, hot.device, hot.entry, hot)
+            if (
+                result is not None
+            ):  # (None: a guard failed; the full lookup below finds the entry for this call)
+                return result
+    mixed = _mixed_precision_input(args, kwargs, cache, target.module)
+    if mixed is not None:
+        record_fallback(None, mixed)
+        return run_graph(target, graph, args, kwargs)
+    device = model_device(target.module)
+    plan = _plan_of(cache, graph, target.module, device)
+    lowered_params = graph.params + plan.lifted
+    params = lowered_params + plan.member  # a ModuleList member index is an input (lift_family)
+    args_key, kwargs_key, grad = signature(args), signature(kwargs), torch.is_grad_enabled()
+    key = (
+        plan.sid,
+        _param_signature(cache, plan, graph, params) if params else (),
+        args_key,
+        kwargs_key,
+        grad,
+        cuda_graphs,
+    )
+    entry = cache.lookup(
+        key,
+        lambda: _build(
             cuda_graphs,
-        )
-        entry = cache.lookup(
+            target,
+            cache,
+            graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
             key,
-            lambda: _build(
-                cuda_graphs,
-                target,
-                cache,
-                graph.replace(nodes=plan.lowered_nodes, params=lowered_params),
-                key,
-                args,
-                kwargs,
-                plan.family,
-            ),
+            args,
+            kwargs,
+            plan.family,
+        ),
+    )
+    calls = entry.calls
+    result = _run_entry(target, graph, args, kwargs, cache, plan, device, entry, None)
+    assert result is not None  # (only a hot call can miss)
+    if entry.calls > calls and not graph.params:  # it ran compiled: a repeat of this call can skip the above
+        # (a graph with params is a new object per trace: never the same again)
+        weights, first = _weights_dtype(cache), first_tensor(target.module)
+        guarded = entry.direct is not None and plain_call(entry)
+        cache.hot = Hot(
+            graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first, guarded
         )
+    return result
+
+
+def _run_entry(
+    target: Target,
+    graph: Graph,
+    args: tuple,
+    kwargs: dict,
+    cache: CompileCache,
+    plan: Plan,
+    device: torch.device,
+    entry: Entry,
+    hot: Hot | None,
+) -> RunResult | None:
+    """Run ``entry`` (found for ``graph``'s ``plan``) on the call's inputs. A ``hot`` call of a guarded entry runs
+    only its direct call: None when Dynamo's guards for it fail (the caller looks the entry up in full)."""
     key = entry.key
     family = plan.family
+    lowered_params = graph.params + plan.lifted if graph.params else plan.lifted
+    params = lowered_params + plan.member  # a ModuleList member index is an input (lift_family)
     program, split = entry.program, entry.split
     if entry.users_error:
         cache.forget(key)
@@ -124,7 +158,10 @@ def run_compiled(
         inputs = params + probes if probes else params
         if family is not None:
             inputs += family_gates(family.size, family.member, device)
-        saved, output = call(cache, entry, inputs, args, kwargs)
+        ran = call(cache, entry, inputs, args, kwargs, hot is not None and hot.guarded)
+        if ran is MISSED:
+            return None
+        saved, output = ran
     except Exception as e:
         if _interrupted(e):  # Ctrl-C while Dynamo traced: not the structure's fault, and not to be swallowed
             cache.forget(key)
@@ -137,10 +174,8 @@ def run_compiled(
         return _eager(target, graph, args, kwargs, entry)
     entry.calls += 1
     count_call(entry, compiled_before)
-    # (a graph with params is a new object per trace: never the same again)
-    if hot is None and not graph.params:
-        weights, first = _weights_dtype(cache), first_tensor(target.module)
-        cache.hot = Hot(graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first)
+    if hot is not None:
+        STATS["repeat_calls"] += 1
     env = dict(zip(program.returned_ids, saved))
     wanted = plan.wanted
     if not entry.guards and not split.post and not entry.cache_ids:  # a plain trace's values as returned
@@ -189,6 +224,8 @@ class Hot:
     plan: Plan
     device: torch.device
     first: torch.Tensor | None  # the tensor whose device model_device read
+    # a plain entry with a direct call (``entry.plain_call``): a repeat runs it when Dynamo's guards pass
+    guarded: bool
 
 
 def _weights_dtype(cache: CompileCache) -> torch.dtype | None:
