@@ -142,6 +142,54 @@ def test_a_hook_the_user_adds_is_honoured():
     torch.testing.assert_close(out, _hooked(net, x, 1.0)[0])
 
 
+def test_a_hook_the_user_adds_on_a_site_shows_in_it_as_in_eager():
+    """A hook the user registers after the first compile on a module the trace reads: ``.input`` and ``.output``
+    are the values after the user's hooks, in both backends (the eager backend's hooks, registered at each trace,
+    come after the user's; the compiled backend's persistent ones are moved back behind them), as a plain hook
+    registered after the user's sees them."""
+    net = tiny_mlp()
+    model = ic.NNsight(net)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+
+    def saved(compile):
+        with model.trace(x, compile=compile):
+            seen_in = model.layer1.input.save()
+            seen_out = model.layer1.output.save()
+            out = model.output.save()
+        return seen_in, seen_out, out
+
+    ic.reset_compile_stats()
+    for _ in range(2):
+        saved(True)
+    handles = [
+        net.layer1.register_forward_pre_hook(lambda m, args: (args[0] + 1.0,)),
+        net.layer1.register_forward_hook(lambda m, args, out: out * 2.0),
+    ]
+    try:
+        seen: dict = {}
+        after = [
+            net.layer1.register_forward_pre_hook(lambda m, args: seen.__setitem__("in", args[0])),
+            net.layer1.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out)),
+        ]
+        want_out = net(x)
+        for h in after:
+            h.remove()
+        for compile in (True, True, False):
+            got_in, got_out, out = saved(compile)
+            torch.testing.assert_close(got_in, seen["in"])
+            torch.testing.assert_close(got_out, seen["out"])
+            torch.testing.assert_close(out, want_out)
+    finally:
+        for h in handles:
+            h.remove()
+    got_in, got_out, out = saved(True)
+    torch.testing.assert_close(got_in, x)
+    torch.testing.assert_close(got_out, net.layer1(x))
+    torch.testing.assert_close(out, net(x))
+    stats = ic.compile_stats()
+    assert stats["compiled_calls"] == 5 and stats["fallbacks"] == 0, stats
+
+
 def test_weights_changed_between_calls_are_read():
     net, model, x = _warm()
     with torch.no_grad():

@@ -33,6 +33,7 @@ class Dispatcher:
         self.program: Program | None = None
         self.handles: list[Any] = []
         self.hooked: set[tuple[str, bool]] = set()  # (module path, pre-hook?)
+        self._placed: list[list[Any]] = []  # [module, pre-hook?, hook, its handle], see keep_last
         self._regions: tuple | None = None  # see regions()
         self._region_fns: dict[type, Any] = {}
 
@@ -46,12 +47,25 @@ class Dispatcher:
                 self.hooked.add((path, pre))
                 continue
             mod = self.module.get_submodule(path)
-            if pre:
-                self.handles.append(mod.register_forward_pre_hook(self._pre(path), with_kwargs=True))
-            else:
-                self.handles.append(mod.register_forward_hook(self._post(path), with_kwargs=True))
+            hook = self._pre(path) if pre else self._post(path)
+            handle = _register(mod, pre, hook)
+            self.handles.append(handle)
+            self._placed.append([mod, pre, hook, handle])
             self.hooked.add((path, pre))
         self._regions = None
+
+    def keep_last(self) -> None:
+        """Move each of our hooks that a hook the user registered since follows back to the end of its module's
+        hooks, where the eager backend's hooks (registered at each trace) are: an event sees the module's input and
+        output as the user's hooks left them, in both backends. Called before a call through ``torch.compile``'s
+        wrapper (a direct call runs only when Dynamo's guards on the hook dicts pass: they are as compiled)."""
+        for placed in self._placed:
+            mod, pre, hook, handle = placed
+            hooks = mod._forward_pre_hooks if pre else mod._forward_hooks
+            if hooks and next(reversed(hooks)) != handle.id:
+                handle.remove()
+                placed[3] = new = _register(mod, pre, hook)
+                self.handles[self.handles.index(handle)] = new
 
     def regions(self) -> tuple:
         """(member, its forward as a nested compile region, its parameters) for each repeated block no program
@@ -122,6 +136,7 @@ class Dispatcher:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._placed = []
         self.hooked = set()
         self._regions = None
 
@@ -130,6 +145,12 @@ class Dispatcher:
 
     def _post(self, path: str) -> _PostHook:
         return _PostHook(self, path)
+
+
+def _register(module: torch.nn.Module, pre: bool, hook: Any) -> Any:
+    if pre:
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
+    return module.register_forward_hook(hook, with_kwargs=True)
 
 
 class _Hook:

@@ -252,6 +252,7 @@ def call(
                 return MISSED
             STATS["direct_calls"] += 1
             return code(program, params, args, kwargs)
+        dispatcher.keep_last()  # (the wrapper's call, where Dynamo checks its guards and may trace)
         regions = dispatcher.usable_regions() if REGIONAL and entry.regional else ()
         try:
             return _call_with(entry, params, args, kwargs, regions)
