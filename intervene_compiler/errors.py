@@ -13,7 +13,7 @@ import linecache
 import os
 import sys
 from dataclasses import dataclass
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 import torch
@@ -101,15 +101,36 @@ def user_location() -> SourceLoc | None:
 
 def user_location_at(depth: int) -> SourceLoc | None:
     """``user_location()`` for a caller whose ``depth`` innermost frames (its own included) are this package's:
-    the frame above them, when it is a user's line seen before (the common case), else the full walk."""
+    the frame above them, when it is a user's line (the common case), else the full walk. A user's frame is looked
+    up by its code object and instruction (``f_lineno`` and the per-line key cost more than the rest)."""
     frame = sys._getframe(depth + 1)
     code = frame.f_code
+    at = (id(code), frame.f_lasti)
+    hit = _at.get(at)
+    if (
+        hit is not None and hit[0] is code
+    ):  # (the entry holds the code object: its id is not reused meanwhile)
+        return hit[1]
     filename = code.co_filename
-    if _user_files.get(filename):
-        loc = _locs.get((filename, frame.f_lineno, code.co_name))
-        if loc is not None:
-            return loc
-    return user_location()
+    user = _user_files.get(filename)
+    if user is None:
+        user = _is_user_file(filename)
+    if not user:
+        return user_location()
+    key = (filename, frame.f_lineno, code.co_name)
+    loc = _locs.get(key)
+    if loc is None:
+        if len(_locs) >= _MAX_LOCS:
+            _locs.clear()
+        loc = _locs[key] = SourceLoc(*key)
+    if len(_at) >= _MAX_LOCS:
+        _at.clear()
+    _at[at] = (code, loc)
+    return loc
+
+
+# (id of a user's code object, instruction offset) -> (the code object, its SourceLoc): user_location_at's memo
+_at: dict[tuple[int, int], tuple[CodeType, SourceLoc]] = {}
 
 
 class InterventionError(Exception):
