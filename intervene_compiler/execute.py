@@ -16,6 +16,7 @@ that knows both sides. A third backend (remote execution) plugs in here.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,7 +152,7 @@ def execute(
     compile = options.compile
     cuda_graphs = compile == "reduce-overhead"
     if compile:
-        reason = _not_compiled(graph, target.generating is not None) or offload_reason(target.module)
+        reason = _not_compiled(graph, target.generating is not None, target.module)
         if reason is not None:
             record_fallback(None, reason)
             compile = False
@@ -170,23 +171,22 @@ def execute(
     return result
 
 
-def _not_compiled(graph: Graph, generating: bool) -> str | None:
-    """Why the compiled backend cannot run ``graph`` yet (then it runs eagerly, the reason recorded); found once
-    per optimized graph (the pass memo hands back the same graph object for a repeated structure)."""
+def _not_compiled(graph: Graph, generating: bool, module: torch.nn.Module) -> str | None:
+    """Why the compiled backend cannot run ``graph`` on ``module`` yet (then it runs eagerly, the reason
+    recorded); found once per optimized graph and module (the pass memo hands back the same graph object for a
+    repeated structure; whether accelerate offloads a module's weights is decided when it loads)."""
     hit = _NOT_COMPILED.get((id(graph), generating))
-    if hit is not None and hit[0] is graph:
-        return hit[1]
-    reason = _why_not_compiled(graph, generating)
+    if hit is not None and hit[0] is graph and hit[1]() is module:
+        return hit[2]
+    reason = _why_not_compiled(graph, generating) or offload_reason(module)
     if len(_NOT_COMPILED) >= 1024:
         _NOT_COMPILED.clear()
-    _NOT_COMPILED[(id(graph), generating)] = (
-        graph,
-        reason,
-    )  # keeps the graph alive: its id is not reused meanwhile
+    # (keeps the graph alive: its id is not reused meanwhile; the module only by a weak reference)
+    _NOT_COMPILED[(id(graph), generating)] = (graph, weakref.ref(module), reason)
     return reason
 
 
-_NOT_COMPILED: dict[tuple[int, bool], tuple[Graph, str | None]] = {}
+_NOT_COMPILED: dict[tuple[int, bool], tuple[Graph, weakref.ref, str | None]] = {}
 
 
 def _why_not_compiled(graph: Graph, generating: bool) -> str | None:
