@@ -232,8 +232,8 @@ def rebind(frame: types.FrameType | None, owners: tuple) -> None:
                 if not _owned(item, owners):
                     break
                 value[key] = _resolved(item, memo)
-    if names is frame.f_globals or not frame.f_code.co_flags & _CO_OPTIMIZED or sys.version_info >= (3, 13):
-        names.update(changed)  # the frame's real namespace, or (3.13+, PEP 667) a view that writes through
+    if _WRITES_THROUGH or not frame.f_code.co_flags & _CO_OPTIMIZED:
+        names.update(changed)  # the frame's real namespace (a module's, a class body's), or a view (3.13+)
         return
     if changed:
         names.update(changed)
@@ -244,6 +244,7 @@ def rebind(frame: types.FrameType | None, owners: tuple) -> None:
 
 
 _CO_OPTIMIZED = 0x0001  # a function's frame: its locals live in fast slots, f_locals is a copy
+_WRITES_THROUGH = sys.version_info >= (3, 13)  # PEP 667: a function's f_locals is a view that writes through
 if sys.version_info < (3, 13):
     _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
     _locals_to_fast.argtypes = [ctypes.py_object, ctypes.c_int]
