@@ -57,25 +57,13 @@ def run_compiled(
     cache = cache_of(target)
     hot: Hot | None = cache.hot
     if hot is not None and hot.graph is graph and hot.entry is cache.last and hot.cuda_graphs is cuda_graphs:
-        # the last call's graph again (a repeated trace): its plan and entry, found as they were then, unless
-        # what the entry's key was made of changed
-        if (
-            hot.guarded
-            or (  # a guarded entry: Dynamo's guards on its code, checked by its direct call, cover it
-                hot.args == signature(args)
-                and hot.kwargs == signature(kwargs)
-                and hot.grad is torch.is_grad_enabled()
-                and hot.weights is _weights_dtype(cache)
-                and (
-                    hot.first is None or hot.first.device == hot.device
-                )  # (``model.to(device)``: lifted constants)
-            )
-        ):
-            result = _run_entry(target, graph, args, kwargs, cache, hot.plan, hot.device, hot.entry, hot)
-            if (
-                result is not None
-            ):  # (None: a guard failed; the full lookup below finds the entry for this call)
+        # the last call's graph again (a repeated trace): its entry, as found then, unless the call differs
+        if hot.inputs is not None:
+            result = _run_hot(target, graph, args, kwargs, cache, hot, hot.inputs)
+            if result is not None:  # (None: a guard failed; the full lookup below finds this call's entry)
                 return result
+        elif _same_call(hot, cache, args, kwargs):
+            return _run_entry(target, graph, args, kwargs, cache, hot.plan, hot.device, hot.entry, True)
     mixed = _mixed_precision_input(args, kwargs, cache, target.module)
     if mixed is not None:
         record_fallback(None, mixed)
@@ -107,16 +95,85 @@ def run_compiled(
         ),
     )
     calls = entry.calls
-    result = _run_entry(target, graph, args, kwargs, cache, plan, device, entry, None)
-    assert result is not None  # (only a hot call can miss)
+    result = _run_entry(target, graph, args, kwargs, cache, plan, device, entry, False)
     if entry.calls > calls and not graph.params:  # it ran compiled: a repeat of this call can skip the above
         # (a graph with params is a new object per trace: never the same again)
         weights, first = _weights_dtype(cache), first_tensor(target.module)
-        guarded = entry.direct is not None and plain_call(entry)
+        inputs = params if _simple(entry, plan) else None
         cache.hot = Hot(
-            graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first, guarded
+            graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first, inputs
         )
     return result
+
+
+def _same_call(hot: Hot, cache: CompileCache, args: tuple, kwargs: dict) -> bool:
+    """Is this call what the key of ``hot``'s entry was made of (inputs' signature, grad mode, the weights'
+    dtype and device)?"""
+    return (
+        hot.args == signature(args)
+        and hot.kwargs == signature(kwargs)
+        and hot.grad is torch.is_grad_enabled()
+        and hot.weights is _weights_dtype(cache)
+        # (``model.to(device)``: the plan's lifted constants are on the old one)
+        and (hot.first is None or hot.first.device == hot.device)
+    )
+
+
+def _simple(entry: Entry, plan: Plan) -> bool:
+    """Does a call of ``entry`` (for ``plan`` of a graph without params) take only its direct call (Dynamo's guards
+    checked by our call path) and give back the values its program returns: nothing set up around the call, no
+    gradient probes, member gates or index bounds, no condition, backward or cache on the host?"""
+    split = entry.split
+    return (
+        entry.direct is not None
+        and plain_call(entry)
+        and not entry.probe_specs
+        and plan.family is None
+        and not (plan.ints and entry.bounds)
+        and not entry.guards
+        and split is not None
+        and not split.post
+        and not entry.cache_ids
+    )
+
+
+def _run_hot(
+    target: Target, graph: Graph, args: tuple, kwargs: dict, cache: CompileCache, hot: Hot, inputs: tuple
+) -> RunResult | None:
+    """A repeat of the last call of a simple entry (:func:`_simple`): its direct call on the inputs kept then,
+    when Dynamo's guards for it pass. They cover what the entry's key was made of (the inputs' shapes, dtypes and
+    devices, the grad mode, the weights), so a call they fail returns None and is looked up in full."""
+    entry, program = hot.entry, hot.entry.program
+    if program is None:  # (never for an entry that ran compiled)
+        return None
+    try:
+        ran = call(cache, entry, inputs, args, kwargs, direct_only=True)
+    except Exception as e:
+        return _call_failed(e, target, graph, args, kwargs, cache, entry)
+    if ran is MISSED:
+        return None
+    saved, output = ran
+    entry.calls += 1
+    count_call(entry, len(entry.graphs))  # (a direct call compiles nothing)
+    STATS["repeat_calls"] += 1
+    env = dict(zip(program.returned_ids, saved))
+    return RunResult({i: env[i] for i in hot.plan.wanted if i in env}, output, None, {}, explain=entry)
+
+
+def _call_failed(
+    e: Exception, target: Target, graph: Graph, args: tuple, kwargs: dict, cache: CompileCache, entry: Entry
+) -> RunResult:
+    """A compiled call of ``entry`` raised ``e``: the eager run, which reports a user's mistake at their line."""
+    cache.hot = None
+    if _interrupted(e):  # Ctrl-C while Dynamo traced: not the structure's fault, and not to be swallowed
+        cache.forget(entry.key)
+        raise KeyboardInterrupt from None
+    if _users_error(e):  # the user's mistake, raised while Dynamo traced: eager raises it at their line
+        cache.forget(entry.key)  # and the next call (once fixed) compiles
+        return _eager(target, graph, args, kwargs, entry)
+    # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
+    record_fallback(entry, failure_reason(e))
+    return _eager(target, graph, args, kwargs, entry)
 
 
 def _run_entry(
@@ -128,10 +185,10 @@ def _run_entry(
     plan: Plan,
     device: torch.device,
     entry: Entry,
-    hot: Hot | None,
-) -> RunResult | None:
-    """Run ``entry`` (found for ``graph``'s ``plan``) on the call's inputs. A ``hot`` call of a guarded entry runs
-    only its direct call: None when Dynamo's guards for it fail (the caller looks the entry up in full)."""
+    repeat: bool,
+) -> RunResult:
+    """Run ``entry`` (found for ``graph``'s ``plan``, or kept from the last call: ``repeat``) on the call's
+    inputs."""
     key = entry.key
     family = plan.family
     lowered_params = graph.params + plan.lifted if graph.params else plan.lifted
@@ -158,23 +215,12 @@ def _run_entry(
         inputs = params + probes if probes else params
         if family is not None:
             inputs += family_gates(family.size, family.member, device)
-        ran = call(cache, entry, inputs, args, kwargs, hot is not None and hot.guarded)
-        if ran is MISSED:
-            return None
-        saved, output = ran
+        saved, output = call(cache, entry, inputs, args, kwargs)
     except Exception as e:
-        if _interrupted(e):  # Ctrl-C while Dynamo traced: not the structure's fault, and not to be swallowed
-            cache.forget(key)
-            raise KeyboardInterrupt from None
-        if _users_error(e):  # the user's mistake, raised while Dynamo traced: eager raises it at their line
-            cache.forget(key)  # and the next call (once fixed) compiles
-            return _eager(target, graph, args, kwargs, entry)
-        # a structure Dynamo cannot capture as one graph: eager from now on, with the reason
-        record_fallback(entry, failure_reason(e))
-        return _eager(target, graph, args, kwargs, entry)
+        return _call_failed(e, target, graph, args, kwargs, cache, entry)
     entry.calls += 1
     count_call(entry, compiled_before)
-    if hot is not None:
+    if repeat:
         STATS["repeat_calls"] += 1
     env = dict(zip(program.returned_ids, saved))
     wanted = plan.wanted
@@ -209,10 +255,12 @@ def _run_entry(
 @dataclass(frozen=True, slots=True)
 class Hot:
     """A model's last plain compiled call (``CompileCache.hot``): the graph (the pass memo hands a repeated trace
-    the same object), what its key was made of, and what was found for it. A call of the same graph on inputs of
-    the same signature, in the same grad mode, on weights of the same dtype and device, whose entry is still the
-    cache's last, takes its plan and entry as they are instead of finding them again (the mixed-precision check, the
-    plan memo, the key and the lookup would all give the same answer). Only a graph without params is kept."""
+    the same object), what its key was made of, and what was found for it. A call of the same graph whose entry is
+    still the cache's last takes that entry instead of finding it again (the mixed-precision check, the plan memo,
+    the key and the lookup would all give the same answer) when the call is the same: for a simple entry
+    (``inputs`` kept), when Dynamo's guards for its code pass (:func:`_run_hot`); for another, when the inputs'
+    signature, the grad mode and the weights' dtype and device are the same (:func:`_same_call`). Only a graph
+    without params is kept."""
 
     graph: Graph
     entry: Entry
@@ -224,8 +272,9 @@ class Hot:
     plan: Plan
     device: torch.device
     first: torch.Tensor | None  # the tensor whose device model_device read
-    # a plain entry with a direct call (``entry.plain_call``): a repeat runs it when Dynamo's guards pass
-    guarded: bool
+    inputs: (
+        tuple | None
+    )  # a simple entry's (see _simple): the program's inputs (the plan's constants), else None
 
 
 def _weights_dtype(cache: CompileCache) -> torch.dtype | None:
