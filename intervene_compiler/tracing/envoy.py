@@ -39,6 +39,7 @@ class ModelState:
         self.caches = ModelCaches()
         # a trace of only site reads and saves: the key of its notes -> (facts, Optimized); see Tracer._optimized
         self.simple: dict[tuple, Any] = {}
+        self.last_simple: tuple | None = None  # (key, Optimized) of the last one: a repeat compares, no hash
 
     def __getstate__(self) -> dict:
         """A pickled model keeps its aliases; its open tracers, lock, memos and compiled programs belong to this

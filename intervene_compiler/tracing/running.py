@@ -100,14 +100,29 @@ class Running(TracerState):
         A trace of only site reads and saves (the common ``model.layer.output.save()``) has a cheap key of its
         structure (``_simple_key``): repeating it reuses what the first such trace built and optimized (graphs
         that are immutable and hold no params: nothing to bind per trace) instead of building a graph to have the
-        pass memo key it again. That memo is the model's (``ModelState.simple``).
+        pass memo key it again. That memo is the model's (``ModelState.simple``); the last such trace's notes are
+        kept beside it (``ModelState.last_simple``), so that a loop repeating one trace compares its notes with them
+        instead of building and hashing the key.
         """
         facts = target.facts
-        key = _simple_key(self, facts) if model._edits is None and not self._params else None
-        memo = self._state.simple
-        if key is not None:
+        state = self._state
+        memo = state.simple
+        key = None
+        if model._edits is None and not self._params and not self._node_list:  # only noted reads and saves
+            invokers = self._invokers
+            if len(invokers) == 1:
+                inv = invokers[0]
+                rows: tuple[tuple[int, int], ...] = ((inv.start, inv.start + inv.batch_size),)
+            else:
+                rows = tuple([(inv.start, inv.start + inv.batch_size) for inv in invokers])
+            notes = (self._lazy, rows, self._mode, self._needs_output, facts)
+            last = state.last_simple
+            if last is not None and last[0] == notes:  # the last simple trace again (a loop): no key built
+                return last[1]
+            key = _simple_key(self._lazy, rows, self._mode, self._needs_output, facts)
             hit = memo.get(key)
             if hit is not None:
+                state.last_simple = (notes, hit)
                 return hit
         traced = model._with_edits(self._build_graph())
         optimized = optimize(traced, facts, target.caches.optimized)
@@ -115,6 +130,7 @@ class Running(TracerState):
             if len(memo) >= _SIMPLE_SIZE:
                 del memo[next(iter(memo))]  # the oldest entry
             memo[key] = optimized
+            state.last_simple = (notes, optimized)
         return optimized
 
     def _check_has_input(self) -> None:
@@ -193,25 +209,17 @@ def _forget_failed_edit(model: Any, error: BaseException) -> None:
 _SIMPLE_SIZE = 512
 
 
-def _simple_key(tracer: TracerState, facts: ModelFacts) -> tuple | None:
-    """The structure of a trace whose nodes are all noted site reads and saves (see ``Tracer._nodes``), None for
-    any other trace; see ``Tracer._optimized``."""
-    if tracer._node_list:  # some node was recorded by the general path
-        return None
+def _simple_key(notes: list, rows: tuple, mode: str, needs_output: bool, facts: ModelFacts) -> tuple:
+    """The structure of a trace whose nodes are all noted site reads and saves (``notes``, see
+    ``Tracer._nodes``); see ``Tracer._optimized``."""
     parts: list[tuple] = []
-    for entry in tracer._lazy:
+    for entry in notes:
         if len(entry) == 3:  # a site read: (id, (path, kind, call, invoke, guards), loc)
             parts.append((entry[0], entry[1], id(entry[2])))
         else:  # a save: (id, saved id, after, guards, invoke, loc)
             nid, ref, after, guards, invoke, loc = entry
             parts.append((nid, ref, after, guards, invoke, id(loc)))
-    invokers = tracer._invokers
-    if len(invokers) == 1:
-        inv = invokers[0]
-        rows: tuple[tuple[int, int], ...] = ((inv.start, inv.start + inv.batch_size),)
-    else:
-        rows = tuple([(inv.start, inv.start + inv.batch_size) for inv in invokers])
-    return (tuple(parts), rows, tracer._mode, tracer._needs_output, facts)
+    return (tuple(parts), rows, mode, needs_output, facts)
 
 
 __all__ = ["Running"]
