@@ -100,8 +100,9 @@ def run_compiled(
         # (a graph with params is a new object per trace: never the same again)
         weights, first = _weights_dtype(cache), first_tensor(target.module)
         inputs = params if _simple(entry, plan) else None
+        exact = entry.program is not None and tuple(entry.program.returned_ids) == tuple(plan.wanted)
         cache.hot = Hot(
-            graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first, inputs
+            graph, entry, args_key, kwargs_key, grad, cuda_graphs, weights, plan, device, first, inputs, exact
         )
     return result
 
@@ -157,7 +158,8 @@ def _run_hot(
     count_call(entry, len(entry.graphs))  # (a direct call compiles nothing)
     STATS["repeat_calls"] += 1
     env = dict(zip(program.returned_ids, saved))
-    return RunResult({i: env[i] for i in hot.plan.wanted if i in env}, output, None, {}, explain=entry)
+    values = env if hot.exact else {i: env[i] for i in hot.plan.wanted if i in env}
+    return RunResult(values, output, None, {}, explain=entry)
 
 
 def _call_failed(
@@ -272,9 +274,9 @@ class Hot:
     plan: Plan
     device: torch.device
     first: torch.Tensor | None  # the tensor whose device model_device read
-    inputs: (
-        tuple | None
-    )  # a simple entry's (see _simple): the program's inputs (the plan's constants), else None
+    # a simple entry's (see _simple): the program's inputs (the plan's constants), else None
+    inputs: tuple | None
+    exact: bool  # the program returns the values wanted, in their order: its results are the values
 
 
 def _weights_dtype(cache: CompileCache) -> torch.dtype | None:
