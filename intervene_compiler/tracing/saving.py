@@ -221,12 +221,12 @@ def rebind(frame: types.FrameType | None, owners: tuple) -> None:
         if t is Proxy:
             if value._tracer in owners:
                 changed[name] = _resolved(value, memo)
-        elif t is builtins.list:
+        elif t is _list:
             i = len(value) - 1
             while i >= 0 and _owned(value[i], owners):
                 value[i] = _resolved(value[i], memo)
                 i -= 1
-        elif t is builtins.dict and value:
+        elif t is _dict and value:
             for key in reversed(value):
                 item = value[key]
                 if not _owned(item, owners):
@@ -243,6 +243,7 @@ def rebind(frame: types.FrameType | None, owners: tuple) -> None:
     names.clear()
 
 
+_list, _dict = builtins.list, builtins.dict  # (read once, not per local per trace)
 _CO_OPTIMIZED = 0x0001  # a function's frame: its locals live in fast slots, f_locals is a copy
 _WRITES_THROUGH = sys.version_info >= (3, 13)  # PEP 667: a function's f_locals is a view that writes through
 if sys.version_info < (3, 13):

@@ -146,9 +146,8 @@ class Tracer(Recording, FakeShapes, Running, Results):
         state.tracers.append(self)  # ModelState.push
         if self._implicit_args or self._kwargs:
             try:
-                self._implicit = invoker = Invoker(
-                    self, self._implicit_args, {**self._kwargs, **self._invoker_args}, None
-                )
+                kwargs = {**self._kwargs, **self._invoker_args} if self._invoker_args else self._kwargs
+                self._implicit = invoker = Invoker(self, self._implicit_args, kwargs, None)
                 self._enter_invoke(invoker)  # Invoker.__enter__
             except BaseException:
                 self._close()
