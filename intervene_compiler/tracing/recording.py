@@ -118,11 +118,6 @@ class Recording(Recorder, TracerState):
                 out.append(make_node(nid, _SAVE, None, (Ref(ref),), (), guards, after, invoke, loc, (ref,)))
         self._lazy = []
 
-    def _plain(self) -> bool:
-        """Does recording take the plain path: an open block of its own (not closed into a session), without
-        fake execution or closed iteration blocks? (The fast paths of ``_site``/``_save`` check this.)"""
-        return not (self._closed or self._finished or self._fakes is not None or self._body_of)
-
     def _call_of(self, path: str) -> int:
         """The call a site access addresses: counted from the run's start, or inside an iteration block from the
         step's start (negative, see ``Site``)."""
@@ -162,7 +157,15 @@ class Recording(Recorder, TracerState):
         if nid in saved:
             return
         saved.add(nid)
-        if proxy._tracer is not self or not self._plain():
+        if (
+            proxy._tracer is not self
+            or self._closed
+            or self._finished
+            or self._fakes is not None
+            or self._body_of
+        ):
+            # another tracer's value, a block closed into a session or finished, fake execution or closed
+            # iteration blocks: recorded as a node (the common case below is only noted)
             self._record(_SAVE, None, (proxy,))
             return
         # _record(Op.SAVE, None, (proxy,)), whose one argument is this tracer's value, noted (see _nodes)

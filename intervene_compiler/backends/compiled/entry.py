@@ -426,17 +426,21 @@ def _keeps(name: str, kind: str) -> bool:
 # and friends: `import intervene_compiler` patches nothing)
 _cache_entries: Any = None
 _compiled_codes: Any = None
+_eval_frame: Any = None  # torch._dynamo.eval_frame, whose _stance is torch.compiler.set_stance's
+_is_compiling = torch.compiler.is_compiling
 
 
 def _direct_codes(entry: Entry) -> tuple | None:
     """``((guard check, code), ...)`` for the cache entries Dynamo holds for ``entry``'s code, newest first (the
     order its frame evaluation tries them), or None when they cannot be read (then every call takes the wrapper)."""
-    global _cache_entries, _compiled_codes
+    global _cache_entries, _compiled_codes, _eval_frame
     try:
         if _cache_entries is None:
+            from torch._dynamo import eval_frame
             from torch._dynamo.convert_frame import input_codes
             from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+            _eval_frame = eval_frame
             _compiled_codes = input_codes.seen_ids
             _cache_entries = _debug_get_cache_entry_list
         found = _cache_entries(entry.code)
@@ -449,7 +453,7 @@ def _direct_codes(entry: Entry) -> tuple | None:
 def _direct(entry: Entry, params: tuple, args: tuple, kwargs: dict) -> Any:
     """The compiled code whose guards pass for this call (None: take the wrapper). Not while something else is
     being compiled or exported, nor under a non-default ``torch.compiler.set_stance``."""
-    if torch.compiler.is_compiling() or _stance() != "default":
+    if _is_compiling() or _eval_frame._stance.stance != "default":  # noqa: SLF001 - no public getter
         return None
     # torch._dynamo.reset() dropped the entry's compiled code (it forgets every code object it compiled): the
     # wrapper compiles it again, as plain torch.compile would
@@ -460,10 +464,6 @@ def _direct(entry: Entry, params: tuple, args: tuple, kwargs: dict) -> Any:
         if check(frame):
             return code
     return None
-
-
-def _stance() -> str:
-    return torch._dynamo.eval_frame._stance.stance  # noqa: SLF001 - no public getter of the current stance
 
 
 _PREWARM: list = []  # the thread started by prewarm_inductor, once per process
