@@ -9,6 +9,7 @@ the fast path really ran (or really did not, where it must not), and that nothin
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 
 import pytest
@@ -534,3 +535,39 @@ def test_a_copy_made_during_the_run_is_its_own_module(paths):
     assert "forward" not in snapshot.__dict__  # dropped at its first call
     assert paths["wraps"] >= 1
     assert_clean(net)
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_a_loop_of_traces_leaves_no_reference_cycles(paths, edit):
+    """A run's hooks and wraps hold what it read; they are freed when the run returns, not left in reference
+    cycles for the cycle collector (a big model's activations would stay in memory until it ran). A wrap's
+    forward finds its copy's by a mark, not by referring to itself."""
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.rand(2, 5)
+
+    def trace():
+        with model.trace(x):
+            if edit:  # the general interpreter
+                model.layer1.output[:, 0] = 0
+            hidden = model.layer2.output.save()
+        return hidden
+
+    trace()
+    gc.collect()
+    gc.disable()
+    try:
+        got = [trace() for _ in range(5)]
+        assert gc.collect() == 0  # nothing unreachable: every object the traces made was freed at once
+    finally:
+        gc.enable()
+    for value in got:  # (after: torch.testing leaves garbage of its own)
+        assert_close(value, net(x) if not edit else _edited(net, x))
+    assert paths["wraps"] >= 1 and paths["reads"] >= (0 if edit else 5)
+    assert_clean(net)
+
+
+def _edited(net, x):
+    hidden = net.layer1(x).clone()
+    hidden[:, 0] = 0
+    return net.layer2(hidden)

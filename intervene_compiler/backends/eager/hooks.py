@@ -92,12 +92,15 @@ class _Wrap(InstanceForward):
         self.pre = pre
         self.post = post
         own = type(module).forward  # a plain function (``wrappable``)
+        # what marks this wrap's forward (a copy's is found by it): the function does not refer to itself, so the
+        # run's hooks and the values their closures hold are freed when the run returns, not by the cycle collector
+        mark = object()
 
         # Bound to the module, so a copy made during the run (copy.deepcopy binds it to the copy) computes with
         # its own weights and runs no hooks of this run (``_unwrap_copy``).
         def forward(self, *args, **kwargs):
             if self is not module:
-                return _unwrap_copy(self, forward, own, args, kwargs)
+                return _unwrap_copy(self, mark, own, args, kwargs)
             if not _is_compiling():
                 caller = _getframe(1).f_code
                 # `module.forward(x)` called directly (not by `module(x)`): hooks would not run
@@ -117,14 +120,15 @@ class _Wrap(InstanceForward):
         # inspect.signature(module.forward), which transformers reads, sees the class forward's signature (less
         # `self`, as for any bound method)
         forward.__wrapped__ = own  # type: ignore[attr-defined]  # functools' convention, read by inspect
+        forward.ic_wrap = mark  # type: ignore[attr-defined]
         self._install(module, MethodType(forward, module))
 
 
-def _unwrap_copy(copy: torch.nn.Module, forward, own, args: tuple, kwargs: dict) -> Any:
-    """A copy of a wrapped module made during the run got the wrap bound to itself: it drops it (a plain module
-    from its first call) and runs the class forward."""
+def _unwrap_copy(copy: torch.nn.Module, mark: object, own, args: tuple, kwargs: dict) -> Any:
+    """A copy of a wrapped module made during the run got the wrap (marked ``mark``) bound to itself: it drops it
+    (a plain module from its first call) and runs the class forward."""
     bound = copy.__dict__.get("forward")
-    if getattr(bound, "__func__", None) is forward:
+    if getattr(getattr(bound, "__func__", None), "ic_wrap", None) is mark:
         del copy.__dict__["forward"]
     return own(copy, *args, **kwargs)
 
