@@ -88,15 +88,20 @@ def user_location() -> SourceLoc | None:
         if user is None:
             user = _is_user_file(filename)
         if user:
-            key = (filename, frame.f_lineno, code.co_name)
-            loc = _locs.get(key)
-            if loc is None:
-                if len(_locs) >= _MAX_LOCS:
-                    _locs.clear()
-                loc = _locs[key] = SourceLoc(*key)
-            return loc
+            return _line_loc(filename, frame.f_lineno, code.co_name)
         frame = frame.f_back
     return None
+
+
+def _line_loc(filename: str, lineno: int, function: str) -> SourceLoc:
+    """The SourceLoc of a line: built once and shared (they are immutable)."""
+    key = (filename, lineno, function)
+    loc = _locs.get(key)
+    if loc is None:
+        if len(_locs) >= _MAX_LOCS:
+            _locs.clear()
+        loc = _locs[key] = SourceLoc(*key)
+    return loc
 
 
 def user_location_at(depth: int) -> SourceLoc | None:
@@ -107,9 +112,8 @@ def user_location_at(depth: int) -> SourceLoc | None:
     code = frame.f_code
     at = (id(code), frame.f_lasti)
     hit = _at.get(at)
-    if (
-        hit is not None and hit[0] is code
-    ):  # (the entry holds the code object: its id is not reused meanwhile)
+    # (an entry holds its code object, so that id is not reused meanwhile)
+    if hit is not None and hit[0] is code:
         return hit[1]
     filename = code.co_filename
     user = _user_files.get(filename)
@@ -117,12 +121,7 @@ def user_location_at(depth: int) -> SourceLoc | None:
         user = _is_user_file(filename)
     if not user:
         return user_location()
-    key = (filename, frame.f_lineno, code.co_name)
-    loc = _locs.get(key)
-    if loc is None:
-        if len(_locs) >= _MAX_LOCS:
-            _locs.clear()
-        loc = _locs[key] = SourceLoc(*key)
+    loc = _line_loc(filename, frame.f_lineno, code.co_name)
     if len(_at) >= _MAX_LOCS:
         _at.clear()
     _at[at] = (code, loc)
