@@ -453,14 +453,15 @@ def _direct_codes(entry: Entry) -> tuple | None:
 def _direct(entry: Entry, params: tuple, args: tuple, kwargs: dict) -> Any:
     """The compiled code whose guards pass for this call (None: take the wrapper). Not while something else is
     being compiled or exported, nor under a non-default ``torch.compiler.set_stance``."""
-    if _is_compiling() or _eval_frame._stance.stance != "default":  # noqa: SLF001 - no public getter
+    direct = entry.direct  # (None: never read)
+    if direct is None or _is_compiling() or _eval_frame._stance.stance != "default":  # noqa: SLF001 - no public getter
         return None
     # torch._dynamo.reset() dropped the entry's compiled code (it forgets every code object it compiled): the
     # wrapper compiles it again, as plain torch.compile would
     if id(entry.code) not in _compiled_codes:
         return None
     frame = {"program": entry.program, "params": params, "args": args, "kwargs": kwargs}
-    for check, code in entry.direct or ():  # (None: the entry's direct call was never read)
+    for check, code in direct:
         if check(frame):
             return code
     return None
