@@ -304,7 +304,8 @@ def test_a_repeated_save_only_trace_rechecks_what_its_shortcut_assumes():
     """A trace that only saves hands the compiled call the same optimized graph every time: the call keeps its
     last plan and entry (``run.Hot``) and runs that entry's compiled code directly while Dynamo's guards for it
     pass (``repeat_calls`` counts those calls). A new shape, grad mode, weights' dtype or hook fails a guard:
-    that call goes back to the full lookup (and its mixed-precision check), and its entry is the next shortcut."""
+    that call goes back to the full lookup (and its mixed-precision check), and its entry is the next shortcut.
+    Another structure is another graph: never the shortcut's."""
     net = tiny_mlp()
     model = ic.NNsight(net)
 
@@ -321,23 +322,30 @@ def test_a_repeated_save_only_trace_rechecks_what_its_shortcut_assumes():
         x = torch.rand(2, 5, generator=torch.Generator().manual_seed(seed))
         torch.testing.assert_close(saved(x), net.layer1(x))
     assert ic.compile_stats()["compiles"] == 1 and _direct() == 2 and repeats() == 2
+    with model.trace(x, compile=True):  # another structure: its own entry, found in full
+        other = model.layer2.output.save()
+    torch.testing.assert_close(other, net(x))
+    assert repeats() == 2 and ic.compile_stats()["compiles"] == 2
+    torch.testing.assert_close(saved(x), net.layer1(x))  # back: found in full, then the shortcut again
+    torch.testing.assert_close(saved(x), net.layer1(x))
+    assert repeats() == 3 and ic.compile_stats()["compiles"] == 2
     wide = torch.rand(3, 5)
     torch.testing.assert_close(saved(wide), net.layer1(wide))  # a new shape
-    assert repeats() == 2
-    torch.testing.assert_close(saved(wide), net.layer1(wide))  # its entry is the shortcut now
     assert repeats() == 3
+    torch.testing.assert_close(saved(wide), net.layer1(wide))  # its entry is the shortcut now
+    assert repeats() == 4
     with torch.no_grad():  # a new grad mode
         torch.testing.assert_close(saved(x), net.layer1(x))
-    assert ic.compile_stats()["compiles"] == 3 and repeats() == 3
+    assert ic.compile_stats()["compiles"] == 4 and repeats() == 4
     torch.testing.assert_close(saved(x), net.layer1(x))  # back to the first entry, found in full
-    assert repeats() == 3 and ic.compile_stats()["compiles"] == 3
+    assert repeats() == 4 and ic.compile_stats()["compiles"] == 4
     plain = torch.nn.functional.linear(x, net.layer1.weight, net.layer1.bias)
     handle = net.layer1.register_forward_hook(lambda m, a, o: o * 2)  # a hook: a guard fails, it recompiles
     try:
         torch.testing.assert_close(saved(x), plain * 2)
-        assert repeats() == 3 and ic.compile_stats()["recompiles"] == 1
+        assert repeats() == 4 and ic.compile_stats()["recompiles"] == 1
         torch.testing.assert_close(saved(x), plain * 2)
-        assert repeats() == 4
+        assert repeats() == 5
     finally:
         handle.remove()
     torch.testing.assert_close(saved(x), net.layer1(x))  # and again without it
