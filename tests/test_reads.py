@@ -566,7 +566,7 @@ def test_a_loop_of_traces_leaves_no_reference_cycles(paths, edit):
         ours = [
             o
             for o in gc.garbage
-            if isinstance(o, types.FunctionType) and o.__module__.startswith("intervene_compiler")
+            if isinstance(o, types.FunctionType) and (o.__module__ or "").startswith("intervene_compiler")
         ]
         assert not ours, [o.__qualname__ for o in ours[:5]]
     finally:
