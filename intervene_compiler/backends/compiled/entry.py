@@ -243,7 +243,8 @@ def call(
     dispatcher, program = cache.dispatcher, entry.program
     if dispatcher is None or program is None:
         raise RuntimeError("a compiled call of an entry that was never built (a bug in intervene_compiler)")
-    dispatcher.ensure(program)
+    if not direct_only:  # (a direct-only call's hooks are there: Dynamo's guards on the hook dicts check it)
+        dispatcher.ensure(program)
     dispatcher.program = program
     try:
         if direct_only:
