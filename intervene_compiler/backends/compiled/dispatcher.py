@@ -31,9 +31,8 @@ class Dispatcher:
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.program: Program | None = None
-        self.handles: list[Any] = []
         self.hooked: set[tuple[str, bool]] = set()  # (module path, pre-hook?)
-        self._placed: list[list[Any]] = []  # [module, pre-hook?, hook, its handle], see keep_last
+        self._placed: list[list[Any]] = []  # [module, pre-hook?, hook, its handle] per hook, see keep_last
         self._regions: tuple | None = None  # see regions()
         self._region_fns: dict[type, Any] = {}
 
@@ -48,9 +47,7 @@ class Dispatcher:
                 continue
             mod = self.module.get_submodule(path)
             hook = self._pre(path) if pre else self._post(path)
-            handle = _register(mod, pre, hook)
-            self.handles.append(handle)
-            self._placed.append([mod, pre, hook, handle])
+            self._placed.append([mod, pre, hook, _register(mod, pre, hook)])
             self.hooked.add((path, pre))
         self._regions = None
 
@@ -64,8 +61,7 @@ class Dispatcher:
             hooks = mod._forward_pre_hooks if pre else mod._forward_hooks
             if hooks and next(reversed(hooks)) != handle.id:
                 handle.remove()
-                placed[3] = new = _register(mod, pre, hook)
-                self.handles[self.handles.index(handle)] = new
+                placed[3] = _register(mod, pre, hook)
 
     def regions(self) -> tuple:
         """(member, its forward as a nested compile region, its parameters) for each repeated block no program
@@ -133,9 +129,8 @@ class Dispatcher:
         return instrumented_forward(module, op)
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        for *_, handle in self._placed:
+            handle.remove()
         self._placed = []
         self.hooked = set()
         self._regions = None
