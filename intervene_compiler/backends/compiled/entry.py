@@ -248,11 +248,7 @@ def call(
     dispatcher.program = program
     try:
         if direct_only:
-            code = _direct(entry, params, args, kwargs)
-            if code is None:
-                return MISSED
-            STATS["direct_calls"] += 1
-            return code(program, params, args, kwargs)
+            return _run(entry, params, args, kwargs, (), direct_only=True)
         dispatcher.keep_last()  # (the wrapper's call, where Dynamo checks its guards and may trace)
         regions = dispatcher.usable_regions() if REGIONAL and entry.regional else ()
         try:
@@ -302,14 +298,16 @@ def _call_with(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: 
                     module.__dict__[slot] = before
 
 
-def _run(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple):
+def _run(entry: Entry, params: tuple, args: tuple, kwargs: dict, regions: tuple, direct_only: bool = False):
     """Run ``entry``'s compiled code: directly when Dynamo's guards for it pass (:func:`_direct`), else through
-    ``torch.compile``'s wrapper (which compiles on a miss), keeping what the direct call needs for next time."""
-    if entry.direct is not None and not regions:
-        code = _direct(entry, params, args, kwargs)
-        if code is not None:
-            STATS["direct_calls"] += 1
-            return code(entry.program, params, args, kwargs)
+    ``torch.compile``'s wrapper (which compiles on a miss), keeping what the direct call needs for next time;
+    ``direct_only``: :data:`MISSED` instead of the wrapper."""
+    code = None if regions else _direct(entry, params, args, kwargs)
+    if code is not None:
+        STATS["direct_calls"] += 1
+        return code(entry.program, params, args, kwargs)
+    if direct_only:
+        return MISSED
     compiled, start = len(entry.graphs), time.perf_counter()
     with DynamoSettings():
         result = entry.fn(entry.program, params, args, kwargs)
