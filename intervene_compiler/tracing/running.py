@@ -119,7 +119,7 @@ class Running(TracerState):
             last = state.last_simple
             if last is not None and last[0] == notes:  # the last simple trace again (a loop): no key built
                 return last[1]
-            key = _simple_key(self._lazy, rows, self._mode, self._needs_output, facts)
+            key = _simple_key(*notes)
             hit = memo.get(key)
             if hit is not None:
                 state.last_simple = (notes, hit)

@@ -246,7 +246,7 @@ def rebind(frame: types.FrameType | None, owners: tuple) -> None:
 _list, _dict = builtins.list, builtins.dict  # (read once, not per local per trace)
 _CO_OPTIMIZED = 0x0001  # a function's frame: its locals live in fast slots, f_locals is a copy
 _WRITES_THROUGH = sys.version_info >= (3, 13)  # PEP 667: a function's f_locals is a view that writes through
-if sys.version_info < (3, 13):
+if not _WRITES_THROUGH:
     _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
     _locals_to_fast.argtypes = [ctypes.py_object, ctypes.c_int]
     _locals_to_fast.restype = None
